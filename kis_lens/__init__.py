@@ -1,0 +1,38 @@
+"""kis_lens: knowledge superposition in LLM MLPs, on TransformerLens hooks.
+
+Pipeline: corpus → hooks → stats/covariance → keys → matrices → analysis → plots/report.
+"""
+
+__version__ = "0.1.0"
+
+from kis_lens.errors import KisError  # noqa: E402
+from kis_lens.facts import Fact, load_facts, sample_facts  # noqa: E402
+from kis_lens.hooks import capture_mlp_inputs, mlp_in_hook_name, run_mlp_hooks  # noqa: E402
+from kis_lens.keys import Keys, compute_keys, locate_subject  # noqa: E402
+from kis_lens.matrices import Whitener, activation_cos, all_matrices, p_matrix, q_matrix, whitening_cos  # noqa: E402
+from kis_lens.models import load_model, model_info  # noqa: E402
+from kis_lens.stats import SecondMoment  # noqa: E402
+from kis_lens.covariance import estimate_second_moments  # noqa: E402
+
+__all__ = [
+    "Fact",
+    "KisError",
+    "Keys",
+    "SecondMoment",
+    "Whitener",
+    "activation_cos",
+    "all_matrices",
+    "capture_mlp_inputs",
+    "compute_keys",
+    "estimate_second_moments",
+    "load_facts",
+    "load_model",
+    "locate_subject",
+    "mlp_in_hook_name",
+    "model_info",
+    "p_matrix",
+    "q_matrix",
+    "run_mlp_hooks",
+    "sample_facts",
+    "whitening_cos",
+]

@@ -1,0 +1,107 @@
+"""Hook utilities: name the MLP input of W_out and capture it for many layers in one early-stopped forward.
+
+Hook names are the contract shared by TransformerLens 4's ``TransformerBridge`` and the legacy
+``HookedTransformer``; nothing here depends on which one it is given.
+
+>>> acts = capture_mlp_inputs(model, tokens, layers=[3, 7])   # one forward, stops after layer 7
+>>> acts[7].shape                                             # [batch, pos, d_mlp]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from kis_lens.errors import KisError
+
+MLP_IN_HOOK_TEMPLATE = "blocks.{layer}.mlp.hook_post"
+
+ActivationCallback = Callable[[int, Float[Tensor, "batch pos d_mlp"]], None]
+
+
+def mlp_in_hook_name(layer: int) -> str:
+    """Return the hook name of the MLP hidden activation that feeds W_out at a layer."""
+    return MLP_IN_HOOK_TEMPLATE.format(layer=layer)
+
+
+def validate_layers(model: Any, layers: Iterable[int]) -> list[int]:
+    """Return the layers sorted and de-duplicated; raise KisError for any outside the model."""
+    n_layers = int(model.cfg.n_layers)
+    chosen = sorted(set(int(layer) for layer in layers))
+    if not chosen:
+        raise KisError("no layers requested: give at least one layer (e.g. --start_layer 0 --end_layer 0)")
+    bad = [layer for layer in chosen if not 0 <= layer < n_layers]
+    if bad:
+        raise KisError(f"layer(s) {bad} out of range: this model has layers 0..{n_layers - 1}")
+    return chosen
+
+
+def layer_range(model: Any, start_layer: int | None = None, end_layer: int | None = None) -> list[int]:
+    """Return layers start..end inclusive (defaults: all layers), checked against the model."""
+    n_layers = int(model.cfg.n_layers)
+    start = 0 if start_layer is None else start_layer
+    end = n_layers - 1 if end_layer is None else end_layer
+    if start > end:
+        raise KisError(f"start_layer {start} is after end_layer {end}: give start_layer <= end_layer")
+    return validate_layers(model, range(start, end + 1))
+
+
+class _ForwardDone(Exception):
+    """Raised from the last requested layer's hook so no later block (nor the unembedding) runs."""
+
+
+def run_mlp_hooks(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    layers: Sequence[int],
+    on_activation: ActivationCallback,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> None:
+    """Run one forward that hands each requested layer's MLP input to on_activation, then stops."""
+    layers = validate_layers(model, layers)
+    last = layers[-1]
+
+    def hook_fn(activation: Tensor, hook: Any) -> Tensor:
+        layer = int(hook.name.split(".")[1])
+        on_activation(layer, activation)
+        if layer == last:
+            raise _ForwardDone
+        return activation
+
+    fwd_hooks = [(mlp_in_hook_name(layer), hook_fn) for layer in layers]
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
+    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
+        try:
+            model(tokens, return_type=None, **kwargs)
+        except _ForwardDone:
+            return
+    raise RuntimeError(f"the forward pass finished without reaching hook {mlp_in_hook_name(last)!r}")
+
+
+def capture_mlp_inputs(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    layers: Sequence[int],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> dict[int, Float[Tensor, "batch pos d_mlp"]]:
+    """Return {layer: MLP input of W_out} for all requested layers from a single early-stopped forward."""
+    captured: dict[int, Tensor] = {}
+
+    def keep(layer: int, activation: Tensor) -> None:
+        captured[layer] = activation.detach().clone()
+
+    run_mlp_hooks(model, tokens, layers, keep, attention_mask=attention_mask)
+    return captured
+
+
+def gather_positions(
+    activation: Float[Tensor, "batch pos d_mlp"], positions: Int[Tensor, " batch"]
+) -> Float[Tensor, "batch d_mlp"]:
+    """Return, for each sequence, the activation row at its given token position."""
+    index = positions.to(activation.device).view(-1, 1, 1).expand(-1, 1, activation.shape[-1])
+    return activation.gather(1, index).squeeze(1)

@@ -1,13 +1,14 @@
 """The jobs behind the CLI, callable from a script: cache covariances, compute keys and the four matrices.
 
 >>> from kis_lens.runner import RunConfig, run_matrices
->>> result = run_matrices(RunConfig(model_name="tiny-gpt2", record_size=16, max_tokens=2000))
+>>> result = run_matrices(RunConfig(model_name="tiny-gpt2", knowledge_type="all", record_size=16, max_tokens=2000))
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -17,8 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kis_lens import __version__
-from kis_lens.corpus import EMBEDDED_WIKIPEDIA_CREDIT, embedded_wikipedia_texts
-from kis_lens.covariance import estimate_second_moments
+from kis_lens.corpus import EMBEDDED_CORPUS
+from kis_lens.corpus import corpus_texts as corpus_texts_of
+from kis_lens.covariance import CacheReport, CovarianceRequest, cache_second_moments
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE, Fact, load_facts, sample_facts
 from kis_lens.hooks import layer_range, mlp_in_hook_name
@@ -26,9 +28,8 @@ from kis_lens.io import atomic_write, save_npy
 from kis_lens.keys import Keys, compute_keys
 from kis_lens.matrices import MATRIX_NAMES, Whitener, activation_cos, all_matrices, q_matrix
 from kis_lens.models import DEFAULT_MODEL, load_model, model_fingerprint, model_info, tokenizer_adds_bos
-from kis_lens.storage import load_second_moment, save_second_moment, stats_path
+from kis_lens.storage import load_second_moment
 
-EMBEDDED_CORPUS = "wikipedia-offline"
 # The original scripts' directory name for each matrix.
 LEGACY_DIRS: dict[str, str] = {
     "p_matrix": "p_matrix",
@@ -68,30 +69,36 @@ class RunConfig:
 
 
 def corpus_texts(corpus: str, sample_size: int | None = None) -> Iterable[str]:
-    """Return the texts of a corpus name ("wikipedia-offline") or a local .txt/.jsonl file, up to sample_size."""
-    if corpus == EMBEDDED_CORPUS:
-        texts: Sequence[str] = embedded_wikipedia_texts()
-    else:
-        path = Path(corpus)
-        if not path.is_file():
-            raise KisError(f"corpus {corpus!r} is neither {EMBEDDED_CORPUS!r} nor an existing text/JSONL file")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        texts = [json.loads(line)["text"] if path.suffix == ".jsonl" else line for line in lines if line.strip()]
-    if not texts:
-        raise KisError(f"corpus {corpus!r} is empty: give a corpus with at least one text")
-    return list(texts[:sample_size]) if sample_size else texts
+    """Return the texts of a corpus (see kis_lens.corpus.open_corpus), up to sample_size, in fixed order."""
+    return corpus_texts_of(corpus, sample_size)
 
 
-def select_facts(config: RunConfig) -> list[Fact]:
-    """Return the run's seeded sample of facts of the requested knowledge type."""
+def select_facts(config: RunConfig, model: Any | None = None) -> list[Fact]:
+    """Return the run's seeded sample of facts of the requested knowledge type (known/unknown: per-model split)."""
     if config.knowledge_type not in KNOWLEDGE_TYPES:
         raise KisError(f"unknown knowledge_type {config.knowledge_type!r}: use one of {', '.join(KNOWLEDGE_TYPES)}")
-    if config.knowledge_type == "unknown":
-        raise KisError(
-            "knowledge_type 'unknown' needs a per-model known/unknown split: the shipped facts are the "
-            "paper's known facts; use --knowledge_type known or all"
+    facts = load_facts(config.facts)
+    if config.knowledge_type != "all":
+        from kis_lens.classify import ensure_split
+
+        if model is None:
+            model = load_model(config.model_name, device=config.device, dtype=config.dtype)
+        split, path = ensure_split(
+            model, config.facts, config.output_dir, prepend_bos=_resolve_prepend_bos(config, model), progress=config.progress
         )
-    return sample_facts(load_facts(config.facts), config.record_size, seed=config.seed)
+        facts = split.select(facts, config.knowledge_type)
+        if not facts:
+            raise KisError(
+                f"{split.model_name} has no {config.knowledge_type} facts among the {split.n_facts} of "
+                f"{config.facts} (top-{split.top_k}, split in {path}): use --knowledge_type all or another facts file"
+            )
+    if config.record_size > len(facts):
+        warnings.warn(
+            f"only {len(facts)} {config.knowledge_type} facts available for --record_size {config.record_size}: "
+            f"using all {len(facts)}",
+            stacklevel=2,
+        )
+    return sample_facts(facts, min(config.record_size, len(facts)), seed=config.seed)
 
 
 def _resolve_prepend_bos(config: RunConfig, model: Any) -> bool:
@@ -112,40 +119,29 @@ def covariance_metadata(config: RunConfig, model: Any, layer: int) -> dict[str, 
     }
 
 
+def covariance_request(config: RunConfig, **options: Any) -> CovarianceRequest:
+    """Return the covariance job a config describes; options set CovarianceRequest's cache-only fields."""
+    return CovarianceRequest(
+        corpus=config.corpus,
+        output_dir=config.output_dir,
+        sample_size=config.sample_size,
+        max_tokens=config.max_tokens,
+        batch_token=config.batch_token,
+        prepend_bos=config.prepend_bos,
+        model_dtype=config.dtype,
+        progress=config.progress,
+        **options,
+    )
+
+
 def ensure_covariances(config: RunConfig, model: Any, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """Return {layer: C}, reading matching caches and estimating the missing layers in one pass."""
-    name = model_info(model).name
-    paths = {layer: stats_path(config.output_dir, name, Path(config.corpus).stem, layer) for layer in layers}
+    # float64 caches: C read back later is bit-identical to the C of the run that estimated it.
+    report = cache_second_moments(model, layers, covariance_request(config, stats_dtype="float64"))
     covariances: dict[int, torch.Tensor] = {}
-    for layer, path in paths.items():
-        if path.is_file():
-            expect = covariance_metadata(config, model, layer)
-            moment, _ = load_second_moment(path, expect=expect)
-            covariances[layer] = moment.compute(torch.float64)
-    missing = [layer for layer in layers if layer not in covariances]
-    if missing:
-        started = time.perf_counter()
-        moments = estimate_second_moments(
-            model,
-            corpus_texts(config.corpus, config.sample_size),
-            missing,
-            batch_token=config.batch_token,
-            max_tokens=config.max_tokens,
-            prepend_bos=_resolve_prepend_bos(config, model),
-            progress=config.progress,
-        )
-        seconds = time.perf_counter() - started
-        for layer, moment in moments.items():
-            metadata = covariance_metadata(config, model, layer)
-            metadata.update(
-                max_tokens=config.max_tokens,
-                sample_size=config.sample_size,
-                seconds=round(seconds, 2),
-                dtype=config.dtype,
-                corpus_credit=EMBEDDED_WIKIPEDIA_CREDIT if config.corpus == EMBEDDED_CORPUS else config.corpus,
-            )
-            save_second_moment(paths[layer], moment, metadata)
-            covariances[layer] = moment.compute(torch.float64)
+    for layer, path in report.paths.items():
+        moment, _ = load_second_moment(path, expect=covariance_metadata(config, model, layer))
+        covariances[layer] = moment.compute(torch.float64)
     return covariances
 
 
@@ -220,9 +216,9 @@ def run_matrices(
     unknown = [name for name in names if name not in MATRIX_NAMES]
     if unknown:
         raise KisError(f"unknown matrix {unknown}: choose from {', '.join(MATRIX_NAMES)}")
-    facts = select_facts(config)
     model = load_model(model if model is not None else config.model_name, device=config.device, dtype=config.dtype)
-    layers = layer_range(model, config.start_layer, config.end_layer)
+    layers = layer_range(model, config.start_layer, config.end_layer)  # checked before anything is written
+    facts = select_facts(config, model)
     keys = compute_keys(model, facts, layers, config.token_position, _resolve_prepend_bos(config, model))
     needs_covariance = any(name in ("p_matrix", "whitening_cos") for name in names)
     covariances = ensure_covariances(config, model, layers) if needs_covariance else {}
@@ -247,10 +243,13 @@ def run_matrices(
     return result
 
 
-def cache_covariance(config: RunConfig = RunConfig(), model: Any | None = None) -> dict[int, Path]:
-    """Estimate (or reuse) the covariance of every layer of the config; return {layer: cache path}."""
+def cache_covariance_job(config: RunConfig = RunConfig(), model: Any | None = None, **options: Any) -> CacheReport:
+    """Estimate, extend or reuse the covariance cache of every layer of the config; return the job's report."""
     model = load_model(model if model is not None else config.model_name, device=config.device, dtype=config.dtype)
     layers = layer_range(model, config.start_layer, config.end_layer)
-    ensure_covariances(config, model, layers)
-    name = model_info(model).name
-    return {layer: stats_path(config.output_dir, name, Path(config.corpus).stem, layer) for layer in layers}
+    return cache_second_moments(model, layers, covariance_request(config, **options))
+
+
+def cache_covariance(config: RunConfig = RunConfig(), model: Any | None = None, **options: Any) -> dict[int, Path]:
+    """Estimate (or reuse) the covariance of every layer of the config; return {layer: cache path}."""
+    return cache_covariance_job(config, model, **options).paths

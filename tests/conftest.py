@@ -6,18 +6,39 @@ import importlib.util
 import warnings
 
 import pytest
+import transformer_lens
 
-from kis_lens.testing import tiny_model
+from kis_lens.testing import tiny_hooked_transformer, tiny_model
 
 warnings.filterwarnings("ignore", category=UserWarning, module="transformer_lens")
 
 ARCHITECTURES = ("gpt2", "llama")
+# TL 4 has only the bridge; TL 2.x/3.x also has HookedTransformer (CI runs the hook and key tests there too).
+def _exports(name: str) -> bool:
+    try:  # TL 4 raises ImportError (not AttributeError) for the removed names
+        return getattr(transformer_lens, name, None) is not None
+    except ImportError:
+        return False
 
 
-@pytest.fixture(scope="session", params=ARCHITECTURES)
+HAS_BRIDGE = _exports("TransformerBridge")
+HAS_HOOKED_TRANSFORMER = _exports("HookedTransformer")
+WRAPPERS = [f"bridge-{arch}" for arch in ARCHITECTURES if HAS_BRIDGE] + [
+    f"hooked-{arch}" for arch in ARCHITECTURES if HAS_HOOKED_TRANSFORMER
+]
+
+
+def build_tiny(wrapper_arch: str, n_layers: int = 3):
+    """Return a tiny model named like "bridge-gpt2" or "hooked-llama"."""
+    wrapper, arch = wrapper_arch.split("-")
+    builder = tiny_model if wrapper == "bridge" else tiny_hooked_transformer
+    return builder(arch, n_layers=n_layers)
+
+
+@pytest.fixture(scope="session", params=WRAPPERS)
 def tiny(request):
-    """A random-weight 3-layer TransformerBridge of each tiny architecture."""
-    return tiny_model(request.param, n_layers=3)
+    """A random-weight 3-layer model of each tiny architecture, for each available TransformerLens wrapper."""
+    return build_tiny(request.param)
 
 
 @pytest.fixture(scope="session")

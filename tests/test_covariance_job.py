@@ -1,0 +1,170 @@
+"""The cache-cov job: padding-free statistics, kill-and-resume, extension, metadata checks, groups, torchrun, interop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kis_lens.corpus import EMBEDDED_CORPUS, encode, open_corpus
+from kis_lens.covariance import CovarianceRequest, cache_second_moments, estimate_second_moments, layer_groups
+from kis_lens.errors import KisError
+from kis_lens.hooks import capture_mlp_inputs
+from kis_lens.models import load_model
+from kis_lens.storage import export_npz, import_layer_stats, load_second_moment, merge_caches, stats_dir
+from kis_lens.testing import embedded_sample_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_cli_model():
+    """The model `--model_name tiny-gpt2` loads in a subprocess (same seed, same weights)."""
+    return load_model("tiny-gpt2", device="cpu")
+
+
+def _reference_sum(model, texts: list[str]) -> np.ndarray:
+    """Σ k kᵀ in float64 numpy, one unpadded forward per text (no batching, no padding at all)."""
+    total = np.zeros((model.cfg.d_mlp, model.cfg.d_mlp))
+    for text in texts:
+        ids = encode(model.tokenizer, text, prepend_bos=False, max_length=model.cfg.n_ctx)
+        if not ids:
+            continue
+        rows = capture_mlp_inputs(model, torch.tensor([ids]), [1])[1][0].double().numpy()
+        total += rows.T @ rows
+    return total
+
+
+def test_padding_never_enters_the_statistics(tiny_gpt2):
+    texts = embedded_sample_texts(10, min_chars=50) + ["", "Short."]
+    moment = estimate_second_moments(tiny_gpt2, texts, [1], batch_token=600, prepend_bos=False, progress=False)[1]
+    expected = _reference_sum(tiny_gpt2, texts)
+    assert np.abs(moment.sum.numpy() - expected).max() / np.abs(expected).max() < 1e-6
+
+
+def _cli(output: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "kis_lens.cli", "cache-cov", "--model_name", "tiny-gpt2", "--device", "cpu",
+        "--output_dir", str(output), "--sample_size", "80", "--batch_token", "256", "--checkpoint_every", "1500",
+        "--stats_dtype", "float64", "--no_progress", *extra,
+    ]
+
+
+def _request(output: Path, **changes) -> CovarianceRequest:
+    settings = dict(corpus=EMBEDDED_CORPUS, output_dir=output, sample_size=80, batch_token=256, stats_dtype="float64", progress=False)
+    return CovarianceRequest(**{**settings, **changes})
+
+
+def test_killed_job_resumes_to_the_identical_result(tmp_path, tiny_cli_model):
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(_cli(killed), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    checkpoints = stats_dir(killed, "tiny-gpt2", EMBEDDED_CORPUS) / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (checkpoints.is_dir() and any(checkpoints.glob("*.safetensors"))):
+        assert process.poll() is None, "the job ended before its first checkpoint: " + process.stdout.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    caches = stats_dir(killed, "tiny-gpt2", EMBEDDED_CORPUS)
+    assert not list(caches.glob("layer_*_mom2.safetensors")), "killed before the end: no final cache yet"
+
+    rerun = subprocess.run(_cli(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming layers 0..1" in rerun.stdout and "caches in" in rerun.stdout
+    assert not list(checkpoints.glob("*.safetensors")), "a finished job removes its checkpoint"
+
+    straight = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "straight"))
+    for layer in (0, 1):
+        resumed, meta = load_second_moment(caches / f"layer_{layer}_mom2.safetensors")
+        uninterrupted, _ = load_second_moment(straight.paths[layer])
+        assert resumed.count == uninterrupted.count and meta["texts_read"] == 80
+        assert torch.equal(resumed.sum, uninterrupted.sum)  # bitwise
+
+
+def test_raising_sample_size_extends_the_cache(tmp_path, tiny_cli_model):
+    small = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=30))
+    extended = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=60))
+    assert extended.extended == [1] and extended.computed_tokens < extended.tokens
+    fresh = cache_second_moments(tiny_cli_model, [1], _request(tmp_path / "fresh", sample_size=60))
+    got, meta = load_second_moment(extended.paths[1])
+    want, _ = load_second_moment(fresh.paths[1])
+    assert got.count == want.count and meta["texts"] == 60
+    np.testing.assert_allclose(got.sum.numpy(), want.sum.numpy(), rtol=1e-9, atol=1e-9 * float(want.sum.abs().max()))
+    assert small.tokens < extended.tokens
+
+
+def test_mismatched_cache_is_refused(tmp_path, tiny_cli_model):
+    cache_second_moments(tiny_cli_model, [0], _request(tmp_path, sample_size=5))
+    with pytest.raises(KisError, match="prepend_bos=False, not True"):
+        cache_second_moments(tiny_cli_model, [0], _request(tmp_path, sample_size=5, prepend_bos=True))
+    other = load_model("tiny-llama", device="cpu")
+    other_dir = stats_dir(tmp_path, "tiny-llama", EMBEDDED_CORPUS)
+    other_dir.mkdir(parents=True)
+    (stats_dir(tmp_path, "tiny-gpt2", EMBEDDED_CORPUS) / "layer_0_mom2.safetensors").rename(other_dir / "layer_0_mom2.safetensors")
+    with pytest.raises(KisError, match="model_name='tiny-gpt2', not 'tiny-llama'"):
+        cache_second_moments(other, [0], _request(tmp_path, sample_size=5))
+
+
+def test_memory_budget_splits_layers_into_passes(tmp_path, tiny_cli_model, capsys):
+    per_layer = 256 * 256 * 12
+    assert layer_groups([0, 1, 2], 256, 2 * per_layer + 1) == [[0, 1], [2]]
+    with pytest.raises(KisError, match="raise --max_memory"):
+        layer_groups([0], 256, per_layer - 1)
+    grouped = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "g", sample_size=12, max_memory=per_layer))
+    assert grouped.groups == [[0], [1]] and "pass 2 over the corpus covers layers 1..1" in capsys.readouterr().out
+    together = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "t", sample_size=12))
+    for layer in (0, 1):
+        assert torch.equal(load_second_moment(grouped.paths[layer])[0].sum, load_second_moment(together.paths[layer])[0].sum)
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path, tiny_cli_model):
+    pytest.importorskip("torch.distributed.run")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "kis_lens.cli",
+        "cache-cov", "--model_name", "tiny-gpt2", "--device", "cpu", "--output_dir", str(tmp_path / "ddp"),
+        "--sample_size", "30", "--batch_token", "256", "--stats_dtype", "float64", "--no_progress",
+    ]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "one", sample_size=30))
+    for layer in (0, 1):
+        shared, meta = load_second_moment(stats_dir(tmp_path / "ddp", "tiny-gpt2", EMBEDDED_CORPUS) / f"layer_{layer}_mom2.safetensors")
+        alone, _ = load_second_moment(single.paths[layer])
+        assert shared.count == alone.count and meta["texts_read"] == 30
+        np.testing.assert_allclose(shared.sum.numpy(), alone.sum.numpy(), rtol=1e-9, atol=1e-9 * float(alone.sum.abs().max()))
+
+
+def test_npz_round_trip_and_merge(tmp_path, tiny_cli_model):
+    texts = list(open_corpus(EMBEDDED_CORPUS).texts(stop=16))
+    for name, part in (("a", texts[:8]), ("b", texts[8:]), ("ab", texts)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(part), encoding="utf-8")
+    reports = {
+        name: cache_second_moments(tiny_cli_model, [1], _request(tmp_path / name, corpus=str(tmp_path / f"{name}.txt"), sample_size=None))
+        for name in ("a", "b", "ab")
+    }
+    merged = merge_caches([reports["a"].paths[1].parent, reports["b"].paths[1].parent], tmp_path / "merged", dtype="float64")
+    got, meta = load_second_moment(merged[0])
+    want, _ = load_second_moment(reports["ab"].paths[1])
+    assert got.count == want.count and meta["texts"] == 16
+    np.testing.assert_allclose(got.sum.numpy(), want.sum.numpy(), rtol=1e-9, atol=1e-9 * float(want.sum.abs().max()))
+
+    npz = export_npz(reports["ab"].paths[1], tmp_path / "layer_1.npz")
+    with np.load(npz, allow_pickle=False) as data:
+        assert int(data["mom2.count"]) == want.count
+        np.testing.assert_allclose(data["mom2.mom2"], (want.sum / want.count).numpy(), rtol=1e-6, atol=1e-7)
+    imported_path = import_layer_stats(npz, "tiny-gpt2", 1, tmp_path / "imported", corpus="ab")
+    imported, meta = load_second_moment(imported_path)
+    assert meta["model_name"] == "tiny-gpt2" and meta["layer"] == 1 and imported.count == want.count
+    np.testing.assert_allclose(imported.compute(torch.float64).numpy(), np.load(npz)["mom2.mom2"].astype(np.float64), rtol=1e-12)
+    np.savez(tmp_path / "bad.npz", other=np.zeros(2))
+    with pytest.raises(KisError, match="mom2.mom2"):
+        import_layer_stats(tmp_path / "bad.npz", "tiny-gpt2", 1, tmp_path / "x")

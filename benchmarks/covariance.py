@@ -1,0 +1,161 @@
+"""Tokens/s of covariance caching: (a) bare forward to the last MLP, (b) kis_lens all layers in one pass,
+(c) the original's layer-at-a-time estimate (one early-stopped forward and a dense XᵀX per layer).
+
+    nice -n 10 python benchmarks/covariance.py --tokens 2048
+
+(c) runs a few sampled layers and extrapolates linearly in the layer index (a pass to layer L costs
+a + b·L), because running every layer would take n_layers/2 forward passes; the JSON records which.
+Writes benchmarks/results/covariance.json and covariance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kis_lens.corpus import open_corpus, token_batches
+from kis_lens.covariance import accumulate_batches
+from kis_lens.hooks import run_mlp_hooks
+from kis_lens.stats import SecondMoment
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def gpt2_small_random():
+    """Return a random-weight GPT-2-small-sized bridge (12 layers, d_model 768, d_mlp 3072, n_ctx 1024)."""
+    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+
+    from kis_lens.testing import tiny_tokenizer
+
+    config = TransformerBridgeConfig(
+        n_layers=12, d_model=768, d_head=64, n_heads=12, d_mlp=3072, n_ctx=1024, d_vocab=2048,
+        act_fn="gelu_new", normalization_type="LN", model_name="gpt2-small-random", seed=0,
+    )
+    model = TransformerBridge.boot_native(config, tokenizer=tiny_tokenizer(), device="cpu")
+    return model.eval()
+
+
+def fixed_batches(model, tokens: int, batch_token: int) -> list:
+    """Return the first batches of the embedded corpus holding about `tokens` real tokens."""
+    batches, seen = [], 0
+    for batch in token_batches(model.tokenizer, open_corpus("wikipedia-offline").texts(stop=2000), 1024, batch_token, False):
+        batches.append(batch)
+        seen += batch.n_tokens
+        if seen >= tokens:
+            break
+    return batches
+
+
+def bare_forward(model, batches) -> None:
+    """Forward to the last MLP input and do nothing with it."""
+    last = int(model.cfg.n_layers) - 1
+    for batch in batches:
+        run_mlp_hooks(model, batch.tokens, [last], lambda layer, act: None, attention_mask=batch.attention_mask)
+
+
+def all_layers(model, batches) -> None:
+    """kis_lens: every layer's second moment from one forward per batch."""
+    moments = {layer: SecondMoment(int(model.cfg.d_mlp)) for layer in range(int(model.cfg.n_layers))}
+    for _ in accumulate_batches(model, batches, moments):
+        pass
+
+
+def one_layer_dense(model, batches, layer: int) -> None:
+    """The original: a forward stopped at one layer and a dense float32 XᵀX, per layer."""
+    total = torch.zeros(int(model.cfg.d_mlp), int(model.cfg.d_mlp), dtype=torch.float64)
+    for batch in batches:
+        keep = batch.attention_mask.bool()
+
+        def add(_: int, activation: torch.Tensor) -> None:
+            rows = activation[keep].float()
+            total.add_(rows.T @ rows)
+
+        run_mlp_hooks(model, batch.tokens, [layer], add, attention_mask=batch.attention_mask)
+
+
+def timed(fn, *args) -> float:
+    """Return wall seconds of one call."""
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
+
+
+def measure(name: str, model, tokens: int, batch_token: int) -> dict:
+    """Return the three throughputs, their ratios and memory for one model."""
+    batches = fixed_batches(model, tokens, batch_token)
+    n_tokens = sum(b.n_tokens for b in batches)
+    n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
+    with torch.no_grad():
+        bare_forward(model, batches[:1])  # warm-up
+        all_layers(model, batches[:1])
+        a = timed(bare_forward, model, batches)
+        b = timed(all_layers, model, batches)
+        sampled = sorted({0, n_layers // 2, n_layers - 1})
+        per_layer = {layer: timed(one_layer_dense, model, batches, layer) for layer in sampled}
+    slope, intercept = np.polyfit(sampled, [per_layer[l] for l in sampled], 1)
+    c = float(sum(intercept + slope * layer for layer in range(n_layers)))
+    result = {
+        "model": name,
+        "n_layers": n_layers,
+        "d_mlp": d_mlp,
+        "tokens": n_tokens,
+        "batches": len(batches),
+        "batch_token": batch_token,
+        "tok_s": {"a_bare_forward": n_tokens / a, "b_kis_all_layers": n_tokens / b, "c_layer_at_a_time": n_tokens / c},
+        "ratio_b_over_a": a / b,
+        "ratio_b_over_c": c / b,
+        "target_b_over_c": n_layers / 4,
+        "c_sampled_layers": {str(k): v for k, v in per_layer.items()},
+        "c_extrapolated": True,
+        "accumulator_bytes_all_layers": n_layers * SecondMoment.bytes_needed(d_mlp),
+        "peak_rss_bytes_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def main() -> None:
+    """Run the benchmark on the requested models and write JSON + markdown results."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--batch_token", type=int, default=1024)
+    parser.add_argument("--models", default="gpt2-small-random,smollm2-135m")
+    args = parser.parse_args()
+    results = []
+    for name in args.models.split(","):
+        if name == "gpt2-small-random":
+            model = gpt2_small_random()
+        else:
+            from kis_lens.models import load_model
+
+            model = load_model(name, device="cpu")
+        results.append(measure(name, model, args.tokens, args.batch_token))
+        del model
+    environment = {"device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "covariance.json").write_text(json.dumps({"environment": environment, "results": results}, indent=2))
+    lines = [
+        "# Covariance caching throughput", "",
+        f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads (a shared, busy 2-core machine: ratios matter, not absolute tok/s).",
+        "(c) is extrapolated linearly from layers sampled at 0, n/2 and n-1.", "",
+        "| model | tokens | a: bare forward tok/s | b: kis all layers tok/s | c: layer-at-a-time tok/s | b/a (≥0.8) | b/c (≥ n_layers/4) | accumulators |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        t = r["tok_s"]
+        lines.append(
+            f"| {r['model']} | {r['tokens']} | {t['a_bare_forward']:.0f} | {t['b_kis_all_layers']:.0f} | {t['c_layer_at_a_time']:.0f} "
+            f"| {r['ratio_b_over_a']:.2f} | {r['ratio_b_over_c']:.1f} (target {r['target_b_over_c']:.1f}) | {r['accumulator_bytes_all_layers'] / 1e9:.2f} GB |"
+        )
+    (RESULTS / "covariance.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

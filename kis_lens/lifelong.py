@@ -1,0 +1,329 @@
+"""Lifelong-editing simulation: many closed-form edits of one layer, one after another, and what they break.
+
+Every condition edits the same CounterFact facts towards ``target_new`` and tracks after each step the
+efficacy of the newest edit, the retention of earlier edits, and the drift of facts that were never edited.
+
+The edit acts on the layer's output at each fact's subject-last token: fact f's MLP output there is
+``m_f + k_f ΔW`` (ΔW the summed edits), patched into an otherwise unchanged forward. For real keys this
+is exactly what the edited weights produce at that token (checked at the end with the weights applied);
+it is what lets the orthogonal-key control run on the same model: the keys k'_f (whitening + Gram–Schmidt,
+k'_iᵀC⁻¹k'_j = 0) stand in for the real ones, so the only thing that differs between conditions is
+whether the keys superpose.
+
+Conditions: ``rome`` (rank one, real keys), ``rome_orthogonal`` (rank one, orthogonal keys),
+``alphaedit`` (null-space projected, real keys, earlier edits protected), ``memit`` (batches, real keys).
+For ``rome`` the interference is predicted from P alone: after t edits fact u has moved by Σ_i P[i,u] r_i.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kis_lens import __version__
+from kis_lens.editing import (
+    EditPrompt,
+    alphaedit_update,
+    applied_delta,
+    edit_prompt,
+    find_target_values,
+    memit_update,
+    mlp_out_hook_name,
+    null_space_projector,
+    output_weight,
+    rank_one_delta,
+    target_logprobs,
+    whitened_orthogonal_keys,
+)
+from kis_lens.errors import KisError
+from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts, sample_facts
+from kis_lens.io import save_json
+from kis_lens.keys import compute_keys
+from kis_lens.matrices import Whitener
+from kis_lens.models import DEFAULT_MODEL, load_model, model_device, model_fingerprint, model_info, tokenizer_adds_bos
+from kis_lens.runner import EMBEDDED_CORPUS, RunConfig, ensure_covariances
+
+CONDITIONS: tuple[str, ...] = ("rome", "rome_orthogonal", "alphaedit", "memit")
+
+
+@dataclass(frozen=True)
+class EditSimConfig:
+    """Every setting of a lifelong-editing simulation."""
+
+    model_name: str = DEFAULT_MODEL
+    layer: int = 4
+    n_edits: int = 32
+    n_unedited: int = 32
+    batch_size: int = 8
+    covariance_weight: float = 1.0
+    null_threshold: float = 1e-2
+    null_l2: float = 1.0
+    v_steps: int = 20
+    v_lr: float = 0.5
+    conditions: tuple[str, ...] = CONDITIONS
+    facts: str = DEFAULT_FACTS
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "float32"
+    output_dir: str = "results"
+    corpus: str = EMBEDDED_CORPUS
+    max_tokens: int | None = 50_000
+    ridge: float = 0.0
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the settings as a JSON-ready dict."""
+        return asdict(self)
+
+    def check(self) -> None:
+        """Raise KisError for settings the simulation cannot run."""
+        if self.n_edits < 2:
+            raise KisError(f"n_edits must be at least 2 to measure retention, got {self.n_edits}")
+        if self.n_unedited < 2:
+            raise KisError(f"n_unedited must be at least 2 to measure drift, got {self.n_unedited}")
+        if not 1 <= self.batch_size <= self.n_edits:
+            raise KisError(f"batch_size must be between 1 and n_edits ({self.n_edits}), got {self.batch_size}")
+        unknown = [name for name in self.conditions if name not in CONDITIONS]
+        if unknown or not self.conditions:
+            raise KisError(f"unknown condition(s) {unknown}: choose from {', '.join(CONDITIONS)}")
+        if self.covariance_weight < 0 or self.null_l2 <= 0 or self.null_threshold <= 0:
+            raise KisError("covariance_weight must be >= 0, null_l2 and null_threshold > 0")
+
+
+@dataclass
+class EditSimResult:
+    """Per-condition curves, the P prediction check and the settings of one simulation."""
+
+    curves: dict[str, dict[str, list[Any]]]
+    summary: dict[str, Any]
+    scatter: dict[str, list[float]]
+    settings: dict[str, Any]
+    path: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return everything as a JSON-ready dict (what edit_sim.json holds)."""
+        return {"curves": self.curves, "summary": self.summary, "scatter": self.scatter, "settings": self.settings}
+
+
+@dataclass
+class _Bench:
+    """What every condition shares: the facts, their prompts, keys, original outputs and targets."""
+
+    model: Any
+    layer: int
+    facts: list[Fact]
+    n_edits: int
+    keys: torch.Tensor  # [fact, d_mlp] float64, edited facts first
+    outputs: torch.Tensor  # [fact, d_model] original MLP outputs at the subject
+    targets: torch.Tensor  # [edited, d_model] values that make the model say target_new
+    new_prompts: list[EditPrompt]
+    true_prompts: list[EditPrompt]
+    whitener: Whitener
+    covariance: torch.Tensor
+    base_new: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    base_true: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    def score(self, shifts: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return log p(target_new), log p(target_true) with each fact's output moved by its shift.
+
+        Only the first `upto` edited facts and the unedited ones are scored; the rest are NaN."""
+        rows = [*range(upto), *range(self.n_edits, len(self.facts))]
+        prompts = [self.new_prompts[i] for i in rows[:upto]] + [self.true_prompts[i] for i in rows]
+        shift = torch.cat([shifts[rows[:upto]], shifts[rows]]).float().to(model_device(self.model))
+        scores = target_logprobs(self.model, self.layer, prompts, output_shift=shift)
+        new = torch.full((len(self.facts),), float("nan"), dtype=torch.float64)
+        true = torch.full((len(self.facts),), float("nan"), dtype=torch.float64)
+        new[rows[:upto]] = scores[:upto]
+        true[rows] = scores[upto:]
+        return new, true
+
+
+def _select_facts(config: EditSimConfig) -> list[Fact]:
+    facts = [fact for fact in load_facts(config.facts) if fact.target_new and fact.target_new != fact.target_true]
+    total = config.n_edits + config.n_unedited
+    if total > len(facts):
+        raise KisError(f"n_edits + n_unedited = {total} but only {len(facts)} facts have a target_new: ask for fewer")
+    return sample_facts(facts, total, seed=config.seed)
+
+
+def _prepare(config: EditSimConfig, model: Any) -> _Bench:
+    facts = _select_facts(config)
+    layer = config.layer
+    run_config = RunConfig(
+        model_name=config.model_name, device=config.device, dtype=config.dtype, output_dir=config.output_dir,
+        corpus=config.corpus, max_tokens=config.max_tokens, progress=config.progress,
+    )
+    covariance = ensure_covariances(run_config, model, [layer])[layer]
+    whitener = Whitener.from_covariance(covariance, ridge=config.ridge)
+    prepend_bos = tokenizer_adds_bos(model)
+    keys = compute_keys(model, facts, [layer], prepend_bos=prepend_bos).at_layer(layer).double()
+    handle = output_weight(model, layer)
+    outputs = keys @ handle.read().cpu() + handle.read_bias().cpu()
+    edited = facts[: config.n_edits]
+    values, measured = find_target_values(
+        model, layer, edited, steps=config.v_steps, lr=config.v_lr, prepend_bos=prepend_bos, progress=config.progress
+    )
+    targets = outputs[: config.n_edits] + (values - measured)
+    bench = _Bench(
+        model, layer, facts, config.n_edits, keys, outputs, targets,
+        [edit_prompt(model, fact, fact.target_new, prepend_bos) for fact in facts],
+        [edit_prompt(model, fact, fact.target_true, prepend_bos) for fact in facts],
+        whitener,
+        covariance,
+    )
+    bench.base_new, bench.base_true = bench.score(torch.zeros_like(outputs), config.n_edits)
+    return bench
+
+
+def _fraction(values: np.ndarray) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _run_condition(bench: _Bench, name: str, config: EditSimConfig, projector: Any) -> tuple[dict[str, list[Any]], torch.Tensor, dict[str, Any]]:
+    """Run one condition's sequence of edits; return its curves, its summed ΔW and its P-prediction data."""
+    keys = bench.keys
+    if name == "rome_orthogonal":
+        keys = whitened_orthogonal_keys(bench.keys, bench.whitener)
+    batch = config.batch_size if name == "memit" else 1
+    n_edits, unedited = bench.n_edits, slice(bench.n_edits, len(bench.facts))
+    delta = torch.zeros(keys.shape[1], bench.outputs.shape[1], dtype=torch.float64)
+    whitened = bench.whitener.whiten(keys)
+    gram_rows = whitened[:n_edits] @ whitened.T  # k_iᵀC⁻¹k_f for edited i, every fact f
+    p_to_all = gram_rows / torch.diagonal(gram_rows[:, :n_edits])[:, None]  # P[i, f]
+    residual_history = torch.zeros(n_edits, bench.outputs.shape[1], dtype=torch.float64)
+    curves: dict[str, list[Any]] = {key: [] for key in (
+        "n_edits", "efficacy", "retention", "unedited_logprob_drift", "unedited_output_drift",
+        "predicted_output_drift", "edit_residual",
+    )}
+    prediction: dict[str, list[float]] = {"predicted": [], "measured_logprob": [], "measured_output": []}
+    steps = range(0, n_edits, batch)
+    for start in tqdm(steps, desc=name, disable=not config.progress, dynamic_ncols=True, leave=False):
+        rows = list(range(start, min(start + batch, n_edits)))
+        residuals = bench.targets[rows] - (bench.outputs[rows] + keys[rows] @ delta)
+        residual_history[rows] = residuals
+        if name.startswith("rome"):
+            update = rank_one_delta(keys[rows[0]], residuals[0], bench.whitener)
+        elif name == "memit":
+            update = memit_update(keys[rows], residuals, bench.whitener, config.covariance_weight)
+        else:
+            update = alphaedit_update(keys[rows], residuals, projector, previous_keys=keys[: rows[0]], l2=config.null_l2)
+        delta = delta + update.cpu()
+        shifts = keys @ delta
+        done = rows[-1] + 1
+        new, true = bench.score(shifts, done)
+        prefers_new = (new[:done] > true[:done]).numpy()
+        drift = (true[unedited] - bench.base_true[unedited]).abs()
+        output_drift = shifts[unedited].norm(dim=1) / bench.outputs[unedited].norm(dim=1)
+        predicted = (p_to_all[:done, unedited].T @ residual_history[:done]).norm(dim=1) / bench.outputs[unedited].norm(dim=1)
+        curves["n_edits"].append(done)
+        curves["efficacy"].append(_fraction(prefers_new[rows]))
+        curves["retention"].append(_fraction(prefers_new[: rows[0]]))
+        curves["unedited_logprob_drift"].append(float(drift.mean()))
+        curves["unedited_output_drift"].append(float(output_drift.mean()))
+        curves["edit_residual"].append(float(((bench.targets[rows] - bench.outputs[rows] - shifts[rows]).norm(dim=1) / residuals.norm(dim=1).clamp_min(1e-30)).mean()))
+        if name.startswith("rome"):
+            curves["predicted_output_drift"].append(float(predicted.mean()))
+            prediction["predicted"].extend(predicted.tolist())
+            prediction["measured_logprob"].extend(drift.tolist())
+            prediction["measured_output"].extend(output_drift.tolist())
+        else:
+            curves["predicted_output_drift"].append(None)
+    return curves, delta, prediction
+
+
+def _correlations(x: Sequence[float], y: Sequence[float]) -> dict[str, float | None]:
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(a) < 3 or a.std() == 0 or b.std() == 0:
+        return {"pearson": None, "spearman": None, "n": int(len(a))}
+    ranks = lambda v: np.argsort(np.argsort(v)).astype(np.float64)  # noqa: E731 (ties have measure zero here)
+    return {
+        "pearson": float(np.corrcoef(a, b)[0, 1]),
+        "spearman": float(np.corrcoef(ranks(a), ranks(b))[0, 1]),
+        "n": int(len(a)),
+    }
+
+
+def _weights_check(bench: _Bench, delta: torch.Tensor) -> dict[str, float | None]:
+    """Apply ΔW to the real weights: compare the forward's MLP outputs with m + kΔW, and score without patches."""
+    model, layer = bench.model, bench.layer
+    from kis_lens.corpus import pad_batch, pad_token_id
+
+    prompts = bench.true_prompts
+    tokens, mask = pad_batch([p.ids[: p.target_start] for p in prompts], pad_token_id(model.tokenizer))
+    subject = torch.tensor([p.subject_last for p in prompts])
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        captured["out"] = activation[torch.arange(len(subject)), subject.to(activation.device)].detach().double().cpu()
+        return activation
+
+    device = model_device(model)
+    with applied_delta(model, layer, delta.to(device)):
+        with torch.no_grad(), model.hooks(fwd_hooks=[(mlp_out_hook_name(layer), keep)]):
+            model(tokens.to(device), attention_mask=mask.to(device))
+        new = target_logprobs(model, layer, bench.new_prompts[: bench.n_edits])
+        true = target_logprobs(model, layer, bench.true_prompts)
+    expected = bench.outputs + bench.keys @ delta
+    scale = (bench.keys @ delta).norm(dim=1).clamp_min(1e-12 * float(bench.outputs.norm(dim=1).mean()))
+    error = ((captured["out"] - expected).norm(dim=1) / scale).max()
+    unedited = slice(bench.n_edits, len(bench.facts))
+    return {
+        "max_relative_error_of_output_change": float(error),
+        "full_model_rewrite_rate": float((new > true[: bench.n_edits]).double().mean()),
+        "full_model_unedited_logprob_drift": float((true[unedited] - bench.base_true[unedited]).abs().mean()),
+    }
+
+
+def run_edit_simulation(config: EditSimConfig = EditSimConfig(), model: Any | None = None) -> EditSimResult:
+    """Run every condition's sequence of edits, save edit_sim.json and the figures, and return the result."""
+    config.check()
+    started = time.perf_counter()
+    model = load_model(model if model is not None else config.model_name, device=config.device, dtype=config.dtype)
+    n_layers = int(model.cfg.n_layers)
+    if not 0 <= config.layer < n_layers - 1:
+        raise KisError(
+            f"layer {config.layer} cannot be edited here: an edit at the subject token only reaches the prediction "
+            f"through later layers' attention; choose a layer between 0 and {n_layers - 2}"
+        )
+    bench = _prepare(config, model)
+    projector = null_space_projector(
+        bench.covariance, threshold=config.null_threshold, relative=True
+    ) if "alphaedit" in config.conditions else None
+    curves, summary, scatter = {}, {}, {}
+    for name in config.conditions:
+        curves[name], delta, prediction = _run_condition(bench, name, config, projector)
+        final = {key: values[-1] for key, values in curves[name].items()}
+        summary[name] = {"final": final, "mean_efficacy": float(np.mean([v for v in curves[name]["efficacy"] if v is not None]))}
+        if name.startswith("rome"):
+            summary[name]["predicted_vs_measured_output_drift"] = _correlations(prediction["predicted"], prediction["measured_output"])
+            summary[name]["predicted_vs_measured_logprob_drift"] = _correlations(prediction["predicted"], prediction["measured_logprob"])
+            if name == "rome":
+                scatter = {"predicted": prediction["predicted"], "measured_logprob": prediction["measured_logprob"], "measured_output": prediction["measured_output"]}
+        if name != "rome_orthogonal":  # orthogonal keys are synthetic: no weight forward can produce them
+            summary[name]["weights_check"] = _weights_check(bench, delta)
+    if projector is not None:
+        summary["null_space_rank"] = projector.rank
+    initially_true = float((bench.base_true[: bench.n_edits] > bench.base_new[: bench.n_edits]).double().mean())
+    summary["baseline_prefers_true"] = initially_true
+    info = model_info(model)
+    settings = {
+        "config": config.to_dict(),
+        "model": asdict(info),
+        "model_fingerprint": model_fingerprint(model),
+        "facts": [fact.to_dict() for fact in bench.facts],
+        "kis_lens_version": __version__,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    result = EditSimResult(curves, summary, scatter, settings)
+    folder = Path(config.output_dir) / "edit_sim" / info.name / f"layer_{config.layer}_n{config.n_edits}"
+    result.path = save_json(folder / "edit_sim.json", result.to_dict())
+    from kis_lens.plots_editing import write_editing_figures
+
+    write_editing_figures(result.to_dict(), folder)
+    return result

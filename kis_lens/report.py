@@ -1,0 +1,355 @@
+"""One self-contained HTML report of a run (Plotly JS embedded, works offline): settings, the per-layer
+table, the figures and the most superposed pairs. Other modules add sections without editing this one.
+
+>>> from kis_lens.report import write_report
+>>> write_report(load_result("results/runs/..."))          # -> <run dir>/report.html
+
+Extra sections: pass ``extra_sections=[("Editing", [fig1, fig2]), ReportSection("Notes", html="<p>…</p>")]``,
+or register a provider once (``register_section_provider(lambda result: [...])``) so that every report,
+``kis report`` included, gets it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from kis_lens import __version__
+from kis_lens.analysis import (
+    DEFAULT_THRESHOLD,
+    SuperposedPair,
+    orthogonality_comparison,
+    require_matrices,
+    summary_table,
+    top_pairs_by_layer,
+    write_csv,
+)
+from kis_lens.errors import KisError
+from kis_lens.io import atomic_write
+from kis_lens.plots import layer_trends_figure, matrix_figures, matrix_style, orthogonality_figure
+
+if TYPE_CHECKING:
+    from kis_lens.runner import RunResult
+
+REPORT_NAME = "report.html"
+SUMMARY_CSV_NAME = "layer_summary.csv"
+PAPER = "Hu et al. (2024), Knowledge in Superposition: Unveiling the Failures of Lifelong Knowledge Editing, arXiv:2408.07413"
+
+
+@dataclass
+class ReportSection:
+    """A titled block of the report: optional intro text, figures, then trusted HTML (tables, notes)."""
+
+    title: str
+    figures: list[go.Figure] = field(default_factory=list)
+    html: str = ""  # inserted as is: escape any user text with html.escape
+    intro: str = ""  # plain text, escaped on output
+
+
+SectionLike = Union[ReportSection, tuple[str, Union[go.Figure, Sequence[go.Figure], str]]]
+SectionProvider = Callable[["RunResult"], Iterable[SectionLike]]
+_SECTION_PROVIDERS: list[SectionProvider] = []
+
+
+def register_section_provider(provider: SectionProvider) -> SectionProvider:
+    """Add a function result -> sections that every later report appends; return it (usable as a decorator)."""
+    if provider not in _SECTION_PROVIDERS:
+        _SECTION_PROVIDERS.append(provider)
+    return provider
+
+
+def as_section(section: SectionLike) -> ReportSection:
+    """Return a ReportSection from itself or a (title, figure | figures | html) pair."""
+    if isinstance(section, ReportSection):
+        return section
+    if not (isinstance(section, tuple) and len(section) == 2 and isinstance(section[0], str)):
+        raise KisError(f"a report section is a ReportSection or a (title, figures or html) pair, got {type(section).__name__}")
+    title, content = section
+    if isinstance(content, str):
+        return ReportSection(title, html=content)
+    if isinstance(content, go.Figure):
+        return ReportSection(title, figures=[content])
+    figures = list(content)
+    if not all(isinstance(figure, go.Figure) for figure in figures):
+        raise KisError(f"section {title!r}: content must be a plotly Figure, a list of Figures or an HTML string")
+    return ReportSection(title, figures=figures)
+
+
+@dataclass(frozen=True)
+class Report:
+    """A rendered report: the HTML text, how many Plotly figures it holds and its section titles."""
+
+    html: str
+    n_figures: int
+    section_titles: list[str]
+
+
+def format_number(value: Any) -> str:
+    """Return a table cell: 4 significant digits for floats, 'nan' for NaN, str() otherwise."""
+    if isinstance(value, bool) or value is None:
+        return "—" if value is None else str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, headers: Sequence[str] | None = None) -> str:
+    """Return an HTML table of rows of dicts, every cell escaped; numbers right-aligned."""
+    if not rows:
+        return "<p><em>no rows</em></p>"
+    columns = list(columns or rows[0])
+    headers = list(headers or columns)
+    head = "".join(f"<th>{html.escape(str(header))}</th>" for header in headers)
+    body = []
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            cells.append(f"<td{' class=num' if numeric else ''}>{html.escape(format_number(value))}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(_flatten(value, f"{name}."))
+        else:
+            rows.append({"setting": name, "value": value if isinstance(value, (int, float, bool)) else str(value)})
+    return rows
+
+
+def _pairs_table(pairs: Sequence[SuperposedPair], symbol: str) -> str:
+    rows = [
+        {
+            "rank": rank,
+            f"{symbol}[i, j]": pair.value,
+            "i": pair.row,
+            "fact i (subject · prompt → answer)": f"{pair.row_fact.subject} · {pair.row_fact.text} → {pair.row_fact.target_true}",
+            "j": pair.column,
+            "fact j (subject · prompt → answer)": f"{pair.column_fact.subject} · {pair.column_fact.text} → {pair.column_fact.target_true}",
+        }
+        for rank, pair in enumerate(pairs, start=1)
+    ]
+    return html_table(rows)
+
+
+def standard_sections(
+    result: "RunResult", names: Sequence[str] | None = None, top_k: int = 10, threshold: float = DEFAULT_THRESHOLD
+) -> list[ReportSection]:
+    """Return the built-in sections: settings, per-layer table, trends, one per matrix, top pairs."""
+    names = require_matrices(result, names)
+    config = result.settings.get("config") or {}
+    model = result.settings.get("model") or {}
+    key_settings = {
+        "model": model.get("name", config.get("model_name")),
+        "d_mlp": model.get("d_mlp"),
+        "layers": f"{result.layers[0]}–{result.layers[-1]} ({len(result.layers)})",
+        "facts": f"{len(result.facts)} from {config.get('facts', '?')} (seed {config.get('seed', '?')})",
+        "token position": config.get("token_position"),
+        "corpus": config.get("corpus"),
+        "corpus token budget": config.get("max_tokens") or "all",
+        "ridge": config.get("ridge"),
+    }
+    settings = ReportSection(
+        "Run settings",
+        html=html_table([{"setting": key, "value": value} for key, value in key_settings.items()])
+        + "<details><summary>all settings</summary>"
+        + html_table(_flatten(result.settings))
+        + "</details>",
+    )
+    table = ReportSection(
+        "Per-layer summary of off-diagonal values",
+        intro=(
+            f"Mean, population std, Fisher excess kurtosis (0 for a Gaussian), mean |value| and the share of "
+            f"|value| > {threshold:g} over all i ≠ j entries, per matrix and layer. The same table is saved "
+            f"as {SUMMARY_CSV_NAME} by `kis report`."
+        ),
+        html=html_table(summary_table(result, names, threshold)),
+    )
+    sections = [settings]
+    trends = [layer_trends_figure(result, names, threshold)]
+    comparison_html = ""
+    if {"whitening_cos", "activation_cos"} <= set(names):
+        trends.append(orthogonality_figure(result, threshold))
+        comparison_html = html_table(
+            [row.to_dict() for row in orthogonality_comparison(result, threshold)],
+            columns=list(ORTHOGONALITY_HEADERS),
+            headers=[header.format(t=f"{threshold:g}") for header in ORTHOGONALITY_HEADERS.values()],
+        )
+    sections.append(
+        ReportSection(
+            "Superposition across layers",
+            figures=trends,
+            intro=(
+                "Heavy-tailed (high-kurtosis) off-diagonal values mean most fact pairs are nearly orthogonal "
+                "but some overlap strongly. Whitening removes corpus-wide correlations; if knowledge were "
+                "orthogonal in the whitened space, whitening-space |cos| would sit on the random baseline."
+            ),
+            html=comparison_html,
+        )
+    )
+    sections.append(table)
+    for name in names:
+        style = matrix_style(name)
+        sections.append(
+            ReportSection(
+                style.title,
+                figures=matrix_figures(result, name),
+                intro=f"{style.axis_label}. Heatmap: drag the slider to change layer; hover names both facts.",
+            )
+        )
+    pair_blocks = []
+    for name in names:
+        style = matrix_style(name)
+        by_layer = top_pairs_by_layer(result, name, k=top_k)
+        details = "".join(
+            f"<details><summary>layer {layer}</summary>{_pairs_table(pairs, style.symbol)}</details>"
+            for layer, pairs in by_layer.items()
+        )
+        pair_blocks.append(f"<h3>{html.escape(style.title)}</h3>{details}")
+    sections.append(
+        ReportSection(
+            f"Top {top_k} most superposed pairs per layer",
+            intro="Ranked by |value|, diagonal excluded; symmetric matrices list each pair once (i < j).",
+            html="".join(pair_blocks),
+        )
+    )
+    return sections
+
+
+ORTHOGONALITY_HEADERS: dict[str, str] = {
+    "layer": "layer",
+    "whitening_mean_abs": "whitening mean |cos|",
+    "activation_mean_abs": "activation mean |cos|",
+    "random_mean_abs": "random mean |cos|",
+    "whitening_over_random": "whitening ÷ random",
+    "whitening_frac_above": "whitening share |cos| > {t}",
+    "activation_frac_above": "activation share |cos| > {t}",
+    "whitening_kurtosis": "whitening kurtosis",
+    "activation_kurtosis": "activation kurtosis",
+}
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1rem 2rem;color:#222}
+h1{font-size:1.6rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
+table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:left}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+details{margin:.3rem 0}summary{cursor:pointer}.figure{margin:1rem 0}.meta{color:#666;font-size:.9rem}
+nav a{margin-right:1rem}.wide{overflow-x:auto}
+"""
+
+
+def _title(result: "RunResult") -> str:
+    model = (result.settings.get("model") or {}).get("name", "model")
+    return f"Knowledge superposition: {model}, {len(result.facts)} facts, layers {result.layers[0]}–{result.layers[-1]}"
+
+
+def build_report(
+    result: "RunResult",
+    extra_sections: Sequence[SectionLike] = (),
+    names: Sequence[str] | None = None,
+    top_k: int = 10,
+    threshold: float = DEFAULT_THRESHOLD,
+    include_registered: bool = True,
+) -> Report:
+    """Return the rendered report: standard sections, then registered providers' and extra_sections."""
+    if top_k < 1:
+        raise KisError(f"top_k must be at least 1, got {top_k}")
+    sections = standard_sections(result, names, top_k, threshold)
+    providers = list(_SECTION_PROVIDERS) if include_registered else []
+    for provider in providers:
+        sections.extend(as_section(section) for section in provider(result))
+    sections.extend(as_section(section) for section in extra_sections)
+    parts: list[str] = []
+    n_figures = 0
+    for number, section in enumerate(sections, start=1):
+        parts.append(f'<section id="section-{number}"><h2>{html.escape(section.title)}</h2>')
+        if section.intro:
+            parts.append(f"<p>{html.escape(section.intro)}</p>")
+        for figure in section.figures:
+            n_figures += 1
+            div = figure.to_html(
+                full_html=False,
+                include_plotlyjs=False,
+                div_id=f"figure-{n_figures}",
+                config={"displaylogo": False, "responsive": True},
+            )
+            parts.append(f'<div class="figure">{div}</div>')
+        parts.append(section.html)
+        parts.append("</section>")
+    title = _title(result)
+    nav = "".join(f'<a href="#section-{n}">{html.escape(s.title)}</a>' for n, s in enumerate(sections, start=1))
+    created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    source = html.escape(str(result.path)) if result.path else "in memory"
+    document = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
+        f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
+        f"<h1>{html.escape(title)}</h1>"
+        f'<p class="meta">kis_lens {__version__} · {created} · results: {source} · {html.escape(PAPER)}</p>'
+        f"<nav>{nav}</nav>{''.join(parts)}</body></html>"
+    )
+    return Report(document, n_figures, [section.title for section in sections])
+
+
+def write_report(
+    result: "RunResult",
+    path: str | Path | None = None,
+    extra_sections: Sequence[SectionLike] = (),
+    names: Sequence[str] | None = None,
+    top_k: int = 10,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> Path:
+    """Write the report HTML atomically (default: report.html beside the results) and return its path."""
+    if path is None:
+        if result.path is None:
+            raise KisError("this result was never saved: pass a path for the report")
+        path = Path(result.path).parent / REPORT_NAME
+    report = build_report(result, extra_sections, names, top_k, threshold)
+    return atomic_write(path, lambda temp: temp.write_text(report.html, encoding="utf-8"))
+
+
+def find_results(path: str | Path) -> Path:
+    """Return the results.safetensors of a run folder, a results file, or an output dir holding exactly one run."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / "results.safetensors").is_file():
+        return path / "results.safetensors"
+    found = sorted(path.glob("runs/**/results.safetensors")) if path.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise KisError(f"no results.safetensors in or under {path}: run `kis all` first, or give the run folder")
+    listing = "\n  ".join(str(item.parent) for item in found)
+    raise KisError(f"{path} holds {len(found)} runs; pick one with --results:\n  {listing}")
+
+
+def write_report_files(
+    result: "RunResult", output: str | Path | None = None, top_k: int = 10, threshold: float = DEFAULT_THRESHOLD
+) -> tuple[Path, Path]:
+    """Write report.html and, beside it, layer_summary.csv for a run; return both paths."""
+    report_path = write_report(result, output, top_k=top_k, threshold=threshold)
+    csv_path = write_csv(summary_table(result, threshold=threshold), report_path.parent / SUMMARY_CSV_NAME)
+    return report_path, csv_path
+
+
+def report_from_results(
+    results: str | Path, output: str | Path | None = None, top_k: int = 10, threshold: float = DEFAULT_THRESHOLD
+) -> tuple[Path, Path]:
+    """Load a saved run (folder, file, or output dir with one run) and write its report and CSV; return both paths."""
+    from kis_lens.runner import load_result
+
+    return write_report_files(load_result(find_results(results)), output, top_k, threshold)

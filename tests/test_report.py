@@ -1,0 +1,186 @@
+"""kis_lens.report and `kis report`: contents, extra sections, CLI, and the file rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import plotly.graph_objects as go
+import pytest
+import torch
+from plotly.offline import get_plotlyjs
+
+from kis_lens import report as report_module
+from kis_lens.cli import main
+from kis_lens.errors import KisError
+from kis_lens.facts import Fact
+from kis_lens.matrices import MATRIX_NAMES, all_matrices
+from kis_lens.report import (
+    ReportSection,
+    build_report,
+    find_results,
+    register_section_provider,
+    report_from_results,
+    write_report,
+)
+from kis_lens.runner import RunConfig, RunResult, save_result
+
+LAYERS = (0, 1, 2)
+# 2 trend figures + (slider heatmap, histogram, KDE) for each of the 4 matrices.
+STANDARD_FIGURES = 2 + 3 * len(MATRIX_NAMES)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def make_facts(n: int) -> list[Fact]:
+    facts = [Fact(str(i), f"Subject{i}", "{} plays the", f"Instrument{i}") for i in range(n)]
+    facts[1] = Fact("1", "<b>Tag & Co</b>", "{} is owned by", "<i>Owner</i>")  # must come out escaped
+    return facts
+
+
+def synthetic_result(n_facts: int = 8) -> RunResult:
+    generator = torch.Generator().manual_seed(5)
+    stacked: dict[str, list[torch.Tensor]] = {name: [] for name in MATRIX_NAMES}
+    for _ in LAYERS:
+        corpus = torch.randn(300, 16, generator=generator, dtype=torch.float64) + 0.5
+        keys = torch.randn(n_facts, 16, generator=generator, dtype=torch.float64) + 0.5
+        for name, matrix in all_matrices(keys, corpus.T @ corpus / 300).items():
+            stacked[name].append(matrix)
+    settings = {"model": {"name": "synthetic", "d_mlp": 16}, "config": {"model_name": "synthetic", "seed": 0}}
+    return RunResult({k: torch.stack(v) for k, v in stacked.items()}, list(LAYERS), make_facts(n_facts), settings)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> RunResult:
+    result = synthetic_result()
+    save_result(result, RunConfig(output_dir=str(tmp_path_factory.mktemp("run"))))
+    return result
+
+
+def test_report_holds_every_part_and_is_self_contained():
+    result = synthetic_result()
+    report = build_report(result, top_k=4)
+    assert report.n_figures == STANDARD_FIGURES
+    assert report.html.count('class="plotly-graph-div"') == STANDARD_FIGURES
+    assert report.section_titles[:2] == ["Run settings", "Superposition across layers"]
+    assert "Top 4 most superposed pairs per layer" in report.section_titles
+    # Offline: the plotly bundle is inline and nothing is fetched from the network.
+    assert get_plotlyjs()[:200] in report.html
+    assert not re.search(r"<script[^>]+src=", report.html)
+    assert "cdn." not in report.html.split(get_plotlyjs())[1]
+    # One collapsible top-pairs table per matrix and layer, 4 ranked rows each.
+    assert report.html.count("<details><summary>layer ") == len(MATRIX_NAMES) * len(LAYERS)
+    # User text is escaped everywhere (tables, and the JSON inside the plot scripts).
+    assert "&lt;b&gt;Tag &amp; Co&lt;/b&gt;" in report.html
+    assert "<b>Tag" not in report.html and "<i>Owner" not in report.html
+
+
+def test_report_lists_the_largest_pair_first():
+    result = synthetic_result()
+    matrix = result.layer("p_matrix", 2).clone()
+    matrix.fill_diagonal_(0)
+    row, column = divmod(int(matrix.abs().argmax()), matrix.shape[0])
+    html = build_report(result, names=["p_matrix"], top_k=1).html
+    block = html.split("<details><summary>layer 2</summary>")[1].split("</details>")[0]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", block)
+    assert cells[0] == "1" and cells[2] == str(row) and cells[4] == str(column)
+    assert float(cells[1]) == pytest.approx(float(result.layer("p_matrix", 2)[row, column]), rel=1e-3)
+
+
+def test_extra_sections_and_registered_providers(monkeypatch):
+    result = synthetic_result()
+    monkeypatch.setattr(report_module, "_SECTION_PROVIDERS", [])
+    figure = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
+    register_section_provider(lambda run: [("Plugged in", figure)])
+    report = build_report(
+        result,
+        names=["q_matrix"],
+        extra_sections=[
+            ("Two figures", [figure, figure]),
+            ("Notes", "<p id='note'>edited facts</p>"),
+            ReportSection("Custom", figures=[figure], intro="a < b"),
+        ],
+    )
+    assert report.section_titles[-4:] == ["Plugged in", "Two figures", "Notes", "Custom"]
+    assert report.n_figures == 1 + 3 + 1 + 2 + 1  # trends, q's three, plugged, two, custom
+    assert "<p id='note'>edited facts</p>" in report.html and "a &lt; b" in report.html
+    with pytest.raises(KisError, match="report section"):
+        build_report(result, extra_sections=["just a string"])
+    with pytest.raises(KisError, match="plotly Figure"):
+        build_report(result, extra_sections=[("Bad", [1, 2])])
+
+
+def test_write_report_and_cli(saved, tmp_path, capsys):
+    run_folder = saved.path.parent
+    output_dir = run_folder.parents[3]
+    assert find_results(output_dir) == saved.path  # an --output_dir with one run is enough
+    path = write_report(saved)
+    assert path == run_folder / "report.html" and path.read_text().startswith("<!DOCTYPE html>")
+    assert main(["report", "--results", str(output_dir), "--output", str(tmp_path / "r.html"), "--top_k", "3"]) == 0
+    assert (tmp_path / "r.html").is_file()
+    with open(tmp_path / "layer_summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["matrix"], int(r["layer"])) for r in rows] == [(name, layer) for name in MATRIX_NAMES for layer in LAYERS]
+    assert "report:" in capsys.readouterr().out
+    assert main(["report", "--results", str(tmp_path / "nothing")]) == 2
+    assert "no results.safetensors" in capsys.readouterr().err
+
+
+def test_kis_all_report_flag(tmp_path, capsys):
+    code = main(
+        ["all", "--model_name", "tiny-gpt2", "--output_dir", str(tmp_path), "--record_size", "6",
+         "--knowledge_type", "all", "--max_tokens", "1500", "--no_progress", "--report"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    report_path = Path(re.search(r"report: (\S+)", out).group(1))
+    assert report_path.name == "report.html" and report_path.parent == find_results(tmp_path).parent
+    assert (report_path.parent / "layer_summary.csv").is_file()
+
+
+@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason="needs Debian chromium + chromium-driver (apt-get install chromium chromium-driver)")
+def test_report_renders_in_headless_chromium(saved, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    report = build_report(saved)
+    page = tmp_path / "report.html"
+    page.write_text(report.html, encoding="utf-8")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--window-size=1400,1800", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    try:
+        driver.get(page.as_uri())
+        deadline = time.monotonic() + 30
+        plots = 0
+        while time.monotonic() < deadline:
+            plots = len(driver.find_elements("css selector", ".js-plotly-plot"))
+            if plots >= report.n_figures and driver.execute_script("return document.readyState") == "complete":
+                break
+            time.sleep(0.2)
+        assert plots == report.n_figures == STANDARD_FIGURES
+        # Every plot drew its traces (an SVG layer per figure), not just an empty div.
+        drawn = driver.execute_script(
+            "return Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p => p.querySelector('.main-svg')).length"
+        )
+        assert drawn == report.n_figures
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+        assert errors == []
+        screenshot = Path(os.environ.get("KIS_REPORT_SCREENSHOT", tmp_path / "report.png"))
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+    finally:
+        driver.quit()

@@ -160,19 +160,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"reference layer {layer}; device {model_device(model)}, dtype {args.dtype}")
     # Warm-up so that neither side pays one-time costs (allocations, kernels) inside its timing.
     kis_lens_p_matrices(model, facts[:4], [layer], covariances, prepend_bos)
-    reference_p_matrix(model, facts[:2], layer, covariances[layer], prepend_bos)
+    _, warm_seconds = timed(reference_p_matrix, model, facts[:2], layer, covariances[layer], prepend_bos)
+    per_pair = warm_seconds / 4
     rows: list[Row] = []
     for n in args.sizes:
         chosen = facts[:n]
-        # kis_lens takes seconds: its median of three runs damps the noise of a shared machine.
-        all_p, kis_all = median_timed(3, kis_lens_p_matrices, model, chosen, layers, covariances, prepend_bos)
-        one_p, kis_one = median_timed(3, kis_lens_p_matrices, model, chosen, [layer], covariances, prepend_bos)
-        # Run the original in full when the previous N's per-pair time says it fits the budget.
-        per_pair = rows[-1].original_one_layer_s / (rows[-1].n_facts ** 2) if rows else None
-        full = per_pair is None or per_pair * n * n <= args.budget_s
+        all_p, kis_all = median_timed(args.repeats, kis_lens_p_matrices, model, chosen, layers, covariances, prepend_bos)
+        one_p, kis_one = median_timed(args.repeats, kis_lens_p_matrices, model, chosen, [layer], covariances, prepend_bos)
+        # Run the original in full when the last measured time per pair says it fits the budget.
+        full = per_pair * n * n <= args.budget_s
         max_pairs = None if full else max(4, int(args.budget_s / per_pair))
         (ref_p, pairs), ref_time = timed(reference_p_matrix, model, chosen, layer, covariances[layer], prepend_bos, max_pairs)
         original_one = ref_time if full else ref_time / pairs * n * n
+        per_pair = ref_time / pairs
         done = ~torch.isnan(ref_p)
         diff = float((ref_p[done] - one_p[layer][done]).abs().max())
         diff = max(diff, float((one_p[layer] - all_p[layer]).abs().max()))
@@ -194,6 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "covariance": cov_info,
         "facts": args.facts,
         "budget_s": args.budget_s,
+        "kis_lens_repeats": args.repeats,
         "rows": [dict(vars(row), speedup_all_layers=row.speedup_all_layers(), speedup_one_layer=row.speedup_one_layer()) for row in rows],
     }
 
@@ -218,7 +219,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['torch_threads']} torch threads on {report['device_name']}.",
         f"The original is timed on layer {report['reference_layer']} and multiplied by {report['n_layers']} for all layers "
         "(its per-pair forward costs the same at every layer). Rows marked * ran only the first pairs of the original "
-        f"(within {report['budget_s']} s) and extrapolate its time as N² × measured time per pair.",
+        f"(within {report['budget_s']} s) and extrapolate its time as N² × measured time per pair. kis_lens times are the "
+        f"median of {report.get('kis_lens_repeats', 1)} run(s) and include keys for all N facts, one Cholesky per layer and P; "
+        "neither side includes model loading or the covariance estimate.",
         "",
         "| N | kis_lens, all layers (s) | original, all layers (s) | speed-up, all layers | kis_lens, one layer (s) | original, one layer (s) | speed-up, one layer | pairs run | max abs ΔP |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -247,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--layer", type=int, default=None, help="layer the original is timed on (default the middle one)")
     parser.add_argument("--budget_s", type=float, default=60.0, help="most seconds the original loop runs per N")
+    parser.add_argument("--repeats", type=int, default=1, help="kis_lens timings are the median of this many runs")
     parser.add_argument("--cov_tokens", type=int, default=20_000, help="tokens for the covariance when no cache exists")
     parser.add_argument("--output_dir", default="results", help="where kis_lens covariance caches are read/written")
     parser.add_argument("--results_dir", default=str(RESULTS_DIR))

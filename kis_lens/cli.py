@@ -98,6 +98,7 @@ def _cache_cov_command(args: argparse.Namespace) -> None:
         stats_dtype=args.stats_dtype,
         checkpoint_every=args.checkpoint_every or None,
         max_memory=parse_bytes(args.max_memory),
+        skip_nonfinite=args.skip_nonfinite,
     )
     if rank == 0:
         print(f"done: {report.summary()}")
@@ -130,6 +131,7 @@ def _stats_parsers(sub: argparse._SubParsersAction) -> None:
     _flag(cache, "stats_dtype", default="float32", choices=["float32", "float64"], help="dtype of the stored C (default float32)")
     _flag(cache, "checkpoint_every", type=int, default=5_000_000, help="tokens between resumable checkpoints (0 = none; default 5,000,000)")
     _flag(cache, "max_memory", default=None, help="memory for the accumulators, e.g. 24GB: more layers than fit → several passes")
+    _flag(cache, "skip_nonfinite", action="store_true", help="leave out and count texts whose activations hold NaN/inf (default: stop and name the text)")
     merge = sub.add_parser("merge-stats", help="merge caches computed on separate machines (sums and counts add)")
     merge.add_argument("inputs", nargs="+", help="cache files, or stats folders whose layer_*_mom2.safetensors are merged by name")
     _flag(merge, "output_dir", required=True, help="folder for the merged caches")

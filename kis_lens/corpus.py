@@ -210,10 +210,13 @@ def open_corpus(corpus: str) -> Corpus:
         return _wikipedia_stream_corpus(corpus)
     path = Path(corpus)
     if path.is_file():
-        if path.suffix == ".jsonl":
-            texts = _read_jsonl(path)
-        else:  # plain text: one text per non-empty line
-            texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            if path.suffix == ".jsonl":
+                texts = _read_jsonl(path)
+            else:  # plain text: one text per non-empty line
+                texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as error:
+            raise KisError(f"corpus file {path} is not UTF-8 text (byte {error.start}): convert it to UTF-8") from None
         return _sequence_corpus(corpus, f"file:{path.resolve()}#{_file_digest([path])}", f"local file {path}", texts)
     if path.is_dir():
         if _is_saved_dataset(path):
@@ -245,6 +248,7 @@ class TokenBatch:
     index_in_window: int = 0
     window_end: int = 0  # index after the window's last text
     last_in_window: bool = True
+    text_offsets: tuple[int, ...] = ()  # each row's text, counted from window_start (empty texts included)
 
     @property
     def n_tokens(self) -> int:
@@ -263,17 +267,17 @@ class TokenBatch:
         return self.window_start, self.index_in_window + 1
 
 
-def _pack_window(window: list[list[int]], batch_token: int) -> list[list[list[int]]]:
-    """Return the window's sequences packed into batches of ≤ batch_token padded tokens, longest first."""
+def _pack_window(window: list[list[int]], batch_token: int) -> list[list[int]]:
+    """Return the window's sequence indices packed into batches of ≤ batch_token padded tokens, longest first."""
     # Sorting by length keeps padding near zero while the order stays deterministic (stable sort).
-    ordered = sorted(window, key=len, reverse=True)
-    batches: list[list[list[int]]] = []
-    batch: list[list[int]] = []
-    for seq in ordered:
-        if batch and len(batch[0]) * (len(batch) + 1) > batch_token:
+    ordered = sorted(range(len(window)), key=lambda index: len(window[index]), reverse=True)
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for index in ordered:
+        if batch and len(window[batch[0]]) * (len(batch) + 1) > batch_token:
             batches.append(batch)
             batch = []
-        batch.append(seq)
+        batch.append(index)
     if batch:
         batches.append(batch)
     return batches
@@ -305,18 +309,18 @@ def token_batches(
         chunk = list(itertools.islice(iterator, sort_window))
         if not chunk:
             return
-        window = [
-            ids
-            for ids in (_truncate(tokenizer, ids, prepend_bos, max_length) for ids in _encode_many(tokenizer, chunk, max_length))
-            if len(ids) > int(prepend_bos)  # a text that is empty after tokenization adds nothing
-        ]
+        encoded = [_truncate(tokenizer, ids, prepend_bos, max_length) for ids in _encode_many(tokenizer, chunk, max_length)]
+        # A text that is empty after tokenization adds nothing.
+        offsets = [offset for offset, ids in enumerate(encoded) if len(ids) > int(prepend_bos)]
+        window = [encoded[offset] for offset in offsets]
         window_end = window_start + len(chunk)
         packed = _pack_window(window, batch_token)
         for index, batch in enumerate(packed):
             if index < skip:
                 continue
-            tokens, mask = pad_batch(batch, pad_id)
-            yield TokenBatch(tokens, mask, window_start, index, window_end, index == len(packed) - 1)
+            tokens, mask = pad_batch([window[row] for row in batch], pad_id)
+            rows = tuple(offsets[row] for row in batch)
+            yield TokenBatch(tokens, mask, window_start, index, window_end, index == len(packed) - 1, rows)
         if not packed and skip == 0:
             # A window of only empty texts still moves the position, so resuming never rereads it.
             yield TokenBatch(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.long), window_start, 0, window_end, True)

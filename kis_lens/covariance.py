@@ -8,6 +8,7 @@ result), shards texts across torchrun ranks and all-reduces the sums.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -15,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +26,7 @@ from kis_lens.corpus import Corpus, TokenBatch, open_corpus, token_batches
 from kis_lens.distributed import all_reduce_ints, all_reduce_moments, barrier, rank_and_world
 from kis_lens.errors import KisError
 from kis_lens.hooks import mlp_in_hook_name, run_mlp_hooks, validate_layers
+from kis_lens.io import check_writable, folder_lock, remove_stale_temp_files
 from kis_lens.models import model_device, model_fingerprint, model_info, tokenizer_adds_bos
 from kis_lens.stats import SecondMoment
 from kis_lens.storage import (
@@ -44,22 +46,78 @@ DEFAULT_CHECKPOINT_EVERY = 5_000_000
 DEFAULT_SORT_WINDOW = 1024
 
 
+TextIndex = Callable[[TokenBatch, int], int]
+
+
+def _stream_index(batch: TokenBatch, row: int) -> int:
+    """Return the index, in the stream given to token_batches, of a batch row's text."""
+    return batch.window_start + batch.text_offsets[row]
+
+
+def check_batch_token(batch_token: int | None, n_ctx: int) -> int:
+    """Return the tokens per forward batch (n_ctx when None); KisError when one sequence would not fit."""
+    if batch_token is None:
+        return n_ctx
+    if batch_token < n_ctx:
+        raise KisError(
+            f"--batch_token {batch_token} is smaller than one sequence (the model's context, n_ctx={n_ctx} tokens): "
+            f"longer texts would be cut to {batch_token} tokens and C would describe only their beginnings; "
+            f"use --batch_token {n_ctx} or more (short texts share a batch)"
+        )
+    return batch_token
+
+
+def _nonfinite_rows(activation: torch.Tensor, keep: torch.Tensor) -> list[int]:
+    """Return the batch rows with a NaN or inf at one of their real (unpadded) tokens."""
+    bad = ~torch.isfinite(activation).all(dim=-1) & keep
+    return bad.any(dim=-1).nonzero().flatten().tolist()
+
+
+def _probe_nonfinite(model: Any, batch: TokenBatch, layers: list[int], keep: torch.Tensor) -> list[int]:
+    """Return the batch rows with a NaN or inf at any requested layer (one extra forward, nothing accumulated)."""
+    bad: set[int] = set()
+    run_mlp_hooks(model, batch.tokens, layers, lambda _, activation: bad.update(_nonfinite_rows(activation, keep)), batch.attention_mask)
+    return sorted(bad)
+
+
 def accumulate_batches(
     model: Any,
     batches: Iterable[TokenBatch],
     moments: dict[int, SecondMoment],
+    text_index: TextIndex = _stream_index,
+    skip_nonfinite: bool = False,
+    skipped: list[int] | None = None,
 ) -> Iterator[TokenBatch]:
-    """Run each batch through the model once, add every layer's real-token rows, and yield the batch when done."""
+    """Run each batch through the model once, add every layer's real-token rows, and yield the batch when done.
+
+    A NaN or inf in a text's activations stops the job with a KisError naming the text (text_index gives
+    its number in the corpus). With skip_nonfinite each batch is first probed by an extra forward and
+    such texts are left out of every layer and appended to skipped.
+    """
     layers = sorted(moments)
     device = model_device(model)
     for batch in batches:
         if batch.n_tokens:
             keep = batch.attention_mask.to(device).bool()
+            if skip_nonfinite:
+                bad = _probe_nonfinite(model, batch, layers, keep)
+                keep[bad] = False
+                if skipped is not None:
+                    skipped.extend(text_index(batch, row) for row in bad)
 
             def accumulate(layer: int, activation: torch.Tensor) -> None:
-                moments[layer].update(activation[keep])  # padding positions never enter the statistics
+                rows = activation[keep]  # padding positions never enter the statistics
+                if not torch.isfinite(rows).all():
+                    texts = sorted(text_index(batch, row) for row in _nonfinite_rows(activation, keep))
+                    raise KisError(
+                        f"NaN or inf in the layer-{layer} MLP activations of corpus text(s) {texts[:10]} "
+                        f"(numbered from 0): the model overflowed on them. Run it in float32 or bfloat16 (--dtype), "
+                        "or pass --skip_nonfinite to leave such texts out and count them"
+                    )
+                moments[layer].update(rows)  # update() upcasts fp16/bf16 rows to float32 before any product
 
-            run_mlp_hooks(model, batch.tokens, layers, accumulate, attention_mask=batch.attention_mask)
+            if keep.any():
+                run_mlp_hooks(model, batch.tokens, layers, accumulate, attention_mask=batch.attention_mask)
         yield batch
 
 
@@ -72,17 +130,20 @@ def estimate_second_moments(
     prepend_bos: bool | None = None,
     accumulate_on: str | torch.device | None = None,
     progress: bool = True,
+    skip_nonfinite: bool = False,
+    skipped: list[int] | None = None,
 ) -> dict[int, SecondMoment]:
     """Return {layer: SecondMoment} over the texts' real (unpadded) tokens, all layers from the same forward."""
     layers = validate_layers(model, layers)
     n_ctx = int(model.cfg.n_ctx)
+    batch_token = check_batch_token(batch_token, n_ctx)
     prepend_bos = tokenizer_adds_bos(model) if prepend_bos is None else prepend_bos
     device = accumulate_on or model_device(model)
     moments = {layer: SecondMoment(int(model.cfg.d_mlp), device=device) for layer in layers}
     bar = tqdm(total=max_tokens, unit="tok", desc="second moments", disable=not progress, dynamic_ncols=True)
     seen_tokens = 0
-    batches = token_batches(model.tokenizer, texts, n_ctx, batch_token or n_ctx, prepend_bos)
-    for batch in accumulate_batches(model, batches, moments):
+    batches = token_batches(model.tokenizer, texts, n_ctx, batch_token, prepend_bos)
+    for batch in accumulate_batches(model, batches, moments, skip_nonfinite=skip_nonfinite, skipped=skipped):
         seen_tokens += batch.n_tokens
         bar.update(batch.n_tokens)
         if max_tokens is not None and seen_tokens >= max_tokens:
@@ -108,6 +169,7 @@ class CovarianceRequest:
     checkpoint_every: int | None = DEFAULT_CHECKPOINT_EVERY  # tokens between checkpoints (None/0: never)
     max_memory: int | None = None  # bytes for the accumulators; more layers than fit → several passes
     sort_window: int = DEFAULT_SORT_WINDOW
+    skip_nonfinite: bool = False  # leave out (and count) texts whose activations hold NaN/inf instead of stopping
     progress: bool = True
 
 
@@ -124,6 +186,7 @@ class CacheReport:
     groups: list[list[int]] = field(default_factory=list)
     resumed: bool = False
     seconds: float = 0.0
+    skipped_texts: list[int] = field(default_factory=list)  # corpus indices left out for NaN/inf (skip_nonfinite)
 
     def summary(self) -> str:
         """Return the one-line account of the job: totals, what was reused, and where the files are."""
@@ -137,6 +200,8 @@ class CacheReport:
             parts.append(f"{len(self.extended)} layers extended")
         if self.resumed:
             parts.append("resumed from a checkpoint")
+        if self.skipped_texts:
+            parts.append(f"{len(self.skipped_texts)} texts with NaN/inf left out (first: {self.skipped_texts[:5]})")
         return "; ".join(parts) + f"; caches in {folder}"
 
 
@@ -206,11 +271,33 @@ def cache_second_moments(model: Any, layers: Sequence[int], request: CovarianceR
         raise KisError(f"unknown stats dtype {request.stats_dtype!r}: use one of {', '.join(STATS_DTYPES)}")
     if request.sample_size is not None and request.sample_size < 1:
         raise KisError(f"sample_size must be at least 1, not {request.sample_size}")
+    info = model_info(model)
+    check_batch_token(request.batch_token, info.n_ctx)
     corpus = open_corpus(request.corpus)
     prepend_bos = tokenizer_adds_bos(model) if request.prepend_bos is None else request.prepend_bos
+    paths = {layer: stats_path(request.output_dir, info.name, corpus.cache_name, layer) for layer in layers}
+    folder = stats_dir(request.output_dir, info.name, corpus.cache_name)
+    # Everything checkable is checked before the first byte is written (or the lock is taken).
+    check_writable(folder)
+    for layer in layers:
+        if paths[layer].is_file():
+            expect = _base_metadata(model, corpus, request, prepend_bos, layer)
+            check_metadata(paths[layer], read_metadata(paths[layer]), {key: expect[key] for key in (*MATCH_KEYS, "corpus_identity")})
+    rank, _ = rank_and_world()
+    with folder_lock(folder) if rank == 0 else contextlib.nullcontext(folder):
+        if rank == 0:  # a killed writer's leftovers; safe to remove now that no other job writes here
+            remove_stale_temp_files(folder)
+            remove_stale_temp_files(folder / "checkpoints")
+        barrier()
+        return _cache_locked(model, layers, request, corpus, prepend_bos, paths)
+
+
+def _cache_locked(
+    model: Any, layers: list[int], request: CovarianceRequest, corpus: Corpus, prepend_bos: bool, paths: dict[int, Path]
+) -> CacheReport:
+    """Run cache_second_moments' job once its inputs are checked and its folder is locked."""
     info = model_info(model)
     stop = corpus.stop_for(request.sample_size)
-    paths = {layer: stats_path(request.output_dir, info.name, corpus.cache_name, layer) for layer in layers}
     report = CacheReport(paths)
     rank, world_size = rank_and_world()
     passes: dict[tuple[int, int], _Pass] = {}
@@ -245,10 +332,11 @@ def cache_second_moments(model: Any, layers: Sequence[int], request: CovarianceR
                 )
             report.groups.append(group)
             initial = {layer: job.initial[layer] for layer in group if layer in job.initial}
-            moments, texts, complete, texts_read, resumed, computed = _run_pass(
+            moments, texts, complete, texts_read, resumed, computed, skipped = _run_pass(
                 model, corpus, group, job.start_text, stop, initial, request, prepend_bos, paths
             )
             report.resumed |= resumed
+            report.skipped_texts = sorted(set(report.skipped_texts) | set(skipped))
             report.computed_tokens += computed
             if rank == 0:
                 for layer in group:
@@ -262,6 +350,8 @@ def cache_second_moments(model: Any, layers: Sequence[int], request: CovarianceR
                         batch_token=request.batch_token or info.n_ctx,
                         kis_lens_version=__version__,
                     )
+                    if request.skip_nonfinite:
+                        metadata.update(nonfinite_skipped=len(skipped), nonfinite_skipped_texts=skipped[:1000])
                     save_second_moment(paths[layer], moments[layer], metadata, dtype=request.stats_dtype)
                     existing[layer] = {"count": moments[layer].count, "texts": texts + job.initial_texts}
             barrier()
@@ -296,6 +386,7 @@ def _checkpoint_path(
         "batch_token": request.batch_token,
         "prepend_bos": prepend_bos,
         "sort_window": request.sort_window,
+        "skip_nonfinite": request.skip_nonfinite,
         "initial_counts": {str(layer): moment.count for layer, moment in initial.items()},
         "world_size": world_size,
         "rank": rank,
@@ -316,8 +407,8 @@ def _run_pass(
     request: CovarianceRequest,
     prepend_bos: bool,
     paths: dict[int, Path],
-) -> tuple[dict[int, SecondMoment], int, bool, int, bool, int]:
-    """Run one checkpointed pass; return (moments, texts, complete, texts_read, resumed, tokens run)."""
+) -> tuple[dict[int, SecondMoment], int, bool, int, bool, int, list[int]]:
+    """Run one checkpointed pass; return (moments, texts, complete, texts_read, resumed, tokens run, skipped texts)."""
     rank, world_size = rank_and_world()
     device = model_device(model)
     d_mlp = int(model.cfg.d_mlp)
@@ -334,6 +425,7 @@ def _run_pass(
             raise KisError(f"checkpoint {checkpoint} holds layers {sorted(moments)}, not {layers}; delete it to start afresh")
         position = (int(state["window_start"]), int(state["batches_done"]))
         tokens, texts, done = int(state["tokens"]), int(state["texts"]), bool(state["done"])
+        skipped = [int(index) for index in state.get("skipped", [])]
         if rank == 0:
             print(f"kis: resuming layers {layers[0]}..{layers[-1]} from {checkpoint} ({tokens:,} tokens, {texts:,} texts done)")
     else:
@@ -342,6 +434,7 @@ def _run_pass(
             for layer, moment in initial.items():
                 moments[layer] = SecondMoment.from_state(moment.upper.to(device), moment.count)
         position, tokens, texts, done = (0, 0), 0, 0, False
+        skipped = []
     computed = 0
     complete = False
     if not done:
@@ -359,7 +452,11 @@ def _run_pass(
         )
         last_checkpoint, started, bar_position = tokens, time.perf_counter(), position[0]
         stopped_by_budget = False
-        for batch in accumulate_batches(model, batches, moments):
+        if world_size == 1:
+            text_index: TextIndex = lambda batch, row: start_text + _stream_index(batch, row)  # noqa: E731
+        else:
+            text_index = lambda batch, row: start_text + rank + _stream_index(batch, row) * world_size  # noqa: E731
+        for batch in accumulate_batches(model, batches, moments, text_index, request.skip_nonfinite, skipped):
             tokens += batch.n_tokens
             computed += batch.n_tokens
             texts += batch.n_texts
@@ -372,14 +469,14 @@ def _run_pass(
                 stopped_by_budget = True
                 break
             if request.checkpoint_every and tokens - last_checkpoint >= request.checkpoint_every:
-                state = {"window_start": position[0], "batches_done": position[1], "tokens": tokens, "texts": texts, "done": False}
+                state = {"window_start": position[0], "batches_done": position[1], "tokens": tokens, "texts": texts, "done": False, "skipped": skipped}
                 save_checkpoint(checkpoint, moments, state)
                 last_checkpoint = tokens
         bar.close()
         complete = not stopped_by_budget
         if request.checkpoint_every and world_size > 1:
             # Before the collective: a rank killed later resumes from here without redoing its shard.
-            state = {"window_start": position[0], "batches_done": position[1], "tokens": tokens, "texts": texts, "done": True, "complete": complete}
+            state = {"window_start": position[0], "batches_done": position[1], "tokens": tokens, "texts": texts, "done": True, "complete": complete, "skipped": skipped}
             save_checkpoint(checkpoint, moments, state)
     else:
         complete = bool(state.get("complete", True))
@@ -389,4 +486,4 @@ def _run_pass(
     if tokens == 0 and not initial:
         raise KisError("the corpus gave no tokens: it is empty, or every text was empty after tokenization")
     texts_read = start_text + local_read
-    return moments, texts, incomplete == 0, texts_read, resumed, computed
+    return moments, texts, incomplete == 0, texts_read, resumed, computed, skipped

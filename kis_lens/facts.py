@@ -56,11 +56,16 @@ def _target_text(value: Any) -> str | None:
 
 
 def _validate(fact: Fact, where: str) -> Fact:
+    for name in ("subject", "prompt", "target_true"):
+        value = getattr(fact, name)
+        if value is not None and not isinstance(value, str):
+            raise KisError(f"{where}: {name} must be a string, not {type(value).__name__} {value!r}")
     if not fact.subject or not fact.subject.strip():
         raise KisError(f"{where}: the subject is empty; give each fact a non-empty subject")
     if "{}" not in fact.prompt:
+        literal = f" (it holds the subject literally: replace {fact.subject!r} with '{{}}')" if fact.subject in fact.prompt else ""
         raise KisError(
-            f"{where}: prompt {fact.prompt!r} has no '{{}}' where the subject goes; "
+            f"{where}: prompt {fact.prompt!r} has no '{{}}' where the subject goes{literal}; "
             f"write it like '{{}} is located in'"
         )
     if not fact.target_true:
@@ -92,6 +97,12 @@ def parse_fact(record: dict[str, Any], where: str = "fact") -> Fact:
                 target_new=None,
                 relation_id=record.get("relation_id"),
             )
+            full_prompt = record.get("prompt")
+            if isinstance(full_prompt, str) and isinstance(fact.subject, str) and fact.subject and fact.subject not in full_prompt:
+                raise KisError(
+                    f"{where} (case {fact.case_id}): subject {fact.subject!r} is not in its prompt {full_prompt!r}; "
+                    "fix the subject or the prompt of this fact"
+                )
         else:
             raise KisError(
                 f"{where}: not a CounterFact record (needs 'requested_rewrite') nor a known_1000 record "
@@ -109,6 +120,8 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise KisError(f"cannot read facts file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise KisError(f"facts file {path} is not UTF-8 text (byte {error.start}): save it as UTF-8 JSON or JSONL") from None
     if not text.strip():
         raise KisError(f"facts file {path} is empty: give a JSON list or JSONL file of facts")
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):

@@ -13,6 +13,7 @@ and the whitened Gram matrix G = Wᵀ W = K C⁻¹ Kᵀ gives P and the whitenin
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,15 @@ from kis_lens.errors import KisError
 
 MATRIX_NAMES: tuple[str, ...] = ("p_matrix", "q_matrix", "whitening_cos", "activation_cos")
 
+# Above this condition number, k C⁻¹ k is dominated by C's smallest (least-sampled, float32-rounded) directions.
+CONDITION_WARNING_THRESHOLD = 1e10
+# Up to this d the exact eigenvalues are cheap; above it the condition number is estimated from the factor.
+EXACT_CONDITION_MAX_DIM = 512
+
+
+class IllConditionedWarning(UserWarning):
+    """C is so ill-conditioned that P and the whitening cosine are unreliable without a ridge."""
+
 
 def condition_number(covariance: Float[Tensor, "d d"]) -> float:
     """Return the 2-norm condition number of a symmetric matrix (inf when singular)."""
@@ -31,22 +41,57 @@ def condition_number(covariance: Float[Tensor, "d d"]) -> float:
     return float("inf") if smallest <= 0 else largest / smallest
 
 
+def estimate_condition_number(factor: Float[Tensor, "d d"], iterations: int = 40) -> float:
+    """Return cond₂(L Lᵀ) estimated from a Cholesky factor L by power and inverse iteration (a lower bound)."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(factor.shape[0], 1, generator=generator, dtype=torch.float64).to(factor)
+    largest, vector = 0.0, start / start.norm()
+    for _ in range(iterations):  # power iteration on C = L Lᵀ: the Rayleigh quotient |Lᵀv|² → λ_max
+        product = factor @ (factor.T @ vector)
+        largest = float((factor.T @ vector).square().sum())
+        vector = product / product.norm()
+    inverse_largest, vector = 0.0, start / start.norm()
+    for _ in range(iterations):  # the same on C⁻¹ = L⁻ᵀ L⁻¹, through two triangular solves
+        half = torch.linalg.solve_triangular(factor, vector, upper=False)
+        inverse_largest = float(half.square().sum())
+        product = torch.linalg.solve_triangular(factor.T, half, upper=True)
+        vector = product / product.norm()
+    return largest * inverse_largest
+
+
+def _condition_of(matrix: Float[Tensor, "d d"], factor: Float[Tensor, "d d"]) -> float:
+    """Return cond₂ of a positive definite matrix: exact for small d, estimated from its factor for large d."""
+    if matrix.shape[0] <= EXACT_CONDITION_MAX_DIM:
+        return condition_number(matrix)
+    return estimate_condition_number(factor)
+
+
 @dataclass(frozen=True)
 class Whitener:
-    """The Cholesky factor of C (+ ridge), reused for every matrix of a layer."""
+    """The Cholesky factor of C (+ ridge), reused for every matrix of a layer, and C's condition number."""
 
     factor: Float[Tensor, "d d"]
     ridge: float
+    condition: float = float("nan")  # cond₂ of C + ridge (estimated for d > EXACT_CONDITION_MAX_DIM)
 
     @classmethod
     def from_covariance(
-        cls, covariance: Float[Tensor, "d d"], ridge: float = 0.0, dtype: torch.dtype = torch.float64
+        cls,
+        covariance: Float[Tensor, "d d"],
+        ridge: float = 0.0,
+        dtype: torch.dtype = torch.float64,
+        label: str = "covariance",
+        warn_above: float = CONDITION_WARNING_THRESHOLD,
     ) -> "Whitener":
-        """Return the factor of C + ridge·(tr C / d)·I; a clear KisError when C is not positive definite."""
-        if covariance.ndim != 2 or covariance.shape[0] != covariance.shape[1]:
-            raise KisError(f"covariance must be a square [d_mlp, d_mlp] matrix, got {tuple(covariance.shape)}")
+        """Return the factor of C + ridge·(tr C / d)·I; KisError when C is not positive definite, a warning when ill-conditioned."""
+        if covariance.ndim != 2 or covariance.shape[0] != covariance.shape[1] or covariance.shape[0] == 0:
+            raise KisError(f"{label} must be a square [d_mlp, d_mlp] matrix, got {tuple(covariance.shape)}")
+        if not covariance.is_floating_point():
+            raise KisError(f"{label} must hold floating-point numbers, not {covariance.dtype}")
+        if ridge < 0 or ridge != ridge:
+            raise KisError(f"ridge must be zero or positive, not {ridge}")
         if not torch.isfinite(covariance).all():
-            raise KisError("covariance contains NaN or inf: recompute it (check the model dtype for overflow)")
+            raise KisError(f"{label} contains NaN or inf: recompute it (check the model dtype for overflow)")
         matrix = covariance.to(dtype)
         matrix = (matrix + matrix.T) / 2
         if ridge:
@@ -56,10 +101,19 @@ class Whitener:
         if info.item() != 0:
             cond = condition_number(matrix)
             raise KisError(
-                f"covariance is singular or not positive definite (condition number {cond:.3g}): "
+                f"{label} is singular or not positive definite (condition number {cond:.3g}): "
                 "estimate it on more tokens, or pass a ridge (e.g. --ridge 1e-6, added as ridge·mean(diag C)·I)"
             )
-        return cls(factor, float(ridge))
+        condition = _condition_of(matrix, factor)
+        if condition > warn_above:
+            warnings.warn(
+                f"{label} is ill-conditioned (condition number {condition:.3g} > {warn_above:.0e}): P and the whitening "
+                "cosine are dominated by its smallest, noisiest directions; estimate C on more tokens or pass a ridge "
+                "(e.g. --ridge 1e-6, added as ridge·mean(diag C)·I)",
+                IllConditionedWarning,
+                stacklevel=2,
+            )
+        return cls(factor, float(ridge), condition)
 
     @property
     def dim(self) -> int:

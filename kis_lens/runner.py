@@ -24,7 +24,7 @@ from kis_lens.covariance import CacheReport, CovarianceRequest, cache_second_mom
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE, Fact, load_facts, sample_facts
 from kis_lens.hooks import layer_range, mlp_in_hook_name
-from kis_lens.io import atomic_write, save_npy
+from kis_lens.io import atomic_write, check_writable, save_npy
 from kis_lens.keys import Keys, compute_keys
 from kis_lens.matrices import MATRIX_NAMES, Whitener, activation_cos, all_matrices, q_matrix
 from kis_lens.models import DEFAULT_MODEL, load_model, model_fingerprint, model_info, tokenizer_adds_bos
@@ -92,13 +92,16 @@ def select_facts(config: RunConfig, model: Any | None = None) -> list[Fact]:
                 f"{split.model_name} has no {config.knowledge_type} facts among the {split.n_facts} of "
                 f"{config.facts} (top-{split.top_k}, split in {path}): use --knowledge_type all or another facts file"
             )
-    if config.record_size > len(facts):
+    # How many facts a model knows is not the user's choice: use what there is. For "all", sample_facts
+    # refuses a record_size beyond the file, as it always did.
+    if config.knowledge_type != "all" and config.record_size > len(facts):
         warnings.warn(
             f"only {len(facts)} {config.knowledge_type} facts available for --record_size {config.record_size}: "
             f"using all {len(facts)}",
             stacklevel=2,
         )
-    return sample_facts(facts, min(config.record_size, len(facts)), seed=config.seed)
+        return sample_facts(facts, len(facts), seed=config.seed)
+    return sample_facts(facts, config.record_size, seed=config.seed)
 
 
 def _resolve_prepend_bos(config: RunConfig, model: Any) -> bool:
@@ -218,15 +221,19 @@ def run_matrices(
         raise KisError(f"unknown matrix {unknown}: choose from {', '.join(MATRIX_NAMES)}")
     model = load_model(model if model is not None else config.model_name, device=config.device, dtype=config.dtype)
     layers = layer_range(model, config.start_layer, config.end_layer)  # checked before anything is written
+    check_writable(config.output_dir)
     facts = select_facts(config, model)
     keys = compute_keys(model, facts, layers, config.token_position, _resolve_prepend_bos(config, model))
     needs_covariance = any(name in ("p_matrix", "whitening_cos") for name in names)
     covariances = ensure_covariances(config, model, layers) if needs_covariance else {}
     stacked: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    conditions: dict[str, float] = {}
     for layer in layers:
         layer_keys = keys.at_layer(layer).double()
         if needs_covariance:
-            matrices = all_matrices(layer_keys, Whitener.from_covariance(covariances[layer], ridge=config.ridge))
+            whitener = Whitener.from_covariance(covariances[layer], ridge=config.ridge, label=f"layer {layer}'s covariance C")
+            conditions[str(layer)] = whitener.condition
+            matrices = all_matrices(layer_keys, whitener)
         else:
             matrices = {"q_matrix": q_matrix(layer_keys), "activation_cos": activation_cos(layer_keys)}
         for name in names:
@@ -238,6 +245,8 @@ def run_matrices(
         "keys": keys.settings(),
         "kis_lens_version": __version__,
     }
+    if conditions:
+        settings["covariance_condition_numbers"] = conditions  # of C + ridge, per layer
     result = RunResult({name: torch.stack(values) for name, values in stacked.items()}, layers, facts, settings)
     save_result(result, config)
     return result

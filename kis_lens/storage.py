@@ -27,9 +27,16 @@ MATCH_KEYS: tuple[str, ...] = ("model_name", "model_fingerprint", "layer", "hook
 STATS_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 
+def path_component(name: str, what: str) -> str:
+    """Return name if it is one safe folder name (no separator, not "." or ".."), else raise KisError."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise KisError(f"{what} {name!r} cannot name a folder inside the output directory: use a plain name")
+    return name
+
+
 def stats_dir(output_dir: str | Path, model: str, corpus: str) -> Path:
     """Return the folder of a model's caches for a corpus: {output_dir}/stats/{model}/{corpus}_stats."""
-    return Path(output_dir) / "stats" / model / f"{corpus}_stats"
+    return Path(output_dir) / "stats" / path_component(model, "model name") / f"{path_component(corpus, 'corpus name')}_stats"
 
 
 def stats_path(output_dir: str | Path, model: str, corpus: str, layer: int) -> Path:
@@ -60,9 +67,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
-        return {key: json.loads(value) for key, value in raw.items()}
     except (SafetensorError, OSError, ValueError) as error:
         raise KisError(f"covariance cache {path} is corrupt or truncated ({error}); delete it and rerun `kis cache-cov`") from None
+    try:
+        return {key: json.loads(value) for key, value in raw.items()}
+    except ValueError as error:
+        raise KisError(
+            f"covariance cache {path} has metadata that does not parse ({error}), so what it was made from is unknown; "
+            "delete it and rerun `kis cache-cov`"
+        ) from None
 
 
 def check_metadata(path: str | Path, metadata: dict[str, Any], expect: dict[str, Any] | None) -> None:
@@ -86,8 +99,15 @@ def load_second_moment(path: str | Path, expect: dict[str, Any] | None = None) -
         total = tensors["sum"] if "sum" in tensors else tensors["mom2"].double() * count
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise KisError(f"covariance cache {path} is corrupt or truncated ({error}); delete it and rerun `kis cache-cov`") from None
-    if total.ndim != 2 or total.shape[0] != total.shape[1] or not torch.isfinite(total).all():
-        raise KisError(f"covariance cache {path} holds no valid square matrix; delete it and rerun `kis cache-cov`")
+    if total.ndim != 2 or total.shape[0] != total.shape[1] or ("d_mlp" in metadata and total.shape[0] != metadata["d_mlp"]):
+        raise KisError(f"covariance cache {path} holds a {tuple(total.shape)} matrix, not a square d_mlp×d_mlp one; delete it and rerun `kis cache-cov`")
+    if not torch.isfinite(total).all():
+        raise KisError(
+            f"covariance cache {path} contains NaN or inf (an overflow while it was estimated); delete it and rerun "
+            "`kis cache-cov`, with --dtype float32 if the model ran in float16"
+        )
+    if count < 1:
+        raise KisError(f"covariance cache {path} records {count} tokens; delete it and rerun `kis cache-cov`")
     return SecondMoment.from_state(total, count), metadata
 
 
@@ -107,8 +127,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         moments = {
             int(layer): SecondMoment.from_state(tensors[f"upper_{layer}"], count) for layer, count in counts.items()
         }
-    except (SafetensorError, OSError, KeyError, ValueError) as error:
+    except (SafetensorError, OSError, KeyError, ValueError, AttributeError) as error:
         raise KisError(f"checkpoint {path} is corrupt ({error}); delete it to start the job afresh") from None
+    if not all(torch.isfinite(moment.upper).all() for moment in moments.values()):
+        raise KisError(f"checkpoint {path} contains NaN or inf; delete it to start the job afresh")
     return moments, state
 
 

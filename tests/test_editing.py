@@ -33,7 +33,10 @@ N_FACTS = 6
 def _transformer_lens_has(name: str) -> bool:
     import transformer_lens
 
-    return hasattr(transformer_lens, name)
+    try:
+        return hasattr(transformer_lens, name)
+    except ImportError:  # TL 4 raises ImportError for the removed HookedTransformer
+        return False
 
 
 def _make_model(architecture: str, wrapper: str):

@@ -25,7 +25,6 @@ from kis_lens.report import (
     build_report,
     find_results,
     register_section_provider,
-    report_from_results,
     write_report,
 )
 from kis_lens.runner import RunConfig, RunResult, save_result

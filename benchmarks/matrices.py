@@ -233,6 +233,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{row['speedup_all_layers']:.0f}× | {row['kis_one_layer_s']:.3f} | {row['original_one_layer_s']:.1f}{star} | "
             f"{row['speedup_one_layer']:.0f}× | {row['original_pairs_run']} / {row['n_facts'] ** 2} | {row['max_abs_diff']:.1e} |"
         )
+    spent = [row["original_one_layer_s"] * row["original_pairs_run"] / row["n_facts"] ** 2 for row in rows]
+    pooled = sum(spent) / sum(row["original_pairs_run"] for row in rows)
+    lines += ["", f"Pooled over every pair run ({sum(row['original_pairs_run'] for row in rows)} pairs), the original costs "
+              f"{pooled:.3f} s per pair (two full forwards). With that one per-pair cost for every N, the original over all "
+              f"{report['n_layers']} layers would take: "
+              + ", ".join(f"N={row['n_facts']}: {pooled * row['n_facts'] ** 2 * report['n_layers']:,.0f} s "
+                          f"({pooled * row['n_facts'] ** 2 * report['n_layers'] / row['kis_all_layers_s']:,.0f}× kis_lens)" for row in rows)
+              + "."]
     if len(rows) > 1:
         kis = scaling_exponent(sizes, [row["kis_all_layers_s"] for row in rows])
         original = scaling_exponent(sizes, [row["original_one_layer_s"] for row in rows])

@@ -357,10 +357,24 @@ def _cache_locked(
             barrier()
             _checkpoint_path(request, model, corpus, group, job.start_text, stop, prepend_bos, initial).unlink(missing_ok=True)
     report.seconds = time.perf_counter() - started
+    if rank == 0:
+        _remove_finished_checkpoints(stats_dir(request.output_dir, info.name, corpus.cache_name) / "checkpoints", layers)
     if existing:
         report.tokens = int(existing[layers[0]].get("count", 0))
         report.texts = int(existing[layers[0]].get("texts", 0))
     return report
+
+
+def _remove_finished_checkpoints(folder: Path, layers: list[int]) -> None:
+    """Delete checkpoints of passes over these layers only: every one of them now has its finished cache.
+
+    A job killed after writing some final caches but before deleting its checkpoint leaves one behind;
+    the rerun reuses those caches, computes the rest in a new pass, and so never reads it again.
+    """
+    for path in folder.glob("layers_*-*_*.safetensors") if folder.is_dir() else []:
+        first, _, last = path.name.removeprefix("layers_").split("_")[0].partition("-")
+        if first.isdigit() and last.isdigit() and set(range(int(first), int(last) + 1)) <= set(layers):
+            path.unlink(missing_ok=True)
 
 
 def _checkpoint_path(

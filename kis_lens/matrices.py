@@ -143,8 +143,8 @@ def _whitener(covariance: CovarianceLike, ridge: float) -> Whitener:
 
 
 def _check_keys(keys: Tensor) -> None:
-    if keys.ndim != 2 or keys.shape[0] == 0:
-        raise KisError(f"keys must have shape [n_facts, d_mlp] with at least one fact, got {tuple(keys.shape)}")
+    if keys.ndim != 2 or keys.shape[0] == 0 or keys.shape[1] == 0:
+        raise KisError(f"keys must have shape [n_facts, d_mlp] with at least one fact and one dimension, got {tuple(keys.shape)}")
     if not torch.isfinite(keys).all():
         raise KisError("keys contain NaN or inf: recompute them (check the model dtype for overflow)")
 

@@ -40,7 +40,7 @@ from kis_lens.runner import (
     save_result,
 )
 from kis_lens.stats import SecondMoment
-from kis_lens.storage import load_second_moment, save_second_moment, stats_path
+from kis_lens.storage import load_second_moment, read_metadata, save_second_moment, stats_path
 
 HALF_CORPUS_SUFFIXES: tuple[str, str] = ("half1", "half2")
 # Verdict thresholds, stated in the document next to each verdict.
@@ -126,7 +126,9 @@ def half_second_moments(config: ReproduceConfig, model: Any, layers: Sequence[in
     """Return {half: {layer: SecondMoment}} over two disjoint halves of the corpus budget (cached), and seconds spent."""
     cached = load_half_moments(config.output_dir, model, layers, config.max_tokens)
     if cached is not None:
-        return cached, 0.0
+        # Report what the estimate cost when it was made, not the instant of reading it back.
+        metadata = read_metadata(half_stats_path(config.output_dir, model_info(model).name, HALF_CORPUS_SUFFIXES[0], layers[0]))
+        return cached, float(metadata.get("seconds", 0.0))
     run_config = RunConfig(model_name=model_info(model).name, corpus=EMBEDDED_CORPUS, output_dir=config.output_dir)
     prepend_bos = bool(covariance_metadata(run_config, model, layers[0])["prepend_bos"])
     n_ctx = int(model.cfg.n_ctx)
@@ -392,7 +394,8 @@ def reproduction_markdown(report: Reproduction) -> str:
         f"The matrices use {known['n_used']} of them (seeded sample).",
         f"- **Covariance** C = E[k kᵀ] of `blocks.L.mlp.hook_post` on {cov['tokens_total']:,} tokens ({budget}; "
         f"two disjoint halves of {cov['tokens_half1']:,} and {cov['tokens_half2']:,} tokens). {cov['corpus']}",
-        f"- Wall time: {', '.join(f'{key} {value} s' for key, value in report.seconds.items())}.",
+        f"- Wall time: {', '.join(f'{key} {value} s' for key, value in report.seconds.items())}. The covariance time is what "
+        "the estimate took when it was made (a rerun reads it from its cache); total counts this run only.",
         "",
         "## Verdicts, claim by claim",
         "",

@@ -35,7 +35,7 @@ from kis_lens.stats import SecondMoment
 from kis_lens.storage import load_second_moment, stats_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-KILL_TRIALS = 20
+KILL_TRIALS = 24  # each SIGKILLed once or twice; at least 20 kills must land mid-job
 LAYERS = [0, 1]
 
 
@@ -101,7 +101,7 @@ def test_sigkill_at_random_points_always_resumes_to_the_identical_result(tmp_pat
     assert len(log["trials"]) == KILL_TRIALS
     assert all(trial["final_status"] == 0 for trial in log["trials"]), driver.stderr[-3000:]
     killed = sum(kill["killed"] for trial in log["trials"] for kill in trial["kills"])
-    assert killed >= KILL_TRIALS  # most kills land mid-job, not after it ended
+    assert killed >= 20  # kills that landed mid-job, not after it ended
     straight = {layer: load_second_moment(path) for layer, path in _cache_files(tmp_path / "straight").items()}
     for trial in range(KILL_TRIALS):
         output = tmp_path / f"trial_{trial}"

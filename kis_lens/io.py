@@ -31,6 +31,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise KisError(f"cannot write to {path.parent}: {error.strerror}; choose a writable --output_dir") from None
     os.close(handle)
     temp = Path(temp_name)
+    os.chmod(temp, 0o666 & ~_current_umask())  # mkstemp makes 0600; results should read like any written file
     try:
         yield temp
         with open(temp, "rb") as written:
@@ -44,6 +45,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         ) from error
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:

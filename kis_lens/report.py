@@ -250,6 +250,31 @@ nav a{margin-right:1rem}.wide{overflow-x:auto}
 """
 
 
+def edit_simulation_sections(result: "RunResult") -> list[ReportSection]:
+    """Return one section per `kis edit-sim` result saved for this run's model in the same output dir."""
+    import json
+
+    from kis_lens.plots_editing import editing_figures
+
+    output_dir = Path(result.settings.get("config", {}).get("output_dir", ""))
+    model = result.settings.get("model", {}).get("name", "")
+    sections = []
+    for path in sorted((output_dir / "edit_sim" / model).glob("*/edit_sim.json")) if model else []:
+        figures = editing_figures(json.loads(path.read_text(encoding="utf-8")))
+        sections.append(
+            ReportSection(
+                f"Lifelong editing: {path.parent.name}",
+                figures=list(figures.values()),
+                intro=f"From {path}: sequential edits with real keys, whitened-orthogonal keys (control), "
+                "a null-space projected editor and MEMIT batches; predicted (from P) vs measured interference.",
+            )
+        )
+    return sections
+
+
+register_section_provider(edit_simulation_sections)
+
+
 def _title(result: "RunResult") -> str:
     model = (result.settings.get("model") or {}).get("name", "model")
     return f"Knowledge superposition: {model}, {len(result.facts)} facts, layers {result.layers[0]}–{result.layers[-1]}"

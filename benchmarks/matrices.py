@@ -17,7 +17,6 @@ time from the measured time per pair; the table says which numbers are extrapola
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time

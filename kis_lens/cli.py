@@ -13,7 +13,7 @@ from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE
 from kis_lens.keys import TOKEN_POSITIONS
 from kis_lens.matrices import MATRIX_NAMES
 from kis_lens.models import DEFAULT_MODEL, DTYPES
-from kis_lens.runner import EMBEDDED_CORPUS, KNOWLEDGE_TYPES, RunConfig, cache_covariance, run_matrices
+from kis_lens.runner import EMBEDDED_CORPUS, KNOWLEDGE_TYPES, RunConfig, run_matrices
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:

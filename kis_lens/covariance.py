@@ -237,7 +237,8 @@ def layer_groups(layers: Sequence[int], d_mlp: int, max_memory: int | None) -> l
     return [layers[start : start + size] for start in range(0, len(layers), size)]
 
 
-def _base_metadata(model: Any, corpus: Corpus, request: CovarianceRequest, prepend_bos: bool, layer: int) -> dict[str, Any]:
+def cache_identity(model: Any, layer: int, corpus: str, prepend_bos: bool) -> dict[str, Any]:
+    """Return the metadata that says which model, layer, hook, corpus and BOS convention a cache belongs to."""
     info = model_info(model)
     return {
         "model_name": info.name,
@@ -245,10 +246,17 @@ def _base_metadata(model: Any, corpus: Corpus, request: CovarianceRequest, prepe
         "layer": layer,
         "hook": mlp_in_hook_name(layer),
         "d_mlp": info.d_mlp,
-        "corpus": request.corpus,
+        "corpus": corpus,
+        "prepend_bos": prepend_bos,
+    }
+
+
+def _base_metadata(model: Any, corpus: Corpus, request: CovarianceRequest, prepend_bos: bool, layer: int) -> dict[str, Any]:
+    info = model_info(model)
+    return {
+        **cache_identity(model, layer, request.corpus, prepend_bos),
         "corpus_identity": corpus.identity,
         "corpus_credit": corpus.credit,
-        "prepend_bos": prepend_bos,
         "max_length": info.n_ctx,
         "model_dtype": request.model_dtype,
     }
@@ -461,10 +469,10 @@ def _run_pass(
         )
         total = None if stop is None else math.ceil((stop - start_text - rank) / world_size)
         bar = tqdm(
-            total=total, initial=position[0], unit="text", desc=f"C layers {layers[0]}..{layers[-1]}",
+            total=total, initial=texts, unit="text", desc=f"C layers {layers[0]}..{layers[-1]}",
             disable=not request.progress or rank != 0, dynamic_ncols=True,
         )
-        last_checkpoint, started, bar_position = tokens, time.perf_counter(), position[0]
+        last_checkpoint, started = tokens, time.perf_counter()
         stopped_by_budget = False
         if world_size == 1:
             text_index: TextIndex = lambda batch, row: start_text + _stream_index(batch, row)  # noqa: E731
@@ -475,10 +483,8 @@ def _run_pass(
             computed += batch.n_tokens
             texts += batch.n_texts
             position = batch.resume_position()
-            if position[0] != bar_position:
-                bar.update(position[0] - bar_position)
-                bar_position = position[0]
             bar.set_postfix(tokens=f"{tokens:,}", tok_s=f"{computed / max(time.perf_counter() - started, 1e-9):,.0f}", refresh=False)
+            bar.update(batch.n_texts)  # per batch, so a budget smaller than one sort window still shows progress
             if budget is not None and tokens >= budget:
                 stopped_by_budget = True
                 break

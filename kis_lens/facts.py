@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -103,6 +103,12 @@ def parse_fact(record: dict[str, Any], where: str = "fact") -> Fact:
                     f"{where} (case {fact.case_id}): subject {fact.subject!r} is not in its prompt {full_prompt!r}; "
                     "fix the subject or the prompt of this fact"
                 )
+            if isinstance(full_prompt, str) and isinstance(fact.prompt, str) and "{}" in fact.prompt:
+                # ROME's template can stop short of the prompt ("... the continent" vs "... the continent of"):
+                # keep the prompt's ending so the fact reads the way the model was asked it.
+                filled = fact.prompt.replace("{}", fact.subject, 1)
+                if full_prompt.startswith(filled):
+                    fact = replace(fact, prompt=fact.prompt + full_prompt[len(filled):])
         else:
             raise KisError(
                 f"{where}: not a CounterFact record (needs 'requested_rewrite') nor a known_1000 record "

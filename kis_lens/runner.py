@@ -7,25 +7,23 @@
 from __future__ import annotations
 
 import json
-import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from kis_lens import __version__
 from kis_lens.corpus import EMBEDDED_CORPUS
 from kis_lens.corpus import corpus_texts as corpus_texts_of
-from kis_lens.covariance import CacheReport, CovarianceRequest, cache_second_moments
+from kis_lens.covariance import CacheReport, CovarianceRequest, cache_identity, cache_second_moments
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE, Fact, load_facts, sample_facts
-from kis_lens.hooks import layer_range, mlp_in_hook_name
+from kis_lens.hooks import layer_range
 from kis_lens.io import atomic_write, check_writable, save_npy
-from kis_lens.keys import Keys, compute_keys
+from kis_lens.keys import compute_keys
 from kis_lens.matrices import MATRIX_NAMES, Whitener, activation_cos, all_matrices, q_matrix
 from kis_lens.models import DEFAULT_MODEL, load_model, model_fingerprint, model_info, tokenizer_adds_bos
 from kis_lens.storage import load_second_moment
@@ -110,16 +108,7 @@ def _resolve_prepend_bos(config: RunConfig, model: Any) -> bool:
 
 def covariance_metadata(config: RunConfig, model: Any, layer: int) -> dict[str, Any]:
     """Return the metadata that identifies a layer's covariance cache."""
-    info = model_info(model)
-    return {
-        "model_name": info.name,
-        "model_fingerprint": model_fingerprint(model),
-        "layer": layer,
-        "hook": mlp_in_hook_name(layer),
-        "d_mlp": info.d_mlp,
-        "corpus": config.corpus,
-        "prepend_bos": _resolve_prepend_bos(config, model),
-    }
+    return cache_identity(model, layer, config.corpus, _resolve_prepend_bos(config, model))
 
 
 def covariance_request(config: RunConfig, **options: Any) -> CovarianceRequest:

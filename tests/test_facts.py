@@ -17,7 +17,7 @@ def test_shipped_fact_sets():
     assert uk.text == "In United Kingdom, the language spoken is" and uk.target_true == "English"
     assert uk.target_new and uk.relation_id == "P37"
     known = load_facts("known-1000")
-    assert len(known) == 1209 and known[0].text == "Vinson Massif is located in the continent"
+    assert len(known) == 1209 and known[0].text == "Vinson Massif is located in the continent of"  # the prompt, not the shorter template
     assert known[0].target_true == "Antarctica"
 
 

@@ -5,28 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import reference_matrices
 
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts, sample_facts
 from kis_lens.keys import compute_keys
-from kis_lens.matrices import Whitener, activation_cos, all_matrices, p_matrix, q_matrix, whitening_cos
+from kis_lens.matrices import (
+    Whitener,
+    activation_cos,
+    all_matrices,
+    p_matrix,
+    q_matrix,
+    whitening_cos,
+)
 from kis_lens.testing import embedded_sample_texts
-
-
-def reference_matrices(keys: np.ndarray, cov: np.ndarray) -> dict[str, np.ndarray]:
-    """The original scripts' definition, one pair at a time, with an explicit inverse."""
-    inverse = np.linalg.inv(cov)
-    n = keys.shape[0]
-    out = {name: np.zeros((n, n)) for name in ("p_matrix", "q_matrix", "whitening_cos", "activation_cos")}
-    for i in range(n):
-        for j in range(n):
-            ki, kj = keys[i], keys[j]
-            out["p_matrix"][i, j] = (ki @ inverse @ kj) / (ki @ inverse @ ki)
-            out["q_matrix"][i, j] = ki @ kj
-            out["whitening_cos"][i, j] = (ki @ inverse @ kj) / np.sqrt((ki @ inverse @ ki) * (kj @ inverse @ kj))
-            out["activation_cos"][i, j] = (ki @ kj) / (np.linalg.norm(ki) * np.linalg.norm(kj))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,19 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from reference import reference_matrices
 
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.keys import locate_subject
-from kis_lens.matrices import Whitener, activation_cos, all_matrices, p_matrix, q_matrix, whitening_cos
+from kis_lens.matrices import (
+    Whitener,
+    activation_cos,
+    all_matrices,
+    p_matrix,
+    q_matrix,
+    whitening_cos,
+)
 from kis_lens.testing import tiny_tokenizer
 
 TOKENIZER = tiny_tokenizer()
@@ -72,21 +80,6 @@ def test_subject_located_on_its_own_tokens_or_a_clear_error(prefix, subject, suf
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64]
 
 
-def reference(keys: np.ndarray, covariance: np.ndarray) -> dict[str, np.ndarray]:
-    """The per-pair definitions with an explicit inverse, in float64 NumPy."""
-    inverse = np.linalg.inv(covariance)
-    n = len(keys)
-    out = {name: np.zeros((n, n)) for name in ("p_matrix", "q_matrix", "whitening_cos", "activation_cos")}
-    for i in range(n):
-        for j in range(n):
-            ki, kj = keys[i], keys[j]
-            out["p_matrix"][i, j] = (ki @ inverse @ kj) / (ki @ inverse @ ki)
-            out["q_matrix"][i, j] = ki @ kj
-            out["whitening_cos"][i, j] = (ki @ inverse @ kj) / np.sqrt((ki @ inverse @ ki) * (kj @ inverse @ kj))
-            out["activation_cos"][i, j] = (ki @ kj) / (np.linalg.norm(ki) * np.linalg.norm(kj))
-    return out
-
-
 @settings(max_examples=200, deadline=None)
 @given(
     n=st.integers(0, 5), d=st.integers(0, 6), d_cov=st.integers(0, 6), cov_cols=st.integers(0, 6),
@@ -125,7 +118,7 @@ def test_matrices_on_random_shapes_and_dtypes(n, d, d_cov, cov_cols, key_dtype, 
             assert not ok, f"{function.__name__} refused valid input"
             continue
         assert ok, f"{function.__name__} accepted bad input: keys {tuple(keys.shape)} {keys.dtype}, C {tuple(covariance.shape)} {covariance.dtype}"
-        want = reference(keys.double().numpy(), cov_in_dtype if needs_cov else np.eye(d))
+        want = reference_matrices(keys.double().numpy(), cov_in_dtype if needs_cov else np.eye(d))
         results = got if isinstance(got, dict) else {function.__name__: got}
         for name, value in results.items():
             assert value.dtype == torch.float64 and value.shape == (n, n)

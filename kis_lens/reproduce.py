@@ -22,7 +22,7 @@ from torch import Tensor
 
 from kis_lens.analysis import SuperposedPair, orthogonality_comparison, summarize_matrix, top_pairs
 from kis_lens.classify import ensure_split
-from kis_lens.corpus import EMBEDDED_WIKIPEDIA_CREDIT, encode
+from kis_lens.corpus import EMBEDDED_WIKIPEDIA_CREDIT, corpus_texts, encode
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts, sample_facts
@@ -35,7 +35,6 @@ from kis_lens.runner import (
     EMBEDDED_CORPUS,
     RunConfig,
     RunResult,
-    corpus_texts,
     covariance_metadata,
     save_result,
 )

@@ -10,14 +10,13 @@ import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from kis_lens import __version__
 from kis_lens.corpus import EMBEDDED_CORPUS
-from kis_lens.corpus import corpus_texts as corpus_texts_of
 from kis_lens.covariance import CacheReport, CovarianceRequest, cache_identity, cache_second_moments
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE, Fact, load_facts, sample_facts
@@ -64,11 +63,6 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as a JSON-ready dict."""
         return asdict(self)
-
-
-def corpus_texts(corpus: str, sample_size: int | None = None) -> Iterable[str]:
-    """Return the texts of a corpus (see kis_lens.corpus.open_corpus), up to sample_size, in fixed order."""
-    return corpus_texts_of(corpus, sample_size)
 
 
 def select_facts(config: RunConfig, model: Any | None = None) -> list[Fact]:

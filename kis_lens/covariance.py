@@ -28,7 +28,7 @@ from kis_lens.errors import KisError
 from kis_lens.hooks import mlp_in_hook_name, run_mlp_hooks, validate_layers
 from kis_lens.io import check_writable, folder_lock, remove_stale_temp_files
 from kis_lens.models import model_device, model_fingerprint, model_info, tokenizer_adds_bos
-from kis_lens.stats import SecondMoment
+from kis_lens.stats import NonFiniteBatch, SecondMoment
 from kis_lens.storage import (
     MATCH_KEYS,
     STATS_DTYPES,
@@ -105,16 +105,22 @@ def accumulate_batches(
                 if skipped is not None:
                     skipped.extend(text_index(batch, row) for row in bad)
 
+            unpadded = bool(keep.all())
+
             def accumulate(layer: int, activation: torch.Tensor) -> None:
-                rows = activation[keep]  # padding positions never enter the statistics
-                if not torch.isfinite(rows).all():
-                    texts = sorted(text_index(batch, row) for row in _nonfinite_rows(activation, keep))
+                # Padding positions never enter the statistics; a batch without padding needs no copy.
+                rows = activation.reshape(-1, activation.shape[-1]) if unpadded else activation[keep]
+                try:
+                    moments[layer].update(rows)  # upcasts fp16/bf16 rows to float32 before any product
+                except NonFiniteBatch:
+                    # Finite activations whose float32 products overflow name every text of the batch.
+                    suspects = _nonfinite_rows(activation, keep) or keep.any(dim=-1).nonzero().flatten().tolist()
+                    texts = sorted(text_index(batch, row) for row in suspects)
                     raise KisError(
                         f"NaN or inf in the layer-{layer} MLP activations of corpus text(s) {texts[:10]} "
-                        f"(numbered from 0): the model overflowed on them. Run it in float32 or bfloat16 (--dtype), "
-                        "or pass --skip_nonfinite to leave such texts out and count them"
-                    )
-                moments[layer].update(rows)  # update() upcasts fp16/bf16 rows to float32 before any product
+                        f"(numbered from 0): the model overflowed on them (or their float32 products did). Run it in "
+                        "float32 or bfloat16 (--dtype), or pass --skip_nonfinite to leave such texts out and count them"
+                    ) from None
 
             if keep.any():
                 run_mlp_hooks(model, batch.tokens, layers, accumulate, attention_mask=batch.attention_mask)

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import kis_lens.stats as stats
 from kis_lens.errors import KisError
-from kis_lens.stats import SecondMoment, upper_gram
+from kis_lens.stats import NonFiniteBatch, SecondMoment, triangle_blocks, triangle_size, upper_gram_blocks
 
 
 def _reference(rows: np.ndarray) -> np.ndarray:
@@ -20,15 +19,7 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.fixture(params=["syrk", "blocked"])
-def triangle_path(request, monkeypatch):
-    """Run a test once through scipy's ssyrk and once through the blocked torch product (the GPU path)."""
-    if request.param == "blocked":
-        monkeypatch.setattr(stats, "_ssyrk", None)
-    return request.param
-
-
-def test_batches_equal_float64_reference(triangle_path):
+def test_batches_equal_float64_reference():
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(1500, 97, generator=generator) * 3 + 0.5  # odd width: blocks of unequal size
     moment = SecondMoment(97)
@@ -41,11 +32,33 @@ def test_batches_equal_float64_reference(triangle_path):
     assert _relative(moment.compute(torch.float64).numpy(), expected / 1500) < 1e-6
 
 
-def test_upper_gram_upper_triangle_is_the_product(triangle_path):
-    rows = torch.randn(64, 40, generator=torch.Generator().manual_seed(1))
-    upper = upper_gram(rows).double().numpy()
+@pytest.mark.parametrize("dim, block_rows", [(40, 256), (40, 7), (97, 16), (64, 32), (1, 4)])
+def test_triangle_blocks_hold_exactly_the_upper_triangle(dim, block_rows):
+    rows = torch.randn(64, dim, generator=torch.Generator().manual_seed(1))
     expected = _reference(rows.numpy())
-    assert _relative(np.triu(upper), np.triu(expected)) < 1e-6
+    covered = np.zeros((dim, dim), dtype=int)
+    for start, block in upper_gram_blocks(rows, block_rows):
+        stop = start + block.shape[0]
+        assert block.shape == (stop - start, dim - start)
+        assert _relative(block.double().numpy(), expected[start:stop, start:]) < 1e-6
+        covered[start:stop, start:] += 1
+    # Every entry on or above the diagonal exactly once; below it only what the blocks' squares add.
+    assert (np.triu(covered) == np.triu(np.ones((dim, dim), dtype=int))).all()
+    assert covered.sum() == triangle_size(dim, block_rows)
+    assert sum(stop - start for start, stop in triangle_blocks(dim, block_rows)) == dim
+
+
+def test_nonfinite_or_overflowing_batch_adds_nothing():
+    rows = torch.randn(50, 12, generator=torch.Generator().manual_seed(4))
+    moment = SecondMoment(12)
+    moment.update(rows)
+    before = moment.sum.clone()
+    for value in (float("nan"), float("inf"), 3e19):  # 3e19² overflows float32 though 3e19 itself is finite
+        bad = rows.clone()
+        bad[7, 9] = value
+        with pytest.raises(NonFiniteBatch):
+            moment.update(bad)
+        assert torch.equal(moment.sum, before) and moment.count == 50
 
 
 def test_merged_halves_equal_one_pass():

@@ -6,6 +6,8 @@
 (c) runs a few sampled layers and extrapolates linearly in the layer index (a pass to layer L costs
 a + b·L), because running every layer would take n_layers/2 forward passes; the JSON records which.
 (a) and (b) run alternately twice and keep the faster of each, since this machine is shared and noisy.
+All three run each batch as the same forwards (on a CPU, row groups of CPU_FORWARD_TOKENS), so the ratios
+measure the statistics alone.
 "ideal b/a" is the ceiling with these float32 products: a / (a + their multiply-adds at the rate the same
 block products reach alone, outside the forward), i.e. what b/a would be if the statistics cost nothing but
 arithmetic. Writes benchmarks/results/covariance.json and covariance.md.
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from kis_lens.corpus import open_corpus, token_batches
-from kis_lens.covariance import accumulate_batches
+from kis_lens.covariance import CPU_FORWARD_TOKENS, accumulate_batches, forward_row_groups
 from kis_lens.hooks import run_mlp_hooks
 from kis_lens.stats import SecondMoment, triangle_size, upper_gram_blocks
 
@@ -56,11 +58,17 @@ def fixed_batches(model, tokens: int, batch_token: int) -> list:
     return batches
 
 
+def forward_pieces(batch):
+    """Return the (tokens, mask) forwards kis_lens runs for a batch: on a CPU, row groups of CPU_FORWARD_TOKENS."""
+    return [(tokens, mask) for _, tokens, mask in forward_row_groups(batch, CPU_FORWARD_TOKENS)]
+
+
 def bare_forward(model, batches) -> None:
     """Forward to the last MLP input and do nothing with it."""
     last = int(model.cfg.n_layers) - 1
     for batch in batches:
-        run_mlp_hooks(model, batch.tokens, [last], lambda layer, act: None, attention_mask=batch.attention_mask)
+        for tokens, mask in forward_pieces(batch):
+            run_mlp_hooks(model, tokens, [last], lambda layer, act: None, attention_mask=mask)
 
 
 def all_layers(model, batches) -> None:
@@ -74,13 +82,34 @@ def one_layer_dense(model, batches, layer: int) -> None:
     """The original: a forward stopped at one layer and a dense float32 XᵀX, per layer."""
     total = torch.zeros(int(model.cfg.d_mlp), int(model.cfg.d_mlp), dtype=torch.float64)
     for batch in batches:
-        keep = batch.attention_mask.bool()
+        for tokens, mask in forward_pieces(batch):
+            keep = mask.bool()
 
-        def add(_: int, activation: torch.Tensor) -> None:
-            rows = activation[keep].float()
-            total.add_(rows.T @ rows)
+            def add(_: int, activation: torch.Tensor, keep: torch.Tensor = keep) -> None:
+                rows = activation[keep].float()
+                total.add_(rows.T @ rows)
 
-        run_mlp_hooks(model, batch.tokens, [layer], add, attention_mask=batch.attention_mask)
+            run_mlp_hooks(model, tokens, [layer], add, attention_mask=mask)
+
+
+def row_group_gain(model, tokens: int) -> dict:
+    """Return kis_lens tok/s at the default batch_token (n_ctx) with whole-batch forwards and with CPU row groups."""
+    n_ctx, d_mlp, n_layers = int(model.cfg.n_ctx), int(model.cfg.d_mlp), int(model.cfg.n_layers)
+    batches = fixed_batches(model, tokens, n_ctx)
+    n_tokens = sum(b.n_tokens for b in batches)
+
+    def run(group_tokens) -> None:
+        moments = {layer: SecondMoment(d_mlp) for layer in range(n_layers)}
+        for _ in accumulate_batches(model, batches, moments, group_tokens=group_tokens):
+            pass
+
+    seconds = {"whole_batches": float("inf"), "row_groups": float("inf")}
+    for _ in range(2):
+        seconds["whole_batches"] = min(seconds["whole_batches"], timed(run, None))
+        seconds["row_groups"] = min(seconds["row_groups"], timed(run, CPU_FORWARD_TOKENS))
+    return {"batch_token": n_ctx, "tokens": n_tokens, "group_tokens": CPU_FORWARD_TOKENS,
+            "tok_s": {name: n_tokens / value for name, value in seconds.items()},
+            "speedup": seconds["whole_batches"] / seconds["row_groups"]}
 
 
 def timed(fn, *args) -> float:
@@ -156,6 +185,10 @@ def main() -> None:
             model = load_model(name, device="cpu")
         for batch_token in args.batch_token.split(","):
             results.append(measure(name, model, args.tokens, int(batch_token)))
+        if int(model.cfg.n_ctx) > CPU_FORWARD_TOKENS:
+            gain = row_group_gain(model, 2 * args.tokens)
+            print(json.dumps(gain, indent=2))
+            results[-1]["default_batch_row_groups"] = gain
         del model
     environment = {"device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -174,6 +207,12 @@ def main() -> None:
             f"| {r['ratio_b_over_a']:.2f} | {r['ideal_b_over_a']:.2f} | {r['ratio_b_over_c']:.1f} (target {r['target_b_over_c']:.1f}) "
             f"| {r['accumulator_bytes_all_layers'] / 1e9:.2f} GB |"
         )
+    for r in results:
+        gain = r.get("default_batch_row_groups")
+        if gain:
+            lines += ["", f"{r['model']} at the default batch_token ({gain['batch_token']}, {gain['tokens']} tokens): "
+                      f"whole-batch forwards {gain['tok_s']['whole_batches']:.0f} tok/s, row groups of {gain['group_tokens']} "
+                      f"tokens {gain['tok_s']['row_groups']:.0f} tok/s ({gain['speedup']:.2f}×)."]
     (RESULTS / "covariance.md").write_text("\n".join(lines) + "\n")
 
 

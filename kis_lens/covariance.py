@@ -44,6 +44,10 @@ from kis_lens.storage import (
 
 DEFAULT_CHECKPOINT_EVERY = 5_000_000
 DEFAULT_SORT_WINDOW = 1024
+# Batches pack (and checkpoint) by --batch_token, n_ctx by default, but on a CPU a forward over 8,192 tokens
+# pushes its activations out of cache and the elementwise ops turn memory-bound: SmolLM2's bare forward ran
+# 430 tok/s on 8,192-token batches and 597 on 1,024. So a CPU runs each batch as row groups of this many tokens.
+CPU_FORWARD_TOKENS = 2048
 
 
 TextIndex = Callable[[TokenBatch, int], int]
@@ -73,11 +77,29 @@ def _nonfinite_rows(activation: torch.Tensor, keep: torch.Tensor) -> list[int]:
     return bad.any(dim=-1).nonzero().flatten().tolist()
 
 
-def _probe_nonfinite(model: Any, batch: TokenBatch, layers: list[int], keep: torch.Tensor) -> list[int]:
-    """Return the batch rows with a NaN or inf at any requested layer (one extra forward, nothing accumulated)."""
+def _probe_nonfinite(model: Any, tokens: torch.Tensor, mask: torch.Tensor, layers: list[int], keep: torch.Tensor) -> list[int]:
+    """Return the rows with a NaN or inf at any requested layer (one extra forward, nothing accumulated)."""
     bad: set[int] = set()
-    run_mlp_hooks(model, batch.tokens, layers, lambda _, activation: bad.update(_nonfinite_rows(activation, keep)), batch.attention_mask)
+    run_mlp_hooks(model, tokens, layers, lambda _, activation: bad.update(_nonfinite_rows(activation, keep)), mask)
     return sorted(bad)
+
+
+def forward_row_groups(batch: TokenBatch, group_tokens: int | None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Return [(first row, tokens, mask)]: the batch's rows in consecutive groups of ≤ group_tokens padded tokens.
+
+    Rows come longest first, so each group is trimmed to its first row's length: less padding, same real tokens.
+    A row longer than group_tokens forms its own group. None keeps the batch whole.
+    """
+    if group_tokens is None:
+        return [(0, batch.tokens, batch.attention_mask)]
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    groups, first = [], 0
+    while first < len(lengths):
+        width = max(int(lengths[first]), 1)
+        stop = first + max(1, group_tokens // width)
+        groups.append((first, batch.tokens[first:stop, :width], batch.attention_mask[first:stop, :width]))
+        first = stop
+    return groups
 
 
 def accumulate_batches(
@@ -87,44 +109,65 @@ def accumulate_batches(
     text_index: TextIndex = _stream_index,
     skip_nonfinite: bool = False,
     skipped: list[int] | None = None,
+    group_tokens: int | None | str = "auto",
 ) -> Iterator[TokenBatch]:
     """Run each batch through the model once, add every layer's real-token rows, and yield the batch when done.
 
     A NaN or inf in a text's activations stops the job with a KisError naming the text (text_index gives
     its number in the corpus). With skip_nonfinite each batch is first probed by an extra forward and
-    such texts are left out of every layer and appended to skipped.
+    such texts are left out of every layer and appended to skipped. group_tokens splits each batch's
+    forward into row groups of that many tokens ("auto": CPU_FORWARD_TOKENS on a CPU, whole batches elsewhere).
     """
     layers = sorted(moments)
     device = model_device(model)
+    if group_tokens == "auto":
+        group_tokens = CPU_FORWARD_TOKENS if device.type == "cpu" else None
     for batch in batches:
         if batch.n_tokens:
-            keep = batch.attention_mask.to(device).bool()
-            if skip_nonfinite:
-                bad = _probe_nonfinite(model, batch, layers, keep)
-                keep[bad] = False
-                if skipped is not None:
-                    skipped.extend(text_index(batch, row) for row in bad)
-
-            unpadded = bool(keep.all())
-
-            def accumulate(layer: int, activation: torch.Tensor) -> None:
-                # Padding positions never enter the statistics; a batch without padding needs no copy.
-                rows = activation.reshape(-1, activation.shape[-1]) if unpadded else activation[keep]
-                try:
-                    moments[layer].update(rows)  # upcasts fp16/bf16 rows to float32 before any product
-                except NonFiniteBatch:
-                    # Finite activations whose float32 products overflow name every text of the batch.
-                    suspects = _nonfinite_rows(activation, keep) or keep.any(dim=-1).nonzero().flatten().tolist()
-                    texts = sorted(text_index(batch, row) for row in suspects)
-                    raise KisError(
-                        f"NaN or inf in the layer-{layer} MLP activations of corpus text(s) {texts[:10]} "
-                        f"(numbered from 0): the model overflowed on them (or their float32 products did). Run it in "
-                        "float32 or bfloat16 (--dtype), or pass --skip_nonfinite to leave such texts out and count them"
-                    ) from None
-
-            if keep.any():
-                run_mlp_hooks(model, batch.tokens, layers, accumulate, attention_mask=batch.attention_mask)
+            for first, tokens, mask in forward_row_groups(batch, group_tokens):
+                _accumulate_rows(model, batch, first, tokens, mask, layers, moments, text_index, skip_nonfinite, skipped)
         yield batch
+
+
+def _accumulate_rows(
+    model: Any,
+    batch: TokenBatch,
+    first: int,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    layers: list[int],
+    moments: dict[int, SecondMoment],
+    text_index: TextIndex,
+    skip_nonfinite: bool,
+    skipped: list[int] | None,
+) -> None:
+    """Run one forward over some of a batch's rows (starting at row first) and add their real tokens to moments."""
+    keep = mask.to(model_device(model)).bool()
+    if skip_nonfinite:
+        bad = _probe_nonfinite(model, tokens, mask, layers, keep)
+        keep[bad] = False
+        if skipped is not None:
+            skipped.extend(text_index(batch, first + row) for row in bad)
+    if not keep.any():
+        return
+    unpadded = bool(keep.all())
+
+    def accumulate(layer: int, activation: torch.Tensor) -> None:
+        # Padding positions never enter the statistics; rows without padding need no copy.
+        rows = activation.reshape(-1, activation.shape[-1]) if unpadded else activation[keep]
+        try:
+            moments[layer].update(rows)  # upcasts fp16/bf16 rows to float32 before any product
+        except NonFiniteBatch:
+            # Finite activations whose float32 products overflow name every text of the group.
+            suspects = _nonfinite_rows(activation, keep) or keep.any(dim=-1).nonzero().flatten().tolist()
+            texts = sorted(text_index(batch, first + row) for row in suspects)
+            raise KisError(
+                f"NaN or inf in the layer-{layer} MLP activations of corpus text(s) {texts[:10]} "
+                f"(numbered from 0): the model overflowed on them (or their float32 products did). Run it in "
+                "float32 or bfloat16 (--dtype), or pass --skip_nonfinite to leave such texts out and count them"
+            ) from None
+
+    run_mlp_hooks(model, tokens, layers, accumulate, attention_mask=mask)
 
 
 def estimate_second_moments(

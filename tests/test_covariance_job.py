@@ -13,8 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from kis_lens.corpus import EMBEDDED_CORPUS, encode, open_corpus
-from kis_lens.covariance import CovarianceRequest, cache_second_moments, estimate_second_moments, layer_groups
+from kis_lens import covariance
+from kis_lens.corpus import EMBEDDED_CORPUS, encode, open_corpus, token_batches
+from kis_lens.covariance import (
+    CovarianceRequest,
+    cache_second_moments,
+    estimate_second_moments,
+    forward_row_groups,
+    layer_groups,
+)
 from kis_lens.errors import KisError
 from kis_lens.hooks import capture_mlp_inputs
 from kis_lens.models import load_model
@@ -42,11 +49,32 @@ def _reference_sum(model, texts: list[str]) -> np.ndarray:
     return total
 
 
-def test_padding_never_enters_the_statistics(tiny_gpt2):
+@pytest.mark.parametrize("group_tokens", [2048, 100, 1])
+def test_padding_never_enters_the_statistics(tiny_gpt2, monkeypatch, group_tokens):
+    # 2048 runs each 600-token batch whole; 100 and 1 split it into row groups (1: one text per forward).
+    monkeypatch.setattr(covariance, "CPU_FORWARD_TOKENS", group_tokens)
     texts = embedded_sample_texts(10, min_chars=50) + ["", "Short."]
     moment = estimate_second_moments(tiny_gpt2, texts, [1], batch_token=600, prepend_bos=False, progress=False)[1]
     expected = _reference_sum(tiny_gpt2, texts)
     assert np.abs(moment.sum.numpy() - expected).max() / np.abs(expected).max() < 1e-6
+
+
+@pytest.mark.parametrize("group_tokens", [1, 40, 100, 256, None])
+def test_row_groups_keep_every_real_token_and_trim_padding(tiny_gpt2, group_tokens):
+    texts = [text[: 30 + 17 * index] for index, text in enumerate(embedded_sample_texts(12, min_chars=300))]
+    batch = next(token_batches(tiny_gpt2.tokenizer, texts, 128, 1024, False))
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    assert lengths == sorted(lengths, reverse=True) and len(lengths) > 2
+    groups = forward_row_groups(batch, group_tokens)
+    rows = torch.cat([torch.arange(first, first + tokens.shape[0]) for first, tokens, _ in groups])
+    assert rows.tolist() == list(range(len(lengths)))  # every row once, in order
+    for first, tokens, mask in groups:
+        assert tokens.shape == mask.shape and tokens.shape[1] == lengths[first]  # trimmed to the group's longest row
+        assert tokens.shape[0] == 1 or group_tokens is None or tokens.numel() <= group_tokens
+        for offset in range(tokens.shape[0]):
+            real = lengths[first + offset]
+            assert torch.equal(tokens[offset, :real], batch.tokens[first + offset, :real])
+            assert mask[offset].sum() == real
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:

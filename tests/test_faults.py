@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from kis_lens import storage
+from kis_lens import covariance, storage
 from kis_lens.corpus import EMBEDDED_CORPUS, open_corpus
 from kis_lens.covariance import CovarianceRequest, cache_second_moments, estimate_second_moments
 from kis_lens.errors import KisError
@@ -276,7 +276,10 @@ class _Poisoned:
         del self.model.forward
 
 
-def test_nan_in_a_batch_stops_the_job_naming_the_text_or_is_skipped_and_counted(tmp_path, tiny_cli_model):
+@pytest.mark.parametrize("group_tokens", [2048, 60])
+def test_nan_in_a_batch_stops_the_job_naming_the_text_or_is_skipped_and_counted(tmp_path, tiny_cli_model, monkeypatch, group_tokens):
+    # 2048: whole 256-token batches; 60: each batch split into row groups, so rows are renumbered per forward.
+    monkeypatch.setattr(covariance, "CPU_FORWARD_TOKENS", group_tokens)
     texts = list(open_corpus(EMBEDDED_CORPUS).texts(stop=12))
     prefixes = [tuple(tiny_cli_model.tokenizer(text, add_special_tokens=False)["input_ids"][:4]) for text in texts]
     bad = 7

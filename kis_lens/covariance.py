@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -45,8 +45,9 @@ from kis_lens.storage import (
 DEFAULT_CHECKPOINT_EVERY = 5_000_000
 DEFAULT_SORT_WINDOW = 1024
 # Batches pack (and checkpoint) by --batch_token, n_ctx by default, but on a CPU a forward over 8,192 tokens
-# pushes its activations out of cache and the elementwise ops turn memory-bound: SmolLM2's bare forward ran
-# 430 tok/s on 8,192-token batches and 597 on 1,024. So a CPU runs each batch as row groups of this many tokens.
+# pushes its activations out of cache and the elementwise ops turn memory-bound. So a CPU runs each batch as
+# row groups of this many tokens: SmolLM2's covariance at its default batch_token went from 359 to 478 tok/s
+# (benchmarks/covariance.py; 1,024–4,096 were within noise of each other).
 CPU_FORWARD_TOKENS = 2048
 
 
@@ -109,7 +110,7 @@ def accumulate_batches(
     text_index: TextIndex = _stream_index,
     skip_nonfinite: bool = False,
     skipped: list[int] | None = None,
-    group_tokens: int | None | str = "auto",
+    group_tokens: int | Literal["auto"] | None = "auto",
 ) -> Iterator[TokenBatch]:
     """Run each batch through the model once, add every layer's real-token rows, and yield the batch when done.
 
@@ -122,52 +123,40 @@ def accumulate_batches(
     device = model_device(model)
     if group_tokens == "auto":
         group_tokens = CPU_FORWARD_TOKENS if device.type == "cpu" else None
+
+    def add_rows(batch: TokenBatch, first: int, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+        keep = mask.to(device).bool()
+        if skip_nonfinite:
+            bad = _probe_nonfinite(model, tokens, mask, layers, keep)
+            keep[bad] = False
+            if skipped is not None:
+                skipped.extend(text_index(batch, first + row) for row in bad)
+        if not keep.any():
+            return
+        unpadded = bool(keep.all())
+
+        def accumulate(layer: int, activation: torch.Tensor) -> None:
+            # Padding positions never enter the statistics; rows without padding need no copy.
+            rows = activation.reshape(-1, activation.shape[-1]) if unpadded else activation[keep]
+            try:
+                moments[layer].update(rows)  # upcasts fp16/bf16 rows to float32 before any product
+            except NonFiniteBatch:
+                # Finite activations whose float32 products overflow name every text of the group.
+                suspects = _nonfinite_rows(activation, keep) or keep.any(dim=-1).nonzero().flatten().tolist()
+                texts = sorted(text_index(batch, first + row) for row in suspects)
+                raise KisError(
+                    f"NaN or inf in the layer-{layer} MLP activations of corpus text(s) {texts[:10]} "
+                    f"(numbered from 0): the model overflowed on them (or their float32 products did). Run it in "
+                    "float32 or bfloat16 (--dtype), or pass --skip_nonfinite to leave such texts out and count them"
+                ) from None
+
+        run_mlp_hooks(model, tokens, layers, accumulate, attention_mask=mask)
+
     for batch in batches:
         if batch.n_tokens:
             for first, tokens, mask in forward_row_groups(batch, group_tokens):
-                _accumulate_rows(model, batch, first, tokens, mask, layers, moments, text_index, skip_nonfinite, skipped)
+                add_rows(batch, first, tokens, mask)
         yield batch
-
-
-def _accumulate_rows(
-    model: Any,
-    batch: TokenBatch,
-    first: int,
-    tokens: torch.Tensor,
-    mask: torch.Tensor,
-    layers: list[int],
-    moments: dict[int, SecondMoment],
-    text_index: TextIndex,
-    skip_nonfinite: bool,
-    skipped: list[int] | None,
-) -> None:
-    """Run one forward over some of a batch's rows (starting at row first) and add their real tokens to moments."""
-    keep = mask.to(model_device(model)).bool()
-    if skip_nonfinite:
-        bad = _probe_nonfinite(model, tokens, mask, layers, keep)
-        keep[bad] = False
-        if skipped is not None:
-            skipped.extend(text_index(batch, first + row) for row in bad)
-    if not keep.any():
-        return
-    unpadded = bool(keep.all())
-
-    def accumulate(layer: int, activation: torch.Tensor) -> None:
-        # Padding positions never enter the statistics; rows without padding need no copy.
-        rows = activation.reshape(-1, activation.shape[-1]) if unpadded else activation[keep]
-        try:
-            moments[layer].update(rows)  # upcasts fp16/bf16 rows to float32 before any product
-        except NonFiniteBatch:
-            # Finite activations whose float32 products overflow name every text of the group.
-            suspects = _nonfinite_rows(activation, keep) or keep.any(dim=-1).nonzero().flatten().tolist()
-            texts = sorted(text_index(batch, first + row) for row in suspects)
-            raise KisError(
-                f"NaN or inf in the layer-{layer} MLP activations of corpus text(s) {texts[:10]} "
-                f"(numbered from 0): the model overflowed on them (or their float32 products did). Run it in "
-                "float32 or bfloat16 (--dtype), or pass --skip_nonfinite to leave such texts out and count them"
-            ) from None
-
-    run_mlp_hooks(model, tokens, layers, accumulate, attention_mask=mask)
 
 
 def estimate_second_moments(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -15,9 +16,9 @@ from kis_lens.errors import KisError
 # a 2-core CPU: 128–384 rows are equally fast; 512 and more compute too much below the diagonal.
 TRIANGLE_BLOCK_ROWS = 256
 
-# One float32 scratch buffer per device, shared by every layer's accumulator: the block products land in it
-# contiguously (no temporary per layer and batch) before they are added into the float64 totals.
-_scratch: dict[torch.device, Tensor] = {}
+# One float32 scratch buffer per device and thread, shared by every layer's accumulator: the block products
+# land in it contiguously (no temporary per layer and batch) before they are added into the float64 totals.
+_scratch = threading.local()
 
 
 def triangle_blocks(dim: int, block_rows: int = TRIANGLE_BLOCK_ROWS) -> list[tuple[int, int]]:
@@ -31,9 +32,10 @@ def triangle_size(dim: int, block_rows: int = TRIANGLE_BLOCK_ROWS) -> int:
 
 
 def _scratch_buffer(device: torch.device, numel: int) -> Float[Tensor, " numel"]:
-    buffer = _scratch.get(device)
+    buffers: dict[torch.device, Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(device)
     if buffer is None or buffer.numel() < numel:
-        buffer = _scratch[device] = torch.empty(numel, dtype=torch.float32, device=device)
+        buffer = buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
     return buffer[:numel]
 
 
@@ -42,7 +44,7 @@ def upper_gram_blocks(
 ) -> list[tuple[int, Float[Tensor, "block d_right"]]]:
     """Return [(start, rows[:, start:stop]ᵀ·rows[:, start:])] in float32: the row blocks of XᵀX's upper triangle.
 
-    The blocks are views of a per-device scratch buffer, valid until the next call on that device.
+    The blocks are views of a scratch buffer, valid until this thread's next call on that device.
     """
     rows = rows.to(torch.float32)
     dim = rows.shape[1]
@@ -133,7 +135,10 @@ class SecondMoment:
 
     @staticmethod
     def bytes_needed(dim: int) -> int:
-        """Return the memory one accumulator of this dimension holds, plus a share of the float32 scratch."""
+        """Return the memory one accumulator of this dimension holds, plus the float32 scratch of its products.
+
+        The scratch is shared by all layers but counted for each, so memory budgets err on the safe side.
+        """
         return dim * dim * 8 + triangle_size(dim) * 4
 
     @classmethod

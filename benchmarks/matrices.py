@@ -1,22 +1,37 @@
 """Benchmark: the original per-pair algorithm versus kis_lens, same model, facts and covariance.
 
-The original scripts, for every layer and every ordered pair (i, j), ran the model on fact i and on
-fact j to read k_i and k_j (one full forward per fact per pair, no batching), then computed
-P[i, j] = k_iᵀ C⁻¹ k_j / k_iᵀ C⁻¹ k_i with an explicit inverse of C. ``reference_p_matrix`` below
-does exactly that (it even inverts C only once per layer, which favours the original). kis_lens
-reads all keys of all layers from one batched, early-stopped forward per batch of facts and gets P
-from one Cholesky solve per layer.
+Full run, from the repository root (the settings of the committed benchmarks/results/matrices_smollm2-135m_cpu.json),
+then the README numbers:
 
-Where the original loop would take longer than ``--budget_s`` for an N, it runs the first pairs in
-the original's row-major order within the budget, checks those entries, and extrapolates its wall
-time from the measured time per pair; the table says which numbers are extrapolated.
+    nice -n 10 .venv/bin/python benchmarks/matrices.py --sizes 8 16 32 64 128 --budget_s 20 --repeats 3
+    .venv/bin/python benchmarks/render.py
 
-    nice -n 10 python benchmarks/matrices.py --sizes 8 16 32 64 128
+C comes from the `kis reproduce` caches under --output_dir (default ./results) when present (the committed
+run's: 24,050 tokens), else from kis_lens caches on --cov_tokens tokens; the JSON records which.
+
+The original (`Compute_PMatrix.py` of ChenhuiHu/knowledge_in_superposition), per layer: C⁻¹ is inverted
+once (explicitly, then cached); for every row i it runs the model on fact i twice, once for C⁻¹k_i
+(`compute_C_k`) and once for k_i (`compute_k`); for every column j once more on fact j for k_j, and sets
+P[i, j] = (C⁻¹k_i)ᵀk_j / (C⁻¹k_i)ᵀk_i. That is N² + 2N full, unbatched forwards per layer, each for one
+prompt. ``reference_p_matrix`` below does exactly that work and counts it (forwards, inverses, C⁻¹k
+products); the benchmark stops if a count differs from N² + 2N forwards and one inverse per layer, and
+records the counts. kis_lens reads all keys of all layers from one batched, early-stopped forward per
+batch of facts and gets P from one Cholesky solve per layer.
+
+Where the original loop would take longer than ``--budget_s`` for an N, it runs the first entries in the
+original's row-major order within the budget, checks those entries, and extrapolates its wall time as the
+inverse's time + (N² + 2N) × the measured time per forward; that row's forward count comes from the same
+loop run in full with the model's forward stubbed out. The table says which numbers are extrapolated.
+Smoke test (under a minute; exercises full and extrapolated rows, writes only under /tmp/kis-smoke):
+
+    .venv/bin/python benchmarks/matrices.py --model_name tiny-gpt2 --sizes 2 4 8 --budget_s 0.1 --cov_tokens 2000 \
+        --output_dir /tmp/kis-smoke/cache --results_dir /tmp/kis-smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import sys
 import time
@@ -38,6 +53,73 @@ from kis_lens.models import load_model, model_device, model_info, tokenizer_adds
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def _load_render() -> Any:
+    """Return benchmarks/render.py, which owns the Markdown (loaded by path: benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("kis_benchmarks_render", Path(__file__).resolve().with_name("render.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render = _load_render()
+scaling_exponent = render.scaling_exponent
+markdown = render.matrices_markdown
+
+
+@dataclass
+class OriginalWork:
+    """What one run of the original's loop did, counted as it ran."""
+
+    forwards: int = 0  # full, unbatched model forwards, one prompt each
+    inversions: int = 0  # explicit inverses of C
+    inverse_products: int = 0  # C⁻¹k_i products
+    entries: int = 0  # P entries filled
+    inverse_s: float = 0.0  # wall seconds of the inversions
+
+
+def original_loop(
+    n: int,
+    key_of: Callable[[int], Float[Tensor, " d"]],
+    covariance: Float[Tensor, "d d"],
+    max_pairs: int | None = None,
+) -> tuple[Float[Tensor, "fact fact"], OriginalWork]:
+    """Run the original Compute_PMatrix.py loop for one layer: P (NaN where not reached) and the work counted.
+
+    key_of(i) is one forward on fact i; every call is counted as a forward. The loop stops before the entry that
+    would exceed max_pairs entries (row-major order).
+    """
+    work = OriginalWork()
+
+    def forward(index: int) -> Float[Tensor, " d"]:
+        work.forwards += 1
+        return key_of(index)
+
+    started = time.perf_counter()
+    c_inverse = torch.linalg.inv(covariance.double().cpu())  # get_inv_cov: once per layer, then cached
+    work.inversions += 1
+    work.inverse_s = time.perf_counter() - started
+    result = torch.full((n, n), float("nan"), dtype=torch.float64)
+    for i in range(n):
+        if max_pairs is not None and work.entries >= max_pairs:
+            break
+        c_k_i = c_inverse @ forward(i)  # compute_C_k: a forward, then C⁻¹k, normalised
+        c_k_i = c_k_i / c_k_i.norm()
+        work.inverse_products += 1
+        k_i = forward(i)  # compute_k: the same fact's key again, from another forward
+        for j in range(n):
+            if max_pairs is not None and work.entries >= max_pairs:
+                break
+            k_j = forward(j)  # compute_k for every column
+            result[i, j] = float((c_k_i @ k_j) / (c_k_i @ k_i))
+            work.entries += 1
+    return result, work
+
+
+def count_original_work(n: int) -> OriginalWork:
+    """Return the work of the original's full loop for n facts, counted with the model's forward stubbed out."""
+    return original_loop(n, lambda index: torch.ones(1, dtype=torch.float64), torch.eye(1, dtype=torch.float64))[1]
+
+
 def reference_key(model: Any, fact: Fact, prepend_bos: bool, captured: dict[str, Tensor]) -> Float[Tensor, " d_mlp"]:
     """Return one fact's key the original way: a full, unbatched forward of that prompt alone (hook already attached)."""
     located = locate_subject(model.tokenizer, fact, prepend_bos)
@@ -47,11 +129,6 @@ def reference_key(model: Any, fact: Fact, prepend_bos: bool, captured: dict[str,
     return captured.pop("key").double().cpu()
 
 
-def reference_p_entry(k_i: Float[Tensor, " d"], k_j: Float[Tensor, " d"], c_inverse: Float[Tensor, "d d"]) -> float:
-    """Return k_iᵀ C⁻¹ k_j / k_iᵀ C⁻¹ k_i with an explicit inverse."""
-    return float((k_i @ c_inverse @ k_j) / (k_i @ c_inverse @ k_i))
-
-
 def reference_p_matrix(
     model: Any,
     facts: Sequence[Fact],
@@ -59,29 +136,19 @@ def reference_p_matrix(
     covariance: Float[Tensor, "d d"],
     prepend_bos: bool,
     max_pairs: int | None = None,
-) -> tuple[Float[Tensor, "fact fact"], int]:
-    """Return the original per-pair P of one layer (NaN where not computed) and how many pairs were run."""
-    n = len(facts)
-    c_inverse = torch.linalg.inv(covariance.double().cpu())
-    result = torch.full((n, n), float("nan"), dtype=torch.float64)
+) -> tuple[Float[Tensor, "fact fact"], OriginalWork]:
+    """Return the original's P of one layer (NaN where not computed) and the work it did, counted."""
     captured: dict[str, Tensor] = {}
 
     def keep(activation: Tensor, hook: Any) -> Tensor:
         captured["key"] = gather_positions(activation, captured["position"])[0].detach()
         return activation
 
-    pairs = 0
     # The hook stays attached for the whole loop, so the original pays for forwards only, not hook set-up.
     with model.hooks(fwd_hooks=[(mlp_in_hook_name(layer), keep)]):
-        for i in range(n):
-            for j in range(n):
-                if max_pairs is not None and pairs >= max_pairs:
-                    return result, pairs
-                k_i = reference_key(model, facts[i], prepend_bos, captured)
-                k_j = reference_key(model, facts[j], prepend_bos, captured)
-                result[i, j] = reference_p_entry(k_i, k_j, c_inverse)
-                pairs += 1
-    return result, pairs
+        return original_loop(
+            len(facts), lambda index: reference_key(model, facts[index], prepend_bos, captured), covariance, max_pairs
+        )
 
 
 def kis_lens_p_matrices(
@@ -101,8 +168,14 @@ class Row:
     kis_one_layer_s: float
     original_one_layer_s: float
     original_all_layers_s: float
-    original_pairs_run: int
     original_extrapolated: bool
+    original_timed_s: float  # wall seconds of the original's loop as run (the budget's share when extrapolated)
+    forwards_per_layer: int  # counted over the full loop: the timed run if complete, else the stubbed one
+    inversions_per_layer: int
+    inverse_products_per_layer: int
+    forwards_run: int  # counted in the timed run
+    entries_run: int
+    inverse_s: float
     max_abs_diff: float
 
     def speedup_all_layers(self) -> float:
@@ -112,6 +185,15 @@ class Row:
     def speedup_one_layer(self) -> float:
         """Return original / kis_lens wall time for one layer."""
         return self.original_one_layer_s / self.kis_one_layer_s
+
+
+def check_original_work(n: int, work: OriginalWork) -> None:
+    """Stop the benchmark unless the counted work is the original's: N² + 2N forwards, one inverse, N C⁻¹k per layer."""
+    expected = OriginalWork(forwards=n * n + 2 * n, inversions=1, inverse_products=n, entries=n * n)
+    counted = (work.forwards, work.inversions, work.inverse_products, work.entries)
+    if counted != (expected.forwards, expected.inversions, expected.inverse_products, expected.entries):
+        raise RuntimeError(f"the reference's work for N={n} is not the original's: counted (forwards, inverses, "
+                           f"C⁻¹k, entries) = {counted}, the original does {(n * n + 2 * n, 1, n, n * n)}")
 
 
 def timed(function: Callable[..., Any], *args: Any) -> tuple[Any, float]:
@@ -140,7 +222,7 @@ def covariances_for(model: Any, layers: Sequence[int], output_dir: str, cov_toke
         tokens = moments[layers[0]].count
         return {layer: moment.compute(torch.float64) for layer, moment in moments.items()}, {"tokens": tokens, "corpus": "wikipedia-offline (kis reproduce cache)"}
     config = RunConfig(model_name=model_info(model).name, output_dir=output_dir, max_tokens=cov_tokens, progress=True)
-    covariances = ensure_covariances(config, model, layers)
+    covariances, _ = ensure_covariances(config, model, layers)
     metadata = read_metadata(stats_path(output_dir, model_info(model).name, config.corpus, layers[0]))
     return covariances, {"tokens": metadata.get("count"), "corpus": metadata.get("corpus")}
 
@@ -159,28 +241,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"reference layer {layer}; device {model_device(model)}, dtype {args.dtype}")
     # Warm-up so that neither side pays one-time costs (allocations, kernels) inside its timing.
     kis_lens_p_matrices(model, facts[:4], [layer], covariances, prepend_bos)
-    _, warm_seconds = timed(reference_p_matrix, model, facts[:2], layer, covariances[layer], prepend_bos)
-    per_pair = warm_seconds / 4
+    (_, warm), warm_seconds = timed(reference_p_matrix, model, facts[:2], layer, covariances[layer], prepend_bos)
+    per_forward = (warm_seconds - warm.inverse_s) / warm.forwards
+    inverse_s = warm.inverse_s
     rows: list[Row] = []
     for n in args.sizes:
         chosen = facts[:n]
         all_p, kis_all = median_timed(args.repeats, kis_lens_p_matrices, model, chosen, layers, covariances, prepend_bos)
         one_p, kis_one = median_timed(args.repeats, kis_lens_p_matrices, model, chosen, [layer], covariances, prepend_bos)
-        # Run the original in full when the last measured time per pair says it fits the budget.
-        full = per_pair * n * n <= args.budget_s
-        max_pairs = None if full else max(4, int(args.budget_s / per_pair))
-        (ref_p, pairs), ref_time = timed(reference_p_matrix, model, chosen, layer, covariances[layer], prepend_bos, max_pairs)
-        original_one = ref_time if full else ref_time / pairs * n * n
-        per_pair = ref_time / pairs
+        # Run the original in full when the last measured time per forward says it fits the budget.
+        full_work = count_original_work(n)
+        full = inverse_s + per_forward * full_work.forwards <= args.budget_s
+        max_pairs = None if full else max(4, int((args.budget_s - inverse_s) / per_forward * n / (n + 2)))
+        (ref_p, work), ref_time = timed(reference_p_matrix, model, chosen, layer, covariances[layer], prepend_bos, max_pairs)
+        full = work.entries == n * n
+        if full:
+            full_work = work  # the timed run's own count
+        check_original_work(n, full_work)
+        per_forward = (ref_time - work.inverse_s) / work.forwards
+        inverse_s = work.inverse_s
+        original_one = ref_time if full else work.inverse_s + per_forward * full_work.forwards
         done = ~torch.isnan(ref_p)
         diff = float((ref_p[done] - one_p[layer][done]).abs().max())
         diff = max(diff, float((one_p[layer] - all_p[layer]).abs().max()))
-        row = Row(n, kis_all, kis_one, original_one, original_one * len(layers), pairs, not full, diff)
+        row = Row(n, kis_all, kis_one, original_one, original_one * len(layers), not full, ref_time, full_work.forwards,
+                  full_work.inversions, full_work.inverse_products, work.forwards, work.entries, work.inverse_s, diff)
         rows.append(row)
         print(f"N={n:4d}  kis_lens all {len(layers)} layers {kis_all:8.3f} s | one layer {kis_one:7.3f} s  ||  original one layer "
-              f"{original_one:9.1f} s{' (extrapolated from %d pairs)' % pairs if not full else ''}, all layers "
+              f"{original_one:9.1f} s{' (extrapolated from %d forwards)' % work.forwards if not full else ''}, all layers "
               f"{row.original_all_layers_s:10.1f} s  ||  speed-up {row.speedup_all_layers():9.0f}x (all layers), "
-              f"{row.speedup_one_layer():8.0f}x (one layer)  max|ΔP| {diff:.2e}", flush=True)
+              f"{row.speedup_one_layer():8.0f}x (one layer)  max|ΔP| {diff:.2e}  ||  original forwards per layer "
+              f"{full_work.forwards} (counted{'' if full else ' on the stubbed loop'}; N²+2N = {n * n + 2 * n}), "
+              f"{full_work.inversions} inverse, {full_work.inverse_products} C⁻¹k", flush=True)
     return {
         "model": info.name,
         "n_layers": info.n_layers,
@@ -194,59 +286,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "facts": args.facts,
         "budget_s": args.budget_s,
         "kis_lens_repeats": args.repeats,
+        "reference": "Compute_PMatrix.py as written: per layer one explicit inverse of C; per row i one forward for "
+                     "C⁻¹k_i and one for k_i; per entry one forward for k_j (N² + 2N forwards per layer, counted)",
         "rows": [dict(vars(row), speedup_all_layers=row.speedup_all_layers(), speedup_one_layer=row.speedup_one_layer()) for row in rows],
     }
-
-
-def scaling_exponent(sizes: Sequence[int], seconds: Sequence[float]) -> float:
-    """Return the least-squares slope of log(time) against log(N)."""
-    x = torch.log(torch.tensor(sizes, dtype=torch.float64))
-    y = torch.log(torch.tensor(seconds, dtype=torch.float64))
-    x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / (x * x).sum())
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """Return the results as a Markdown table with a short reading guide."""
-    rows = report["rows"]
-    sizes = [row["n_facts"] for row in rows]
-    lines = [
-        f"# P matrix: original per-pair algorithm vs kis_lens ({report['model']}, {report['device']}, {report['dtype']})",
-        "",
-        f"Same model, facts (first N of `{report['facts']}`) and covariance ({report['covariance']['tokens']} tokens "
-        f"of {report['covariance']['corpus']}); {report['n_layers']} layers, d_mlp {report['d_mlp']}, "
-        f"{report['torch_threads']} torch threads on {report['device_name']}.",
-        f"The original is timed on layer {report['reference_layer']} and multiplied by {report['n_layers']} for all layers "
-        "(its per-pair forward costs the same at every layer). Rows marked * ran only the first pairs of the original "
-        f"(within {report['budget_s']} s) and extrapolate its time as N² × measured time per pair. kis_lens times are the "
-        f"median of {report.get('kis_lens_repeats', 1)} run(s) and include keys for all N facts, one Cholesky per layer and P; "
-        "neither side includes model loading or the covariance estimate.",
-        "",
-        "| N | kis_lens, all layers (s) | original, all layers (s) | speed-up, all layers | kis_lens, one layer (s) | original, one layer (s) | speed-up, one layer | pairs run | max abs ΔP |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        star = "*" if row["original_extrapolated"] else ""
-        lines.append(
-            f"| {row['n_facts']} | {row['kis_all_layers_s']:.3f} | {row['original_all_layers_s']:.1f}{star} | "
-            f"{row['speedup_all_layers']:.0f}× | {row['kis_one_layer_s']:.3f} | {row['original_one_layer_s']:.1f}{star} | "
-            f"{row['speedup_one_layer']:.0f}× | {row['original_pairs_run']} / {row['n_facts'] ** 2} | {row['max_abs_diff']:.1e} |"
-        )
-    spent = [row["original_one_layer_s"] * row["original_pairs_run"] / row["n_facts"] ** 2 for row in rows]
-    pooled = sum(spent) / sum(row["original_pairs_run"] for row in rows)
-    lines += ["", f"Pooled over every pair run ({sum(row['original_pairs_run'] for row in rows)} pairs), the original costs "
-              f"{pooled:.3f} s per pair (two full forwards). With that one per-pair cost for every N, the original over all "
-              f"{report['n_layers']} layers would take: "
-              + ", ".join(f"N={row['n_facts']}: {pooled * row['n_facts'] ** 2 * report['n_layers']:,.0f} s "
-                          f"({pooled * row['n_facts'] ** 2 * report['n_layers'] / row['kis_all_layers_s']:,.0f}× kis_lens)" for row in rows)
-              + "."]
-    if len(rows) > 1:
-        kis = scaling_exponent(sizes, [row["kis_all_layers_s"] for row in rows])
-        original = scaling_exponent(sizes, [row["original_one_layer_s"] for row in rows])
-        lines += ["", f"Scaling with N (log-log slope of wall time): original {original:.2f} (2N² forwards per layer; rows marked * are "
-                  f"N² × time per pair, quadratic by construction), kis_lens {kis:.2f} (N forwards in batches for all layers at once, "
-                  "plus one N×N Gram matrix per layer)."]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

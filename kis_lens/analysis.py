@@ -5,7 +5,7 @@ Off-diagonal values are every entry with i != j (both halves, so an asymmetric P
 pair once). Statistics are population ones (ddof=0), kurtosis is Fisher's excess kurtosis with the
 biased moment estimator, exactly ``scipy.stats.kurtosis(values)`` with its defaults.
 
->>> from kis_lens.runner import load_result
+>>> from kis_lens.results import load_result
 >>> result = load_result("results/runs/gpt2-small/known_sample_size_128/subject_last")
 >>> rows = summary_table(result)               # one dict per (matrix, layer)
 >>> pairs = top_pairs(result.layer("p_matrix", 5), result.facts, k=10)
@@ -17,7 +17,7 @@ import csv
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -25,12 +25,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kis_lens.errors import KisError
+from kis_lens.results import RunResult
 from kis_lens.facts import Fact
 from kis_lens.io import atomic_write
 from kis_lens.matrices import MATRIX_NAMES
 
-if TYPE_CHECKING:
-    from kis_lens.runner import RunResult
 
 DEFAULT_THRESHOLD = 0.1
 RankBy = Literal["abs", "value"]
@@ -119,7 +118,7 @@ def summarize_matrix(
     )
 
 
-def require_matrices(result: "RunResult", names: Sequence[str] | None = None) -> list[str]:
+def require_matrices(result: RunResult, names: Sequence[str] | None = None) -> list[str]:
     """Return the requested matrix names (default: all the run holds, in MATRIX_NAMES order); KisError if absent."""
     chosen = [name for name in MATRIX_NAMES if name in result.matrices] if names is None else list(names)
     missing = [name for name in chosen if name not in result.matrices]
@@ -131,7 +130,7 @@ def require_matrices(result: "RunResult", names: Sequence[str] | None = None) ->
 
 
 def layer_summaries(
-    result: "RunResult", names: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD
+    result: RunResult, names: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD
 ) -> list[OffDiagonalSummary]:
     """Return one OffDiagonalSummary per (matrix, layer), matrices in MATRIX_NAMES order, layers ascending."""
     return [
@@ -142,7 +141,7 @@ def layer_summaries(
 
 
 def summary_table(
-    result: "RunResult", names: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD
+    result: RunResult, names: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD
 ) -> list[dict[str, Any]]:
     """Return the tidy per-layer table: one dict per (matrix, layer) with the SUMMARY_COLUMNS keys."""
     return [summary.to_dict() for summary in layer_summaries(result, names, threshold)]
@@ -236,7 +235,7 @@ def top_pairs(
 
 
 def top_pairs_by_layer(
-    result: "RunResult", name: str = "p_matrix", k: int = 10, rank_by: RankBy = "abs"
+    result: RunResult, name: str = "p_matrix", k: int = 10, rank_by: RankBy = "abs"
 ) -> dict[int, list[SuperposedPair]]:
     """Return {layer: top_pairs} of one matrix for every layer of a run."""
     require_matrices(result, [name])
@@ -276,7 +275,7 @@ class OrthogonalityComparison:
 
 
 def orthogonality_comparison(
-    result: "RunResult", threshold: float = DEFAULT_THRESHOLD
+    result: RunResult, threshold: float = DEFAULT_THRESHOLD
 ) -> list[OrthogonalityComparison]:
     """Return, per layer, the off-diagonal |cos| of keys in whitened and activation space and a random baseline.
 
@@ -307,7 +306,7 @@ def orthogonality_comparison(
 
 
 def summary_arrays(
-    result: "RunResult", names: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD
+    result: RunResult, names: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD
 ) -> dict[str, dict[str, np.ndarray]]:
     """Return {matrix: {"layer", "kurtosis", "mean_abs", ...: array over layers}} for plotting lines."""
     table: dict[str, dict[str, list[float]]] = {}

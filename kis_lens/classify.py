@@ -27,7 +27,7 @@ from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts
 from kis_lens.hooks import gather_positions
 from kis_lens.io import save_json
-from kis_lens.models import model_device, model_fingerprint, model_info, tokenizer_adds_bos
+from kis_lens.models import HookedModel, model_device, model_fingerprint, model_info, resolve_prepend_bos
 
 SPLIT_FORMAT_VERSION = 1
 
@@ -60,7 +60,7 @@ def target_first_token(tokenizer: Any, fact: Fact) -> int:
 
 
 def next_token_logits(
-    model: Any,
+    model: HookedModel,
     facts: Sequence[Fact],
     prepend_bos: bool | None = None,
     batch_size: int = 16,
@@ -71,7 +71,7 @@ def next_token_logits(
         raise KisError("no facts given: load some with kis_lens.load_facts()")
     if batch_size < 1:
         raise KisError(f"batch_size must be at least 1, got {batch_size}")
-    prepend_bos = tokenizer_adds_bos(model) if prepend_bos is None else prepend_bos
+    prepend_bos = resolve_prepend_bos(model, prepend_bos)
     sequences = [prompt_ids(model.tokenizer, fact, prepend_bos) for fact in facts]
     n_ctx = int(model.cfg.n_ctx)
     too_long = [fact.case_id for fact, ids in zip(facts, sequences) if len(ids) > n_ctx]
@@ -149,7 +149,7 @@ class KnowledgeSplit:
 
 
 def classify_facts(
-    model: Any,
+    model: HookedModel,
     facts: Sequence[Fact],
     top_k: int = 1,
     prepend_bos: bool | None = None,
@@ -160,7 +160,7 @@ def classify_facts(
     """Return which facts the model knows: target_true's first token within its top-k next tokens."""
     if top_k < 1:
         raise KisError(f"top_k must be at least 1, got {top_k}")
-    prepend_bos = tokenizer_adds_bos(model) if prepend_bos is None else prepend_bos
+    prepend_bos = resolve_prepend_bos(model, prepend_bos)
     logits = next_token_logits(model, facts, prepend_bos, batch_size, progress)
     targets = torch.tensor([target_first_token(model.tokenizer, fact) for fact in facts])
     ranks = target_ranks(logits, targets)
@@ -216,7 +216,7 @@ def load_split(path: str | Path) -> KnowledgeSplit:
 
 
 def ensure_split(
-    model: Any,
+    model: HookedModel,
     facts_source: str,
     output_dir: str | Path,
     top_k: int | None = None,
@@ -226,7 +226,7 @@ def ensure_split(
 ) -> tuple[KnowledgeSplit, Path]:
     """Return the model's saved split of a fact set when it still matches, else classify, save and return it."""
     facts = load_facts(facts_source)
-    prepend_bos = tokenizer_adds_bos(model) if prepend_bos is None else prepend_bos
+    prepend_bos = resolve_prepend_bos(model, prepend_bos)
     path = split_path(output_dir, model_info(model).name, facts_source)
     if path.is_file() and not recompute:
         saved = load_split(path)

@@ -13,7 +13,9 @@ from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE
 from kis_lens.keys import TOKEN_POSITIONS
 from kis_lens.matrices import MATRIX_NAMES
 from kis_lens.models import DEFAULT_MODEL, DTYPES
-from kis_lens.runner import EMBEDDED_CORPUS, KNOWLEDGE_TYPES, RunConfig, run_matrices
+from kis_lens.config import KNOWLEDGE_TYPES, RunConfig
+from kis_lens.corpus import EMBEDDED_CORPUS
+from kis_lens.runner import run_matrices
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -83,7 +85,7 @@ def _matrices_command(names: Sequence[str]) -> Callable[[argparse.Namespace], No
 def _cache_cov_command(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from kis_lens.covariance import parse_bytes
+    from kis_lens.cache_job import parse_bytes
     from kis_lens.distributed import init_from_env, local_device
     from kis_lens.runner import cache_covariance_job
 
@@ -107,43 +109,65 @@ def _cache_cov_command(args: argparse.Namespace) -> None:
 def _merge_stats_command(args: argparse.Namespace) -> None:
     from kis_lens.storage import merge_caches
 
-    for path in merge_caches(args.inputs, args.output_dir):
+    for path in merge_caches(args.inputs, args.output_dir, dtype=args.stats_dtype):
         print(f"merged: {path}")
 
 
 def _import_stats_command(args: argparse.Namespace) -> None:
     from kis_lens.storage import import_layer_stats
 
-    path = import_layer_stats(args.npz, args.model_name, args.layer, args.output_dir, args.corpus)
-    print(f"imported {args.npz} as {path}")
+    prepend_bos = None if args.prepend_bos is None else args.prepend_bos == "true"
+    path = import_layer_stats(
+        args.npz, args.model_name, args.layer, args.output_dir, args.corpus, prepend_bos=prepend_bos, max_length=args.max_length
+    )
+    print(f"imported {args.npz} as {path} (C = mom2.mom2 / mom2.count; the model's fingerprint is recorded on first use)")
 
 
 def _export_stats_command(args: argparse.Namespace) -> None:
+    import numpy as np
+
     from kis_lens.storage import export_npz
 
-    print(f"exported {args.cache} as {export_npz(args.cache, args.output)}")
+    path = export_npz(args.cache, args.output, precision=args.precision, sample_size=args.sample_size)
+    with np.load(path, allow_pickle=False) as data:
+        sample_size = int(data["sample_size"])
+    layer_name = args.layer_name or "{layer_name}"
+    print(f"exported {args.cache} as {path} (sample_size {sample_size}: ROME loads it only for mom2_n_samples={sample_size})")
+    print(f"ROME/MEMIT look it up as {layer_name}_{args.precision}_mom2_{sample_size}.npz in their {{model}}/{{dataset}}_stats folder"
+          + ("" if args.layer_name else ", layer_name being hparams.rewrite_module_tmp of the layer (e.g. transformer.h.5.mlp.c_proj)"))
 
 
 def _stats_parsers(sub: argparse._SubParsersAction) -> None:
     cache = sub.add_parser("cache-cov", help="estimate and cache C = E[k kᵀ] for every layer in one pass (resumable; torchrun shards it)")
     _common_flags(cache)
     cache.set_defaults(handler=_cache_cov_command, max_tokens=-1)
-    _flag(cache, "stats_dtype", default="float32", choices=["float32", "float64"], help="dtype of the stored C (default float32)")
+    _flag(cache, "stats_dtype", default="float64", choices=["float32", "float64"], help="float64 (default) stores the exact sum; float32 rounds C")
     _flag(cache, "checkpoint_every", type=int, default=5_000_000, help="tokens between resumable checkpoints (0 = none; default 5,000,000)")
     _flag(cache, "max_memory", default=None, help="memory for the accumulators, e.g. 24GB: more layers than fit → several passes")
     _flag(cache, "skip_nonfinite", action="store_true", help="leave out and count texts whose activations hold NaN/inf (default: stop and name the text)")
     merge = sub.add_parser("merge-stats", help="merge caches computed on separate machines (sums and counts add)")
     merge.add_argument("inputs", nargs="+", help="cache files, or stats folders whose layer_*_mom2.safetensors are merged by name")
     _flag(merge, "output_dir", required=True, help="folder for the merged caches")
-    importer = sub.add_parser("import-stats", help="read a ROME/MEMIT/AlphaEdit layer_stats .npz (mom2.mom2, mom2.count) as a kis cache")
+    _flag(merge, "stats_dtype", default="float64", choices=["float32", "float64"], help="dtype of the stored C (default float64)")
+    importer = sub.add_parser(
+        "import-stats", help="read a ROME/MEMIT/AlphaEdit layer_stats .npz (mom2.mom2 = Σ k kᵀ, mom2.count) as a kis cache"
+    )
     importer.add_argument("npz", help="the .npz file")
     _flag(importer, "model_name", required=True, help="the model it was computed on (as you pass it to kis)")
     _flag(importer, "layer", type=int, required=True, help="its layer")
+    # Not argparse-required: the handler names the flag and why it is needed in one `kis: error:` line.
+    _flag(importer, "prepend_bos", choices=["true", "false"], default=None,
+          help="required: whether BOS preceded each text when it was computed (ROME: the HF tokenizer's default)")
+    _flag(importer, "max_length", type=int, default=None, help="the token length texts were truncated to (ROME: n_positions), recorded when given")
     _flag(importer, "output_dir", default=RunConfig().output_dir, help="kis output folder (default ./results)")
     _flag(importer, "corpus", default="wikipedia", help="the corpus it was computed on (names the cache folder; default wikipedia)")
-    exporter = sub.add_parser("export-stats", help="write a kis cache as a ROME/MEMIT layer_stats .npz")
+    exporter = sub.add_parser("export-stats", help="write a kis cache as the layer_stats .npz ROME/MEMIT/AlphaEdit write and load")
     exporter.add_argument("cache", help="a layer_*_mom2.safetensors cache")
     _flag(exporter, "output", required=True, help="the .npz to write")
+    _flag(exporter, "precision", default="float32", choices=["float32", "float64"], help="dtype of the stored sum, ROME's precision (default float32)")
+    _flag(exporter, "sample_size", type=int, default=None,
+          help="the sample_size ROME matches against mom2_n_samples (default the cache's sample_size, else its number of texts)")
+    _flag(exporter, "layer_name", default=None, help="ROME's module name of the layer, only to print the file name ROME looks for")
     for parser in (merge, importer, exporter):
         parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     merge.set_defaults(handler=_merge_stats_command)

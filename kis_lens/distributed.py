@@ -40,18 +40,8 @@ def local_device() -> str | None:
 
 def all_reduce_moments(moments: dict[int, SecondMoment]) -> None:
     """Sum every rank's float64 sums and counts into every rank's accumulators (a no-op on one process)."""
-    rank, world_size = rank_and_world()
-    if world_size <= 1:
-        return
-    import torch.distributed as dist
-
-    for layer in sorted(moments):
-        moment = moments[layer]
-        moment.upper = torch.triu(moment.upper)  # the unspecified lower triangle must not be summed
-        dist.all_reduce(moment.upper, op=dist.ReduceOp.SUM)
-    counts = all_reduce_ints([moments[layer].count for layer in sorted(moments)], moments[min(moments)].upper.device)
-    for layer, count in zip(sorted(moments), counts):
-        moments[layer].count = count
+    for layer in sorted(moments):  # the same order on every rank: collectives pair up
+        moments[layer].all_reduce()
 
 
 def all_reduce_ints(values: list[int], device: torch.device | str = "cpu") -> list[int]:

@@ -31,7 +31,7 @@ from kis_lens.facts import Fact
 from kis_lens.hooks import validate_layers
 from kis_lens.keys import FactTokens, locate_subject
 from kis_lens.matrices import CovarianceLike, Whitener
-from kis_lens.models import model_device, tokenizer_adds_bos
+from kis_lens.models import HookedModel, OutputWeight, model_device, output_weight, resolve_prepend_bos
 
 MLP_OUT_HOOK_TEMPLATE = "blocks.{layer}.hook_mlp_out"
 
@@ -41,70 +41,10 @@ def mlp_out_hook_name(layer: int) -> str:
     return MLP_OUT_HOOK_TEMPLATE.format(layer=layer)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The live W_out parameter of a layer, for both wrappers
-# ---------------------------------------------------------------------------------------------------------
+# W_out's accessor (OutputWeight, output_weight) lives in kis_lens.models, beside the fingerprint that reads it.
 
 
-@dataclass(frozen=True)
-class OutputWeight:
-    """The parameter that holds a layer's W_out, and whether it is stored transposed ([d_model, d_mlp])."""
-
-    weight: torch.nn.Parameter
-    bias: torch.nn.Parameter | None
-    transposed: bool
-
-    def read(self) -> Float[Tensor, "d_mlp d_model"]:
-        """Return a float64 copy of W_out in the [d_mlp, d_model] orientation."""
-        weight = self.weight.detach().double()
-        return (weight.T if self.transposed else weight).clone()
-
-    def read_bias(self) -> Float[Tensor, " d_model"]:
-        """Return a float64 copy of b_out (zeros when the layer has no output bias)."""
-        if self.bias is None:
-            size = self.weight.shape[0] if self.transposed else self.weight.shape[1]
-            return torch.zeros(size, dtype=torch.float64, device=self.weight.device)
-        return self.bias.detach().double().clone()
-
-    def write(self, weight: Float[Tensor, "d_mlp d_model"]) -> None:
-        """Overwrite W_out in place with a [d_mlp, d_model] matrix (cast to the parameter's dtype)."""
-        stored = weight.T if self.transposed else weight
-        if tuple(stored.shape) != tuple(self.weight.shape):
-            raise KisError(f"new W_out has shape {tuple(weight.shape)}, expected [d_mlp, d_model]")
-        with torch.no_grad():
-            self.weight.copy_(stored.to(device=self.weight.device, dtype=self.weight.dtype))
-
-
-def output_weight(model: Any, layer: int) -> OutputWeight:
-    """Return the live W_out parameter of a layer (TransformerBridge Linear/Conv1D, or HookedTransformer)."""
-    validate_layers(model, [layer])
-    mlp = model.blocks[layer].mlp
-    d_mlp, d_model = int(model.cfg.d_mlp), int(model.cfg.d_model)
-    if isinstance(getattr(mlp, "W_out", None), torch.nn.Parameter):  # HookedTransformer
-        return OutputWeight(mlp.W_out, getattr(mlp, "b_out", None), transposed=False)
-    module = getattr(getattr(mlp, "out", None), "original_component", None)
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.nn.Parameter):
-        raise KisError(
-            f"cannot find the MLP output weight of layer {layer} on {type(model).__name__}: expected "
-            "blocks[L].mlp.out.original_component.weight (TransformerBridge) or blocks[L].mlp.W_out"
-        )
-    bias = getattr(module, "bias", None)
-    if isinstance(module, torch.nn.Linear):  # nn.Linear stores [out_features, in_features]
-        transposed = True
-    elif type(module).__name__ == "Conv1D":  # HF GPT-2 style stores [in, out]
-        transposed = False
-    elif d_mlp != d_model:
-        transposed = tuple(weight.shape) == (d_model, d_mlp)
-    else:
-        raise KisError(f"cannot tell the orientation of {type(module).__name__} weights when d_mlp == d_model")
-    expected = (d_model, d_mlp) if transposed else (d_mlp, d_model)
-    if tuple(weight.shape) != expected:
-        raise KisError(f"layer {layer} output weight has shape {tuple(weight.shape)}, expected {expected}")
-    return OutputWeight(weight, bias if isinstance(bias, torch.nn.Parameter) else None, transposed)
-
-
-def apply_delta(model: Any, layer: int, delta: Float[Tensor, "d_mlp d_model"]) -> Float[Tensor, "d_mlp d_model"]:
+def apply_delta(model: HookedModel, layer: int, delta: Float[Tensor, "d_mlp d_model"]) -> Float[Tensor, "d_mlp d_model"]:
     """Add ΔW to the layer's W_out in place (summed in float64); return the original weight for restoring."""
     handle = output_weight(model, layer)
     original = handle.read()
@@ -115,7 +55,7 @@ def apply_delta(model: Any, layer: int, delta: Float[Tensor, "d_mlp d_model"]) -
 
 
 @contextlib.contextmanager
-def applied_delta(model: Any, layer: int, delta: Float[Tensor, "d_mlp d_model"]) -> Iterator[Any]:
+def applied_delta(model: HookedModel, layer: int, delta: Float[Tensor, "d_mlp d_model"]) -> Iterator[Any]:
     """Context manager: W_out += ΔW inside the block; the exact original bits are restored on exit."""
     handle = output_weight(model, layer)
     saved = handle.weight.detach().clone()  # the stored bits, not a float64 round trip
@@ -333,11 +273,11 @@ class EditPrompt:
         return self.ids[self.target_start :]
 
 
-def edit_prompt(model: Any, fact: Fact, target: str, prepend_bos: bool | None = None) -> EditPrompt:
+def edit_prompt(model: HookedModel, fact: Fact, target: str, prepend_bos: bool | None = None) -> EditPrompt:
     """Return the token ids of fact prompt + " " + target and the positions the editors need."""
     if not target:
         raise KisError(f"fact {fact.case_id} has no target to score: give it a target_new")
-    prepend_bos = tokenizer_adds_bos(model) if prepend_bos is None else prepend_bos
+    prepend_bos = resolve_prepend_bos(model, prepend_bos)
     located: FactTokens = locate_subject(model.tokenizer, fact, prepend_bos)
     target_ids = encode(model.tokenizer, " " + target.strip(), prepend_bos=False)
     return EditPrompt([*located.ids, *target_ids], located.subject_last, len(located.ids))
@@ -361,7 +301,7 @@ def _target_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def target_logprobs(
-    model: Any,
+    model: HookedModel,
     layer: int,
     prompts: Sequence[EditPrompt],
     output_shift: Float[Tensor, "n d_model"] | None = None,
@@ -396,7 +336,7 @@ def _subject_shift_hook(subject: Tensor, shift: Tensor):
 
 
 def find_target_values(
-    model: Any,
+    model: HookedModel,
     layer: int,
     facts: Sequence[Fact],
     steps: int = 20,

@@ -16,6 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from kis_lens.errors import KisError
+from kis_lens.models import HookedModel
 
 MLP_IN_HOOK_TEMPLATE = "blocks.{layer}.mlp.hook_post"
 
@@ -27,7 +28,7 @@ def mlp_in_hook_name(layer: int) -> str:
     return MLP_IN_HOOK_TEMPLATE.format(layer=layer)
 
 
-def validate_layers(model: Any, layers: Iterable[int]) -> list[int]:
+def validate_layers(model: HookedModel, layers: Iterable[int]) -> list[int]:
     """Return the layers sorted and de-duplicated; raise KisError for any outside the model."""
     n_layers = int(model.cfg.n_layers)
     chosen = sorted(set(int(layer) for layer in layers))
@@ -39,7 +40,7 @@ def validate_layers(model: Any, layers: Iterable[int]) -> list[int]:
     return chosen
 
 
-def layer_range(model: Any, start_layer: int | None = None, end_layer: int | None = None) -> list[int]:
+def layer_range(model: HookedModel, start_layer: int | None = None, end_layer: int | None = None) -> list[int]:
     """Return layers start..end inclusive (defaults: all layers), checked against the model."""
     n_layers = int(model.cfg.n_layers)
     start = 0 if start_layer is None else start_layer
@@ -54,7 +55,7 @@ class _ForwardDone(Exception):
 
 
 def run_mlp_hooks(
-    model: Any,
+    model: HookedModel,
     tokens: Int[Tensor, "batch pos"],
     layers: Sequence[int],
     on_activation: ActivationCallback,
@@ -84,7 +85,7 @@ def run_mlp_hooks(
 
 
 def capture_mlp_inputs(
-    model: Any,
+    model: HookedModel,
     tokens: Int[Tensor, "batch pos"],
     layers: Sequence[int],
     attention_mask: Int[Tensor, "batch pos"] | None = None,

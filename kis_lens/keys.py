@@ -13,7 +13,7 @@ from kis_lens.corpus import encode, pad_batch, pad_token_id
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.hooks import gather_positions, mlp_in_hook_name, run_mlp_hooks, validate_layers
-from kis_lens.models import model_name, tokenizer_adds_bos
+from kis_lens.models import HookedModel, model_name, resolve_prepend_bos
 
 TokenPosition = Literal["subject_last", "subject_first", "last"]
 TOKEN_POSITIONS: tuple[str, ...] = ("subject_last", "subject_first", "last")
@@ -39,11 +39,17 @@ class FactTokens:
 
 
 def _subject_tokens_by_prefix(tokenizer: Any, fact: Fact) -> tuple[list[int], int, int]:
-    """ROME's method for tokenizers without offsets: count the tokens of the prefix and of prefix+subject."""
+    """ROME's method for tokenizers without offsets: count the tokens of the prefix and of prefix+subject.
+
+    As ROME's ``get_words_idxs_in_templates`` does, a space just before the subject belongs to the subject's
+    first token ("In " + "United" is "In", " United"), so the prefix is counted without that one space;
+    counting "In " would count its lone trailing space as a token and point one token past the subject's start.
+    """
     start, end = fact.subject_span
     text = fact.text
     ids = encode(tokenizer, text, prepend_bos=False)
-    n_prefix = len(encode(tokenizer, text[:start], prepend_bos=False)) if start else 0
+    prefix = text[: start - 1] if start and text[start - 1] == " " else text[:start]
+    n_prefix = len(encode(tokenizer, prefix, prepend_bos=False)) if prefix else 0
     n_through_subject = len(encode(tokenizer, text[:end], prepend_bos=False))
     return ids, n_prefix, n_through_subject - 1
 
@@ -101,7 +107,7 @@ class Keys:
 
 
 def compute_keys(
-    model: Any,
+    model: HookedModel,
     facts: Sequence[Fact],
     layers: Sequence[int],
     token_position: TokenPosition = "subject_last",
@@ -114,7 +120,7 @@ def compute_keys(
     if not facts:
         raise KisError("no facts given: load some with kis_lens.load_facts()")
     layers = validate_layers(model, layers)
-    prepend_bos = tokenizer_adds_bos(model) if prepend_bos is None else prepend_bos
+    prepend_bos = resolve_prepend_bos(model, prepend_bos)
     located = [locate_subject(model.tokenizer, fact, prepend_bos) for fact in facts]
     n_ctx = int(model.cfg.n_ctx)
     too_long = [fact.case_id for fact, tokens in zip(facts, located) if len(tokens.ids) > n_ctx]

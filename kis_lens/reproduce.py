@@ -22,7 +22,7 @@ from torch import Tensor
 
 from kis_lens.analysis import SuperposedPair, orthogonality_comparison, summarize_matrix, top_pairs
 from kis_lens.classify import ensure_split
-from kis_lens.corpus import EMBEDDED_WIKIPEDIA_CREDIT, corpus_texts, encode
+from kis_lens.corpus import EMBEDDED_CORPUS, EMBEDDED_WIKIPEDIA_CREDIT, corpus_texts, encode
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts, sample_facts
@@ -30,14 +30,10 @@ from kis_lens.hooks import layer_range
 from kis_lens.io import atomic_write, save_json
 from kis_lens.keys import compute_keys
 from kis_lens.matrices import MATRIX_NAMES, Whitener, all_matrices, p_matrix
-from kis_lens.models import PACKAGED_GGUF_MODELS, model_device, model_fingerprint, model_info
-from kis_lens.runner import (
-    EMBEDDED_CORPUS,
-    RunConfig,
-    RunResult,
-    covariance_metadata,
-    save_result,
-)
+from kis_lens.models import PACKAGED_GGUF_MODELS, HookedModel, model_info
+from kis_lens.config import RunConfig
+from kis_lens.results import RunResult, save_result
+from kis_lens.runner import covariance_key
 from kis_lens.stats import SecondMoment
 from kis_lens.storage import load_second_moment, read_metadata, save_second_moment, stats_path
 
@@ -97,7 +93,7 @@ def half_stats_path(output_dir: str | Path, model_slug: str, half: str, layer: i
 
 
 def load_half_moments(
-    output_dir: str | Path, model: Any, layers: Sequence[int], max_tokens: int | None = None, any_budget: bool = False
+    output_dir: str | Path, model: HookedModel, layers: Sequence[int], max_tokens: int | None = None, any_budget: bool = False
 ) -> dict[str, dict[int, SecondMoment]] | None:
     """Return both halves' cached moments for every layer (with this budget unless any_budget), else None."""
     name = model_info(model).name
@@ -109,7 +105,7 @@ def load_half_moments(
             path = half_stats_path(output_dir, name, suffix, layer)
             if not path.is_file():
                 return None
-            moment, metadata = load_second_moment(path, expect=covariance_metadata(run_config, model, layer))
+            moment, metadata = load_second_moment(path, expect=covariance_key(run_config, model, layer))
             if not any_budget and metadata.get("max_tokens") != max_tokens:
                 return None
             halves[suffix][layer] = moment
@@ -121,7 +117,7 @@ def merged(first: SecondMoment, second: SecondMoment) -> SecondMoment:
     return SecondMoment.from_state(first.sum, first.count).merge(second)
 
 
-def half_second_moments(config: ReproduceConfig, model: Any, layers: Sequence[int]) -> tuple[dict[str, dict[int, SecondMoment]], float]:
+def half_second_moments(config: ReproduceConfig, model: HookedModel, layers: Sequence[int]) -> tuple[dict[str, dict[int, SecondMoment]], float]:
     """Return {half: {layer: SecondMoment}} over two disjoint halves of the corpus budget (cached), and seconds spent."""
     cached = load_half_moments(config.output_dir, model, layers, config.max_tokens)
     if cached is not None:
@@ -129,7 +125,7 @@ def half_second_moments(config: ReproduceConfig, model: Any, layers: Sequence[in
         metadata = read_metadata(half_stats_path(config.output_dir, model_info(model).name, HALF_CORPUS_SUFFIXES[0], layers[0]))
         return cached, float(metadata.get("seconds", 0.0))
     run_config = RunConfig(model_name=model_info(model).name, corpus=EMBEDDED_CORPUS, output_dir=config.output_dir)
-    prepend_bos = bool(covariance_metadata(run_config, model, layers[0])["prepend_bos"])
+    prepend_bos = covariance_key(run_config, model, layers[0]).prepend_bos
     n_ctx = int(model.cfg.n_ctx)
     max_length = min(n_ctx, config.batch_token or n_ctx)
     first, second, _ = split_texts_by_tokens(model.tokenizer, corpus_texts(EMBEDDED_CORPUS), config.max_tokens, max_length, prepend_bos)
@@ -145,8 +141,8 @@ def half_second_moments(config: ReproduceConfig, model: Any, layers: Sequence[in
     name = model_info(model).name
     for suffix, moments in halves.items():
         for layer, moment in moments.items():
-            metadata = covariance_metadata(run_config, model, layer)
-            metadata.update(max_tokens=config.max_tokens, half=suffix, seconds=round(seconds, 2), dtype=config.dtype,
+            metadata = covariance_key(run_config, model, layer).to_metadata()
+            metadata.update(max_tokens=config.max_tokens, half=suffix, seconds=round(seconds, 2), model_dtype=model_info(model).dtype,
                             corpus_credit=EMBEDDED_WIKIPEDIA_CREDIT)
             save_second_moment(half_stats_path(config.output_dir, name, suffix, layer), moment, metadata, dtype="float64")
     return halves, seconds
@@ -277,7 +273,7 @@ def write_figures(result: RunResult, folder: Path) -> list[str]:
     return written
 
 
-def reproduce(config: ReproduceConfig = ReproduceConfig(), model: Any | None = None) -> Reproduction:
+def reproduce(config: ReproduceConfig = ReproduceConfig(), model: HookedModel | None = None) -> Reproduction:
     """Run the whole reproduction, write the document, figures and numbers; return the numbers."""
     from kis_lens.models import load_model
 
@@ -322,7 +318,7 @@ def reproduce(config: ReproduceConfig = ReproduceConfig(), model: Any | None = N
         {name: torch.stack(values) for name, values in stacked.items()},
         layers,
         facts,
-        {"config": run_config.to_dict(), "model": asdict(info), "model_fingerprint": model_fingerprint(model), "keys": keys.settings()},
+        {"config": run_config.to_dict(), "model": asdict(info), "model_fingerprint": info.fingerprint, "keys": keys.settings()},
     )
     save_result(result, run_config)
 
@@ -330,7 +326,7 @@ def reproduce(config: ReproduceConfig = ReproduceConfig(), model: Any | None = N
     same_subject = torch.tensor([[a.subject == b.subject for b in facts] for a in facts])
     orthogonality = {row.layer: row for row in orthogonality_comparison(result)}
     report = Reproduction(
-        model={**asdict(info), "fingerprint": model_fingerprint(model), "device": str(model_device(model)), "dtype": config.dtype},
+        model=asdict(info),
         settings=asdict(config),
         known={"n_known": len(split.known), "n_facts": split.n_facts, "top_k": split.top_k, "split_path": str(split_file), "n_used": len(facts)},
         covariance={"tokens_half1": tokens["half1"], "tokens_half2": tokens["half2"], "tokens_total": sum(tokens.values()),

@@ -6,66 +6,36 @@
 
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from jaxtyping import Float
+from torch import Tensor
 
 from kis_lens import __version__
-from kis_lens.corpus import EMBEDDED_CORPUS
-from kis_lens.covariance import CacheReport, CovarianceRequest, cache_identity, cache_second_moments
+from kis_lens.cache_job import CacheReport, CovarianceRequest, cache_second_moments
+from kis_lens.config import KNOWLEDGE_TYPES, RunConfig
 from kis_lens.errors import KisError
-from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE, Fact, load_facts, sample_facts
+from kis_lens.facts import Fact, load_facts, sample_facts
 from kis_lens.hooks import layer_range
-from kis_lens.io import atomic_write, check_writable, save_npy
+from kis_lens.io import check_writable
 from kis_lens.keys import compute_keys
 from kis_lens.matrices import MATRIX_NAMES, Whitener, activation_cos, all_matrices, q_matrix
-from kis_lens.models import DEFAULT_MODEL, load_model, model_fingerprint, model_info, tokenizer_adds_bos
-from kis_lens.storage import load_second_moment
+from kis_lens.models import HookedModel, load_model, model_info, resolve_prepend_bos
+from kis_lens.results import LEGACY_DIRS, RunResult, legacy_npy_path, load_result, run_dir, save_result
+from kis_lens.storage import CacheKey, load_second_moment
 
-# The original scripts' directory name for each matrix.
-LEGACY_DIRS: dict[str, str] = {
-    "p_matrix": "p_matrix",
-    "q_matrix": "q_matrix",
-    "whitening_cos": "whitening_cos_matrix",
-    "activation_cos": "activation_cos_matrix",
-}
-KNOWLEDGE_TYPES: tuple[str, ...] = ("known", "unknown", "all")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Every setting of a run; the CLI fills it, scripts construct it, results record it."""
-
-    model_name: str = DEFAULT_MODEL
-    start_layer: int | None = None
-    end_layer: int | None = None
-    facts: str = DEFAULT_FACTS
-    record_size: int = DEFAULT_RECORD_SIZE
-    knowledge_type: str = "known"
-    token_position: str = "subject_last"
-    prepend_bos: bool | None = None
-    seed: int = 0
-    device: str | None = None
-    dtype: str = "float32"
-    output_dir: str = "results"
-    corpus: str = EMBEDDED_CORPUS
-    sample_size: int | None = None
-    max_tokens: int | None = 100_000
-    batch_token: int | None = None
-    ridge: float = 0.0
-    progress: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the settings as a JSON-ready dict."""
-        return asdict(self)
+# Re-exported: these lived here before results.py and config.py existed.
+__all__ = [
+    "KNOWLEDGE_TYPES", "LEGACY_DIRS", "RunConfig", "RunResult", "cache_covariance_job", "covariance_key",
+    "covariance_request", "ensure_covariances", "legacy_npy_path", "load_result", "run_dir", "run_matrices",
+    "save_result", "select_facts",
+]
 
 
-def select_facts(config: RunConfig, model: Any | None = None) -> list[Fact]:
+def select_facts(config: RunConfig, model: HookedModel | None = None) -> list[Fact]:
     """Return the run's seeded sample of facts of the requested knowledge type (known/unknown: per-model split)."""
     if config.knowledge_type not in KNOWLEDGE_TYPES:
         raise KisError(f"unknown knowledge_type {config.knowledge_type!r}: use one of {', '.join(KNOWLEDGE_TYPES)}")
@@ -76,7 +46,7 @@ def select_facts(config: RunConfig, model: Any | None = None) -> list[Fact]:
         if model is None:
             model = load_model(config.model_name, device=config.device, dtype=config.dtype)
         split, path = ensure_split(
-            model, config.facts, config.output_dir, prepend_bos=_resolve_prepend_bos(config, model), progress=config.progress
+            model, config.facts, config.output_dir, prepend_bos=resolve_prepend_bos(model, config.prepend_bos), progress=config.progress
         )
         facts = split.select(facts, config.knowledge_type)
         if not facts:
@@ -96,13 +66,12 @@ def select_facts(config: RunConfig, model: Any | None = None) -> list[Fact]:
     return sample_facts(facts, config.record_size, seed=config.seed)
 
 
-def _resolve_prepend_bos(config: RunConfig, model: Any) -> bool:
-    return tokenizer_adds_bos(model) if config.prepend_bos is None else config.prepend_bos
+def covariance_key(config: RunConfig, model: HookedModel, layer: int) -> CacheKey:
+    """Return the identity of the covariance cache a config uses for a layer."""
+    from kis_lens.corpus import open_corpus
 
-
-def covariance_metadata(config: RunConfig, model: Any, layer: int) -> dict[str, Any]:
-    """Return the metadata that identifies a layer's covariance cache."""
-    return cache_identity(model, layer, config.corpus, _resolve_prepend_bos(config, model))
+    corpus = open_corpus(config.corpus)
+    return CacheKey.for_model(model_info(model), layer, config.corpus, corpus.identity, resolve_prepend_bos(model, config.prepend_bos))
 
 
 def covariance_request(config: RunConfig, **options: Any) -> CovarianceRequest:
@@ -114,89 +83,27 @@ def covariance_request(config: RunConfig, **options: Any) -> CovarianceRequest:
         max_tokens=config.max_tokens,
         batch_token=config.batch_token,
         prepend_bos=config.prepend_bos,
-        model_dtype=config.dtype,
         progress=config.progress,
         **options,
     )
 
 
-def ensure_covariances(config: RunConfig, model: Any, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Return {layer: C}, reading matching caches and estimating the missing layers in one pass."""
-    # float64 caches: C read back later is bit-identical to the C of the run that estimated it.
-    report = cache_second_moments(model, layers, covariance_request(config, stats_dtype="float64"))
+def ensure_covariances(
+    config: RunConfig, model: HookedModel, layers: Sequence[int]
+) -> tuple[dict[int, Float[Tensor, "d_mlp d_mlp"]], CacheReport]:
+    """Return ({layer: float64 C}, the cache job's report of what each C holds), estimating or extending as needed."""
+    report = cache_second_moments(model, layers, covariance_request(config))
     covariances: dict[int, torch.Tensor] = {}
     for layer, path in report.paths.items():
-        moment, _ = load_second_moment(path, expect=covariance_metadata(config, model, layer))
+        moment, _ = load_second_moment(path)
         covariances[layer] = moment.compute(torch.float64)
-    return covariances
-
-
-@dataclass
-class RunResult:
-    """The matrices of every layer for one run, with its facts and settings."""
-
-    matrices: dict[str, torch.Tensor]  # name -> [layer, fact, fact]
-    layers: list[int]
-    facts: list[Fact]
-    settings: dict[str, Any]
-    path: Path | None = None
-
-    def layer(self, name: str, layer: int) -> torch.Tensor:
-        """Return one matrix of one layer, [fact, fact]."""
-        return self.matrices[name][self.layers.index(layer)]
-
-
-def run_dir(config: RunConfig, model_slug: str, n_facts: int) -> Path:
-    """Return the folder of a run's consolidated results."""
-    tag = f"{config.knowledge_type}_sample_size_{n_facts}"
-    return Path(config.output_dir) / "runs" / model_slug / tag / config.token_position
-
-
-def legacy_npy_path(output_dir: str | Path, name: str, model_slug: str, knowledge_type: str, n_facts: int, layer: int, position: str) -> Path:
-    """Return the original scripts' per-layer .npy path for a matrix."""
-    folder = Path(output_dir) / LEGACY_DIRS[name] / model_slug / f"{knowledge_type}_sample_size_{n_facts}"
-    return folder / f"layer_{layer}_{position}_{LEGACY_DIRS[name]}.npy"
-
-
-def save_result(result: RunResult, config: RunConfig) -> Path:
-    """Write the per-layer .npy files (original layout) and one consolidated safetensors; return its path."""
-    slug = result.settings["model"]["name"]
-    n_facts = len(result.facts)
-    for name, stacked in result.matrices.items():
-        for index, layer in enumerate(result.layers):
-            path = legacy_npy_path(config.output_dir, name, slug, config.knowledge_type, n_facts, layer, config.token_position)
-            save_npy(path, stacked[index].float().cpu().numpy())
-    folder = run_dir(config, slug, n_facts)
-    tensors = {name: stacked.float().cpu().contiguous() for name, stacked in result.matrices.items()}
-    metadata = {
-        "layers": json.dumps(result.layers),
-        "facts": json.dumps([fact.to_dict() for fact in result.facts]),
-        "settings": json.dumps(result.settings),
-    }
-    path = atomic_write(folder / "results.safetensors", lambda temp: save_file(tensors, str(temp), metadata=metadata))
-    result.path = path
-    return path
-
-
-def load_result(path: str | Path) -> RunResult:
-    """Return a run's results from its results.safetensors (or the folder holding it)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.safetensors"
-    if not path.is_file():
-        raise KisError(f"no results at {path}: run `kis all` first or give the run folder")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    facts = [Fact(**record) for record in json.loads(metadata["facts"])]
-    return RunResult(load_file(str(path)), json.loads(metadata["layers"]), facts, json.loads(metadata["settings"]), path)
+    return covariances, report
 
 
 def run_matrices(
     config: RunConfig = RunConfig(),
     names: Sequence[str] = MATRIX_NAMES,
-    model: Any | None = None,
+    model: HookedModel | None = None,
 ) -> RunResult:
     """Compute keys once and the requested matrices for every layer of the config; save and return them."""
     unknown = [name for name in names if name not in MATRIX_NAMES]
@@ -206,9 +113,9 @@ def run_matrices(
     layers = layer_range(model, config.start_layer, config.end_layer)  # checked before anything is written
     check_writable(config.output_dir)
     facts = select_facts(config, model)
-    keys = compute_keys(model, facts, layers, config.token_position, _resolve_prepend_bos(config, model))
+    keys = compute_keys(model, facts, layers, config.token_position, resolve_prepend_bos(model, config.prepend_bos))
     needs_covariance = any(name in ("p_matrix", "whitening_cos") for name in names)
-    covariances = ensure_covariances(config, model, layers) if needs_covariance else {}
+    covariances, report = ensure_covariances(config, model, layers) if needs_covariance else ({}, None)
     stacked: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     conditions: dict[str, float] = {}
     for layer in layers:
@@ -221,13 +128,19 @@ def run_matrices(
             matrices = {"q_matrix": q_matrix(layer_keys), "activation_cos": activation_cos(layer_keys)}
         for name in names:
             stacked[name].append(matrices[name])
+    info = model_info(model)
     settings = {
         "config": config.to_dict(),
-        "model": asdict(model_info(model)),
-        "model_fingerprint": model_fingerprint(model),
+        "model": asdict(info),
+        "model_fingerprint": info.fingerprint,
         "keys": keys.settings(),
         "kis_lens_version": __version__,
     }
+    if report is not None:
+        # What each C really averages, which may be more than max_tokens asked for (a larger cache reused).
+        settings["covariance"] = {
+            str(layer): {"tokens": cache.tokens, "texts": cache.texts, "path": str(cache.path)} for layer, cache in report.layers.items()
+        }
     if conditions:
         settings["covariance_condition_numbers"] = conditions  # of C + ridge, per layer
     result = RunResult({name: torch.stack(values) for name, values in stacked.items()}, layers, facts, settings)
@@ -235,13 +148,8 @@ def run_matrices(
     return result
 
 
-def cache_covariance_job(config: RunConfig = RunConfig(), model: Any | None = None, **options: Any) -> CacheReport:
+def cache_covariance_job(config: RunConfig = RunConfig(), model: HookedModel | None = None, **options: Any) -> CacheReport:
     """Estimate, extend or reuse the covariance cache of every layer of the config; return the job's report."""
     model = load_model(model if model is not None else config.model_name, device=config.device, dtype=config.dtype)
     layers = layer_range(model, config.start_layer, config.end_layer)
     return cache_second_moments(model, layers, covariance_request(config, **options))
-
-
-def cache_covariance(config: RunConfig = RunConfig(), model: Any | None = None, **options: Any) -> dict[int, Path]:
-    """Estimate (or reuse) the covariance of every layer of the config; return {layer: cache path}."""
-    return cache_covariance_job(config, model, **options).paths

@@ -40,7 +40,7 @@ def _scratch_buffer(device: torch.device, numel: int) -> Float[Tensor, " numel"]
 
 
 def upper_gram_blocks(
-    rows: Float[Tensor, "n d"], block_rows: int = TRIANGLE_BLOCK_ROWS
+    rows: Float[Tensor, "row d_mlp"], block_rows: int = TRIANGLE_BLOCK_ROWS
 ) -> list[tuple[int, Float[Tensor, "block d_right"]]]:
     """Return [(start, rows[:, start:stop]ᵀ·rows[:, start:])] in float32: the row blocks of XᵀX's upper triangle.
 
@@ -63,7 +63,7 @@ class NonFiniteBatch(KisError):
     """A batch whose product has a NaN or inf (a NaN/inf activation, or a float32 overflow); nothing was added."""
 
 
-def symmetrize_upper(upper: Float[Tensor, "d d"]) -> Float[Tensor, "d d"]:
+def symmetrize_upper(upper: Float[Tensor, "d_mlp d_mlp"]) -> Float[Tensor, "d_mlp d_mlp"]:
     """Return the symmetric matrix whose upper triangle is upper's."""
     triangle = torch.triu(upper)
     return triangle + torch.triu(upper, diagonal=1).T
@@ -81,19 +81,15 @@ class SecondMoment:
     def __init__(self, dim: int, device: str | torch.device = "cpu") -> None:
         self.dim = int(dim)
         # Only the upper triangle is maintained; ``sum`` mirrors it on demand.
-        self.upper: Float[Tensor, "d d"] = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
+        self.upper: Float[Tensor, "d_mlp d_mlp"] = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
         self.count: int = 0
 
     @property
-    def sum(self) -> Float[Tensor, "d d"]:
+    def sum(self) -> Float[Tensor, "d_mlp d_mlp"]:
         """Return the full symmetric float64 sum of k kᵀ."""
         return symmetrize_upper(self.upper)
 
-    @sum.setter
-    def sum(self, total: Float[Tensor, "d d"]) -> None:
-        self.upper = total.to(torch.float64).clone()
-
-    def update(self, rows: Float[Tensor, "n d"]) -> None:
+    def update(self, rows: Float[Tensor, "row d_mlp"]) -> None:
         """Add the outer products of a batch of activation rows; raise NonFiniteBatch (adding nothing) on NaN/inf."""
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise KisError(f"expected activation rows of shape [n, {self.dim}], got {tuple(rows.shape)}")
@@ -119,19 +115,42 @@ class SecondMoment:
         self.count += other.count
         return self
 
-    def compute(self, dtype: torch.dtype = torch.float32) -> Float[Tensor, "d d"]:
-        """Return the uncentered second moment sum / count."""
+    def all_reduce(self) -> "SecondMoment":
+        """Sum this accumulator over every torch.distributed rank, in place (a no-op outside a process group); return self."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+            return self
+        self.upper = torch.triu(self.upper)  # the unspecified lower triangle must not be summed
+        dist.all_reduce(self.upper, op=dist.ReduceOp.SUM)
+        count = torch.tensor([self.count], dtype=torch.int64, device=self.upper.device)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        self.count = int(count.item())
+        return self
+
+    def compute(self, dtype: torch.dtype = torch.float64) -> Float[Tensor, "d_mlp d_mlp"]:
+        """Return the uncentered second moment sum / count (float64 unless another dtype is asked for)."""
         if self.count == 0:
             raise KisError("the second moment saw no tokens: the corpus is empty or every text was empty")
         return (self.sum / self.count).to(dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the raw sums and count (what merging and checkpoints need)."""
-        return {"sum": self.sum, "count": self.count}
+        """Return the exact state: the float64 upper triangle of the sum and the row count."""
+        return {"upper": torch.triu(self.upper), "count": self.count}
 
-    def nbytes(self) -> int:
-        """Return the memory this accumulator holds."""
-        return self.upper.numel() * self.upper.element_size()
+    def load_state_dict(self, state: dict[str, Any]) -> "SecondMoment":
+        """Replace this accumulator's state with a state_dict (an upper triangle or full sum, and a count); return self."""
+        total = state["upper"] if "upper" in state else state["sum"]
+        if tuple(total.shape) != (self.dim, self.dim):
+            raise KisError(f"a state of shape {tuple(total.shape)} does not fit a second moment of dimension {self.dim}")
+        self.upper = torch.triu(total.to(device=self.upper.device, dtype=torch.float64)).clone()
+        self.count = int(state["count"])
+        return self
+
+    def clone(self, device: str | torch.device | None = None) -> "SecondMoment":
+        """Return an independent copy (on device, default this one's)."""
+        copy = SecondMoment(self.dim, device=device or self.upper.device)
+        return copy.load_state_dict(self.state_dict())
 
     @staticmethod
     def bytes_needed(dim: int) -> int:
@@ -142,12 +161,9 @@ class SecondMoment:
         return dim * dim * 8 + triangle_size(dim) * 4
 
     @classmethod
-    def from_state(cls, total: Float[Tensor, "d d"], count: int) -> "SecondMoment":
+    def from_state(cls, total: Float[Tensor, "d_mlp d_mlp"], count: int) -> "SecondMoment":
         """Return an accumulator that continues from a saved sum (full or upper triangle) and count."""
-        moment = cls(total.shape[0], device=total.device)
-        moment.upper = torch.triu(total.to(torch.float64)).clone()
-        moment.count = int(count)
-        return moment
+        return cls(total.shape[0], device=total.device).load_state_dict({"upper": total, "count": count})
 
     def __repr__(self) -> str:
         return f"SecondMoment(dim={self.dim}, count={self.count}, device={self.upper.device})"

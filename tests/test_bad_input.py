@@ -218,8 +218,8 @@ def test_cache_of_another_layer(output, capsys):
 def test_cache_metadata_that_does_not_parse(output, capsys):
     path = output / CACHE / "layer_0_mom2.safetensors"
     with safe_open(str(path), framework="pt") as handle:
-        meta, tensor = dict(handle.metadata()), handle.get_tensor("mom2")
-    save_file({"mom2": tensor}, str(path), metadata={**meta, "layer": "{not json"})
+        meta, tensors = dict(handle.metadata()), {name: handle.get_tensor(name) for name in handle.keys()}
+    save_file(tensors, str(path), metadata={**meta, "layer": "{not json"})
     run = ["p-matrix", *TINY, "--output_dir", str(output), "--end_layer", "0", *FACT_RUN]
     expect_clear_error(capsys, output, run, "metadata that does not parse", "delete it")
     expect_clear_error(capsys, output, ["export-stats", str(path), "--output", str(output / "x.npz")], "does not parse")

@@ -1,4 +1,4 @@
-"""The cache-cov job: padding-free statistics, kill-and-resume, extension, metadata checks, groups, torchrun, interop."""
+"""The cache-cov job: padding-free statistics, kill-and-resume, extension, metadata checks, groups, torchrun (interop: test_interop.py)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,12 @@ import torch
 
 from kis_lens import covariance
 from kis_lens.corpus import EMBEDDED_CORPUS, encode, open_corpus, token_batches
-from kis_lens.covariance import (
-    CovarianceRequest,
-    cache_second_moments,
-    estimate_second_moments,
-    forward_row_groups,
-    layer_groups,
-)
+from kis_lens.cache_job import CovarianceRequest, cache_second_moments, layer_groups
+from kis_lens.covariance import estimate_second_moments, forward_row_groups
 from kis_lens.errors import KisError
 from kis_lens.hooks import capture_mlp_inputs
 from kis_lens.models import load_model
-from kis_lens.storage import export_npz, import_layer_stats, load_second_moment, merge_caches, stats_dir
+from kis_lens.storage import import_layer_stats, load_second_moment, stats_dir
 from kis_lens.testing import embedded_sample_texts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,28 +171,89 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, tiny_cli_model):
         assert _relative(shared.sum, alone.sum) < 1e-6
 
 
-def test_npz_round_trip_and_merge(tmp_path, tiny_cli_model):
-    texts = list(open_corpus(EMBEDDED_CORPUS).texts(stop=16))
-    for name, part in (("a", texts[:8]), ("b", texts[8:]), ("ab", texts)):
-        (tmp_path / f"{name}.txt").write_text("\n".join(part), encoding="utf-8")
-    reports = {
-        name: cache_second_moments(tiny_cli_model, [1], _request(tmp_path / name, corpus=str(tmp_path / f"{name}.txt"), sample_size=None))
-        for name in ("a", "b", "ab")
-    }
-    merged = merge_caches([reports["a"].paths[1].parent, reports["b"].paths[1].parent], tmp_path / "merged", dtype="float64")
-    got, meta = load_second_moment(merged[0])
-    want, _ = load_second_moment(reports["ab"].paths[1])
-    assert got.count == want.count and meta["texts"] == 16
-    assert _relative(got.sum, want.sum) < 1e-6
+def test_a_larger_token_budget_extends_the_cache_to_the_uninterrupted_result(tmp_path, tiny_cli_model):
+    """--max_tokens 1500 then 6000 continues the first cache's own stream: bit for bit one run with 6000."""
+    small = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "grown", sample_size=None, max_tokens=1500))
+    assert 1500 <= small.tokens < 6000
+    grown = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "grown", sample_size=None, max_tokens=6000))
+    assert grown.extended == [0, 1] and not grown.reused
+    assert grown.computed_tokens == grown.tokens - small.tokens  # only the new tokens were run
+    straight = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "straight", sample_size=None, max_tokens=6000))
+    for layer in (0, 1):
+        got, meta = load_second_moment(grown.paths[layer])
+        want, want_meta = load_second_moment(straight.paths[layer])
+        assert got.count == want.count >= 6000 and meta["texts"] == want_meta["texts"]
+        assert torch.equal(got.sum, want.sum)  # bitwise
+        assert grown.layers[layer].tokens == got.count
 
-    npz = export_npz(reports["ab"].paths[1], tmp_path / "layer_1.npz")
-    with np.load(npz, allow_pickle=False) as data:
-        assert int(data["mom2.count"]) == want.count
-        np.testing.assert_allclose(data["mom2.mom2"], (want.sum / want.count).numpy(), rtol=1e-6, atol=1e-7)
-    imported_path = import_layer_stats(npz, "tiny-gpt2", 1, tmp_path / "imported", corpus="ab")
-    imported, meta = load_second_moment(imported_path)
-    assert meta["model_name"] == "tiny-gpt2" and meta["layer"] == 1 and imported.count == want.count
-    np.testing.assert_allclose(imported.compute(torch.float64).numpy(), np.load(npz)["mom2.mom2"].astype(np.float64), rtol=1e-12)
-    np.savez(tmp_path / "bad.npz", other=np.zeros(2))
-    with pytest.raises(KisError, match="mom2.mom2"):
-        import_layer_stats(tmp_path / "bad.npz", "tiny-gpt2", 1, tmp_path / "x")
+
+def test_a_cache_holding_more_than_asked_is_reused_and_says_so(tmp_path, tiny_cli_model):
+    """A smaller budget reuses the larger cache without touching it, and the report says what C really holds."""
+    big = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=None, max_tokens=3000))
+    before = big.paths[1].read_bytes()
+    again = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=None, max_tokens=1000))
+    assert again.reused == [1] and again.computed_tokens == 0 and again.tokens == big.tokens
+    assert f"holds {big.tokens:,} tokens, more than the 1,000 asked" in again.summary()
+    assert big.paths[1].read_bytes() == before
+
+
+def test_caches_are_float64_sums_by_default(tmp_path, tiny_cli_model):
+    """C is stored as the exact float64 sum unless float32 is asked for, and C read back is the run's C bit for bit."""
+    from safetensors import safe_open
+
+    request = CovarianceRequest(corpus=EMBEDDED_CORPUS, output_dir=tmp_path, sample_size=8, progress=False)
+    report = cache_second_moments(tiny_cli_model, [1], request)
+    with safe_open(str(report.paths[1]), framework="pt") as handle:
+        assert list(handle.keys()) == ["sum"] and handle.get_tensor("sum").dtype == torch.float64
+    moment, meta = load_second_moment(report.paths[1])
+    assert meta["stats_dtype"] == "float64"
+    texts = list(open_corpus(EMBEDDED_CORPUS).texts(stop=8))
+    in_memory = estimate_second_moments(tiny_cli_model, texts, [1], prepend_bos=False, progress=False)[1]
+    assert torch.equal(moment.compute(), in_memory.compute()) and moment.compute().dtype == torch.float64
+
+
+def test_the_progress_bar_counts_tokens_against_a_budget(tmp_path, tiny_cli_model, monkeypatch):
+    """With --max_tokens the bar's total is the budget in tokens; without one it counts the sample's texts."""
+    from kis_lens import cache_job
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            bars.append(kwargs)
+            self.n = kwargs.get("initial", 0)
+
+        def update(self, step):
+            self.n += step
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            bars[-1]["final"] = self.n
+
+    monkeypatch.setattr(cache_job, "tqdm", Recorder)
+    cache_second_moments(tiny_cli_model, [1], _request(tmp_path / "budget", sample_size=None, max_tokens=2000, progress=True))
+    assert bars[-1]["unit"] == "tok" and bars[-1]["total"] == 2000 and bars[-1]["final"] == 2000
+    cache_second_moments(tiny_cli_model, [1], _request(tmp_path / "texts", sample_size=12, progress=True))
+    assert bars[-1]["unit"] == "text" and bars[-1]["total"] == 12 and bars[-1]["final"] == 12
+
+
+def test_an_imported_cache_is_tied_to_the_first_model_that_uses_it(tmp_path, tiny_cli_model):
+    """An imported cache has no fingerprint: its first use records the model's, and another model is then refused."""
+    rows = np.random.default_rng(0).standard_normal((500, 256))
+    np.savez(tmp_path / "rome.npz", **{"mom2.mom2": (rows.T @ rows).astype(np.float32), "mom2.count": np.array(500),
+                                       "mom2.constructor": np.array("util.runningstats.SecondMoment()"), "sample_size": np.array(7)})
+    path = import_layer_stats(tmp_path / "rome.npz", "tiny-gpt2", 1, tmp_path, corpus=EMBEDDED_CORPUS, prepend_bos=False, max_length=256)
+    report = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=None, max_tokens=100))
+    assert report.reused == [1] and "now recorded" in report.summary()
+    _, meta = load_second_moment(path)
+    from kis_lens.models import model_fingerprint
+
+    assert meta["model_fingerprint"] == model_fingerprint(tiny_cli_model)
+    other = load_model("tiny-gpt2", device="cpu")
+    from kis_lens.editing import output_weight
+
+    output_weight(other, 0).write(output_weight(other, 0).read() * 2)  # same name, other weights
+    with pytest.raises(KisError, match="model_fingerprint="):
+        cache_second_moments(other, [1], _request(tmp_path, sample_size=None, max_tokens=100))

@@ -24,7 +24,8 @@ import torch
 
 from kis_lens import covariance, storage
 from kis_lens.corpus import EMBEDDED_CORPUS, open_corpus
-from kis_lens.covariance import CovarianceRequest, cache_second_moments, estimate_second_moments
+from kis_lens.cache_job import CovarianceRequest, cache_second_moments
+from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
 from kis_lens.hooks import capture_mlp_inputs, mlp_in_hook_name
 from kis_lens.io import LOCK_NAME, folder_lock
@@ -106,7 +107,7 @@ def test_sigkill_at_random_points_always_resumes_to_the_identical_result(tmp_pat
         output = tmp_path / f"trial_{trial}"
         for layer, path in _cache_files(output).items():
             moment, metadata = load_second_moment(path)
-            assert moment.count == straight[layer][0].count and metadata["texts_read"] == 30 and metadata["complete"]
+            assert moment.count == straight[layer][0].count and metadata["texts_read"] == 30 and metadata["exhausted"]
             assert torch.equal(moment.sum, straight[layer][0].sum), f"trial {trial}, layer {layer} differs"
         leftovers = [p for p in output.rglob("*") if p.is_file() and (p.name.endswith(".tmp") or p.name == LOCK_NAME)]
         assert not leftovers, f"trial {trial} left {leftovers}"
@@ -141,17 +142,25 @@ def test_second_writer_fails_clearly_and_nothing_is_corrupted(tmp_path, tiny_cli
 
 def test_a_waiting_writer_gets_the_lock_after_the_first(tmp_path):
     folder = tmp_path / "shared"
-    order = []
+    released_file = tmp_path / "released_at"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from kis_lens.io import folder_lock\n"
-         "with folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(1.0)", str(folder)],
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from kis_lens.io import folder_lock\n"
+         "with folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(1.0)\n"
+         "    Path(sys.argv[2]).write_text(repr(time.time()))  # the last thing before the lock is released",
+         str(folder), str(released_file)],
         stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )
-    assert holder.stdout.readline().strip() == "locked"
-    with folder_lock(folder, timeout=30):
-        order.append(holder.poll())  # the holder has released (and exited) before we got the lock
-    holder.wait()
-    assert order[0] is not None or holder.returncode == 0
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.time()
+        with folder_lock(folder, timeout=30):
+            acquired = time.time()
+    finally:
+        holder.wait(timeout=30)
+    assert holder.returncode == 0
+    released = float(released_file.read_text())
+    assert released <= acquired, f"got the lock {released - acquired:.3f} s before the holder released it"
+    assert acquired - started >= 0.5, f"did not wait for the holder: acquired after {acquired - started:.3f} s"
 
 
 def test_disk_full_during_a_write_leaves_the_old_cache_intact(tmp_path, tiny_cli_model, monkeypatch):
@@ -182,14 +191,14 @@ def test_dying_torchrun_rank_stops_the_job_and_the_rerun_resumes(tmp_path, tiny_
     script = tmp_path / "dying_rank.py"
     script.write_text(
         "import os, signal, sys\n"
-        "import kis_lens.covariance as covariance\n"
-        "original = covariance.accumulate_batches\n"
+        "import kis_lens.cache_job as cache_job\n"
+        "original = cache_job.accumulate_batches\n"
         "def dying(*args, **kwargs):\n"
         "    for number, batch in enumerate(original(*args, **kwargs)):\n"
         "        if os.environ.get('RANK') == '1' and number == 6 and os.environ.get('KIS_DIE') == '1':\n"
         "            os.kill(os.getpid(), signal.SIGKILL)\n"
         "        yield batch\n"
-        "covariance.accumulate_batches = dying\n"
+        "cache_job.accumulate_batches = dying\n"
         "from kis_lens.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )

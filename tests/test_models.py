@@ -63,3 +63,66 @@ def test_smollm2_is_a_real_pretrained_model(smollm2):
     assert tokenizer.decode(logits[0, -1].argmax()) == " Paris"
     acts = capture_mlp_inputs(smollm2, ids, [0, 29])
     assert acts[29].shape == (1, ids.shape[1], 1536)
+
+
+@pytest.mark.smollm2
+def test_packaged_gguf_is_converted_once_and_reloads_identically(smollm2, tmp_path, monkeypatch):
+    """The first load de-quantises the GGUF into a hash-named safetensors folder; later loads read it and match bit for bit."""
+    from kis_lens.models import _packaged_gguf_path, converted_gguf_dir, file_sha256, output_weight
+
+    monkeypatch.setenv("KIS_LENS_CACHE", str(tmp_path))
+    gguf = _packaged_gguf_path("smollm2-135m")
+    folder = converted_gguf_dir("smollm2-135m", gguf)
+    assert folder.parent == tmp_path / "converted" and folder.name.endswith(file_sha256(gguf)[:16])
+    first = load_model("smollm2-135m", device="cpu")  # reads the GGUF itself, then writes the folder
+    assert (folder / "model.safetensors").is_file() and not list(folder.parent.glob(".*.tmp"))
+    second = load_model("smollm2-135m", device="cpu")  # reads the folder
+    ids = torch.tensor([smollm2.tokenizer("The Eiffel Tower is located in the city of")["input_ids"]])
+    assert second.tokenizer("The Eiffel Tower is located in the city of")["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(first(ids), second(ids))
+    for layer in (0, 29):
+        assert torch.equal(output_weight(first, layer).view(), output_weight(second, layer).view())
+    assert model_info(first) == model_info(second)
+
+
+def test_fingerprint_is_computed_once_and_again_after_a_weight_changes(monkeypatch):
+    """model_info asks for the fingerprint every time, but it is hashed once until some W_out is written."""
+    from kis_lens import models
+
+    model = tiny_model("gpt2", seed=3)
+    calls = []
+    real = models._compute_fingerprint
+    monkeypatch.setattr(models, "_compute_fingerprint", lambda m: calls.append(1) or real(m))
+    first = [model_info(model).fingerprint for _ in range(5)]
+    assert len(set(first)) == 1 and len(calls) == 1
+    weight = models.output_weight(model, 1)
+    weight.write(weight.read() + 1.0)
+    assert model_fingerprint(model) != first[0] and len(calls) == 2
+
+
+def test_fingerprint_equals_the_stacked_w_out_hash():
+    """The per-layer gather hashes exactly the entries the stacked [n_layers, d_mlp, d_model] W_out sampling did."""
+    import hashlib
+
+    model = tiny_model("llama", seed=2, n_layers=3)
+    flat = model.W_out.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    digest = hashlib.sha256(f"3/64/256/{model.cfg.d_vocab}".encode())
+    digest.update(flat[::step][:4096].float().half().numpy().tobytes())
+    assert model_fingerprint(model) == digest.hexdigest()[:16]
+
+
+def test_a_model_object_is_recorded_as_it_is_and_ignored_arguments_warn(tmp_path):
+    """A bfloat16 model passed in is recorded as bfloat16; a dtype or device load_model cannot apply warns."""
+    from kis_lens.cache_job import CovarianceRequest, cache_second_moments
+    from kis_lens.storage import read_metadata
+
+    model = tiny_model("gpt2").to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="dtype=float32 ignored: the model passed in is bfloat16"):
+        assert load_model(model, dtype="float32") is model
+    with pytest.warns(UserWarning, match="device=meta ignored"):
+        load_model(model, device="meta")
+    assert model_info(model).dtype == "bfloat16" and model_info(model).device == "cpu"
+    report = cache_second_moments(model, [0], CovarianceRequest(corpus="wikipedia-offline", output_dir=tmp_path, sample_size=4, progress=False))
+    assert read_metadata(report.paths[0])["model_dtype"] == "bfloat16"

@@ -1,0 +1,528 @@
+"""The resumable covariance job behind ``kis cache-cov``: per-layer caches of E[k kᵀ] on disk.
+
+For every requested layer the job reuses a cache that already holds what was asked for, extends one that
+holds less (continuing its own token stream, so the result equals one uninterrupted run with the larger
+budget, bit for bit), and estimates the rest in as few passes over the corpus as memory allows. A pass
+checkpoints every N tokens (a killed job rerun with the same command continues to the identical result),
+shards texts across torchrun ranks and all-reduces the sums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from tqdm.auto import tqdm
+
+from kis_lens import __version__
+from kis_lens.corpus import Corpus, open_corpus, token_batches
+from kis_lens.covariance import TextIndex, accumulate_batches, check_batch_token, stream_index
+from kis_lens.distributed import all_reduce_ints, all_reduce_moments, barrier, rank_and_world
+from kis_lens.errors import KisError
+from kis_lens.hooks import validate_layers
+from kis_lens.io import check_writable, folder_lock, remove_stale_temp_files
+from kis_lens.models import HookedModel, ModelInfo, model_info, resolve_prepend_bos
+from kis_lens.stats import SecondMoment
+from kis_lens.storage import (
+    DEFAULT_STATS_DTYPE,
+    CacheKey,
+    load_checkpoint,
+    load_second_moment,
+    read_metadata,
+    rewrite_metadata,
+    save_checkpoint,
+    save_second_moment,
+    stats_dir,
+    stats_path,
+)
+
+DEFAULT_CHECKPOINT_EVERY = 5_000_000
+DEFAULT_SORT_WINDOW = 1024
+
+
+@dataclass(frozen=True)
+class CovarianceRequest:
+    """What to estimate: corpus and sample, token budget, batching, tokenization and where caches go."""
+
+    corpus: str
+    output_dir: str | Path
+    sample_size: int | None = None  # number of corpus texts (None: all)
+    max_tokens: int | None = None  # token budget (None: no limit)
+    batch_token: int | None = None  # tokens per forward, padding included (None: n_ctx)
+    prepend_bos: bool | None = None  # None: what the model's own tokenizer does
+    stats_dtype: str = DEFAULT_STATS_DTYPE  # float64 keeps the exact sum; float32 only on request
+    checkpoint_every: int | None = DEFAULT_CHECKPOINT_EVERY  # tokens between checkpoints (None/0: never)
+    max_memory: int | None = None  # bytes for the accumulators; more layers than fit → several passes
+    sort_window: int = DEFAULT_SORT_WINDOW
+    skip_nonfinite: bool = False  # leave out (and count) texts whose activations hold NaN/inf instead of stopping
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    """What one layer's cache holds after the job: where it is and how many tokens and texts its C averages."""
+
+    path: Path
+    tokens: int
+    texts: int
+
+
+@dataclass
+class CacheReport:
+    """Where the caches are, what each holds and what the job did."""
+
+    paths: dict[int, Path]
+    layers: dict[int, LayerCache] = field(default_factory=dict)
+    computed_tokens: int = 0  # tokens run through the model by this job
+    reused: list[int] = field(default_factory=list)
+    extended: list[int] = field(default_factory=list)
+    groups: list[list[int]] = field(default_factory=list)
+    resumed: bool = False
+    seconds: float = 0.0
+    skipped_texts: list[int] = field(default_factory=list)  # corpus indices left out for NaN/inf (skip_nonfinite)
+    notes: list[str] = field(default_factory=list)  # what the user should know: more than asked, fingerprints recorded
+
+    @property
+    def tokens(self) -> int:
+        """Return the tokens the first layer's cache holds (every layer of one job holds the same, unless reused)."""
+        return self.layers[min(self.layers)].tokens if self.layers else 0
+
+    @property
+    def texts(self) -> int:
+        """Return the texts the first layer's cache holds."""
+        return self.layers[min(self.layers)].texts if self.layers else 0
+
+    def summary(self) -> str:
+        """Return the one-line account of the job: totals, what was reused, and where the files are."""
+        folder = next(iter(self.paths.values())).parent
+        counts = sorted({(cache.tokens, cache.texts) for cache in self.layers.values()})
+        held = " / ".join(f"{tokens:,} tokens from {texts:,} texts" for tokens, texts in counts)
+        parts = [f"covariance of {len(self.paths)} layers: {held}"]
+        if self.computed_tokens:
+            parts.append(f"{self.computed_tokens:,} tokens run in {self.seconds:.1f} s ({self.computed_tokens / max(self.seconds, 1e-9):,.0f} tok/s)")
+        if self.reused:
+            parts.append(f"{len(self.reused)} layers reused")
+        if self.extended:
+            parts.append(f"{len(self.extended)} layers extended")
+        if self.resumed:
+            parts.append("resumed from a checkpoint")
+        if self.skipped_texts:
+            parts.append(f"{len(self.skipped_texts)} texts with NaN/inf left out (first: {self.skipped_texts[:5]})")
+        return "; ".join(parts + self.notes) + f"; caches in {folder}"
+
+
+def layer_groups(layers: Sequence[int], d_mlp: int, max_memory: int | None) -> list[list[int]]:
+    """Return the layers split into consecutive groups whose accumulators fit in max_memory bytes."""
+    layers = list(layers)
+    if max_memory is None:
+        return [layers]
+    per_layer = SecondMoment.bytes_needed(d_mlp)
+    if per_layer > max_memory:
+        raise KisError(
+            f"--max_memory {max_memory / 1e9:.2f} GB is less than one layer's accumulator "
+            f"({per_layer / 1e9:.2f} GB for d_mlp={d_mlp}): raise --max_memory"
+        )
+    size = max_memory // per_layer
+    return [layers[start : start + size] for start in range(0, len(layers), size)]
+
+
+@dataclass(frozen=True)
+class JobSetting:
+    """What is fixed for the whole job once the model is resolved and the corpus opened."""
+
+    request: CovarianceRequest
+    info: ModelInfo
+    corpus: Corpus
+    prepend_bos: bool
+    stop: int | None  # index after the last corpus text the request may read (None: to the end)
+
+    def key(self, layer: int) -> CacheKey:
+        """Return the identity of this job's cache for a layer."""
+        return CacheKey.for_model(
+            self.info, layer, self.request.corpus, self.corpus.identity, self.prepend_bos, self.request.stats_dtype
+        )
+
+    def path(self, layer: int) -> Path:
+        """Return where a layer's cache lives."""
+        return stats_path(self.request.output_dir, self.info.name, self.corpus.cache_name, layer)
+
+    @property
+    def folder(self) -> Path:
+        """Return the folder of this model's caches for this corpus."""
+        return stats_dir(self.request.output_dir, self.info.name, self.corpus.cache_name)
+
+
+@dataclass
+class PassPlan:
+    """One pass over a token stream for a group of layers whose caches stand at the same point of it."""
+
+    layers: list[int]
+    start_text: int  # corpus index where the pass's stream begins
+    position: tuple[int, int] = (0, 0)  # (window start, batches done) within that stream
+    initial: dict[int, SecondMoment] = field(default_factory=dict)  # the sums of caches being extended
+    initial_texts: int = 0
+    batch_token: int | None = None  # None: the request's (an extended cache keeps its own batching)
+    sort_window: int | None = None
+
+    @property
+    def initial_tokens(self) -> int:
+        """Return the tokens the extended caches already hold (0 for a fresh pass)."""
+        return next(iter(self.initial.values())).count if self.initial else 0
+
+    def state_key(self) -> tuple[Any, ...]:
+        """Return what layers must share to be extended in the same pass."""
+        return (self.start_text, self.position, self.initial_tokens, self.initial_texts, self.batch_token, self.sort_window)
+
+
+@dataclass
+class PassResult:
+    """What a pass leaves: every layer's sums, the totals they hold and where in the corpus the pass stopped."""
+
+    moments: dict[int, SecondMoment]
+    tokens: int  # held by the sums (extended caches' included)
+    texts: int
+    texts_read: int  # corpus index up to which every text was read
+    stream_start: int
+    position: tuple[int, int] | None  # where to continue this stream (None with several ranks)
+    exhausted: bool  # the stream ended (at the stop or the corpus' end) before the token budget did
+    resumed: bool
+    computed_tokens: int
+    skipped: list[int]
+
+
+def cache_second_moments(model: HookedModel, layers: Sequence[int], request: CovarianceRequest) -> CacheReport:
+    """Estimate, extend or reuse each layer's cache of E[k kᵀ] on disk; return where they are and what they hold."""
+    layers = validate_layers(model, layers)
+    if request.sample_size is not None and request.sample_size < 1:
+        raise KisError(f"sample_size must be at least 1, not {request.sample_size}")
+    if request.max_tokens is not None and request.max_tokens < 1:
+        raise KisError(f"max_tokens must be at least 1 (or None for no limit), not {request.max_tokens}")
+    info = model_info(model)
+    check_batch_token(request.batch_token, info.n_ctx)
+    corpus = open_corpus(request.corpus)
+    setting = JobSetting(request, info, corpus, resolve_prepend_bos(model, request.prepend_bos), corpus.stop_for(request.sample_size))
+    setting.key(layers[0])  # checks the stats dtype before anything is written
+    # Everything checkable is checked before the first byte is written (or the lock is taken).
+    check_writable(setting.folder)
+    for layer in layers:
+        if setting.path(layer).is_file():
+            setting.key(layer).check(setting.path(layer), read_metadata(setting.path(layer)))
+    rank, _ = rank_and_world()
+    with folder_lock(setting.folder) if rank == 0 else contextlib.nullcontext(setting.folder):
+        if rank == 0:  # a killed writer's leftovers; safe to remove now that no other job writes here
+            remove_stale_temp_files(setting.folder)
+            remove_stale_temp_files(setting.folder / "checkpoints")
+        barrier()
+        return _run_job(model, layers, setting)
+
+
+def _covers(found: dict[str, Any], request: CovarianceRequest, stop: int | None) -> bool:
+    """Return whether a cache already holds all the request asks for (or all its corpus can give)."""
+    if "imported_from" in found:
+        return True  # an imported cache cannot be extended: it is what it is
+    exhausted = bool(found.get("exhausted", found.get("complete", False)))
+    found_stop = found.get("stop")
+    if exhausted and (found_stop is None or (stop is not None and found_stop >= stop)):
+        return True
+    if stop is not None and int(found.get("texts_read", 0)) >= stop:
+        return True
+    return request.max_tokens is not None and int(found["count"]) >= request.max_tokens
+
+
+def _extension_plan(setting: JobSetting, layer: int, found: dict[str, Any]) -> PassPlan | None:
+    """Return the pass that continues a cache holding less than asked, or None when it must be recomputed."""
+    moment, _ = load_second_moment(setting.path(layer))
+    texts = int(found.get("texts", 0))
+    if found.get("exhausted"):  # the whole sample it asked for was read: more texts follow from where it ended
+        return PassPlan([layer], int(found["texts_read"]), (0, 0), {layer: moment}, texts)
+    position = found.get("position")
+    if position is None or found.get("stats_dtype") != "float64":
+        return None  # made without its stream position or rounded to float32: it cannot be continued exactly
+    if found.get("stop") != setting.stop:
+        raise KisError(
+            f"covariance cache {setting.path(layer)} stopped at its token budget within a sample of "
+            f"{found.get('stop')} texts, and this run asks for {setting.stop}: extend it with its own --sample_size "
+            "(or none), or delete it to recompute"
+        )
+    return PassPlan(
+        [layer], int(found["stream_start"]), (int(position[0]), int(position[1])), {layer: moment}, texts,
+        int(found["batch_token"]), int(found["sort_window"]),
+    )
+
+
+def _run_job(model: HookedModel, layers: list[int], setting: JobSetting) -> CacheReport:
+    """Run cache_second_moments' job once its inputs are checked and its folder is locked."""
+    request, info = setting.request, setting.info
+    report = CacheReport({layer: setting.path(layer) for layer in layers})
+    rank, world_size = rank_and_world()
+    plans: dict[tuple[Any, ...], PassPlan] = {}
+    for layer in layers:
+        path = setting.path(layer)
+        plan: PassPlan | None = None
+        if path.is_file():
+            found = read_metadata(path)
+            if found.get("model_fingerprint") is None and "imported_from" in found and rank == 0:
+                found = _record_fingerprint(path, info, report)
+            if _covers(found, request, setting.stop):
+                report.reused.append(layer)
+                report.layers[layer] = LayerCache(path, int(found["count"]), int(found.get("texts", 0)))
+                if request.max_tokens is not None and int(found["count"]) > request.max_tokens:
+                    report.notes.append(f"layer {layer}'s cache holds {int(found['count']):,} tokens, more than the {request.max_tokens:,} asked: used as it is")
+                continue
+            plan = _extension_plan(setting, layer, found)
+            if plan is None:
+                report.notes.append(f"layer {layer}'s cache (from an older kis_lens or float32) cannot be extended exactly: recomputed")
+            else:
+                report.extended.append(layer)
+        plan = plan or PassPlan([layer], 0)
+        plans.setdefault(plan.state_key(), replace(plan, layers=[], initial={}))
+        plans[plan.state_key()].layers.append(layer)
+        plans[plan.state_key()].initial.update(plan.initial)
+    started = time.perf_counter()
+    for plan in plans.values():
+        for group in layer_groups(plan.layers, info.d_mlp, request.max_memory):
+            if len(group) < len(plan.layers) and rank == 0:
+                print(
+                    f"kis: {len(plan.layers)} layers' accumulators need {len(plan.layers) * SecondMoment.bytes_needed(info.d_mlp) / 1e9:.2f} GB "
+                    f"> --max_memory {request.max_memory / 1e9:.2f} GB: pass {len(report.groups) + 1} over the corpus covers layers {group[0]}..{group[-1]}"
+                )
+            report.groups.append(group)
+            group_plan = replace(plan, layers=group, initial={layer: plan.initial[layer] for layer in group if layer in plan.initial})
+            result = _run_pass(model, setting, group_plan)
+            report.resumed |= result.resumed
+            report.skipped_texts = sorted(set(report.skipped_texts) | set(result.skipped))
+            report.computed_tokens += result.computed_tokens
+            if rank == 0:
+                for layer in group:
+                    save_second_moment(setting.path(layer), result.moments[layer], _cache_metadata(setting, group_plan, result, layer), request.stats_dtype)
+            for layer in group:
+                report.layers[layer] = LayerCache(setting.path(layer), result.tokens, result.texts)
+            barrier()
+            _checkpoint_path(setting, group_plan).unlink(missing_ok=True)
+    report.seconds = time.perf_counter() - started
+    if rank == 0:
+        _remove_finished_checkpoints(setting.folder / "checkpoints", layers)
+    return report
+
+
+def _record_fingerprint(path: Path, info: ModelInfo, report: CacheReport) -> dict[str, Any]:
+    """Tie an imported cache to the model it is first used with (recording its fingerprint); return the new metadata."""
+    rewrite_metadata(path, {"model_fingerprint": info.fingerprint})
+    report.notes.append(
+        f"imported cache {path.name} first used with {info.name}: its weight fingerprint {info.fingerprint} is now "
+        "recorded, and another model of that name will be refused"
+    )
+    return read_metadata(path)
+
+
+def _cache_metadata(setting: JobSetting, plan: PassPlan, result: PassResult, layer: int) -> dict[str, Any]:
+    """Return the metadata of a finished layer cache: its identity, what it holds and where its stream stands."""
+    request, info = setting.request, setting.info
+    metadata = {
+        **setting.key(layer).to_metadata(),
+        "corpus_credit": setting.corpus.credit,
+        "model_dtype": info.dtype,
+        "texts": result.texts,
+        "texts_read": result.texts_read,
+        "exhausted": result.exhausted,
+        "stop": setting.stop,
+        "stream_start": result.stream_start,
+        "position": list(result.position) if result.position is not None else None,
+        "batch_token": plan.batch_token or request.batch_token or info.n_ctx,
+        "sort_window": plan.sort_window or request.sort_window,
+        "sample_size": request.sample_size,
+        "max_tokens": request.max_tokens,
+        "world_size": rank_and_world()[1],
+        "kis_lens_version": __version__,
+    }
+    if request.skip_nonfinite:
+        metadata.update(nonfinite_skipped=len(result.skipped), nonfinite_skipped_texts=result.skipped[:1000])
+    return metadata
+
+
+def _remove_finished_checkpoints(folder: Path, layers: list[int]) -> None:
+    """Delete checkpoints of passes over these layers only: every one of them now has its finished cache.
+
+    A job killed after writing some final caches but before deleting its checkpoint leaves one behind;
+    the rerun reuses those caches, computes the rest in a new pass, and so never reads it again.
+    """
+    for path in folder.glob("layers_*-*_*.safetensors") if folder.is_dir() else []:
+        first, _, last = path.name.removeprefix("layers_").split("_")[0].partition("-")
+        if first.isdigit() and last.isdigit() and set(range(int(first), int(last) + 1)) <= set(layers):
+            path.unlink(missing_ok=True)
+
+
+def _checkpoint_path(setting: JobSetting, plan: PassPlan) -> Path:
+    """Return the checkpoint file of one pass; its name hashes every setting that changes the result."""
+    rank, world_size = rank_and_world()
+    request = setting.request
+    identity = {
+        "model_fingerprint": setting.info.fingerprint,
+        "model_dtype": setting.info.dtype,
+        "layers": plan.layers,
+        "corpus": setting.corpus.identity,
+        "start_text": plan.start_text,
+        "position": list(plan.position),
+        "stop": setting.stop,
+        "max_tokens": request.max_tokens,
+        "batch_token": plan.batch_token or request.batch_token,
+        "prepend_bos": setting.prepend_bos,
+        "sort_window": plan.sort_window or request.sort_window,
+        "skip_nonfinite": request.skip_nonfinite,
+        "initial_counts": {str(layer): moment.count for layer, moment in plan.initial.items()},
+        "world_size": world_size,
+        "rank": rank,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    suffix = f".rank{rank}of{world_size}" if world_size > 1 else ""
+    return setting.folder / "checkpoints" / f"layers_{plan.layers[0]}-{plan.layers[-1]}_{digest}{suffix}.safetensors"
+
+
+@dataclass
+class _Progress:
+    """A pass's running state: what a checkpoint saves and a resumed pass restores."""
+
+    position: tuple[int, int]
+    tokens: int = 0  # run by this pass on this rank (extended caches' not included)
+    texts: int = 0
+    done: bool = False
+    exhausted: bool = False
+    skipped: list[int] = field(default_factory=list)
+
+    def to_state(self) -> dict[str, Any]:
+        """Return the checkpoint metadata of this state."""
+        return {
+            "window_start": self.position[0], "batches_done": self.position[1], "tokens": self.tokens, "texts": self.texts,
+            "done": self.done, "complete": self.exhausted, "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "_Progress":
+        """Return the progress a checkpoint saved."""
+        return cls(
+            (int(state["window_start"]), int(state["batches_done"])), int(state["tokens"]), int(state["texts"]),
+            bool(state["done"]), bool(state.get("complete", False)), [int(index) for index in state.get("skipped", [])],
+        )
+
+
+def _run_pass(model: HookedModel, setting: JobSetting, plan: PassPlan) -> PassResult:
+    """Run one checkpointed pass of a plan over its stream; return the summed statistics and where it stopped."""
+    request, info = setting.request, setting.info
+    rank, world_size = rank_and_world()
+    device = next(model.parameters()).device
+    checkpoint = _checkpoint_path(setting, plan)
+    budget = None
+    if request.max_tokens is not None:
+        budget = max(0, math.ceil((request.max_tokens - plan.initial_tokens) / world_size))
+    resumed = checkpoint.is_file()
+    if resumed:
+        moments, state = load_checkpoint(checkpoint, device=device)
+        if sorted(moments) != plan.layers:
+            raise KisError(f"checkpoint {checkpoint} holds layers {sorted(moments)}, not {plan.layers}; delete it to start afresh")
+        progress = _Progress.from_state(state)
+        if rank == 0:
+            print(f"kis: resuming layers {plan.layers[0]}..{plan.layers[-1]} from {checkpoint} ({progress.tokens:,} tokens, {progress.texts:,} texts done)")
+    else:
+        moments = {layer: SecondMoment(info.d_mlp, device=device) for layer in plan.layers}
+        if rank == 0:  # an extended cache's sums enter once, not once per rank
+            moments.update({layer: moment.clone(device) for layer, moment in plan.initial.items()})
+        progress = _Progress(plan.position)
+    computed = 0
+    if not progress.done:
+        computed = _stream(model, setting, plan, moments, progress, budget, checkpoint)
+    tokens, texts, local_read, unfinished = all_reduce_ints(
+        [progress.tokens, progress.texts, progress.position[0], int(not progress.exhausted)], device
+    )
+    all_reduce_moments(moments)
+    if tokens == 0 and not plan.initial:
+        raise KisError("the corpus gave no tokens: it is empty, or every text was empty after tokenization")
+    return PassResult(
+        moments=moments,
+        tokens=tokens + plan.initial_tokens,
+        texts=texts + plan.initial_texts,
+        texts_read=plan.start_text + local_read,
+        stream_start=plan.start_text,
+        position=progress.position if world_size == 1 else None,
+        exhausted=unfinished == 0,
+        resumed=resumed,
+        computed_tokens=computed,
+        skipped=progress.skipped,
+    )
+
+
+def _stream(
+    model: HookedModel,
+    setting: JobSetting,
+    plan: PassPlan,
+    moments: dict[int, SecondMoment],
+    progress: _Progress,
+    budget: int | None,
+    checkpoint: Path,
+) -> int:
+    """Accumulate the plan's stream from progress.position until the budget or the stream ends; return tokens run."""
+    request, info = setting.request, setting.info
+    rank, world_size = rank_and_world()
+    start_text, stop = plan.start_text, setting.stop
+    if world_size == 1:
+        texts: Iterable[str] = setting.corpus.texts(start_text + progress.position[0], stop)
+        text_index: TextIndex = lambda batch, row: start_text + stream_index(batch, row)  # noqa: E731
+    else:  # each rank reads every world_size-th text; positions count this rank's texts
+        texts = itertools.islice(setting.corpus.texts(start_text, stop, rank, world_size), progress.position[0], None)
+        text_index = lambda batch, row: start_text + rank + stream_index(batch, row) * world_size  # noqa: E731
+    batches = token_batches(
+        model.tokenizer, texts, info.n_ctx, plan.batch_token or request.batch_token or info.n_ctx, setting.prepend_bos,
+        plan.sort_window or request.sort_window, progress.position,
+    )
+    # A budget is what ends the pass: count tokens against it. Without one the texts are the limit.
+    if budget is not None:
+        bar = tqdm(total=budget, initial=progress.tokens, unit="tok", unit_scale=True, desc=f"C layers {plan.layers[0]}..{plan.layers[-1]}",
+                   disable=not request.progress or rank != 0, dynamic_ncols=True)
+    else:
+        total = None if stop is None else math.ceil((stop - start_text - rank) / world_size)
+        bar = tqdm(total=total, initial=progress.texts, unit="text", desc=f"C layers {plan.layers[0]}..{plan.layers[-1]}",
+                   disable=not request.progress or rank != 0, dynamic_ncols=True)
+    computed, last_checkpoint, started = 0, progress.tokens, time.perf_counter()
+    stopped_by_budget = False
+    for batch in accumulate_batches(model, batches, moments, text_index, request.skip_nonfinite, progress.skipped):
+        progress.tokens += batch.n_tokens
+        progress.texts += batch.n_texts
+        progress.position = batch.resume_position()
+        computed += batch.n_tokens
+        bar.set_postfix(tok_s=f"{computed / max(time.perf_counter() - started, 1e-9):,.0f}", refresh=False)
+        bar.update(min(batch.n_tokens, budget - bar.n) if budget is not None else batch.n_texts)
+        if budget is not None and progress.tokens >= budget:
+            stopped_by_budget = True
+            break
+        if request.checkpoint_every and progress.tokens - last_checkpoint >= request.checkpoint_every:
+            save_checkpoint(checkpoint, moments, progress.to_state())
+            last_checkpoint = progress.tokens
+    bar.close()
+    progress.done, progress.exhausted = True, not stopped_by_budget
+    if request.checkpoint_every and world_size > 1:
+        # Before the collective: a rank killed later resumes from here without redoing its shard.
+        save_checkpoint(checkpoint, moments, progress.to_state())
+    return computed
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """Return a byte count from "30GB", "512MiB", "2e9" or an int (None stays None)."""
+    if text is None or isinstance(text, int):
+        return text
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    stripped = text.strip().lower().replace(" ", "")
+    number = stripped.rstrip("abgikmt")
+    unit = stripped[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise KisError(f"cannot read {text!r} as a memory size: write e.g. 30GB, 512MiB or 2e9") from None
+    if value <= 0:
+        raise KisError(f"memory size {text!r} must be positive")
+    return int(value)

@@ -1,0 +1,109 @@
+"""A run's results on disk: the consolidated results.safetensors and the original scripts' per-layer .npy tree.
+
+Readers (analysis, plots, report) import this module, never the job that wrote the files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from kis_lens.config import RunConfig
+from kis_lens.errors import KisError
+from kis_lens.facts import Fact
+from kis_lens.io import atomic_write, save_npy
+
+RESULTS_FILE = "results.safetensors"
+# The original scripts' directory name for each matrix.
+LEGACY_DIRS: dict[str, str] = {
+    "p_matrix": "p_matrix",
+    "q_matrix": "q_matrix",
+    "whitening_cos": "whitening_cos_matrix",
+    "activation_cos": "activation_cos_matrix",
+}
+
+
+@dataclass
+class RunResult:
+    """The matrices of every layer for one run, with its facts and settings."""
+
+    matrices: dict[str, Float[Tensor, "layer fact fact"]]
+    layers: list[int]
+    facts: list[Fact]
+    settings: dict[str, Any]
+    path: Path | None = None
+
+    def layer(self, name: str, layer: int) -> Float[Tensor, "fact fact"]:
+        """Return one matrix of one layer, [fact, fact]."""
+        return self.matrices[name][self.layers.index(layer)]
+
+
+def run_dir(config: RunConfig, model_slug: str, n_facts: int) -> Path:
+    """Return the folder of a run's consolidated results."""
+    tag = f"{config.knowledge_type}_sample_size_{n_facts}"
+    return Path(config.output_dir) / "runs" / model_slug / tag / config.token_position
+
+
+def legacy_npy_path(output_dir: str | Path, name: str, model_slug: str, knowledge_type: str, n_facts: int, layer: int, position: str) -> Path:
+    """Return the original scripts' per-layer .npy path for a matrix."""
+    folder = Path(output_dir) / LEGACY_DIRS[name] / model_slug / f"{knowledge_type}_sample_size_{n_facts}"
+    return folder / f"layer_{layer}_{position}_{LEGACY_DIRS[name]}.npy"
+
+
+def save_result(result: RunResult, config: RunConfig) -> Path:
+    """Write the per-layer .npy files (original layout) and one consolidated safetensors; return its path."""
+    slug = result.settings["model"]["name"]
+    n_facts = len(result.facts)
+    for name, stacked in result.matrices.items():
+        for index, layer in enumerate(result.layers):
+            path = legacy_npy_path(config.output_dir, name, slug, config.knowledge_type, n_facts, layer, config.token_position)
+            save_npy(path, stacked[index].float().cpu().numpy())
+    folder = run_dir(config, slug, n_facts)
+    tensors = {name: stacked.float().cpu().contiguous() for name, stacked in result.matrices.items()}
+    metadata = {
+        "layers": json.dumps(result.layers),
+        "facts": json.dumps([fact.to_dict() for fact in result.facts]),
+        "settings": json.dumps(result.settings),
+    }
+    path = atomic_write(folder / RESULTS_FILE, lambda temp: save_file(tensors, str(temp), metadata=metadata))
+    result.path = path
+    return path
+
+
+def find_results(path: str | Path) -> Path:
+    """Return the results.safetensors of a run folder, a results file, or an output dir holding exactly one run."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / RESULTS_FILE).is_file():
+        return path / RESULTS_FILE
+    found = sorted(path.glob(f"runs/**/{RESULTS_FILE}")) if path.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise KisError(f"no {RESULTS_FILE} in or under {path}: run `kis all` first, or give the run folder")
+    listing = "\n  ".join(str(item.parent) for item in found)
+    raise KisError(f"{path} holds {len(found)} runs; pick one with --results:\n  {listing}")
+
+
+def load_result(path: str | Path) -> RunResult:
+    """Return a run's results from its results.safetensors (or the folder holding it)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise KisError(f"no results at {path}: run `kis all` first or give the run folder")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    facts = [Fact(**record) for record in json.loads(metadata["facts"])]
+    matrices: dict[str, torch.Tensor] = load_file(str(path))
+    return RunResult(matrices, json.loads(metadata["layers"]), facts, json.loads(metadata["settings"]), path)

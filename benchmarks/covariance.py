@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kis_lens.corpus import open_corpus, token_batches
+from kis_lens.corpus import open_corpus
+from kis_lens.tokens import token_batches
 from kis_lens.covariance import CPU_FORWARD_TOKENS, accumulate_batches, forward_row_groups
 from kis_lens.hooks import run_mlp_hooks
 from kis_lens.stats import SecondMoment, triangle_size, upper_gram_blocks

@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from kis_lens.corpus import TokenBatch, token_batches
+from kis_lens.tokens import TokenBatch, token_batches
 from kis_lens.errors import KisError
 from kis_lens.hooks import run_mlp_hooks, validate_layers
 from kis_lens.models import HookedModel, model_device, resolve_prepend_bos

@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kis_lens.corpus import encode, pad_batch, pad_token_id
+from kis_lens.tokens import encode, pad_batch, pad_token_id, with_bos
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.hooks import gather_positions, mlp_in_hook_name, run_mlp_hooks, validate_layers
@@ -69,11 +69,8 @@ def locate_subject(tokenizer: Any, fact: Fact, prepend_bos: bool) -> FactTokens:
             f"fact {fact.case_id}: subject {fact.subject!r} not found among the tokens of {fact.text!r}; "
             "check the subject and prompt of this fact"
         )
-    if prepend_bos:
-        if tokenizer.bos_token_id is None:
-            raise KisError("prepend_bos is set but the tokenizer has no BOS token: use prepend_bos=False")
-        return FactTokens([tokenizer.bos_token_id, *ids], first + 1, last + 1)
-    return FactTokens(ids, first, last)
+    shift = int(prepend_bos)
+    return FactTokens(with_bos(tokenizer, ids, prepend_bos), first + shift, last + shift)
 
 
 @dataclass

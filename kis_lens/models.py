@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kis_lens.errors import KisError
-from kis_lens.io import atomic_path
+from kis_lens.tiny import tiny_model
 
 
 @runtime_checkable
@@ -74,7 +74,7 @@ GGUF_ARCHITECTURES: dict[str, str] = {"gemma3-270m": "Gemma3ForCausalLM"}
 
 DEFAULT_MODEL = "smollm2-135m"
 
-# Random-weight models built in-process (kis_lens.testing): instant, offline, for tests and demos.
+# Random-weight models built in-process (kis_lens.tiny): instant, offline, for tests and demos.
 TINY_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-llama")
 
 DTYPES: dict[str, torch.dtype] = {
@@ -288,8 +288,6 @@ def load_model(
     if model in PACKAGED_GGUF_MODELS:
         loaded = _load_gguf(model, device, torch_dtype)
     elif model in TINY_MODELS:
-        from kis_lens.testing import tiny_model
-
         loaded = tiny_model(model.removeprefix("tiny-"), device=device).to(torch_dtype)
         _TOKENIZER_ADDS_BOS[loaded] = False
     elif os.path.isdir(model):

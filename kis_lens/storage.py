@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kis_lens import __version__
+from kis_lens._version import __version__
 from kis_lens.errors import KisError
 from kis_lens.hooks import mlp_in_hook_name
 from kis_lens.io import atomic_write
@@ -196,7 +196,7 @@ def load_second_moment(
 
 def save_checkpoint(path: str | Path, moments: dict[int, SecondMoment], state: dict[str, Any]) -> Path:
     """Write every layer's exact float64 sums and the job state (corpus position, counts) atomically."""
-    tensors = {f"upper_{layer}": moment.upper.detach().cpu().contiguous() for layer, moment in moments.items()}
+    tensors = {f"upper_{layer}": moment.state_dict()["upper"].detach().cpu().contiguous() for layer, moment in moments.items()}
     meta = _encode_metadata({**state, "counts": {str(layer): m.count for layer, m in moments.items()}})
     return atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=meta))
 
@@ -212,7 +212,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         }
     except (SafetensorError, OSError, KeyError, ValueError, AttributeError) as error:
         raise KisError(f"checkpoint {path} is corrupt ({error}); delete it to start the job afresh") from None
-    if not all(torch.isfinite(moment.upper).all() for moment in moments.values()):
+    if not all(torch.isfinite(moment.state_dict()["upper"]).all() for moment in moments.values()):
         raise KisError(f"checkpoint {path} contains NaN or inf; delete it to start the job afresh")
     return moments, state
 

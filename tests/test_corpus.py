@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from kis_lens.corpus import EMBEDDED_CORPUS, corpus_texts, open_corpus, token_batches
+from kis_lens.corpus import EMBEDDED_CORPUS, corpus_texts, open_corpus
+from kis_lens.tokens import token_batches
 from kis_lens.errors import KisError
 from kis_lens.testing import tiny_tokenizer
 

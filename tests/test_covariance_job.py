@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from kis_lens import covariance
-from kis_lens.corpus import EMBEDDED_CORPUS, encode, open_corpus, token_batches
+from kis_lens.corpus import EMBEDDED_CORPUS, open_corpus
+from kis_lens.tokens import encode, token_batches
 from kis_lens.cache_job import CovarianceRequest, cache_second_moments, layer_groups
 from kis_lens.covariance import estimate_second_moments, forward_row_groups
 from kis_lens.errors import KisError
@@ -257,3 +258,19 @@ def test_an_imported_cache_is_tied_to_the_first_model_that_uses_it(tmp_path, tin
     output_weight(other, 0).write(output_weight(other, 0).read() * 2)  # same name, other weights
     with pytest.raises(KisError, match="model_fingerprint="):
         cache_second_moments(other, [1], _request(tmp_path, sample_size=None, max_tokens=100))
+
+
+def test_a_run_records_what_its_c_holds_not_what_was_asked(tmp_path, tiny_cli_model):
+    """After a 3,000-token cache, a run asking for 1,000 records the 3,000+ tokens its C really averages, per layer."""
+    from kis_lens.config import RunConfig
+    from kis_lens.runner import run_matrices
+
+    config = dict(model_name="tiny-gpt2", knowledge_type="all", record_size=6, output_dir=str(tmp_path), progress=False)
+    first = run_matrices(RunConfig(**config, max_tokens=3000), model=tiny_cli_model)
+    second = run_matrices(RunConfig(**config, max_tokens=1000), model=tiny_cli_model)
+    for layer in (0, 1):
+        _, meta = load_second_moment(stats_dir(tmp_path, "tiny-gpt2", EMBEDDED_CORPUS) / f"layer_{layer}_mom2.safetensors")
+        held = second.settings["covariance"][str(layer)]
+        assert held["tokens"] == meta["count"] >= 3000 and held["texts"] == meta["texts"]
+        assert first.settings["covariance"][str(layer)]["tokens"] == held["tokens"]
+    assert second.settings["config"]["max_tokens"] == 1000

@@ -21,8 +21,9 @@ from typing import Any, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from kis_lens import __version__
-from kis_lens.corpus import Corpus, open_corpus, token_batches
+from kis_lens._version import __version__
+from kis_lens.corpus import Corpus, open_corpus
+from kis_lens.tokens import token_batches
 from kis_lens.covariance import TextIndex, accumulate_batches, check_batch_token, stream_index
 from kis_lens.distributed import all_reduce_ints, all_reduce_moments, barrier, rank_and_world
 from kis_lens.errors import KisError
@@ -509,20 +510,3 @@ def _stream(
         # Before the collective: a rank killed later resumes from here without redoing its shard.
         save_checkpoint(checkpoint, moments, progress.to_state())
     return computed
-
-
-def parse_bytes(text: str | int | None) -> int | None:
-    """Return a byte count from "30GB", "512MiB", "2e9" or an int (None stays None)."""
-    if text is None or isinstance(text, int):
-        return text
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    stripped = text.strip().lower().replace(" ", "")
-    number = stripped.rstrip("abgikmt")
-    unit = stripped[len(number):]
-    try:
-        value = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise KisError(f"cannot read {text!r} as a memory size: write e.g. 30GB, 512MiB or 2e9") from None
-    if value <= 0:
-        raise KisError(f"memory size {text!r} must be positive")
-    return int(value)

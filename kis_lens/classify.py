@@ -22,14 +22,27 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kis_lens.corpus import encode, pad_batch, pad_token_id
+from kis_lens.tokens import encode, pad_batch, pad_token_id
+from kis_lens.config import ModelOptions, at_least, setting
 from kis_lens.errors import KisError
-from kis_lens.facts import Fact, load_facts
+from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts
 from kis_lens.hooks import gather_positions
 from kis_lens.io import save_json
 from kis_lens.models import HookedModel, model_device, model_fingerprint, model_info, resolve_prepend_bos
 
 SPLIT_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ClassifyConfig(ModelOptions):
+    """Settings of `kis classify-facts`: which facts to split into known/unknown, and the top-k test."""
+
+    facts: str = setting(DEFAULT_FACTS, "counterfact-known, known-1000 or a JSON/JSONL path")
+    top_k: int = setting(1, "known when the target's first token is in the top-k next tokens")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        at_least("top_k", self.top_k, 1)
 
 
 def facts_digest(facts: Sequence[Fact]) -> str:

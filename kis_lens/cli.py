@@ -1,64 +1,142 @@
-"""The `kis` command: one subcommand per step of the original scripts, each a thin call into kis_lens.runner."""
+"""The `kis` command: one subcommand per step of the original scripts, each a thin call into kis_lens.runner.
+
+The flags of a job are generated from its config dataclass (kis_lens.config): ``add_config_flags`` reads each
+field's type, default and help metadata, and ``config_from_args`` parses the flags back into the config, so a
+default lives only on its field. Only command options that are not settings of a run are declared by hand.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
-from dataclasses import fields
-from typing import Callable, Sequence
+import typing
+from dataclasses import MISSING, Field, fields, is_dataclass, replace
+from typing import Any, Callable, Sequence
 
+from kis_lens.config import ModelOptions, RunConfig
 from kis_lens.errors import KisError
-from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE
-from kis_lens.keys import TOKEN_POSITIONS
 from kis_lens.matrices import MATRIX_NAMES
-from kis_lens.models import DEFAULT_MODEL, DTYPES
-from kis_lens.config import KNOWLEDGE_TYPES, RunConfig
-from kis_lens.corpus import EMBEDDED_CORPUS
 from kis_lens.runner import run_matrices
 
+BOOL_CHOICES: dict[str, bool | None] = {"auto": None, "true": True, "false": False}
+# RunConfig fields that only the fact commands use: cache-cov leaves them out.
+FACT_FIELDS = ("facts", "record_size", "knowledge_type", "token_position", "seed", "ridge")
 
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """Add --snake_case (the original scripts' spelling) and --kebab-case for the same option."""
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """Return a byte count from "30GB", "512MiB", "2e9" or an int (None stays None)."""
+    if text is None or isinstance(text, int):
+        return text
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    stripped = text.strip().lower().replace(" ", "")
+    number = stripped.rstrip("abgikmt")
+    unit = stripped[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise KisError(f"cannot read {text!r} as a memory size: write e.g. 30GB, 512MiB or 2e9") from None
+    if value <= 0:
+        raise KisError(f"memory size {text!r} must be positive")
+    return int(value)
+
+
+def _spellings(name: str) -> list[str]:
+    """Return --snake_case (the original scripts' spelling) and --kebab-case for one option."""
     spellings = [f"--{name}"]
     if "_" in name:
         spellings.append(f"--{name.replace('_', '-')}")
-    parser.add_argument(*spellings, dest=name, **kwargs)
+    return spellings
 
 
-def _common_flags(parser: argparse.ArgumentParser) -> None:
-    defaults = RunConfig()
-    _flag(parser, "model_name", default=DEFAULT_MODEL, help=f"alias, hub name or local dir (default {DEFAULT_MODEL})")
-    _flag(parser, "start_layer", type=int, default=None, help="first layer (default 0)")
-    _flag(parser, "end_layer", type=int, default=None, help="last layer, inclusive (default the last)")
-    _flag(parser, "batch_token", type=int, default=None, help="tokens per forward batch, padding included (default n_ctx)")
-    _flag(parser, "device", default=None, help="cpu or cuda (default cuda when available)")
-    _flag(parser, "dtype", default="float32", choices=sorted(DTYPES), help="model dtype (statistics stay float32/64)")
-    _flag(parser, "output_dir", default=defaults.output_dir, help="where caches and results go (default ./results)")
-    _flag(parser, "corpus", default=EMBEDDED_CORPUS, help=f"{EMBEDDED_CORPUS} or a .txt/.jsonl file")
-    _flag(parser, "sample_size", type=int, default=None, help="number of corpus texts (default all)")
-    _flag(parser, "max_tokens", type=int, default=defaults.max_tokens, help=f"corpus token budget (default {defaults.max_tokens}; 0 = no limit)")
-    _flag(parser, "prepend_bos", choices=["auto", "true", "false"], default="auto", help="BOS before each text (auto: what the model's HF tokenizer does)")
-    parser.add_argument("--no_progress", "--no-progress", dest="no_progress", action="store_true", help="hide progress bars")
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """Add a hand-declared option under both spellings."""
+    parser.add_argument(*_spellings(name), dest=name, **kwargs)
+
+
+def _default(owner: Any, name: str) -> Any:
+    """Return the default a dataclass field or a function parameter declares (read, never repeated)."""
+    if is_dataclass(owner):
+        return {item.name: item.default for item in fields(owner)}[name]
+    return inspect.signature(owner).parameters[name].default
+
+
+def _field_kind(hint: Any) -> tuple[type, bool]:
+    """Return (base type, whether None is allowed) of a field annotation such as ``int | None``."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        (hint,) = [arg for arg in args if arg is not type(None)]
+    return typing.get_origin(hint) or hint, optional
+
+
+def _shown_default(item: Field) -> str:
+    """Return how --help states a field's default."""
+    meta = item.metadata
+    if item.default is None:
+        shown = meta.get("none", "none")
+        return f"{meta['cli_none']} = {shown}" if "cli_none" in meta else shown
+    shown = ",".join(item.default) if isinstance(item.default, tuple) else str(item.default)
+    return f"{shown}; {meta['cli_none']} = {meta['none']}" if "cli_none" in meta else shown
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: Sequence[str] = ()) -> None:
+    """Add one option (--snake_case and --kebab-case) per field of a config dataclass, from its type and metadata.
+
+    bool: --no_<name> when the default is True, else --<name>; ``bool | None``: auto|true|false; tuple: comma-separated.
+    Unset options stay out of the namespace, so config_from_args leaves those fields to the dataclass defaults.
+    """
+    hints = typing.get_type_hints(config_class)
+    for item in fields(config_class):
+        if item.name in skip:
+            continue
+        if "help" not in item.metadata or item.default is MISSING:
+            raise TypeError(f"{config_class.__name__}.{item.name} needs a default and help: declare it with kis_lens.config.setting()")
+        kind, optional = _field_kind(hints[item.name])
+        help_text = item.metadata["help"]
+        if kind is bool and not optional:
+            name, action = (f"no_{item.name}", "store_false") if item.default else (item.name, "store_true")
+            help_text = f"turn off {help_text}" if item.default else help_text
+            parser.add_argument(*_spellings(name), dest=item.name, action=action, default=argparse.SUPPRESS, help=help_text)
+            continue
+        options: dict[str, Any] = {"dest": item.name, "default": argparse.SUPPRESS, "help": f"{help_text} (default {_shown_default(item)})"}
+        if kind is bool:
+            options["choices"] = tuple(BOOL_CHOICES)
+        elif kind is tuple:
+            options["metavar"] = "A,B,..."
+        else:
+            options["type"] = kind
+            if "choices" in item.metadata:
+                options["choices"] = item.metadata["choices"]
+        parser.add_argument(*_spellings(item.name), **options)
+
+
+def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, **overrides: Any) -> Any:
+    """Return the config (RunConfig by default) the parsed flags describe; unset fields keep the dataclass defaults."""
+    given = vars(args)
+    hints = typing.get_type_hints(config_class)
+    values: dict[str, Any] = {}
+    for item in fields(config_class):
+        if item.name not in given:
+            continue
+        value = given[item.name]
+        kind, optional = _field_kind(hints[item.name])
+        if kind is bool and optional and isinstance(value, str):
+            value = BOOL_CHOICES[value]
+        elif kind is tuple and isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        if "cli_none" in item.metadata and value == item.metadata["cli_none"]:
+            value = None
+        values[item.name] = value
+    return config_class(**{**values, **overrides})
+
+
+def _subcommand(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    """Add a subcommand; every one takes --debug."""
+    parser = sub.add_parser(name, help=help_text, description=help_text)
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-
-
-def _fact_flags(parser: argparse.ArgumentParser) -> None:
-    _flag(parser, "facts", default=DEFAULT_FACTS, help=f"counterfact-known, known-1000 or a JSON/JSONL path (default {DEFAULT_FACTS})")
-    _flag(parser, "record_size", type=int, default=DEFAULT_RECORD_SIZE, help=f"number of facts sampled (default {DEFAULT_RECORD_SIZE})")
-    _flag(parser, "knowledge_type", default="known", choices=KNOWLEDGE_TYPES, help="which facts (default known)")
-    _flag(parser, "token_position", default="subject_last", choices=TOKEN_POSITIONS, help="where keys are read")
-    _flag(parser, "seed", type=int, default=0, help="fact sampling seed")
-    _flag(parser, "ridge", type=float, default=0.0, help="add ridge·mean(diag C)·I to C before solving")
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Return the RunConfig described by parsed CLI arguments."""
-    values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
-    values["prepend_bos"] = {"auto": None, "true": True, "false": False}[args.prepend_bos]
-    values["max_tokens"] = args.max_tokens or None
-    values["progress"] = not args.no_progress
-    return RunConfig(**values)
+    return parser
 
 
 def _print_result_paths(config: RunConfig, started: float, result) -> None:
@@ -74,25 +152,23 @@ def _matrices_command(names: Sequence[str]) -> Callable[[argparse.Namespace], No
         result = run_matrices(config, names=names)
         _print_result_paths(config, started, result)
         if getattr(args, "report", False):
+            from kis_lens.editing.plots import edit_simulation_sections
             from kis_lens.report import write_report_files
 
-            report, table = write_report_files(result)
+            report, table = write_report_files(result, sections=[edit_simulation_sections])
             print(f"report: {report}\nper-layer table: {table}")
 
     return command
 
 
 def _cache_cov_command(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    from kis_lens.cache_job import parse_bytes
     from kis_lens.distributed import init_from_env, local_device
     from kis_lens.runner import cache_covariance_job
 
     rank, _ = init_from_env()  # under torchrun: join the group, shard the corpus, all-reduce the sums
-    if args.max_tokens == -1:  # unset: --sample_size alone means every token of those texts
-        args.max_tokens = 0 if args.sample_size else RunConfig().max_tokens
-    config = config_from_args(args)
+    given = vars(args)
+    unlimited = "max_tokens" not in given and given.get("sample_size")  # --sample_size alone: every token of those texts
+    config = config_from_args(args, **({"max_tokens": None} if unlimited else {}))
     if config.device is None and local_device():
         config = replace(config, device=local_device())
     report = cache_covariance_job(
@@ -138,20 +214,26 @@ def _export_stats_command(args: argparse.Namespace) -> None:
 
 
 def _stats_parsers(sub: argparse._SubParsersAction) -> None:
-    cache = sub.add_parser("cache-cov", help="estimate and cache C = E[k kᵀ] for every layer in one pass (resumable; torchrun shards it)")
-    _common_flags(cache)
-    cache.set_defaults(handler=_cache_cov_command, max_tokens=-1)
-    _flag(cache, "stats_dtype", default="float64", choices=["float32", "float64"], help="float64 (default) stores the exact sum; float32 rounds C")
-    _flag(cache, "checkpoint_every", type=int, default=5_000_000, help="tokens between resumable checkpoints (0 = none; default 5,000,000)")
+    from kis_lens.cache_job import CovarianceRequest
+    from kis_lens.storage import STATS_DTYPES, export_npz, import_layer_stats, merge_caches
+
+    stats_dtypes = sorted(STATS_DTYPES)
+    cache = _subcommand(sub, "cache-cov", "estimate and cache C = E[k kᵀ] for every layer in one pass (resumable; torchrun shards it)")
+    add_config_flags(cache, RunConfig, skip=FACT_FIELDS)
+    cache.set_defaults(handler=_cache_cov_command)
+    stats_dtype, checkpoint_every = _default(CovarianceRequest, "stats_dtype"), _default(CovarianceRequest, "checkpoint_every")
+    _flag(cache, "stats_dtype", default=stats_dtype, choices=stats_dtypes,
+          help=f"dtype of the stored statistic (default {stats_dtype}: float64 stores the exact sum; float32 rounds C)")
+    _flag(cache, "checkpoint_every", type=int, default=checkpoint_every,
+          help=f"tokens between resumable checkpoints (0 = none; default {checkpoint_every:,})")
     _flag(cache, "max_memory", default=None, help="memory for the accumulators, e.g. 24GB: more layers than fit → several passes")
     _flag(cache, "skip_nonfinite", action="store_true", help="leave out and count texts whose activations hold NaN/inf (default: stop and name the text)")
-    merge = sub.add_parser("merge-stats", help="merge caches computed on separate machines (sums and counts add)")
+    merge = _subcommand(sub, "merge-stats", "merge caches computed on separate machines (sums and counts add)")
     merge.add_argument("inputs", nargs="+", help="cache files, or stats folders whose layer_*_mom2.safetensors are merged by name")
     _flag(merge, "output_dir", required=True, help="folder for the merged caches")
-    _flag(merge, "stats_dtype", default="float64", choices=["float32", "float64"], help="dtype of the stored C (default float64)")
-    importer = sub.add_parser(
-        "import-stats", help="read a ROME/MEMIT/AlphaEdit layer_stats .npz (mom2.mom2 = Σ k kᵀ, mom2.count) as a kis cache"
-    )
+    merged_dtype = _default(merge_caches, "dtype")
+    _flag(merge, "stats_dtype", default=merged_dtype, choices=stats_dtypes, help=f"dtype of the stored C (default {merged_dtype})")
+    importer = _subcommand(sub, "import-stats", "read a ROME/MEMIT/AlphaEdit layer_stats .npz (mom2.mom2 = Σ k kᵀ, mom2.count) as a kis cache")
     importer.add_argument("npz", help="the .npz file")
     _flag(importer, "model_name", required=True, help="the model it was computed on (as you pass it to kis)")
     _flag(importer, "layer", type=int, required=True, help="its layer")
@@ -159,78 +241,73 @@ def _stats_parsers(sub: argparse._SubParsersAction) -> None:
     _flag(importer, "prepend_bos", choices=["true", "false"], default=None,
           help="required: whether BOS preceded each text when it was computed (ROME: the HF tokenizer's default)")
     _flag(importer, "max_length", type=int, default=None, help="the token length texts were truncated to (ROME: n_positions), recorded when given")
-    _flag(importer, "output_dir", default=RunConfig().output_dir, help="kis output folder (default ./results)")
-    _flag(importer, "corpus", default="wikipedia", help="the corpus it was computed on (names the cache folder; default wikipedia)")
-    exporter = sub.add_parser("export-stats", help="write a kis cache as the layer_stats .npz ROME/MEMIT/AlphaEdit write and load")
+    output_dir, corpus = _default(ModelOptions, "output_dir"), _default(import_layer_stats, "corpus")
+    _flag(importer, "output_dir", default=output_dir, help=f"kis output folder (default {output_dir})")
+    _flag(importer, "corpus", default=corpus, help=f"the corpus it was computed on (names the cache folder; default {corpus})")
+    exporter = _subcommand(sub, "export-stats", "write a kis cache as the layer_stats .npz ROME/MEMIT/AlphaEdit write and load")
     exporter.add_argument("cache", help="a layer_*_mom2.safetensors cache")
     _flag(exporter, "output", required=True, help="the .npz to write")
-    _flag(exporter, "precision", default="float32", choices=["float32", "float64"], help="dtype of the stored sum, ROME's precision (default float32)")
+    precision = _default(export_npz, "precision")
+    _flag(exporter, "precision", default=precision, choices=stats_dtypes, help=f"dtype of the stored sum, ROME's precision (default {precision})")
     _flag(exporter, "sample_size", type=int, default=None,
           help="the sample_size ROME matches against mom2_n_samples (default the cache's sample_size, else its number of texts)")
     _flag(exporter, "layer_name", default=None, help="ROME's module name of the layer, only to print the file name ROME looks for")
-    for parser in (merge, importer, exporter):
-        parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     merge.set_defaults(handler=_merge_stats_command)
     importer.set_defaults(handler=_import_stats_command)
     exporter.set_defaults(handler=_export_stats_command)
 
 
 def _classify_facts_command(args: argparse.Namespace) -> None:
-    from kis_lens.classify import ensure_split
+    from kis_lens.classify import ClassifyConfig, ensure_split
     from kis_lens.models import load_model
 
+    config = config_from_args(args, ClassifyConfig)
     started = time.perf_counter()
-    model = load_model(args.model_name, device=args.device, dtype=args.dtype)
-    prepend_bos = {"auto": None, "true": True, "false": False}[args.prepend_bos]
+    model = load_model(config.model_name, device=config.device, dtype=config.dtype)
     split, path = ensure_split(
-        model, args.facts, args.output_dir, top_k=args.top_k, prepend_bos=prepend_bos, recompute=True, progress=not args.no_progress
+        model, config.facts, config.output_dir, top_k=config.top_k, prepend_bos=config.prepend_bos, recompute=True, progress=config.progress
     )
     print(
         f"done in {time.perf_counter() - started:.1f} s: {split.model_name} knows {len(split.known)} of "
-        f"{split.n_facts} facts of {args.facts} (target in its top-{split.top_k}); {len(split.unknown)} unknown"
+        f"{split.n_facts} facts of {config.facts} (target in its top-{split.top_k}); {len(split.unknown)} unknown"
     )
     print(f"split: {path} (used by --knowledge_type known|unknown with the same --output_dir)")
 
 
 def _classify_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("classify-facts", help="split the facts into known/unknown for a model (top-k next token)")
-    _flag(parser, "model_name", default=DEFAULT_MODEL, help=f"alias, hub name or local dir (default {DEFAULT_MODEL})")
-    _flag(parser, "facts", default=DEFAULT_FACTS, help=f"counterfact-known, known-1000 or a JSON/JSONL path (default {DEFAULT_FACTS})")
-    _flag(parser, "top_k", type=int, default=1, help="known when the target's first token is in the top-k next tokens (default 1)")
-    _flag(parser, "device", default=None, help="cpu or cuda (default cuda when available)")
-    _flag(parser, "dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
-    _flag(parser, "output_dir", default=RunConfig().output_dir, help="where the split goes (default ./results)")
-    _flag(parser, "prepend_bos", choices=["auto", "true", "false"], default="auto", help="BOS before each prompt (auto: what the model's HF tokenizer does)")
-    parser.add_argument("--no_progress", "--no-progress", dest="no_progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    from kis_lens.classify import ClassifyConfig
+
+    parser = _subcommand(sub, "classify-facts", "split the facts into known/unknown for a model (top-k next token)")
+    add_config_flags(parser, ClassifyConfig, skip=("seed",))  # classifying samples nothing
     parser.set_defaults(handler=_classify_facts_command)
 
 
 def _report_command(args: argparse.Namespace) -> None:
+    from kis_lens.editing.plots import edit_simulation_sections
     from kis_lens.report import report_from_results
 
-    report, table = report_from_results(args.results, args.output, top_k=args.top_k, threshold=args.threshold)
+    report, table = report_from_results(
+        args.results, args.output, top_k=args.top_k, threshold=args.threshold, sections=[edit_simulation_sections]
+    )
     print(f"report: {report}\nper-layer table: {table}")
 
 
 def _report_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("report", help="write one self-contained HTML report (and a per-layer CSV) of a saved run")
+    from kis_lens.report import report_from_results
+
+    parser = _subcommand(sub, "report", "write one self-contained HTML report (and a per-layer CSV) of a saved run")
+    top_k, threshold = _default(report_from_results, "top_k"), _default(report_from_results, "threshold")
     _flag(parser, "results", required=True, help="run folder, its results.safetensors, or an --output_dir holding one run")
     _flag(parser, "output", default=None, help="the HTML file to write (default <run folder>/report.html)")
-    _flag(parser, "top_k", type=int, default=10, help="most superposed pairs listed per matrix and layer (default 10)")
-    _flag(parser, "threshold", type=float, default=0.1, help="|value| above which a pair counts as overlapping (default 0.1)")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    _flag(parser, "top_k", type=int, default=top_k, help=f"most superposed pairs listed per matrix and layer (default {top_k})")
+    _flag(parser, "threshold", type=float, default=threshold, help=f"|value| above which a pair counts as overlapping (default {threshold})")
     parser.set_defaults(handler=_report_command)
 
 
 def _reproduce_command(args: argparse.Namespace) -> None:
     from kis_lens.reproduce import ReproduceConfig, reproduce
 
-    config = ReproduceConfig(
-        model_name=args.model_name, facts=args.facts, record_size=args.record_size, top_k=args.top_k, seed=args.seed,
-        max_tokens=args.max_tokens or None, batch_token=args.batch_token, device=args.device, dtype=args.dtype,
-        output_dir=args.output_dir, doc_path=args.doc_path, figures_dir=args.figures_dir, progress=not args.no_progress,
-    )
+    config = config_from_args(args, ReproduceConfig)
     report = reproduce(config)
     print(f"done in {report.seconds['total']} s: {report.known['n_known']} of {report.known['n_facts']} facts known; "
           f"covariance on {report.covariance['tokens_total']:,} tokens")
@@ -240,34 +317,17 @@ def _reproduce_command(args: argparse.Namespace) -> None:
 
 
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("reproduce", help="classify facts, cache C on the offline Wikipedia, all matrices on every layer, write docs/reproduction.md")
-    _flag(parser, "model_name", default=DEFAULT_MODEL, help=f"alias, hub name or local dir (default {DEFAULT_MODEL})")
-    _flag(parser, "facts", default=DEFAULT_FACTS, help=f"facts to classify and sample (default {DEFAULT_FACTS})")
-    _flag(parser, "record_size", type=int, default=DEFAULT_RECORD_SIZE, help=f"known facts sampled (default {DEFAULT_RECORD_SIZE})")
-    _flag(parser, "top_k", type=int, default=1, help="known when the target is in the top-k next tokens (default 1)")
-    _flag(parser, "seed", type=int, default=0, help="fact sampling seed")
-    _flag(parser, "max_tokens", type=int, default=0, help="covariance token budget (default 0 = the whole corpus, ~1.2 M tokens)")
-    _flag(parser, "batch_token", type=int, default=None, help="tokens per forward batch (default n_ctx)")
-    _flag(parser, "device", default=None, help="cpu or cuda (default cuda when available)")
-    _flag(parser, "dtype", default="float32", choices=sorted(DTYPES), help="model dtype (statistics stay float32/64)")
-    _flag(parser, "output_dir", default=RunConfig().output_dir, help="caches, split and run results (default ./results)")
-    _flag(parser, "doc_path", default="docs/reproduction.md", help="the Markdown document written")
-    _flag(parser, "figures_dir", default="docs/figures/reproduction", help="where the HTML figures go")
-    parser.add_argument("--no_progress", "--no-progress", dest="no_progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    from kis_lens.reproduce import ReproduceConfig
+
+    parser = _subcommand(sub, "reproduce", "classify facts, cache C on the offline Wikipedia, all matrices on every layer, write docs/reproduction.md")
+    add_config_flags(parser, ReproduceConfig, skip=("prepend_bos",))  # reproduce follows the model's own BOS convention
     parser.set_defaults(handler=_reproduce_command)
 
 
 def _edit_sim_command(args: argparse.Namespace) -> None:
-    from kis_lens.lifelong import EditSimConfig, run_edit_simulation
+    from kis_lens.editing.lifelong import EditSimConfig, run_edit_simulation
 
-    config = EditSimConfig(
-        model_name=args.model_name, layer=args.layer, n_edits=args.n_edits, n_unedited=args.n_unedited,
-        batch_size=args.batch_size, covariance_weight=args.covariance_weight, null_threshold=args.null_threshold,
-        null_l2=args.null_l2, v_steps=args.v_steps, v_lr=args.v_lr, conditions=tuple(args.conditions.split(",")),
-        facts=args.facts, seed=args.seed, device=args.device, dtype=args.dtype, output_dir=args.output_dir,
-        max_tokens=args.max_tokens or None, ridge=args.ridge, progress=not args.no_progress,
-    )
+    config = config_from_args(args, EditSimConfig)
     started = time.perf_counter()
     result = run_edit_simulation(config)
     print(f"done in {time.perf_counter() - started:.1f} s: {config.n_edits} edits × {len(config.conditions)} conditions")
@@ -283,30 +343,10 @@ def _edit_sim_command(args: argparse.Namespace) -> None:
 
 
 def _edit_sim_parser(sub: argparse._SubParsersAction) -> None:
-    from kis_lens.lifelong import CONDITIONS, EditSimConfig
+    from kis_lens.editing.lifelong import EditSimConfig
 
-    defaults = EditSimConfig()
-    parser = sub.add_parser("edit-sim", help="lifelong editing: sequential ROME/MEMIT/AlphaEdit edits, P-predicted vs measured interference")
-    _flag(parser, "model_name", default=DEFAULT_MODEL, help=f"alias, hub name or local dir (default {DEFAULT_MODEL})")
-    _flag(parser, "layer", type=int, default=defaults.layer, help=f"layer whose W_out is edited (default {defaults.layer})")
-    _flag(parser, "n_edits", type=int, default=defaults.n_edits, help=f"facts edited one after another (default {defaults.n_edits})")
-    _flag(parser, "n_unedited", type=int, default=defaults.n_unedited, help=f"facts never edited, watched for drift (default {defaults.n_unedited})")
-    _flag(parser, "batch_size", type=int, default=defaults.batch_size, help=f"facts per MEMIT batch (default {defaults.batch_size})")
-    _flag(parser, "covariance_weight", type=float, default=defaults.covariance_weight, help="MEMIT's λ on C = E[kkᵀ]")
-    _flag(parser, "null_threshold", type=float, default=defaults.null_threshold, help="AlphaEdit null space: eigenvalues of C below this × the largest")
-    _flag(parser, "null_l2", type=float, default=defaults.null_l2, help="AlphaEdit's l2 term α")
-    _flag(parser, "v_steps", type=int, default=defaults.v_steps, help="optimisation steps for each target value v")
-    _flag(parser, "v_lr", type=float, default=defaults.v_lr, help="learning rate of the target value search")
-    _flag(parser, "conditions", default=",".join(CONDITIONS), help=f"comma-separated subset of {','.join(CONDITIONS)}")
-    _flag(parser, "facts", default=DEFAULT_FACTS, help="CounterFact facts (with target_new): counterfact-known or a path")
-    _flag(parser, "seed", type=int, default=0, help="fact sampling seed")
-    _flag(parser, "device", default=None, help="cpu or cuda (default cuda when available)")
-    _flag(parser, "dtype", default="float32", choices=sorted(DTYPES), help="model dtype (solves are float64)")
-    _flag(parser, "output_dir", default=defaults.output_dir, help="covariance caches and edit_sim results (default ./results)")
-    _flag(parser, "max_tokens", type=int, default=defaults.max_tokens, help=f"corpus tokens for C (default {defaults.max_tokens})")
-    _flag(parser, "ridge", type=float, default=0.0, help="add ridge·mean(diag C)·I to C before solving")
-    parser.add_argument("--no_progress", "--no-progress", dest="no_progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser = _subcommand(sub, "edit-sim", "lifelong editing: sequential ROME/MEMIT/AlphaEdit edits, P-predicted vs measured interference")
+    add_config_flags(parser, EditSimConfig, skip=("prepend_bos",))  # the simulation follows the model's own BOS convention
     parser.set_defaults(handler=_edit_sim_command)
 
 
@@ -323,9 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     }
     _stats_parsers(sub)
     for name, (help_text, names) in commands.items():
-        command = sub.add_parser(name, help=help_text)
-        _common_flags(command)
-        _fact_flags(command)
+        command = _subcommand(sub, name, help_text)
+        add_config_flags(command, RunConfig)
         command.set_defaults(handler=_matrices_command(names))
         if name == "all":
             command.add_argument("--report", action="store_true", help="also write report.html and layer_summary.csv beside the results")

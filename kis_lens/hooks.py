@@ -1,4 +1,4 @@
-"""Hook utilities: name the MLP input of W_out and capture it for many layers in one early-stopped forward.
+"""Hook utilities: name the MLP input and output of W_out, and capture the input for many layers in one early-stopped forward.
 
 Hook names are the contract shared by TransformerLens 4's ``TransformerBridge`` and the legacy
 ``HookedTransformer``; nothing here depends on which one it is given.
@@ -19,6 +19,7 @@ from kis_lens.errors import KisError
 from kis_lens.models import HookedModel
 
 MLP_IN_HOOK_TEMPLATE = "blocks.{layer}.mlp.hook_post"
+MLP_OUT_HOOK_TEMPLATE = "blocks.{layer}.hook_mlp_out"
 
 ActivationCallback = Callable[[int, Float[Tensor, "batch pos d_mlp"]], None]
 
@@ -26,6 +27,11 @@ ActivationCallback = Callable[[int, Float[Tensor, "batch pos d_mlp"]], None]
 def mlp_in_hook_name(layer: int) -> str:
     """Return the hook name of the MLP hidden activation that feeds W_out at a layer."""
     return MLP_IN_HOOK_TEMPLATE.format(layer=layer)
+
+
+def mlp_out_hook_name(layer: int) -> str:
+    """Return the hook name of a layer's MLP output (what W_out writes into the residual stream)."""
+    return MLP_OUT_HOOK_TEMPLATE.format(layer=layer)
 
 
 def validate_layers(model: HookedModel, layers: Iterable[int]) -> list[int]:

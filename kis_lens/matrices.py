@@ -115,6 +115,15 @@ class Whitener:
             )
         return cls(factor, float(ridge), condition)
 
+    @classmethod
+    def of(
+        cls, covariance_or_whitener: Float[Tensor, "d_mlp d_mlp"] | Whitener, ridge: float = 0.0, label: str = "covariance"
+    ) -> Whitener:
+        """Return the given Whitener as it is (its own ridge kept), or the factor of the given C + ridge (from_covariance)."""
+        if isinstance(covariance_or_whitener, Whitener):
+            return covariance_or_whitener
+        return cls.from_covariance(covariance_or_whitener, ridge=ridge, label=label)
+
     @property
     def dim(self) -> int:
         """Return d_mlp."""
@@ -136,12 +145,6 @@ class Whitener:
 CovarianceLike = Tensor | Whitener
 
 
-def _whitener(covariance: CovarianceLike, ridge: float) -> Whitener:
-    if isinstance(covariance, Whitener):
-        return covariance
-    return Whitener.from_covariance(covariance, ridge=ridge)
-
-
 def _check_keys(keys: Tensor) -> None:
     if keys.ndim != 2 or keys.shape[0] == 0 or keys.shape[1] == 0:
         raise KisError(f"keys must have shape [n_facts, d_mlp] with at least one fact and one dimension, got {tuple(keys.shape)}")
@@ -159,7 +162,7 @@ def p_matrix(
 ) -> Float[Tensor, "fact fact"]:
     """Return P[i, j] = k_iᵀC⁻¹k_j / k_iᵀC⁻¹k_i (float64, unit diagonal)."""
     _check_keys(keys)
-    gram = _whitener(covariance, ridge).gram(keys)
+    gram = Whitener.of(covariance, ridge).gram(keys)
     return gram / torch.diagonal(gram)[:, None]
 
 
@@ -175,7 +178,7 @@ def whitening_cos(
 ) -> Float[Tensor, "fact fact"]:
     """Return the cosine of keys in the whitened space, k_iᵀC⁻¹k_j / sqrt(k_iᵀC⁻¹k_i k_jᵀC⁻¹k_j)."""
     _check_keys(keys)
-    return _cosine_from_gram(_whitener(covariance, ridge).gram(keys))
+    return _cosine_from_gram(Whitener.of(covariance, ridge).gram(keys))
 
 
 def activation_cos(keys: Float[Tensor, "fact d_mlp"]) -> Float[Tensor, "fact fact"]:
@@ -188,7 +191,7 @@ def all_matrices(
 ) -> dict[str, Float[Tensor, "fact fact"]]:
     """Return all four matrices of one layer from a single factorisation and two Gram matrices."""
     _check_keys(keys)
-    whitened_gram = _whitener(covariance, ridge).gram(keys)
+    whitened_gram = Whitener.of(covariance, ridge).gram(keys)
     plain_gram = q_matrix(keys)
     return {
         "p_matrix": whitened_gram / torch.diagonal(whitened_gram)[:, None],

@@ -4,9 +4,10 @@ table, the figures and the most superposed pairs. Other modules add sections wit
 >>> from kis_lens.report import write_report
 >>> write_report(load_result("results/runs/..."))          # -> <run dir>/report.html
 
-Extra sections: pass ``extra_sections=[("Editing", [fig1, fig2]), ReportSection("Notes", html="<p>…</p>")]``,
-or register a provider once (``register_section_provider(lambda result: [...])``) so that every report,
-``kis report`` included, gets it.
+Extra sections are always passed in, never registered globally: ``extra_sections=[("Editing", [fig1, fig2]),
+ReportSection("Notes", html="<p>…</p>")]`` for sections already built, ``sections=[provider]`` for functions
+result -> sections called with the reported run (``kis report`` passes
+kis_lens.editing.plots.edit_simulation_sections, which shows the run's own edit simulations).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence, Union
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from kis_lens import __version__
+from kis_lens._version import __version__
 from kis_lens.analysis import (
     DEFAULT_THRESHOLD,
     SuperposedPair,
@@ -54,14 +55,6 @@ class ReportSection:
 
 SectionLike = Union[ReportSection, tuple[str, Union[go.Figure, Sequence[go.Figure], str]]]
 SectionProvider = Callable[[RunResult], Iterable[SectionLike]]
-_SECTION_PROVIDERS: list[SectionProvider] = []
-
-
-def register_section_provider(provider: SectionProvider) -> SectionProvider:
-    """Add a function result -> sections that every later report appends; return it (usable as a decorator)."""
-    if provider not in _SECTION_PROVIDERS:
-        _SECTION_PROVIDERS.append(provider)
-    return provider
 
 
 def as_section(section: SectionLike) -> ReportSection:
@@ -249,31 +242,6 @@ nav a{margin-right:1rem}.wide{overflow-x:auto}
 """
 
 
-def edit_simulation_sections(result: RunResult) -> list[ReportSection]:
-    """Return one section per `kis edit-sim` result saved for this run's model in the same output dir."""
-    import json
-
-    from kis_lens.plots_editing import editing_figures
-
-    output_dir = Path(result.settings.get("config", {}).get("output_dir", ""))
-    model = result.settings.get("model", {}).get("name", "")
-    sections = []
-    for path in sorted((output_dir / "edit_sim" / model).glob("*/edit_sim.json")) if model else []:
-        figures = editing_figures(json.loads(path.read_text(encoding="utf-8")))
-        sections.append(
-            ReportSection(
-                f"Lifelong editing: {path.parent.name}",
-                figures=list(figures.values()),
-                intro=f"From {path}: sequential edits with real keys, whitened-orthogonal keys (control), "
-                "a null-space projected editor and MEMIT batches; predicted (from P) vs measured interference.",
-            )
-        )
-    return sections
-
-
-register_section_provider(edit_simulation_sections)
-
-
 def _title(result: RunResult) -> str:
     model = (result.settings.get("model") or {}).get("name", "model")
     return f"Knowledge superposition: {model}, {len(result.facts)} facts, layers {result.layers[0]}–{result.layers[-1]}"
@@ -285,19 +253,19 @@ def build_report(
     names: Sequence[str] | None = None,
     top_k: int = 10,
     threshold: float = DEFAULT_THRESHOLD,
-    include_registered: bool = True,
+    *,
+    sections: Sequence[SectionProvider] = (),
 ) -> Report:
-    """Return the rendered report: standard sections, then registered providers' and extra_sections."""
+    """Return the rendered report: standard sections, then those of each provider in `sections`, then extra_sections."""
     if top_k < 1:
         raise KisError(f"top_k must be at least 1, got {top_k}")
-    sections = standard_sections(result, names, top_k, threshold)
-    providers = list(_SECTION_PROVIDERS) if include_registered else []
-    for provider in providers:
-        sections.extend(as_section(section) for section in provider(result))
-    sections.extend(as_section(section) for section in extra_sections)
+    built = standard_sections(result, names, top_k, threshold)
+    for provider in sections:
+        built.extend(as_section(section) for section in provider(result))
+    built.extend(as_section(section) for section in extra_sections)
     parts: list[str] = []
     n_figures = 0
-    for number, section in enumerate(sections, start=1):
+    for number, section in enumerate(built, start=1):
         parts.append(f'<section id="section-{number}"><h2>{html.escape(section.title)}</h2>')
         if section.intro:
             parts.append(f"<p>{html.escape(section.intro)}</p>")
@@ -313,7 +281,7 @@ def build_report(
         parts.append(section.html)
         parts.append("</section>")
     title = _title(result)
-    nav = "".join(f'<a href="#section-{n}">{html.escape(s.title)}</a>' for n, s in enumerate(sections, start=1))
+    nav = "".join(f'<a href="#section-{n}">{html.escape(s.title)}</a>' for n, s in enumerate(built, start=1))
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = html.escape(str(result.path)) if result.path else "in memory"
     document = (
@@ -325,7 +293,7 @@ def build_report(
         f'<p class="meta">kis_lens {__version__} · {created} · results: {source} · {html.escape(PAPER)}</p>'
         f"<nav>{nav}</nav>{''.join(parts)}</body></html>"
     )
-    return Report(document, n_figures, [section.title for section in sections])
+    return Report(document, n_figures, [section.title for section in built])
 
 
 def write_report(
@@ -335,28 +303,39 @@ def write_report(
     names: Sequence[str] | None = None,
     top_k: int = 10,
     threshold: float = DEFAULT_THRESHOLD,
+    *,
+    sections: Sequence[SectionProvider] = (),
 ) -> Path:
     """Write the report HTML atomically (default: report.html beside the results) and return its path."""
     if path is None:
         if result.path is None:
             raise KisError("this result was never saved: pass a path for the report")
         path = Path(result.path).parent / REPORT_NAME
-    report = build_report(result, extra_sections, names, top_k, threshold)
+    report = build_report(result, extra_sections, names, top_k, threshold, sections=sections)
     return atomic_write(path, lambda temp: temp.write_text(report.html, encoding="utf-8"))
 
 
 def write_report_files(
-    result: RunResult, output: str | Path | None = None, top_k: int = 10, threshold: float = DEFAULT_THRESHOLD
+    result: RunResult,
+    output: str | Path | None = None,
+    top_k: int = 10,
+    threshold: float = DEFAULT_THRESHOLD,
+    *,
+    sections: Sequence[SectionProvider] = (),
 ) -> tuple[Path, Path]:
-    """Write report.html and, beside it, layer_summary.csv for a run; return both paths."""
-    report_path = write_report(result, output, top_k=top_k, threshold=threshold)
+    """Write report.html (with the providers' `sections`) and, beside it, layer_summary.csv for a run; return both paths."""
+    report_path = write_report(result, output, top_k=top_k, threshold=threshold, sections=sections)
     csv_path = write_csv(summary_table(result, threshold=threshold), report_path.parent / SUMMARY_CSV_NAME)
     return report_path, csv_path
 
 
 def report_from_results(
-    results: str | Path, output: str | Path | None = None, top_k: int = 10, threshold: float = DEFAULT_THRESHOLD
+    results: str | Path,
+    output: str | Path | None = None,
+    top_k: int = 10,
+    threshold: float = DEFAULT_THRESHOLD,
+    *,
+    sections: Sequence[SectionProvider] = (),
 ) -> tuple[Path, Path]:
     """Load a saved run (folder, file, or output dir with one run) and write its report and CSV; return both paths."""
-
-    return write_report_files(load_result(find_results(results)), output, top_k, threshold)
+    return write_report_files(load_result(find_results(results)), output, top_k, threshold, sections=sections)

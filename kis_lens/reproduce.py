@@ -21,19 +21,21 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kis_lens.analysis import SuperposedPair, orthogonality_comparison, summarize_matrix, top_pairs
-from kis_lens.classify import ensure_split
-from kis_lens.corpus import EMBEDDED_CORPUS, EMBEDDED_WIKIPEDIA_CREDIT, corpus_texts, encode
+from kis_lens.classify import ClassifyConfig, ensure_split
+from kis_lens.config import at_least, setting
+from kis_lens.corpus import EMBEDDED_CORPUS, EMBEDDED_WIKIPEDIA_CREDIT, corpus_texts
+from kis_lens.tokens import encode
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
-from kis_lens.facts import Fact, load_facts, sample_facts
+from kis_lens.facts import DEFAULT_RECORD_SIZE, Fact, load_facts, sample_facts
 from kis_lens.hooks import layer_range
 from kis_lens.io import atomic_write, save_json
 from kis_lens.keys import compute_keys
-from kis_lens.matrices import MATRIX_NAMES, Whitener, all_matrices, p_matrix
+from kis_lens.matrices import MATRIX_NAMES, Whitener, p_matrix
 from kis_lens.models import PACKAGED_GGUF_MODELS, HookedModel, model_info
 from kis_lens.config import RunConfig
 from kis_lens.results import RunResult, save_result
-from kis_lens.runner import covariance_key
+from kis_lens.runner import covariance_key, layer_matrices, run_settings
 from kis_lens.stats import SecondMoment
 from kis_lens.storage import load_second_moment, read_metadata, save_second_moment, stats_path
 
@@ -46,24 +48,25 @@ RELATED_P = 0.5  # "near 1": |P| above this
 
 
 @dataclass(frozen=True)
-class ReproduceConfig:
-    """Settings of a reproduction run."""
+class ReproduceConfig(ClassifyConfig):
+    """Settings of a reproduction run: the classify-facts settings (model, facts, top_k), then the run's own."""
 
-    model_name: str = "smollm2-135m"
-    facts: str = "counterfact-known"
-    record_size: int = 128
-    top_k: int = 1
-    seed: int = 0
-    max_tokens: int | None = None  # None: the whole offline Wikipedia (~1.2 M tokens)
-    batch_token: int | None = None
-    device: str | None = None
-    dtype: str = "float32"
-    output_dir: str = "results"
-    doc_path: str = "docs/reproduction.md"
-    figures_dir: str = "docs/figures/reproduction"
-    numbers_path: str | None = None  # default benchmarks/results/reproduction_{model}.json
-    n_top_pairs: int = 10
-    progress: bool = True
+    record_size: int = setting(DEFAULT_RECORD_SIZE, "known facts sampled")
+    max_tokens: int | None = setting(None, "covariance token budget", none="the whole corpus, ~1.2 M tokens", cli_none=0)
+    batch_token: int | None = setting(None, "tokens per forward batch", none="n_ctx")
+    doc_path: str = setting("docs/reproduction.md", "the Markdown document written")
+    figures_dir: str = setting("docs/figures/reproduction", "where the HTML figures go")
+    numbers_path: str | None = setting(None, "the JSON of every number", none="benchmarks/results/reproduction_{model}.json")
+    n_top_pairs: int = setting(10, "most superposed pairs listed per layer")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prepend_bos is not None:
+            raise KisError("reproduce follows the model's own BOS convention: leave prepend_bos as None (auto)")
+        at_least("record_size", self.record_size, 1)
+        at_least("max_tokens", self.max_tokens, 1, none_means="the whole corpus")
+        at_least("batch_token", self.batch_token, 1, none_means="n_ctx")
+        at_least("n_top_pairs", self.n_top_pairs, 0)
 
 
 def split_texts_by_tokens(
@@ -300,26 +303,17 @@ def reproduce(config: ReproduceConfig = ReproduceConfig(), model: HookedModel | 
     keys = compute_keys(model, facts, layers)
     timings["keys"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    stacked: dict[str, list[Tensor]] = {name: [] for name in MATRIX_NAMES}
-    half_p: dict[int, Tensor] = {}
-    for layer in layers:
-        first, second = halves["half1"][layer], halves["half2"][layer]
-        full = merged(first, second)
-        layer_keys = keys.at_layer(layer).double()
-        for name, matrix in all_matrices(layer_keys, Whitener.from_covariance(full.compute(torch.float64))).items():
-            stacked[name].append(matrix.cpu())  # statistics below use CPU masks whatever device C lives on
-        half_p[layer] = p_matrix(layer_keys, Whitener.from_covariance(first.compute(torch.float64))).cpu()
+    full = {layer: merged(halves["half1"][layer], halves["half2"][layer]).compute(torch.float64) for layer in layers}
+    matrices, conditions = layer_matrices(keys, MATRIX_NAMES, full)
+    half_p = {layer: p_matrix(keys.at_layer(layer).double(), Whitener.from_covariance(halves["half1"][layer].compute())).cpu()
+              for layer in layers}
     timings["matrices"] = time.perf_counter() - clock
 
     run_config = RunConfig(model_name=info.name, facts=config.facts, record_size=len(facts), knowledge_type="known",
                            seed=config.seed, device=config.device, dtype=config.dtype, output_dir=config.output_dir,
                            max_tokens=config.max_tokens, progress=config.progress)
-    result = RunResult(
-        {name: torch.stack(values) for name, values in stacked.items()},
-        layers,
-        facts,
-        {"config": run_config.to_dict(), "model": asdict(info), "model_fingerprint": info.fingerprint, "keys": keys.settings()},
-    )
+    held = {layer: {"tokens": halves["half1"][layer].count + halves["half2"][layer].count} for layer in layers}
+    result = RunResult(matrices, layers, facts, run_settings(run_config, model, keys, held, conditions))
     save_result(result, run_config)
 
     # Facts that open with the same subject share its key exactly (causal attention): P = 1 by construction.

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kis_lens import __version__
+from kis_lens._version import __version__
 from kis_lens.cache_job import CacheReport, CovarianceRequest, cache_second_moments
 from kis_lens.config import KNOWLEDGE_TYPES, RunConfig
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts, sample_facts
 from kis_lens.hooks import layer_range
 from kis_lens.io import check_writable
-from kis_lens.keys import compute_keys
+from kis_lens.keys import Keys, compute_keys
 from kis_lens.matrices import MATRIX_NAMES, Whitener, activation_cos, all_matrices, q_matrix
 from kis_lens.models import HookedModel, load_model, model_info, resolve_prepend_bos
 from kis_lens.results import LEGACY_DIRS, RunResult, legacy_npy_path, load_result, run_dir, save_result
@@ -100,6 +100,48 @@ def ensure_covariances(
     return covariances, report
 
 
+def layer_matrices(
+    keys: Keys, names: Sequence[str], covariances: Mapping[int, Float[Tensor, "d_mlp d_mlp"]] | None = None, ridge: float = 0.0
+) -> tuple[dict[str, Float[Tensor, "layer fact fact"]], dict[str, float]]:
+    """Return ({matrix name: [layer, fact, fact]}, {layer: cond(C + ridge)}) for every layer of the keys.
+
+    P and the whitening cosine need each layer's C; Q and the activation cosine need none.
+    """
+    stacked: dict[str, list[Tensor]] = {name: [] for name in names}
+    conditions: dict[str, float] = {}
+    for layer in keys.layers:
+        layer_keys = keys.at_layer(layer).double()
+        if covariances:
+            whitener = Whitener.from_covariance(covariances[layer], ridge=ridge, label=f"layer {layer}'s covariance C")
+            conditions[str(layer)] = whitener.condition
+            matrices = all_matrices(layer_keys, whitener)
+        else:
+            matrices = {"q_matrix": q_matrix(layer_keys), "activation_cos": activation_cos(layer_keys)}
+        for name in names:
+            stacked[name].append(matrices[name].cpu())
+    return {name: torch.stack(values) for name, values in stacked.items()}, conditions
+
+
+def run_settings(
+    config: RunConfig, model: HookedModel, keys: Keys, covariance: Mapping[int, Mapping[str, Any]], conditions: Mapping[str, float]
+) -> dict[str, Any]:
+    """Return what a run records about how it was made: config, model record, keys, version, and each C's tokens, texts and condition."""
+    info = model_info(model)
+    settings: dict[str, Any] = {
+        "config": config.to_dict(),
+        "model": asdict(info),
+        "model_fingerprint": info.fingerprint,
+        "keys": keys.settings(),
+        "kis_lens_version": __version__,
+    }
+    if covariance:
+        # What each C really averages, which may be more than max_tokens asked for (a larger cache reused).
+        settings["covariance"] = {str(layer): dict(held) for layer, held in covariance.items()}
+    if conditions:
+        settings["covariance_condition_numbers"] = dict(conditions)  # of C + ridge, per layer
+    return settings
+
+
 def run_matrices(
     config: RunConfig = RunConfig(),
     names: Sequence[str] = MATRIX_NAMES,
@@ -114,36 +156,13 @@ def run_matrices(
     check_writable(config.output_dir)
     facts = select_facts(config, model)
     keys = compute_keys(model, facts, layers, config.token_position, resolve_prepend_bos(model, config.prepend_bos))
-    needs_covariance = any(name in ("p_matrix", "whitening_cos") for name in names)
-    covariances, report = ensure_covariances(config, model, layers) if needs_covariance else ({}, None)
-    stacked: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    conditions: dict[str, float] = {}
-    for layer in layers:
-        layer_keys = keys.at_layer(layer).double()
-        if needs_covariance:
-            whitener = Whitener.from_covariance(covariances[layer], ridge=config.ridge, label=f"layer {layer}'s covariance C")
-            conditions[str(layer)] = whitener.condition
-            matrices = all_matrices(layer_keys, whitener)
-        else:
-            matrices = {"q_matrix": q_matrix(layer_keys), "activation_cos": activation_cos(layer_keys)}
-        for name in names:
-            stacked[name].append(matrices[name])
-    info = model_info(model)
-    settings = {
-        "config": config.to_dict(),
-        "model": asdict(info),
-        "model_fingerprint": info.fingerprint,
-        "keys": keys.settings(),
-        "kis_lens_version": __version__,
-    }
-    if report is not None:
-        # What each C really averages, which may be more than max_tokens asked for (a larger cache reused).
-        settings["covariance"] = {
-            str(layer): {"tokens": cache.tokens, "texts": cache.texts, "path": str(cache.path)} for layer, cache in report.layers.items()
-        }
-    if conditions:
-        settings["covariance_condition_numbers"] = conditions  # of C + ridge, per layer
-    result = RunResult({name: torch.stack(values) for name, values in stacked.items()}, layers, facts, settings)
+    covariances: dict[int, Tensor] = {}
+    held: dict[int, dict[str, Any]] = {}
+    if any(name in ("p_matrix", "whitening_cos") for name in names):
+        covariances, report = ensure_covariances(config, model, layers)
+        held = {layer: {"tokens": cache.tokens, "texts": cache.texts, "path": str(cache.path)} for layer, cache in report.layers.items()}
+    matrices, conditions = layer_matrices(keys, names, covariances, config.ridge)
+    result = RunResult(matrices, layers, facts, run_settings(config, model, keys, held, conditions))
     save_result(result, config)
     return result
 

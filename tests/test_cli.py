@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 
 import numpy as np
 import pytest
 
-from kis_lens.cli import main
+from kis_lens.classify import ClassifyConfig
+from kis_lens.cli import FACT_FIELDS, build_parser, config_from_args, main, parse_bytes
+from kis_lens.config import ModelOptions, RunConfig
+from kis_lens.editing.lifelong import EditSimConfig
+from kis_lens.errors import KisError
+from kis_lens.reproduce import ReproduceConfig
 from kis_lens.runner import load_result
 
 MATRIX_DIRS = ("p_matrix", "q_matrix", "whitening_cos_matrix", "activation_cos_matrix")
@@ -76,3 +84,218 @@ def test_bad_input_exits_2_without_traceback(tmp_path, args, message):
     assert completed.returncode == 2
     assert message in completed.stderr and "Traceback" not in completed.stderr
     assert not list(tmp_path.rglob("*"))  # nothing written
+
+
+# --- Flags generated from the config dataclasses: one default per setting, both spellings, clear errors. ---
+
+# command -> (its config, the fields it deliberately leaves off the command line)
+CONFIG_COMMANDS = {
+    **{name: (RunConfig, ()) for name in ("all", "p-matrix", "q-matrix", "whitening-cos", "activation-cos")},
+    "cache-cov": (RunConfig, FACT_FIELDS),
+    "classify-facts": (ClassifyConfig, ("seed",)),
+    "reproduce": (ReproduceConfig, ("prepend_bos",)),
+    "edit-sim": (EditSimConfig, ("prepend_bos",)),
+}
+REQUIRED_ARGS = {
+    "merge-stats": ["a.safetensors", "--output_dir", "out"],
+    "import-stats": ["x.npz", "--model_name", "tiny-gpt2", "--layer", "0"],
+    "export-stats": ["c.safetensors", "--output", "x.npz"],
+    "report": ["--results", "run"],
+}
+
+
+def subcommands() -> dict:
+    """Return {name: subparser} of the `kis` parser."""
+    parser = build_parser()
+    (action,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def exposed(config_class: type, skip: tuple) -> list:
+    """Return the config fields a command puts on the command line."""
+    return [item for item in fields(config_class) if item.name not in skip]
+
+
+def flag_spellings(item) -> list[str]:
+    """Return the spellings users type for a field (bools that default to True are --no_<name>)."""
+    name = f"no_{item.name}" if item.default is True else item.name
+    return [f"--{name}", f"--{name.replace('_', '-')}"] if "_" in name else [f"--{name}"]
+
+
+def non_default_cli_value(item) -> tuple[list[str], object]:
+    """Return (value tokens after the flag, the field value they parse to), a value other than the default."""
+    if item.default is True:
+        return [], False
+    if isinstance(item.default, tuple):
+        return [",".join(item.default[:2])], item.default[:2]
+    if "choices" in item.metadata:
+        choice = next(choice for choice in item.metadata["choices"] if choice != item.default)
+        return [choice], choice
+    if item.name == "prepend_bos":
+        return ["false"], False
+    if isinstance(item.default, float):
+        return [str(item.default + 0.5)], item.default + 0.5
+    if isinstance(item.default, int) or (item.default is None and item.name in INT_NONE_FIELDS):
+        value = 3 if item.default is None else item.default + 1
+        return [str(value)], value
+    return ["some/other_value"], "some/other_value"
+
+
+INT_NONE_FIELDS = {"start_layer", "end_layer", "sample_size", "batch_token", "max_tokens"}
+
+
+@pytest.mark.parametrize("command", list(CONFIG_COMMANDS))
+def test_flag_defaults_are_the_config_defaults(command, monkeypatch, capsys):
+    config_class, skip = CONFIG_COMMANDS[command]
+    args = build_parser().parse_args([command])
+    assert config_from_args(args, config_class) == config_class()  # unset flags leave the dataclass default
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for item in exposed(config_class, skip):
+        if isinstance(item.default, bool):
+            continue
+        shown = item.metadata.get("none") if item.default is None else str(item.default)
+        shown = ",".join(item.default) if isinstance(item.default, tuple) else shown  # comma-separated on the command line
+        assert f"(default {shown}" in help_text or f"(default {item.metadata.get('cli_none')} = {shown}" in help_text, item.name
+
+
+@pytest.mark.parametrize("command", list(CONFIG_COMMANDS))
+def test_both_spellings_parse_to_the_same_config(command):
+    config_class, skip = CONFIG_COMMANDS[command]
+    parser = build_parser()
+    for item in exposed(config_class, skip):
+        tokens, expected = non_default_cli_value(item)
+        configs = [config_from_args(parser.parse_args([command, spelling, *tokens]), config_class) for spelling in flag_spellings(item)]
+        assert getattr(configs[0], item.name) == expected != getattr(config_class(), item.name), item.name
+        assert all(config == configs[0] for config in configs), item.name
+    if "max_tokens" in {item.name for item in fields(config_class)}:
+        assert config_from_args(parser.parse_args([command, "--max_tokens", "0"]), config_class).max_tokens is None  # 0 = no limit
+    snake = parser.parse_args([command, "--model_name", "tiny-gpt2", "--output_dir", "o", "--no_progress"])
+    kebab = parser.parse_args([command, "--model-name", "tiny-gpt2", "--output-dir", "o", "--no-progress"])
+    assert config_from_args(snake, config_class) == config_from_args(kebab, config_class)
+
+
+@pytest.mark.parametrize("command", list(CONFIG_COMMANDS))
+def test_help_lists_every_config_field(command, monkeypatch, capsys):
+    config_class, skip = CONFIG_COMMANDS[command]
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for item in exposed(config_class, skip):
+        for spelling in flag_spellings(item):
+            assert spelling in help_text, spelling
+        assert item.metadata["help"] in help_text, item.name
+    for name in skip:
+        assert f"--{name} " not in help_text
+    if config_class is RunConfig and not skip:
+        assert {item.name for item in exposed(config_class, skip)} == {item.name for item in fields(RunConfig)}
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["all", "--record_size", "0"], ["record_size must be at least 1", "--record_size 1 or more"]),
+        (["p-matrix", "--ridge", "-1"], ["ridge must be zero or positive", "--ridge 1e-6"]),
+        (["all", "--max-tokens", "-5"], ["max_tokens must be at least 1", "--max_tokens 1 or more"]),
+        (["cache-cov", "--sample_size", "0"], ["sample_size must be at least 1"]),
+        (["classify-facts", "--top_k", "0"], ["top_k must be at least 1", "--top_k 1 or more"]),
+        (["reproduce", "--n_top_pairs", "-1"], ["n_top_pairs must be at least 0"]),
+        (["edit-sim", "--n_edits", "1"], ["n_edits must be at least 2"]),
+        (["edit-sim", "--conditions", "rome,fancy"], ["unknown condition(s) ['fancy']", "choose from rome"]),
+    ],
+)
+def test_bad_setting_exits_2_before_the_model_loads(tmp_path, capsys, args, fragments):
+    # An unknown model would fail later with another message: the config is checked first.
+    code = main([*args, "--model_name", "no-such-model", "--output_dir", str(tmp_path / "out"), "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kis: error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not list(tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["all", "--record_size", "many"], "invalid int value: 'many'"),
+        (["all", "--knowledge-type", "some"], "invalid choice: 'some'"),
+        (["cache-cov", "--dtype", "float8"], "invalid choice: 'float8'"),
+        (["classify-facts", "--prepend_bos", "yes"], "invalid choice: 'yes'"),
+        (["cache-cov", "--record_size", "4"], "unrecognized arguments: --record_size"),
+    ],
+)
+def test_unparsable_flag_exits_2(capsys, args, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_every_subcommand_takes_debug():
+    parser = build_parser()
+    for name in subcommands():
+        required = REQUIRED_ARGS.get(name, [])
+        assert parser.parse_args([name, *required, "--debug"]).debug is True, name
+        assert parser.parse_args([name, *required]).debug is False, name
+
+
+def test_configs_validate_and_keep_keyword_construction():
+    config = RunConfig(model_name="tiny-gpt2", knowledge_type="all", record_size=16, max_tokens=2000)
+    assert isinstance(config, ModelOptions) and config.dtype is None and config.output_dir == "results"
+    assert RunConfig(**config.to_dict()) == config
+    assert isinstance(ReproduceConfig(), ClassifyConfig) and ReproduceConfig().model_name == RunConfig().model_name
+    for bad, message in [
+        (dict(knowledge_type="some"), "unknown knowledge_type 'some': use one of known, unknown, all"),
+        (dict(token_position="middle"), "unknown token_position 'middle'"),
+        (dict(record_size=0), "record_size must be at least 1"),
+        (dict(max_tokens=0), "max_tokens must be at least 1 (or None for no limit)"),
+        (dict(sample_size=-1), "sample_size must be at least 1"),
+        (dict(ridge=-0.5), "ridge must be zero or positive"),
+        (dict(ridge=float("nan")), "ridge must be zero or positive"),
+        (dict(dtype="float8"), "unknown dtype 'float8'"),
+        (dict(prepend_bos="yes"), "prepend_bos must be True, False or None"),
+        (dict(model_name=""), "model_name must be"),
+    ]:
+        with pytest.raises(KisError, match=re.escape(message)):
+            RunConfig(**bad)
+    with pytest.raises(KisError, match="top_k must be at least 1"):
+        ClassifyConfig(top_k=0)
+    with pytest.raises(KisError, match="BOS"):
+        ReproduceConfig(prepend_bos=True)
+    with pytest.raises(KisError, match="unknown condition"):
+        EditSimConfig(conditions=("rome", "fancy"))
+    assert EditSimConfig(model_name="tiny-gpt2", layer=0, n_edits=6, batch_size=3).dtype is None
+
+
+def test_cache_cov_token_budget(monkeypatch):
+    import kis_lens.runner
+
+    seen = []
+
+    class Report:
+        def summary(self):
+            return "ok"
+
+    def fake_job(config, **options):
+        seen.append((config, options))
+        return Report()
+
+    monkeypatch.setattr(kis_lens.runner, "cache_covariance_job", fake_job)
+    assert main(["cache-cov", "--device", "cpu"]) == 0
+    assert main(["cache-cov", "--device", "cpu", "--sample_size", "3"]) == 0  # --sample_size alone: every token of those texts
+    assert main(["cache-cov", "--device", "cpu", "--sample-size", "3", "--max_tokens", "500", "--checkpoint_every", "0"]) == 0
+    assert [config.max_tokens for config, _ in seen] == [RunConfig().max_tokens, None, 500]
+    assert seen[0][1]["stats_dtype"] == "float64" and seen[0][1]["checkpoint_every"] == 5_000_000 and seen[2][1]["checkpoint_every"] is None
+
+
+def test_parse_bytes():
+    assert parse_bytes("30GB") == 30 * 10**9 and parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes("2e9") == 2 * 10**9
+    assert parse_bytes(None) is None and parse_bytes(1024) == 1024
+    with pytest.raises(KisError, match="cannot read 'lots' as a memory size"):
+        parse_bytes("lots")
+    with pytest.raises(KisError, match="must be positive"):
+        parse_bytes("0GB")

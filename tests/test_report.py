@@ -15,16 +15,17 @@ import pytest
 import torch
 from plotly.offline import get_plotlyjs
 
-from kis_lens import report as report_module
 from kis_lens.cli import main
+from kis_lens.editing.lifelong import EditSimConfig, EditSimResult, edit_sim_dir
+from kis_lens.editing.plots import edit_simulation_sections
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
+from kis_lens.io import save_json
 from kis_lens.matrices import MATRIX_NAMES, all_matrices
 from kis_lens.report import (
     ReportSection,
     build_report,
     find_results,
-    register_section_provider,
     write_report,
 )
 from kis_lens.runner import RunConfig, RunResult, save_result
@@ -93,12 +94,11 @@ def test_report_lists_the_largest_pair_first():
 
 def test_extra_sections_and_registered_providers(monkeypatch):
     result = synthetic_result()
-    monkeypatch.setattr(report_module, "_SECTION_PROVIDERS", [])
     figure = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
-    register_section_provider(lambda run: [("Plugged in", figure)])
     report = build_report(
         result,
         names=["q_matrix"],
+        sections=[lambda run: [("Plugged in", figure)]],
         extra_sections=[
             ("Two figures", [figure, figure]),
             ("Notes", "<p id='note'>edited facts</p>"),
@@ -140,6 +140,34 @@ def test_kis_all_report_flag(tmp_path, capsys):
     report_path = Path(re.search(r"report: (\S+)", out).group(1))
     assert report_path.name == "report.html" and report_path.parent == find_results(tmp_path).parent
     assert (report_path.parent / "layer_summary.csv").is_file()
+
+
+def _save_edit_sim(output_dir: Path, model: str, layer: int, **config: str) -> None:
+    """Write a small edit_sim.json where `kis edit-sim` puts it, with the settings it records (no simulation run)."""
+    curve = {"n_edits": [1, 2], "efficacy": [1.0, 1.0], "retention": [None, 1.0], "unedited_logprob_drift": [0.1, 0.2]}
+    settings = {"config": EditSimConfig(model_name=model, layer=layer, output_dir=str(output_dir), **config).to_dict(), "model": {"name": model}}
+    result = EditSimResult({"rome": curve}, {}, {}, settings)
+    save_json(edit_sim_dir(output_dir, model, layer, 2) / "edit_sim.json", result.to_dict())
+
+
+def test_report_shows_only_the_edit_sims_of_its_own_run(tmp_path, capsys):
+    """Of the edit simulations under the run's output dir, the report shows those with its model, facts and corpus only."""
+    run_config = RunConfig(model_name="synthetic", output_dir=str(tmp_path))
+    result = synthetic_result()
+    result.settings = {**result.settings, "config": run_config.to_dict()}
+    save_result(result, run_config)
+    _save_edit_sim(tmp_path, "synthetic", 0)  # same model, facts source and corpus: shown
+    _save_edit_sim(tmp_path, "other-model", 1)  # another model
+    _save_edit_sim(tmp_path, "synthetic", 2, facts="my_facts.json")  # another facts file
+    _save_edit_sim(tmp_path, "synthetic", 3, corpus="other_corpus.txt")  # another corpus
+    titles = build_report(result, names=["q_matrix"], sections=[edit_simulation_sections]).section_titles
+    assert [title for title in titles if title.startswith("Lifelong editing")] == ["Lifelong editing: layer_0_n2"]
+    assert not any(title.startswith("Lifelong editing") for title in build_report(result, names=["q_matrix"]).section_titles)
+    assert main(["report", "--results", str(tmp_path), "--output", str(tmp_path / "r.html")]) == 0  # the CLI passes them
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "Lifelong editing: layer_0_n2" in html
+    assert not any(f"Lifelong editing: layer_{layer}_n2" in html for layer in (1, 2, 3))
+    assert "report:" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason="needs Debian chromium + chromium-driver (apt-get install chromium chromium-driver)")

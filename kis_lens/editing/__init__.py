@@ -1,0 +1,62 @@
+"""Closed-form edits of one layer's MLP output weight W_out (ROME, MEMIT, AlphaEdit) and the lifelong-editing simulation.
+
+- ``weights``:  apply / restore ΔW (``apply_delta``, ``applied_delta``; W_out's accessor is kis_lens.models.output_weight)
+- ``editors``:  ROME, MEMIT and AlphaEdit deltas, C⁻¹ solves, whitened-orthogonal keys
+- ``values``:   target values (``find_target_values``) and target log-probabilities
+- ``lifelong``: the edit simulation (``EditSimConfig``, ``run_edit_simulation``) and where its results live
+- ``metrics``:  the simulation's summary numbers; ``plots``: its figures and report sections
+
+>>> from kis_lens.editing import applied_delta, rome_delta
+"""
+
+from kis_lens.editing.editors import (
+    NullSpace,
+    alphaedit_delta,
+    alphaedit_update,
+    layer_outputs,
+    memit_delta,
+    memit_residual,
+    memit_update,
+    null_space_projector,
+    rank_one_delta,
+    rome_delta,
+    solve_covariance,
+    whitened_orthogonal_keys,
+)
+from kis_lens.editing.values import (
+    EditPrompt,
+    edit_prompt,
+    find_target_values,
+    target_logprobs,
+)
+from kis_lens.editing.weights import applied_delta, apply_delta
+from kis_lens.hooks import MLP_OUT_HOOK_TEMPLATE, mlp_out_hook_name
+from kis_lens.matrices import CovarianceLike, Whitener
+from kis_lens.models import OutputWeight, output_weight
+
+__all__ = [
+    "CovarianceLike",
+    "EditPrompt",
+    "MLP_OUT_HOOK_TEMPLATE",
+    "NullSpace",
+    "OutputWeight",
+    "Whitener",
+    "alphaedit_delta",
+    "alphaedit_update",
+    "applied_delta",
+    "apply_delta",
+    "edit_prompt",
+    "find_target_values",
+    "layer_outputs",
+    "memit_delta",
+    "memit_residual",
+    "memit_update",
+    "mlp_out_hook_name",
+    "null_space_projector",
+    "output_weight",
+    "rank_one_delta",
+    "rome_delta",
+    "solve_covariance",
+    "target_logprobs",
+    "whitened_orthogonal_keys",
+]

@@ -1,0 +1,51 @@
+"""Where edit simulations are saved and which of them belong to a matrices run: the one definition of that layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Where a simulation's results go, the only definition of that layout: <output_dir>/edit_sim/<model>/layer_L_nT/.
+EDIT_SIM_FOLDER = "edit_sim"
+EDIT_SIM_FILE = "edit_sim.json"
+_RUN_FOLDER = "layer_{layer}_n{n_edits}"
+# What ties a simulation to a matrices run besides the model: the same facts source and corpus, as both configs record them.
+RUN_IDENTITY_FIELDS: tuple[str, ...] = ("facts", "corpus")
+
+
+def edit_sim_dir(output_dir: str | Path, model: str, layer: int, n_edits: int) -> Path:
+    """Return the folder of one simulation's edit_sim.json and figures: <output_dir>/edit_sim/<model>/layer_<layer>_n<n_edits>."""
+    return Path(output_dir) / EDIT_SIM_FOLDER / model / _RUN_FOLDER.format(layer=layer, n_edits=n_edits)
+
+
+def find_edit_sims(output_dir: str | Path, model: str) -> list[Path]:
+    """Return the edit_sim.json of every simulation of the model saved under output_dir, sorted by path."""
+    pattern = f"{_RUN_FOLDER.format(layer='*', n_edits='*')}/{EDIT_SIM_FILE}"
+    return sorted((Path(output_dir) / EDIT_SIM_FOLDER / model).glob(pattern))
+
+
+def belongs_to_run(simulation_settings: dict[str, Any], run_settings: dict[str, Any]) -> bool:
+    """Return whether a saved simulation ran on a run's model, facts source and corpus (a field missing on either side: no)."""
+    model = (simulation_settings.get("model") or {}).get("name")
+    if model is None or model != (run_settings.get("model") or {}).get("name"):
+        return False
+    simulation_config, run_config = simulation_settings.get("config") or {}, run_settings.get("config") or {}
+    return all(
+        simulation_config.get(name) is not None and simulation_config.get(name) == run_config.get(name)
+        for name in RUN_IDENTITY_FIELDS
+    )
+
+
+def edit_sims_of_run(run_settings: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
+    """Return (path, saved edit_sim.json) of every simulation under a run's output dir that belongs to the run."""
+    model = (run_settings.get("model") or {}).get("name")
+    if not model:
+        return []
+    output_dir = (run_settings.get("config") or {}).get("output_dir", "")
+    found = []
+    for path in find_edit_sims(output_dir, model):
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if belongs_to_run(saved.get("settings") or {}, run_settings):
+            found.append((path, saved))
+    return found

@@ -3,19 +3,21 @@
 Pipeline: corpus → hooks → stats/covariance → keys → matrices → analysis → plots/report.
 """
 
-__version__ = "0.1.0"
-
-from kis_lens.errors import KisError  # noqa: E402
-from kis_lens.facts import Fact, load_facts, sample_facts  # noqa: E402
-from kis_lens.hooks import capture_mlp_inputs, mlp_in_hook_name, run_mlp_hooks  # noqa: E402
-from kis_lens.keys import Keys, compute_keys, locate_subject  # noqa: E402
-from kis_lens.matrices import Whitener, activation_cos, all_matrices, p_matrix, q_matrix, whitening_cos  # noqa: E402
-from kis_lens.models import load_model, model_info  # noqa: E402
-from kis_lens.stats import SecondMoment  # noqa: E402
-from kis_lens.covariance import estimate_second_moments  # noqa: E402
+from kis_lens._version import __version__
+from kis_lens.covariance import estimate_second_moments
+from kis_lens.errors import KisError
+from kis_lens.facts import Fact, load_facts, sample_facts
+from kis_lens.hooks import capture_mlp_inputs, mlp_in_hook_name, run_mlp_hooks
+from kis_lens.keys import Keys, compute_keys, locate_subject
+from kis_lens.matrices import Whitener, activation_cos, all_matrices, p_matrix, q_matrix, whitening_cos
+from kis_lens.models import HookedModel, ModelInfo, load_model, model_info
+from kis_lens.stats import SecondMoment
 
 __all__ = [
+    "__version__",
     "Fact",
+    "HookedModel",
+    "ModelInfo",
     "KisError",
     "Keys",
     "SecondMoment",

@@ -1,0 +1,71 @@
+"""The package is a map of the pipeline: every module imports only modules below it (lazy imports included)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "kis_lens"
+
+# Bottom to top. A module may import from any earlier level, never from its own level or a later one.
+LEVELS: list[tuple[str, ...]] = [
+    ("errors", "_version", "tiny"),
+    ("io", "facts", "tokens", "stats", "matrices"),
+    ("models",),
+    ("hooks", "corpus", "distributed"),
+    ("keys", "covariance", "storage"),
+    ("config", "cache_job", "testing"),
+    ("classify", "results"),
+    ("runner",),
+    ("analysis", "editing.weights", "editing.editors", "editing.values", "editing.metrics", "editing.results"),
+    ("plots",),
+    ("report",),
+    ("editing.plots",),
+    ("editing.lifelong",),
+    ("reproduce", "editing"),
+    # Entry points and re-export shims kept for old import paths.
+    ("cli", "__init__", "lifelong", "plots_editing"),
+]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    name = ".".join(parts)
+    return "__init__" if name == "__init__" else name.removesuffix(".__init__")
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kis_lens"):
+            found.add(node.module.removeprefix("kis_lens").lstrip(".") or "__init__")
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.removeprefix("kis_lens.") for alias in node.names if alias.name.startswith("kis_lens."))
+    return found
+
+
+def test_every_module_has_a_level():
+    """A new module must be placed in the pipeline on purpose."""
+    level_of = {module for level in LEVELS for module in level}
+    modules = {_module_name(path) for path in PACKAGE.rglob("*.py")}
+    assert modules - level_of == set(), "add these modules to LEVELS"
+    assert level_of - modules == set(), "LEVELS names modules that no longer exist"
+
+
+def test_imports_only_go_down_the_pipeline():
+    """No module imports one at its own level or above it, so data flows one way and there are no cycles."""
+    level_of = {module: index for index, level in enumerate(LEVELS) for module in level}
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        for target in _imports(path):
+            if target != module and level_of[target] >= level_of[module]:
+                upward.append(f"{module} (level {level_of[module]}) imports {target} (level {level_of[target]})")
+    assert upward == []
+
+
+def test_result_readers_do_not_import_the_jobs():
+    """analysis, plots and report read results files; they never need the job modules that write them."""
+    jobs = {"runner", "cache_job", "covariance", "reproduce", "cli"}
+    for reader in ("analysis", "plots", "report", "results"):
+        assert _imports(PACKAGE / f"{reader}.py") & jobs == set(), reader

@@ -56,6 +56,7 @@ def scaling_exponent(sizes: Sequence[float], seconds: Sequence[float]) -> float:
 # P matrix: original per-pair algorithm vs kis_lens (benchmarks/matrices.py)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def counted(row: dict[str, Any]) -> bool:
     """Return whether a row was written by the reference that runs and counts the original's N² + 2N forwards.
 
@@ -110,7 +111,8 @@ def matrices_markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
     legacy = not all(counted(row) for row in rows)
     lines = [
-        f"# P matrix: original per-pair algorithm vs kis_lens ({report['model']}, {report['device']}, {report['dtype']})",
+        f"# P matrix: original per-pair algorithm vs kis_lens "
+        f"({report['model']}, {report['device']}, {report['dtype']})",
         "",
     ]
     if legacy:
@@ -131,7 +133,8 @@ def matrices_markdown(report: dict[str, Any]) -> str:
     ]
     if legacy:
         lines.append(
-            f"The original is timed on layer {report['reference_layer']} and multiplied by {report['n_layers']} for all "
+            f"The original is timed on layer {report['reference_layer']} and multiplied by {report['n_layers']} "
+            "for all "
             "layers (its forwards cost the same at every layer). Rows marked * ran only the first entries of the "
             f"original (within {report['budget_s']} s) and extrapolate its time as N² × measured time per entry. "
             f"kis_lens times are the median of {report.get('kis_lens_repeats', 1)} run(s) and include keys for all N "
@@ -140,7 +143,8 @@ def matrices_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append(
             "The original (`Compute_PMatrix.py`) runs as written: per layer one explicit inverse of C, computed once "
-            "and cached; per row i one unbatched full forward for C⁻¹k_i and one for k_i; per entry (i, j) one for k_j. "
+            "and cached; per row i one unbatched full forward for C⁻¹k_i and one for k_i; per entry (i, j) one for "
+            "k_j. "
             "That is N² + 2N forwards per layer, counted in the run (a row whose count differs stops the benchmark). "
             f"It is timed on layer {report['reference_layer']} and multiplied by {report['n_layers']} for all layers "
             "(its forwards cost the same at every layer). Rows marked * ran only the first entries in the original's "
@@ -159,10 +163,13 @@ def matrices_markdown(report: dict[str, Any]) -> str:
     for row in rows:
         n = row["n_facts"]
         star = "*" if row["original_extrapolated"] else ""
-        per_layer = f"{row['forwards_per_layer']:,} (counted)" if counted(row) else f"{2 * n * n:,} (2N², earlier reference)"
+        per_layer = (
+            f"{row['forwards_per_layer']:,} (counted)" if counted(row) else f"{2 * n * n:,} (2N², earlier reference)"
+        )
         lines.append(
             f"| {n} | {row['kis_all_layers_s']:.3f} | {row['original_all_layers_s']:.1f}{star} | "
-            f"{row['speedup_all_layers']:,.0f}× | {row['kis_one_layer_s']:.3f} | {row['original_one_layer_s']:.1f}{star} | "
+            f"{row['speedup_all_layers']:,.0f}× | {row['kis_one_layer_s']:.3f} | "
+            f"{row['original_one_layer_s']:.1f}{star} | "
             f"{row['speedup_one_layer']:,.0f}× | {per_layer} | {forwards_timed(row):,} | {row['max_abs_diff']:.1e} |"
         )
     per_forward = pooled_per_forward(rows)
@@ -213,12 +220,14 @@ def matrices_readme_row(report: dict[str, Any]) -> str:
     else:
         per_forward = pooled_per_forward(rows)
         estimates = ", ".join(
-            f"{original_estimate(row, per_forward, report['n_layers']) / row['kis_all_layers_s']:,.0f}× (N = {row['n_facts']})"
+            f"{original_estimate(row, per_forward, report['n_layers']) / row['kis_all_layers_s']:,.0f}× "
+            f"(N = {row['n_facts']})"
             for row in quoted
         )
         reported = " / ".join(f"{row['speedup_all_layers']:,.0f}×" for row in quoted)
         number = (
-            f"{same}; speed-up ≈ {estimates}: the original's N² + 2N forwards at {per_forward:.2f} s each, pooled from a "
+            f"{same}; speed-up ≈ {estimates}: the original's N² + 2N forwards at {per_forward:.2f} s each, "
+            "pooled from a "
             f"run of the earlier reference (2N² forwards per layer; it reported {reported}); rerun pending"
         )
     return f"| {what} | {number} |"
@@ -227,6 +236,7 @@ def matrices_readme_row(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Covariance caching throughput (benchmarks/covariance.py)
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def covariance_best_of(report: dict[str, Any]) -> str:
     """Return the sentence on repeats: (a), (b), (c) best of 2 since (c) was; earlier JSONs ran (c) once."""
@@ -253,16 +263,19 @@ def covariance_markdown(report: dict[str, Any]) -> str:
     for r in results:
         t = r["tok_s"]
         lines.append(
-            f"| {r['model']} | {r['batch_token']} | {r['tokens']} | {t['a_bare_forward']:.0f} | {t['b_kis_all_layers']:.0f} "
+            f"| {r['model']} | {r['batch_token']} | {r['tokens']} | {t['a_bare_forward']:.0f} "
+            f"| {t['b_kis_all_layers']:.0f} "
             f"| {t['c_layer_at_a_time']:.0f} | {r['ratio_b_over_a']:.2f} | {r['ideal_b_over_a']:.2f} "
-            f"| {r['ratio_b_over_c']:.1f} (target {r['target_b_over_c']:.1f}) | {r['accumulator_bytes_all_layers'] / 1e9:.2f} GB |"
+            f"| {r['ratio_b_over_c']:.1f} (target {r['target_b_over_c']:.1f}) "
+            f"| {r['accumulator_bytes_all_layers'] / 1e9:.2f} GB |"
         )
     for r in results:
         gain = r.get("default_batch_row_groups")
         if gain:
             lines += [
                 "",
-                f"{r['model']} at the default batch_token ({gain['batch_token']}, {gain['tokens']} tokens): whole-batch "
+                f"{r['model']} at the default batch_token ({gain['batch_token']}, {gain['tokens']} tokens): "
+                "whole-batch "
                 f"forwards {gain['tok_s']['whole_batches']:.0f} tok/s, row groups of {gain['group_tokens']} tokens "
                 f"{gain['tok_s']['row_groups']:.0f} tok/s ({gain['speedup']:.2f}×).",
             ]
@@ -296,7 +309,8 @@ def covariance_readme_lines(report: dict[str, Any]) -> list[str]:
         for index, (model, rs) in enumerate(groups.items())
     )
     lines = [
-        f"| covariance, all layers in one pass vs layer at a time (`benchmarks/covariance.py`, batch_token {batch_tokens}) "
+        "| covariance, all layers in one pass vs layer at a time "
+        f"(`benchmarks/covariance.py`, batch_token {batch_tokens}) "
         f"| {one_pass} |",
         f"| covariance vs a bare forward to the last MLP (b/a; target 0.8) | {bare} |",
     ]
@@ -312,7 +326,7 @@ def covariance_readme_lines(report: dict[str, Any]) -> list[str]:
     paragraph = (
         "On this CPU the statistics cannot be free. One triangle of XᵀX per layer costs d_mlp²/2 multiply-adds\n"
         "per token: for GPT-2 small (d_mlp = 4·d_model) that is two thirds of the forward's own arithmetic, for\n"
-        "SmolLM2 a third. The benchmark's \"ceiling\" is b/a if the statistics cost nothing but those products at the\n"
+        'SmolLM2 a third. The benchmark\'s "ceiling" is b/a if the statistics cost nothing but those products at the\n'
         f"rate they reach alone; kis_lens runs at {100 * min(shares):.0f}–{100 * max(shares):.0f}% of it (the float64 "
         "totals and the rest cost the\n"
         "difference). The 0.8 target is above that ceiling for exact float32 products on this machine. The same\n"
@@ -325,13 +339,15 @@ def covariance_readme_lines(report: dict[str, Any]) -> list[str]:
 # kis reproduce (its JSON is copied into benchmarks/results; its Markdown is docs/reproduction.md)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def reproduction_readme_row(report: dict[str, Any]) -> str:
     """Return the README row for one reproduction_*.json."""
     covariance, settings = report["covariance"], report["settings"]
     errors = [layer["half_error"]["relative_rms"] for layer in report["layers"]]
     return (
         f"| `kis reproduce --max_tokens {settings['max_tokens']}` ({report['model']['name']}, two "
-        f"{covariance['tokens_half1'] / 1000:.0f}k-token halves) | {report['seconds']['total']:,.0f} s; P from half the "
+        f"{covariance['tokens_half1'] / 1000:.0f}k-token halves) | {report['seconds']['total']:,.0f} s; "
+        "P from half the "
         f"tokens differs by {100 * min(errors):.1f}–{100 * max(errors):.1f}% RMS |"
     )
 
@@ -340,6 +356,7 @@ def reproduction_readme_row(report: dict[str, Any]) -> str:
 # Putting it together
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def load(path: Path) -> dict[str, Any]:
     """Return one JSON file."""
     return json.loads(path.read_text(encoding="utf-8"))
@@ -347,7 +364,9 @@ def load(path: Path) -> dict[str, Any]:
 
 def markdown_files(results_dir: Path = RESULTS_DIR) -> dict[Path, str]:
     """Return {path of the .md beside each benchmark JSON: its rendered text}."""
-    files = {path.with_suffix(".md"): matrices_markdown(load(path)) for path in sorted(results_dir.glob("matrices_*.json"))}
+    files = {
+        path.with_suffix(".md"): matrices_markdown(load(path)) for path in sorted(results_dir.glob("matrices_*.json"))
+    }
     covariance = results_dir / "covariance.json"
     if covariance.exists():
         files[covariance.with_suffix(".md")] = covariance_markdown(load(covariance))

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from kis_lens.corpus import open_corpus
-from kis_lens.tokens import token_batches
 from kis_lens.covariance import CPU_FORWARD_TOKENS, accumulate_batches, forward_row_groups
 from kis_lens.hooks import run_mlp_hooks
 from kis_lens.stats import SecondMoment, triangle_size, upper_gram_blocks
+from kis_lens.tokens import token_batches
 
 RESULTS = Path(__file__).parent / "results"
 BEST_OF = 2  # (a), (b) and (c) each keep the fastest of this many alternating runs
@@ -47,8 +47,17 @@ def gpt2_small_random():
     from kis_lens.testing import tiny_tokenizer
 
     config = TransformerBridgeConfig(
-        n_layers=12, d_model=768, d_head=64, n_heads=12, d_mlp=3072, n_ctx=1024, d_vocab=2048,
-        act_fn="gelu_new", normalization_type="LN", model_name="gpt2-small-random", seed=0,
+        n_layers=12,
+        d_model=768,
+        d_head=64,
+        n_heads=12,
+        d_mlp=3072,
+        n_ctx=1024,
+        d_vocab=2048,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        model_name="gpt2-small-random",
+        seed=0,
     )
     model = TransformerBridge.boot_native(config, tokenizer=tiny_tokenizer(), device="cpu")
     return model.eval()
@@ -57,7 +66,9 @@ def gpt2_small_random():
 def fixed_batches(model, tokens: int, batch_token: int) -> list:
     """Return the first batches of the embedded corpus holding about `tokens` real tokens."""
     batches, seen = [], 0
-    for batch in token_batches(model.tokenizer, open_corpus("wikipedia-offline").texts(stop=2000), 1024, batch_token, False):
+    for batch in token_batches(
+        model.tokenizer, open_corpus("wikipedia-offline").texts(stop=2000), 1024, batch_token, False
+    ):
         batches.append(batch)
         seen += batch.n_tokens
         if seen >= tokens:
@@ -114,9 +125,13 @@ def row_group_gain(model, tokens: int) -> dict:
     for _ in range(2):
         seconds["whole_batches"] = min(seconds["whole_batches"], timed(run, None))
         seconds["row_groups"] = min(seconds["row_groups"], timed(run, CPU_FORWARD_TOKENS))
-    return {"batch_token": n_ctx, "tokens": n_tokens, "group_tokens": CPU_FORWARD_TOKENS,
-            "tok_s": {name: n_tokens / value for name, value in seconds.items()},
-            "speedup": seconds["whole_batches"] / seconds["row_groups"]}
+    return {
+        "batch_token": n_ctx,
+        "tokens": n_tokens,
+        "group_tokens": CPU_FORWARD_TOKENS,
+        "tok_s": {name: n_tokens / value for name, value in seconds.items()},
+        "speedup": seconds["whole_batches"] / seconds["row_groups"],
+    }
 
 
 def timed(fn, *args) -> float:
@@ -150,7 +165,7 @@ def measure(name: str, model, tokens: int, batch_token: int) -> dict:
             b = min(b, timed(all_layers, model, batches))
             for layer in sampled:
                 per_layer[layer] = min(per_layer[layer], timed(one_layer_dense, model, batches, layer))
-    slope, intercept = np.polyfit(sampled, [per_layer[l] for l in sampled], 1)
+    slope, intercept = np.polyfit(sampled, [per_layer[layer] for layer in sampled], 1)
     c = float(sum(intercept + slope * layer for layer in range(n_layers)))
     rows_per_batch = n_tokens // len(batches)
     arithmetic = n_tokens * n_layers * triangle_size(d_mlp) / product_rate(d_mlp, rows_per_batch)
@@ -200,17 +215,27 @@ def main() -> None:
             print(json.dumps(gain, indent=2))
             results[-1]["default_batch_row_groups"] = gain
         del model
-    environment = {"device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    environment = {
+        "device": "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment, "results": results}
     (RESULTS / "covariance.json").write_text(json.dumps(report, indent=2))
     (RESULTS / "covariance.md").write_text(_load_render().covariance_markdown(report))
-    print(f"written: {RESULTS / 'covariance.json'}, {RESULTS / 'covariance.md'}; now run benchmarks/render.py for the README")
+    print(
+        f"written: {RESULTS / 'covariance.json'}, {RESULTS / 'covariance.md'}; "
+        "now run benchmarks/render.py for the README"
+    )
 
 
 def _load_render():
     """Return benchmarks/render.py, which owns the Markdown (loaded by path: benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("kis_benchmarks_render", Path(__file__).resolve().with_name("render.py"))
+    spec = importlib.util.spec_from_file_location(
+        "kis_benchmarks_render", Path(__file__).resolve().with_name("render.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -55,7 +55,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 def _load_render() -> Any:
     """Return benchmarks/render.py, which owns the Markdown (loaded by path: benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("kis_benchmarks_render", Path(__file__).resolve().with_name("render.py"))
+    spec = importlib.util.spec_from_file_location(
+        "kis_benchmarks_render", Path(__file__).resolve().with_name("render.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -121,7 +123,7 @@ def count_original_work(n: int) -> OriginalWork:
 
 
 def reference_key(model: Any, fact: Fact, prepend_bos: bool, captured: dict[str, Tensor]) -> Float[Tensor, " d_mlp"]:
-    """Return one fact's key the original way: a full, unbatched forward of that prompt alone (hook already attached)."""
+    """Return one fact's key the original way: one full, unbatched forward of that prompt alone (hook attached)."""
     located = locate_subject(model.tokenizer, fact, prepend_bos)
     captured["position"] = torch.tensor([located.subject_last])
     with torch.no_grad():
@@ -156,7 +158,9 @@ def kis_lens_p_matrices(
 ) -> dict[int, Float[Tensor, "fact fact"]]:
     """Return P for every layer the kis_lens way: keys once for all layers, one Cholesky per layer."""
     keys = compute_keys(model, facts, layers, prepend_bos=prepend_bos)
-    return {layer: p_matrix(keys.at_layer(layer).double(), Whitener.from_covariance(covariances[layer])) for layer in layers}
+    return {
+        layer: p_matrix(keys.at_layer(layer).double(), Whitener.from_covariance(covariances[layer])) for layer in layers
+    }
 
 
 @dataclass
@@ -192,8 +196,10 @@ def check_original_work(n: int, work: OriginalWork) -> None:
     expected = OriginalWork(forwards=n * n + 2 * n, inversions=1, inverse_products=n, entries=n * n)
     counted = (work.forwards, work.inversions, work.inverse_products, work.entries)
     if counted != (expected.forwards, expected.inversions, expected.inverse_products, expected.entries):
-        raise RuntimeError(f"the reference's work for N={n} is not the original's: counted (forwards, inverses, "
-                           f"C⁻¹k, entries) = {counted}, the original does {(n * n + 2 * n, 1, n, n * n)}")
+        raise RuntimeError(
+            f"the reference's work for N={n} is not the original's: counted (forwards, inverses, "
+            f"C⁻¹k, entries) = {counted}, the original does {(n * n + 2 * n, 1, n, n * n)}"
+        )
 
 
 def timed(function: Callable[..., Any], *args: Any) -> tuple[Any, float]:
@@ -210,8 +216,10 @@ def median_timed(repeats: int, function: Callable[..., Any], *args: Any) -> tupl
     return runs[-1][0], seconds[len(seconds) // 2]
 
 
-def covariances_for(model: Any, layers: Sequence[int], output_dir: str, cov_tokens: int) -> tuple[dict[int, Tensor], dict[str, Any]]:
-    """Return {layer: C}: the `kis reproduce` caches under output_dir when present, else kis_lens caches on cov_tokens tokens."""
+def covariances_for(
+    model: Any, layers: Sequence[int], output_dir: str, cov_tokens: int
+) -> tuple[dict[int, Tensor], dict[str, Any]]:
+    """Return {layer: C}: `kis reproduce` caches under output_dir if any, else kis_lens caches on cov_tokens tokens."""
     from kis_lens.reproduce import load_half_moments, merged
     from kis_lens.runner import RunConfig, ensure_covariances
     from kis_lens.storage import read_metadata, stats_path
@@ -220,7 +228,10 @@ def covariances_for(model: Any, layers: Sequence[int], output_dir: str, cov_toke
     if halves is not None:
         moments = {layer: merged(halves["half1"][layer], halves["half2"][layer]) for layer in layers}
         tokens = moments[layers[0]].count
-        return {layer: moment.compute(torch.float64) for layer, moment in moments.items()}, {"tokens": tokens, "corpus": "wikipedia-offline (kis reproduce cache)"}
+        return {layer: moment.compute(torch.float64) for layer, moment in moments.items()}, {
+            "tokens": tokens,
+            "corpus": "wikipedia-offline (kis reproduce cache)",
+        }
     config = RunConfig(model_name=model_info(model).name, output_dir=output_dir, max_tokens=cov_tokens, progress=True)
     covariances, _ = ensure_covariances(config, model, layers)
     metadata = read_metadata(stats_path(output_dir, model_info(model).name, config.corpus, layers[0]))
@@ -237,8 +248,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     layer = args.layer if args.layer is not None else layers[len(layers) // 2]
     covariances, cov_info = covariances_for(model, layers, args.output_dir, args.cov_tokens)
     facts = load_facts(args.facts)[: max(args.sizes)]
-    print(f"{info.name}: {info.n_layers} layers, d_mlp {info.d_mlp}; covariance from {cov_info['tokens']} tokens; "
-          f"reference layer {layer}; device {model_device(model)}, dtype {args.dtype}")
+    print(
+        f"{info.name}: {info.n_layers} layers, d_mlp {info.d_mlp}; covariance from {cov_info['tokens']} tokens; "
+        f"reference layer {layer}; device {model_device(model)}, dtype {args.dtype}"
+    )
     # Warm-up so that neither side pays one-time costs (allocations, kernels) inside its timing.
     kis_lens_p_matrices(model, facts[:4], [layer], covariances, prepend_bos)
     (_, warm), warm_seconds = timed(reference_p_matrix, model, facts[:2], layer, covariances[layer], prepend_bos)
@@ -247,13 +260,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[Row] = []
     for n in args.sizes:
         chosen = facts[:n]
-        all_p, kis_all = median_timed(args.repeats, kis_lens_p_matrices, model, chosen, layers, covariances, prepend_bos)
-        one_p, kis_one = median_timed(args.repeats, kis_lens_p_matrices, model, chosen, [layer], covariances, prepend_bos)
+        all_p, kis_all = median_timed(
+            args.repeats, kis_lens_p_matrices, model, chosen, layers, covariances, prepend_bos
+        )
+        one_p, kis_one = median_timed(
+            args.repeats, kis_lens_p_matrices, model, chosen, [layer], covariances, prepend_bos
+        )
         # Run the original in full when the last measured time per forward says it fits the budget.
         full_work = count_original_work(n)
         full = inverse_s + per_forward * full_work.forwards <= args.budget_s
         max_pairs = None if full else max(4, int((args.budget_s - inverse_s) / per_forward * n / (n + 2)))
-        (ref_p, work), ref_time = timed(reference_p_matrix, model, chosen, layer, covariances[layer], prepend_bos, max_pairs)
+        (ref_p, work), ref_time = timed(
+            reference_p_matrix, model, chosen, layer, covariances[layer], prepend_bos, max_pairs
+        )
         full = work.entries == n * n
         if full:
             full_work = work  # the timed run's own count
@@ -264,21 +283,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         done = ~torch.isnan(ref_p)
         diff = float((ref_p[done] - one_p[layer][done]).abs().max())
         diff = max(diff, float((one_p[layer] - all_p[layer]).abs().max()))
-        row = Row(n, kis_all, kis_one, original_one, original_one * len(layers), not full, ref_time, full_work.forwards,
-                  full_work.inversions, full_work.inverse_products, work.forwards, work.entries, work.inverse_s, diff)
+        row = Row(
+            n,
+            kis_all,
+            kis_one,
+            original_one,
+            original_one * len(layers),
+            not full,
+            ref_time,
+            full_work.forwards,
+            full_work.inversions,
+            full_work.inverse_products,
+            work.forwards,
+            work.entries,
+            work.inverse_s,
+            diff,
+        )
         rows.append(row)
-        print(f"N={n:4d}  kis_lens all {len(layers)} layers {kis_all:8.3f} s | one layer {kis_one:7.3f} s  ||  original one layer "
-              f"{original_one:9.1f} s{' (extrapolated from %d forwards)' % work.forwards if not full else ''}, all layers "
-              f"{row.original_all_layers_s:10.1f} s  ||  speed-up {row.speedup_all_layers():9.0f}x (all layers), "
-              f"{row.speedup_one_layer():8.0f}x (one layer)  max|ΔP| {diff:.2e}  ||  original forwards per layer "
-              f"{full_work.forwards} (counted{'' if full else ' on the stubbed loop'}; N²+2N = {n * n + 2 * n}), "
-              f"{full_work.inversions} inverse, {full_work.inverse_products} C⁻¹k", flush=True)
+        print(
+            f"N={n:4d}  kis_lens all {len(layers)} layers {kis_all:8.3f} s | one layer {kis_one:7.3f} s  ||  "
+            f"original one layer {original_one:9.1f} s"
+            f"{f' (extrapolated from {work.forwards} forwards)' if not full else ''}, all layers "
+            f"{row.original_all_layers_s:10.1f} s  ||  speed-up {row.speedup_all_layers():9.0f}x (all layers), "
+            f"{row.speedup_one_layer():8.0f}x (one layer)  max|ΔP| {diff:.2e}  ||  original forwards per layer "
+            f"{full_work.forwards} (counted{'' if full else ' on the stubbed loop'}; N²+2N = {n * n + 2 * n}), "
+            f"{full_work.inversions} inverse, {full_work.inverse_products} C⁻¹k",
+            flush=True,
+        )
     return {
         "model": info.name,
         "n_layers": info.n_layers,
         "d_mlp": info.d_mlp,
         "device": str(model_device(model)),
-        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() and "cuda" in str(model_device(model)) else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name()
+        if torch.cuda.is_available() and "cuda" in str(model_device(model))
+        else platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "reference_layer": layer,
@@ -287,8 +326,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "budget_s": args.budget_s,
         "kis_lens_repeats": args.repeats,
         "reference": "Compute_PMatrix.py as written: per layer one explicit inverse of C; per row i one forward for "
-                     "C⁻¹k_i and one for k_i; per entry one forward for k_j (N² + 2N forwards per layer, counted)",
-        "rows": [dict(vars(row), speedup_all_layers=row.speedup_all_layers(), speedup_one_layer=row.speedup_one_layer()) for row in rows],
+        "C⁻¹k_i and one for k_i; per entry one forward for k_j (N² + 2N forwards per layer, counted)",
+        "rows": [
+            dict(vars(row), speedup_all_layers=row.speedup_all_layers(), speedup_one_layer=row.speedup_one_layer())
+            for row in rows
+        ],
     }
 
 
@@ -298,7 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model_name", default="smollm2-135m")
     parser.add_argument("--facts", default="counterfact-known")
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
-    parser.add_argument("--layer", type=int, default=None, help="layer the original is timed on (default the middle one)")
+    parser.add_argument(
+        "--layer", type=int, default=None, help="layer the original is timed on (default the middle one)"
+    )
     parser.add_argument("--budget_s", type=float, default=60.0, help="most seconds the original loop runs per N")
     parser.add_argument("--repeats", type=int, default=1, help="kis_lens timings are the median of this many runs")
     parser.add_argument("--cov_tokens", type=int, default=20_000, help="tokens for the covariance when no cache exists")

@@ -25,11 +25,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kis_lens.errors import KisError
-from kis_lens.results import RunResult
 from kis_lens.facts import Fact
 from kis_lens.io import atomic_write
 from kis_lens.matrices import MATRIX_NAMES
-
+from kis_lens.results import RunResult
 
 DEFAULT_THRESHOLD = 0.1
 RankBy = Literal["abs", "value"]
@@ -274,9 +273,7 @@ class OrthogonalityComparison:
         return {**asdict(self), "whitening_over_random": self.whitening_over_random}
 
 
-def orthogonality_comparison(
-    result: RunResult, threshold: float = DEFAULT_THRESHOLD
-) -> list[OrthogonalityComparison]:
+def orthogonality_comparison(result: RunResult, threshold: float = DEFAULT_THRESHOLD) -> list[OrthogonalityComparison]:
     """Return, per layer, the off-diagonal |cos| of keys in whitened and activation space and a random baseline.
 
     Whitening with C⁻¹ removes the corpus-wide correlations, yet the paper finds the whitened keys

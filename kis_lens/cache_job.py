@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from kis_lens._version import __version__
 from kis_lens.corpus import Corpus, open_corpus
-from kis_lens.tokens import token_batches
 from kis_lens.covariance import TextIndex, accumulate_batches, check_batch_token, stream_index
 from kis_lens.distributed import all_reduce_ints, all_reduce_moments, barrier, rank_and_world
 from kis_lens.errors import KisError
@@ -43,6 +42,7 @@ from kis_lens.storage import (
     stats_dir,
     stats_path,
 )
+from kis_lens.tokens import token_batches
 
 DEFAULT_CHECKPOINT_EVERY = 5_000_000
 DEFAULT_SORT_WINDOW = 1024
@@ -107,7 +107,10 @@ class CacheReport:
         held = " / ".join(f"{tokens:,} tokens from {texts:,} texts" for tokens, texts in counts)
         parts = [f"covariance of {len(self.paths)} layers: {held}"]
         if self.computed_tokens:
-            parts.append(f"{self.computed_tokens:,} tokens run in {self.seconds:.1f} s ({self.computed_tokens / max(self.seconds, 1e-9):,.0f} tok/s)")
+            parts.append(
+                f"{self.computed_tokens:,} tokens run in {self.seconds:.1f} s "
+                f"({self.computed_tokens / max(self.seconds, 1e-9):,.0f} tok/s)"
+            )
         if self.reused:
             parts.append(f"{len(self.reused)} layers reused")
         if self.extended:
@@ -179,7 +182,14 @@ class PassPlan:
 
     def state_key(self) -> tuple[Any, ...]:
         """Return what layers must share to be extended in the same pass."""
-        return (self.start_text, self.position, self.initial_tokens, self.initial_texts, self.batch_token, self.sort_window)
+        return (
+            self.start_text,
+            self.position,
+            self.initial_tokens,
+            self.initial_texts,
+            self.batch_token,
+            self.sort_window,
+        )
 
 
 @dataclass
@@ -208,7 +218,9 @@ def cache_second_moments(model: HookedModel, layers: Sequence[int], request: Cov
     info = model_info(model)
     check_batch_token(request.batch_token, info.n_ctx)
     corpus = open_corpus(request.corpus)
-    setting = JobSetting(request, info, corpus, resolve_prepend_bos(model, request.prepend_bos), corpus.stop_for(request.sample_size))
+    setting = JobSetting(
+        request, info, corpus, resolve_prepend_bos(model, request.prepend_bos), corpus.stop_for(request.sample_size)
+    )
     setting.key(layers[0])  # checks the stats dtype before anything is written
     # Everything checkable is checked before the first byte is written (or the lock is taken).
     check_writable(setting.folder)
@@ -253,8 +265,13 @@ def _extension_plan(setting: JobSetting, layer: int, found: dict[str, Any]) -> P
             "(or none), or delete it to recompute"
         )
     return PassPlan(
-        [layer], int(found["stream_start"]), (int(position[0]), int(position[1])), {layer: moment}, texts,
-        int(found["batch_token"]), int(found["sort_window"]),
+        [layer],
+        int(found["stream_start"]),
+        (int(position[0]), int(position[1])),
+        {layer: moment},
+        texts,
+        int(found["batch_token"]),
+        int(found["sort_window"]),
     )
 
 
@@ -275,11 +292,16 @@ def _run_job(model: HookedModel, layers: list[int], setting: JobSetting) -> Cach
                 report.reused.append(layer)
                 report.layers[layer] = LayerCache(path, int(found["count"]), int(found.get("texts", 0)))
                 if request.max_tokens is not None and int(found["count"]) > request.max_tokens:
-                    report.notes.append(f"layer {layer}'s cache holds {int(found['count']):,} tokens, more than the {request.max_tokens:,} asked: used as it is")
+                    report.notes.append(
+                        f"layer {layer}'s cache holds {int(found['count']):,} tokens, "
+                        f"more than the {request.max_tokens:,} asked: used as it is"
+                    )
                 continue
             plan = _extension_plan(setting, layer, found)
             if plan is None:
-                report.notes.append(f"layer {layer}'s cache (from an older kis_lens or float32) cannot be extended exactly: recomputed")
+                report.notes.append(
+                    f"layer {layer}'s cache (from an older kis_lens or float32) cannot be extended exactly: recomputed"
+                )
             else:
                 report.extended.append(layer)
         plan = plan or PassPlan([layer], 0)
@@ -291,18 +313,27 @@ def _run_job(model: HookedModel, layers: list[int], setting: JobSetting) -> Cach
         for group in layer_groups(plan.layers, info.d_mlp, request.max_memory):
             if len(group) < len(plan.layers) and rank == 0:
                 print(
-                    f"kis: {len(plan.layers)} layers' accumulators need {len(plan.layers) * SecondMoment.bytes_needed(info.d_mlp) / 1e9:.2f} GB "
-                    f"> --max_memory {request.max_memory / 1e9:.2f} GB: pass {len(report.groups) + 1} over the corpus covers layers {group[0]}..{group[-1]}"
+                    f"kis: {len(plan.layers)} layers' accumulators need "
+                    f"{len(plan.layers) * SecondMoment.bytes_needed(info.d_mlp) / 1e9:.2f} GB "
+                    f"> --max_memory {request.max_memory / 1e9:.2f} GB: pass {len(report.groups) + 1} over the corpus "
+                    f"covers layers {group[0]}..{group[-1]}"
                 )
             report.groups.append(group)
-            group_plan = replace(plan, layers=group, initial={layer: plan.initial[layer] for layer in group if layer in plan.initial})
+            group_plan = replace(
+                plan, layers=group, initial={layer: plan.initial[layer] for layer in group if layer in plan.initial}
+            )
             result = _run_pass(model, setting, group_plan)
             report.resumed |= result.resumed
             report.skipped_texts = sorted(set(report.skipped_texts) | set(result.skipped))
             report.computed_tokens += result.computed_tokens
             if rank == 0:
                 for layer in group:
-                    save_second_moment(setting.path(layer), result.moments[layer], _cache_metadata(setting, group_plan, result, layer), request.stats_dtype)
+                    save_second_moment(
+                        setting.path(layer),
+                        result.moments[layer],
+                        _cache_metadata(setting, group_plan, result, layer),
+                        request.stats_dtype,
+                    )
             for layer in group:
                 report.layers[layer] = LayerCache(setting.path(layer), result.tokens, result.texts)
             barrier()
@@ -400,16 +431,25 @@ class _Progress:
     def to_state(self) -> dict[str, Any]:
         """Return the checkpoint metadata of this state."""
         return {
-            "window_start": self.position[0], "batches_done": self.position[1], "tokens": self.tokens, "texts": self.texts,
-            "done": self.done, "complete": self.exhausted, "skipped": self.skipped,
+            "window_start": self.position[0],
+            "batches_done": self.position[1],
+            "tokens": self.tokens,
+            "texts": self.texts,
+            "done": self.done,
+            "complete": self.exhausted,
+            "skipped": self.skipped,
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "_Progress":
+    def from_state(cls, state: dict[str, Any]) -> _Progress:
         """Return the progress a checkpoint saved."""
         return cls(
-            (int(state["window_start"]), int(state["batches_done"])), int(state["tokens"]), int(state["texts"]),
-            bool(state["done"]), bool(state.get("complete", False)), [int(index) for index in state.get("skipped", [])],
+            (int(state["window_start"]), int(state["batches_done"])),
+            int(state["tokens"]),
+            int(state["texts"]),
+            bool(state["done"]),
+            bool(state.get("complete", False)),
+            [int(index) for index in state.get("skipped", [])],
         )
 
 
@@ -426,10 +466,15 @@ def _run_pass(model: HookedModel, setting: JobSetting, plan: PassPlan) -> PassRe
     if resumed:
         moments, state = load_checkpoint(checkpoint, device=device)
         if sorted(moments) != plan.layers:
-            raise KisError(f"checkpoint {checkpoint} holds layers {sorted(moments)}, not {plan.layers}; delete it to start afresh")
+            raise KisError(
+                f"checkpoint {checkpoint} holds layers {sorted(moments)}, not {plan.layers}; delete it to start afresh"
+            )
         progress = _Progress.from_state(state)
         if rank == 0:
-            print(f"kis: resuming layers {plan.layers[0]}..{plan.layers[-1]} from {checkpoint} ({progress.tokens:,} tokens, {progress.texts:,} texts done)")
+            print(
+                f"kis: resuming layers {plan.layers[0]}..{plan.layers[-1]} from {checkpoint} "
+                f"({progress.tokens:,} tokens, {progress.texts:,} texts done)"
+            )
     else:
         moments = {layer: SecondMoment(info.d_mlp, device=device) for layer in plan.layers}
         if rank == 0:  # an extended cache's sums enter once, not once per rank
@@ -478,17 +523,35 @@ def _stream(
         texts = itertools.islice(setting.corpus.texts(start_text, stop, rank, world_size), progress.position[0], None)
         text_index = lambda batch, row: start_text + rank + stream_index(batch, row) * world_size  # noqa: E731
     batches = token_batches(
-        model.tokenizer, texts, info.n_ctx, plan.batch_token or request.batch_token or info.n_ctx, setting.prepend_bos,
-        plan.sort_window or request.sort_window, progress.position,
+        model.tokenizer,
+        texts,
+        info.n_ctx,
+        plan.batch_token or request.batch_token or info.n_ctx,
+        setting.prepend_bos,
+        plan.sort_window or request.sort_window,
+        progress.position,
     )
     # A budget is what ends the pass: count tokens against it. Without one the texts are the limit.
     if budget is not None:
-        bar = tqdm(total=budget, initial=progress.tokens, unit="tok", unit_scale=True, desc=f"C layers {plan.layers[0]}..{plan.layers[-1]}",
-                   disable=not request.progress or rank != 0, dynamic_ncols=True)
+        bar = tqdm(
+            total=budget,
+            initial=progress.tokens,
+            unit="tok",
+            unit_scale=True,
+            desc=f"C layers {plan.layers[0]}..{plan.layers[-1]}",
+            disable=not request.progress or rank != 0,
+            dynamic_ncols=True,
+        )
     else:
         total = None if stop is None else math.ceil((stop - start_text - rank) / world_size)
-        bar = tqdm(total=total, initial=progress.texts, unit="text", desc=f"C layers {plan.layers[0]}..{plan.layers[-1]}",
-                   disable=not request.progress or rank != 0, dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=progress.texts,
+            unit="text",
+            desc=f"C layers {plan.layers[0]}..{plan.layers[-1]}",
+            disable=not request.progress or rank != 0,
+            dynamic_ncols=True,
+        )
     computed, last_checkpoint, started = 0, progress.tokens, time.perf_counter()
     stopped_by_budget = False
     for batch in accumulate_batches(model, batches, moments, text_index, request.skip_nonfinite, progress.skipped):

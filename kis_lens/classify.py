@@ -22,13 +22,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kis_lens.tokens import encode, pad_batch, pad_token_id
 from kis_lens.config import ModelOptions, at_least, setting
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts
 from kis_lens.hooks import gather_positions
 from kis_lens.io import save_json
 from kis_lens.models import HookedModel, model_device, model_fingerprint, model_info, resolve_prepend_bos
+from kis_lens.tokens import encode, pad_batch, pad_token_id
 
 SPLIT_FORMAT_VERSION = 1
 
@@ -93,7 +93,9 @@ def next_token_logits(
     pad_id = pad_token_id(model.tokenizer)
     device = model_device(model)
     rows: list[Tensor] = []
-    for begin in tqdm(range(0, len(sequences), batch_size), desc="classify facts", disable=not progress, dynamic_ncols=True):
+    for begin in tqdm(
+        range(0, len(sequences), batch_size), desc="classify facts", disable=not progress, dynamic_ncols=True
+    ):
         chunk = sequences[begin : begin + batch_size]
         tokens, mask = pad_batch(chunk, pad_id)
         # Right padding under a causal mask leaves every real position's logits untouched.
@@ -104,9 +106,7 @@ def next_token_logits(
     return torch.cat(rows)
 
 
-def target_ranks(
-    logits: Float[Tensor, "fact vocab"], targets: Int[Tensor, " fact"]
-) -> Int[Tensor, " fact"]:
+def target_ranks(logits: Float[Tensor, "fact vocab"], targets: Int[Tensor, " fact"]) -> Int[Tensor, " fact"]:
     """Return each target token's rank among the logits (0 = the model's top-1 prediction)."""
     target_logits = logits.gather(1, targets.view(-1, 1))
     return (logits > target_logits).sum(dim=1)
@@ -156,7 +156,7 @@ class KnowledgeSplit:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "KnowledgeSplit":
+    def from_dict(cls, data: dict[str, Any]) -> KnowledgeSplit:
         """Return a split read back from its dict."""
         return cls(**data)
 
@@ -225,7 +225,9 @@ def load_split(path: str | Path) -> KnowledgeSplit:
     except FileNotFoundError:
         raise KisError(f"no known/unknown split at {path}: run `kis classify-facts` first") from None
     except (OSError, ValueError, TypeError) as error:
-        raise KisError(f"known/unknown split {path} is unreadable ({error}); delete it and rerun `kis classify-facts`") from None
+        raise KisError(
+            f"known/unknown split {path} is unreadable ({error}); delete it and rerun `kis classify-facts`"
+        ) from None
 
 
 def ensure_split(
@@ -251,5 +253,7 @@ def ensure_split(
         )
         if matches:
             return saved, path
-    split = classify_facts(model, facts, top_k=top_k or 1, prepend_bos=prepend_bos, facts_source=str(facts_source), progress=progress)
+    split = classify_facts(
+        model, facts, top_k=top_k or 1, prepend_bos=prepend_bos, facts_source=str(facts_source), progress=progress
+    )
     return split, save_split(split, path)

@@ -29,10 +29,21 @@ def parse_bytes(text: str | int | None) -> int | None:
     """Return a byte count from "30GB", "512MiB", "2e9" or an int (None stays None)."""
     if text is None or isinstance(text, int):
         return text
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    units = {
+        "": 1,
+        "b": 1,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+    }
     stripped = text.strip().lower().replace(" ", "")
     number = stripped.rstrip("abgikmt")
-    unit = stripped[len(number):]
+    unit = stripped[len(number) :]
     try:
         value = float(number) * units[unit]
     except (ValueError, KeyError):
@@ -92,15 +103,24 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
         if item.name in skip:
             continue
         if "help" not in item.metadata or item.default is MISSING:
-            raise TypeError(f"{config_class.__name__}.{item.name} needs a default and help: declare it with kis_lens.config.setting()")
+            raise TypeError(
+                f"{config_class.__name__}.{item.name} needs a default and help: "
+                "declare it with kis_lens.config.setting()"
+            )
         kind, optional = _field_kind(hints[item.name])
         help_text = item.metadata["help"]
         if kind is bool and not optional:
             name, action = (f"no_{item.name}", "store_false") if item.default else (item.name, "store_true")
             help_text = f"turn off {help_text}" if item.default else help_text
-            parser.add_argument(*_spellings(name), dest=item.name, action=action, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                *_spellings(name), dest=item.name, action=action, default=argparse.SUPPRESS, help=help_text
+            )
             continue
-        options: dict[str, Any] = {"dest": item.name, "default": argparse.SUPPRESS, "help": f"{help_text} (default {_shown_default(item)})"}
+        options: dict[str, Any] = {
+            "dest": item.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{help_text} (default {_shown_default(item)})",
+        }
         if kind is bool:
             options["choices"] = tuple(BOOL_CHOICES)
         elif kind is tuple:
@@ -167,7 +187,9 @@ def _cache_cov_command(args: argparse.Namespace) -> None:
 
     rank, _ = init_from_env()  # under torchrun: join the group, shard the corpus, all-reduce the sums
     given = vars(args)
-    unlimited = "max_tokens" not in given and given.get("sample_size")  # --sample_size alone: every token of those texts
+    unlimited = "max_tokens" not in given and given.get(
+        "sample_size"
+    )  # --sample_size alone: every token of those texts
     config = config_from_args(args, **({"max_tokens": None} if unlimited else {}))
     if config.device is None and local_device():
         config = replace(config, device=local_device())
@@ -194,9 +216,17 @@ def _import_stats_command(args: argparse.Namespace) -> None:
 
     prepend_bos = None if args.prepend_bos is None else args.prepend_bos == "true"
     path = import_layer_stats(
-        args.npz, args.model_name, args.layer, args.output_dir, args.corpus, prepend_bos=prepend_bos, max_length=args.max_length
+        args.npz,
+        args.model_name,
+        args.layer,
+        args.output_dir,
+        args.corpus,
+        prepend_bos=prepend_bos,
+        max_length=args.max_length,
     )
-    print(f"imported {args.npz} as {path} (C = mom2.mom2 / mom2.count; the model's fingerprint is recorded on first use)")
+    print(
+        f"imported {args.npz} as {path} (C = mom2.mom2 / mom2.count; the model's fingerprint is recorded on first use)"
+    )
 
 
 def _export_stats_command(args: argparse.Namespace) -> None:
@@ -208,9 +238,19 @@ def _export_stats_command(args: argparse.Namespace) -> None:
     with np.load(path, allow_pickle=False) as data:
         sample_size = int(data["sample_size"])
     layer_name = args.layer_name or "{layer_name}"
-    print(f"exported {args.cache} as {path} (sample_size {sample_size}: ROME loads it only for mom2_n_samples={sample_size})")
-    print(f"ROME/MEMIT look it up as {layer_name}_{args.precision}_mom2_{sample_size}.npz in their {{model}}/{{dataset}}_stats folder"
-          + ("" if args.layer_name else ", layer_name being hparams.rewrite_module_tmp of the layer (e.g. transformer.h.5.mlp.c_proj)"))
+    print(
+        f"exported {args.cache} as {path} "
+        f"(sample_size {sample_size}: ROME loads it only for mom2_n_samples={sample_size})"
+    )
+    print(
+        f"ROME/MEMIT look it up as {layer_name}_{args.precision}_mom2_{sample_size}.npz "
+        f"in their {{model}}/{{dataset}}_stats folder"
+        + (
+            ""
+            if args.layer_name
+            else ", layer_name being hparams.rewrite_module_tmp of the layer (e.g. transformer.h.5.mlp.c_proj)"
+        )
+    )
 
 
 def _stats_parsers(sub: argparse._SubParsersAction) -> None:
@@ -218,40 +258,114 @@ def _stats_parsers(sub: argparse._SubParsersAction) -> None:
     from kis_lens.storage import STATS_DTYPES, export_npz, import_layer_stats, merge_caches
 
     stats_dtypes = sorted(STATS_DTYPES)
-    cache = _subcommand(sub, "cache-cov", "estimate and cache C = E[k kᵀ] for every layer in one pass (resumable; torchrun shards it)")
+    cache = _subcommand(
+        sub, "cache-cov", "estimate and cache C = E[k kᵀ] for every layer in one pass (resumable; torchrun shards it)"
+    )
     add_config_flags(cache, RunConfig, skip=FACT_FIELDS)
     cache.set_defaults(handler=_cache_cov_command)
-    stats_dtype, checkpoint_every = _default(CovarianceRequest, "stats_dtype"), _default(CovarianceRequest, "checkpoint_every")
-    _flag(cache, "stats_dtype", default=stats_dtype, choices=stats_dtypes,
-          help=f"dtype of the stored statistic (default {stats_dtype}: float64 stores the exact sum; float32 rounds C)")
-    _flag(cache, "checkpoint_every", type=int, default=checkpoint_every,
-          help=f"tokens between resumable checkpoints (0 = none; default {checkpoint_every:,})")
-    _flag(cache, "max_memory", default=None, help="memory for the accumulators, e.g. 24GB: more layers than fit → several passes")
-    _flag(cache, "skip_nonfinite", action="store_true", help="leave out and count texts whose activations hold NaN/inf (default: stop and name the text)")
+    stats_dtype, checkpoint_every = (
+        _default(CovarianceRequest, "stats_dtype"),
+        _default(CovarianceRequest, "checkpoint_every"),
+    )
+    _flag(
+        cache,
+        "stats_dtype",
+        default=stats_dtype,
+        choices=stats_dtypes,
+        help=f"dtype of the stored statistic (default {stats_dtype}: float64 stores the exact sum; float32 rounds C)",
+    )
+    _flag(
+        cache,
+        "checkpoint_every",
+        type=int,
+        default=checkpoint_every,
+        help=f"tokens between resumable checkpoints (0 = none; default {checkpoint_every:,})",
+    )
+    _flag(
+        cache,
+        "max_memory",
+        default=None,
+        help="memory for the accumulators, e.g. 24GB: more layers than fit → several passes",
+    )
+    _flag(
+        cache,
+        "skip_nonfinite",
+        action="store_true",
+        help="leave out and count texts whose activations hold NaN/inf (default: stop and name the text)",
+    )
     merge = _subcommand(sub, "merge-stats", "merge caches computed on separate machines (sums and counts add)")
-    merge.add_argument("inputs", nargs="+", help="cache files, or stats folders whose layer_*_mom2.safetensors are merged by name")
+    merge.add_argument(
+        "inputs", nargs="+", help="cache files, or stats folders whose layer_*_mom2.safetensors are merged by name"
+    )
     _flag(merge, "output_dir", required=True, help="folder for the merged caches")
     merged_dtype = _default(merge_caches, "dtype")
-    _flag(merge, "stats_dtype", default=merged_dtype, choices=stats_dtypes, help=f"dtype of the stored C (default {merged_dtype})")
-    importer = _subcommand(sub, "import-stats", "read a ROME/MEMIT/AlphaEdit layer_stats .npz (mom2.mom2 = Σ k kᵀ, mom2.count) as a kis cache")
+    _flag(
+        merge,
+        "stats_dtype",
+        default=merged_dtype,
+        choices=stats_dtypes,
+        help=f"dtype of the stored C (default {merged_dtype})",
+    )
+    importer = _subcommand(
+        sub,
+        "import-stats",
+        "read a ROME/MEMIT/AlphaEdit layer_stats .npz (mom2.mom2 = Σ k kᵀ, mom2.count) as a kis cache",
+    )
     importer.add_argument("npz", help="the .npz file")
     _flag(importer, "model_name", required=True, help="the model it was computed on (as you pass it to kis)")
     _flag(importer, "layer", type=int, required=True, help="its layer")
     # Not argparse-required: the handler names the flag and why it is needed in one `kis: error:` line.
-    _flag(importer, "prepend_bos", choices=["true", "false"], default=None,
-          help="required: whether BOS preceded each text when it was computed (ROME: the HF tokenizer's default)")
-    _flag(importer, "max_length", type=int, default=None, help="the token length texts were truncated to (ROME: n_positions), recorded when given")
+    _flag(
+        importer,
+        "prepend_bos",
+        choices=["true", "false"],
+        default=None,
+        help="required: whether BOS preceded each text when it was computed (ROME: the HF tokenizer's default)",
+    )
+    _flag(
+        importer,
+        "max_length",
+        type=int,
+        default=None,
+        help="the token length texts were truncated to (ROME: n_positions), recorded when given",
+    )
     output_dir, corpus = _default(ModelOptions, "output_dir"), _default(import_layer_stats, "corpus")
     _flag(importer, "output_dir", default=output_dir, help=f"kis output folder (default {output_dir})")
-    _flag(importer, "corpus", default=corpus, help=f"the corpus it was computed on (names the cache folder; default {corpus})")
-    exporter = _subcommand(sub, "export-stats", "write a kis cache as the layer_stats .npz ROME/MEMIT/AlphaEdit write and load")
+    _flag(
+        importer,
+        "corpus",
+        default=corpus,
+        help=f"the corpus it was computed on (names the cache folder; default {corpus})",
+    )
+    exporter = _subcommand(
+        sub, "export-stats", "write a kis cache as the layer_stats .npz ROME/MEMIT/AlphaEdit write and load"
+    )
     exporter.add_argument("cache", help="a layer_*_mom2.safetensors cache")
     _flag(exporter, "output", required=True, help="the .npz to write")
     precision = _default(export_npz, "precision")
-    _flag(exporter, "precision", default=precision, choices=stats_dtypes, help=f"dtype of the stored sum, ROME's precision (default {precision})")
-    _flag(exporter, "sample_size", type=int, default=None,
-          help="the sample_size ROME matches against mom2_n_samples (default the cache's sample_size, else its number of texts)")
-    _flag(exporter, "layer_name", default=None, help="ROME's module name of the layer, only to print the file name ROME looks for")
+    _flag(
+        exporter,
+        "precision",
+        default=precision,
+        choices=stats_dtypes,
+        help=f"dtype of the stored sum, ROME's precision (default {precision})",
+    )
+    _flag(
+        exporter,
+        "sample_size",
+        type=int,
+        default=None,
+        help=(
+            "the sample_size ROME matches against mom2_n_samples "
+            "(default the cache's sample_size, else its number of texts)"
+        ),
+    )
+    _flag(
+        exporter,
+        "layer_name",
+        default=None,
+        help="ROME's module name of the layer, only to print the file name ROME looks for",
+    )
     merge.set_defaults(handler=_merge_stats_command)
     importer.set_defaults(handler=_import_stats_command)
     exporter.set_defaults(handler=_export_stats_command)
@@ -265,7 +379,13 @@ def _classify_facts_command(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     model = load_model(config.model_name, device=config.device, dtype=config.dtype)
     split, path = ensure_split(
-        model, config.facts, config.output_dir, top_k=config.top_k, prepend_bos=config.prepend_bos, recompute=True, progress=config.progress
+        model,
+        config.facts,
+        config.output_dir,
+        top_k=config.top_k,
+        prepend_bos=config.prepend_bos,
+        recompute=True,
+        progress=config.progress,
     )
     print(
         f"done in {time.perf_counter() - started:.1f} s: {split.model_name} knows {len(split.known)} of "
@@ -297,10 +417,24 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
 
     parser = _subcommand(sub, "report", "write one self-contained HTML report (and a per-layer CSV) of a saved run")
     top_k, threshold = _default(report_from_results, "top_k"), _default(report_from_results, "threshold")
-    _flag(parser, "results", required=True, help="run folder, its results.safetensors, or an --output_dir holding one run")
+    _flag(
+        parser, "results", required=True, help="run folder, its results.safetensors, or an --output_dir holding one run"
+    )
     _flag(parser, "output", default=None, help="the HTML file to write (default <run folder>/report.html)")
-    _flag(parser, "top_k", type=int, default=top_k, help=f"most superposed pairs listed per matrix and layer (default {top_k})")
-    _flag(parser, "threshold", type=float, default=threshold, help=f"|value| above which a pair counts as overlapping (default {threshold})")
+    _flag(
+        parser,
+        "top_k",
+        type=int,
+        default=top_k,
+        help=f"most superposed pairs listed per matrix and layer (default {top_k})",
+    )
+    _flag(
+        parser,
+        "threshold",
+        type=float,
+        default=threshold,
+        help=f"|value| above which a pair counts as overlapping (default {threshold})",
+    )
     parser.set_defaults(handler=_report_command)
 
 
@@ -309,8 +443,10 @@ def _reproduce_command(args: argparse.Namespace) -> None:
 
     config = config_from_args(args, ReproduceConfig)
     report = reproduce(config)
-    print(f"done in {report.seconds['total']} s: {report.known['n_known']} of {report.known['n_facts']} facts known; "
-          f"covariance on {report.covariance['tokens_total']:,} tokens")
+    print(
+        f"done in {report.seconds['total']} s: {report.known['n_known']} of {report.known['n_facts']} facts known; "
+        f"covariance on {report.covariance['tokens_total']:,} tokens"
+    )
     for verdict in report.verdicts:
         print(f"  {verdict['claim']}: {verdict['verdict']}")
     print(f"document: {config.doc_path}")
@@ -319,7 +455,11 @@ def _reproduce_command(args: argparse.Namespace) -> None:
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
     from kis_lens.reproduce import ReproduceConfig
 
-    parser = _subcommand(sub, "reproduce", "classify facts, cache C on the offline Wikipedia, all matrices on every layer, write docs/reproduction.md")
+    parser = _subcommand(
+        sub,
+        "reproduce",
+        "classify facts, cache C on the offline Wikipedia, all matrices on every layer, write docs/reproduction.md",
+    )
     add_config_flags(parser, ReproduceConfig, skip=("prepend_bos",))  # reproduce follows the model's own BOS convention
     parser.set_defaults(handler=_reproduce_command)
 
@@ -330,12 +470,16 @@ def _edit_sim_command(args: argparse.Namespace) -> None:
     config = config_from_args(args, EditSimConfig)
     started = time.perf_counter()
     result = run_edit_simulation(config)
-    print(f"done in {time.perf_counter() - started:.1f} s: {config.n_edits} edits × {len(config.conditions)} conditions")
+    print(
+        f"done in {time.perf_counter() - started:.1f} s: {config.n_edits} edits × {len(config.conditions)} conditions"
+    )
     for name in config.conditions:
         final = result.summary[name]["final"]
         retention = "n/a" if final["retention"] is None else f"{final['retention']:.2f}"
-        print(f"  {name:16s} retention {retention}  efficacy(mean) {result.summary[name]['mean_efficacy']:.2f}  "
-              f"unedited |Δlog p| {final['unedited_logprob_drift']:.3f}")
+        print(
+            f"  {name:16s} retention {retention}  efficacy(mean) {result.summary[name]['mean_efficacy']:.2f}  "
+            f"unedited |Δlog p| {final['unedited_logprob_drift']:.3f}"
+        )
     if "rome" in result.summary:
         corr = result.summary["rome"]["predicted_vs_measured_logprob_drift"]
         print(f"  P-predicted vs measured drift (ROME): Spearman {corr['spearman']}")
@@ -345,14 +489,20 @@ def _edit_sim_command(args: argparse.Namespace) -> None:
 def _edit_sim_parser(sub: argparse._SubParsersAction) -> None:
     from kis_lens.editing.lifelong import EditSimConfig
 
-    parser = _subcommand(sub, "edit-sim", "lifelong editing: sequential ROME/MEMIT/AlphaEdit edits, P-predicted vs measured interference")
-    add_config_flags(parser, EditSimConfig, skip=("prepend_bos",))  # the simulation follows the model's own BOS convention
+    parser = _subcommand(
+        sub, "edit-sim", "lifelong editing: sequential ROME/MEMIT/AlphaEdit edits, P-predicted vs measured interference"
+    )
+    add_config_flags(
+        parser, EditSimConfig, skip=("prepend_bos",)
+    )  # the simulation follows the model's own BOS convention
     parser.set_defaults(handler=_edit_sim_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `kis` command."""
-    parser = argparse.ArgumentParser(prog="kis", description="Knowledge superposition matrices on TransformerLens models.")
+    parser = argparse.ArgumentParser(
+        prog="kis", description="Knowledge superposition matrices on TransformerLens models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "all": ("keys once, then all four matrices for every layer", MATRIX_NAMES),
@@ -367,7 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(command, RunConfig)
         command.set_defaults(handler=_matrices_command(names))
         if name == "all":
-            command.add_argument("--report", action="store_true", help="also write report.html and layer_summary.csv beside the results")
+            command.add_argument(
+                "--report", action="store_true", help="also write report.html and layer_summary.csv beside the results"
+            )
     _classify_parser(sub)
     _reproduce_parser(sub)
     _report_parser(sub)

@@ -62,7 +62,9 @@ class ModelOptions:
     device: str | None = setting(None, "cpu or cuda", none="cuda when available")
     # None: float32 when loading by name; a model object passed in keeps its own dtype.
     dtype: str | None = setting(None, "model dtype; statistics stay float32/64", choices=sorted(DTYPES), none="float32")
-    prepend_bos: bool | None = setting(None, "BOS before each text (auto: what the model's HF tokenizer does)", none="auto")
+    prepend_bos: bool | None = setting(
+        None, "BOS before each text (auto: what the model's HF tokenizer does)", none="auto"
+    )
     output_dir: str = setting("results", "where caches and results go")
     seed: int = setting(0, "fact sampling seed")
     progress: bool = setting(True, "progress bars")

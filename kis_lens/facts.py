@@ -63,7 +63,11 @@ def _validate(fact: Fact, where: str) -> Fact:
     if not fact.subject or not fact.subject.strip():
         raise KisError(f"{where}: the subject is empty; give each fact a non-empty subject")
     if "{}" not in fact.prompt:
-        literal = f" (it holds the subject literally: replace {fact.subject!r} with '{{}}')" if fact.subject in fact.prompt else ""
+        literal = (
+            f" (it holds the subject literally: replace {fact.subject!r} with '{{}}')"
+            if fact.subject in fact.prompt
+            else ""
+        )
         raise KisError(
             f"{where}: prompt {fact.prompt!r} has no '{{}}' where the subject goes{literal}; "
             f"write it like '{{}} is located in'"
@@ -98,7 +102,12 @@ def parse_fact(record: dict[str, Any], where: str = "fact") -> Fact:
                 relation_id=record.get("relation_id"),
             )
             full_prompt = record.get("prompt")
-            if isinstance(full_prompt, str) and isinstance(fact.subject, str) and fact.subject and fact.subject not in full_prompt:
+            if (
+                isinstance(full_prompt, str)
+                and isinstance(fact.subject, str)
+                and fact.subject
+                and fact.subject not in full_prompt
+            ):
                 raise KisError(
                     f"{where} (case {fact.case_id}): subject {fact.subject!r} is not in its prompt {full_prompt!r}; "
                     "fix the subject or the prompt of this fact"
@@ -108,7 +117,7 @@ def parse_fact(record: dict[str, Any], where: str = "fact") -> Fact:
                 # keep the prompt's ending so the fact reads the way the model was asked it.
                 filled = fact.prompt.replace("{}", fact.subject, 1)
                 if full_prompt.startswith(filled):
-                    fact = replace(fact, prompt=fact.prompt + full_prompt[len(filled):])
+                    fact = replace(fact, prompt=fact.prompt + full_prompt[len(filled) :])
         else:
             raise KisError(
                 f"{where}: not a CounterFact record (needs 'requested_rewrite') nor a known_1000 record "
@@ -127,7 +136,9 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
     except OSError as error:
         raise KisError(f"cannot read facts file {path}: {error.strerror}") from None
     except UnicodeDecodeError as error:
-        raise KisError(f"facts file {path} is not UTF-8 text (byte {error.start}): save it as UTF-8 JSON or JSONL") from None
+        raise KisError(
+            f"facts file {path} is not UTF-8 text (byte {error.start}): save it as UTF-8 JSON or JSONL"
+        ) from None
     if not text.strip():
         raise KisError(f"facts file {path} is empty: give a JSON list or JSONL file of facts")
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
@@ -154,9 +165,7 @@ def load_facts(source: str | Path = DEFAULT_FACTS) -> list[Fact]:
     else:
         path = Path(source)
         if not path.is_file():
-            raise KisError(
-                f"facts file {path} not found: give a JSON/JSONL path or one of {', '.join(PACKAGED_FACTS)}"
-            )
+            raise KisError(f"facts file {path} not found: give a JSON/JSONL path or one of {', '.join(PACKAGED_FACTS)}")
     facts = [parse_fact(record, where) for where, record in _read_records(path)]
     if not facts:
         raise KisError(f"facts file {path} holds no facts")

@@ -1,4 +1,4 @@
-"""Hook utilities: name the MLP input and output of W_out, and capture the input for many layers in one early-stopped forward.
+"""Hook utilities: name W_out's MLP input and output; capture the input for many layers in one early-stopped forward.
 
 Hook names are the contract shared by TransformerLens 4's ``TransformerBridge`` and the legacy
 ``HookedTransformer``; nothing here depends on which one it is given.

@@ -62,6 +62,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
 
 def save_npy(path: str | Path, array: np.ndarray) -> Path:
     """Write one array as .npy atomically and return its path."""
+
     def write(temp: Path) -> None:
         with open(temp, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
@@ -71,7 +72,9 @@ def save_npy(path: str | Path, array: np.ndarray) -> Path:
 
 def save_json(path: str | Path, data: Any) -> Path:
     """Write JSON atomically and return its path."""
-    return atomic_write(path, lambda temp: temp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8"))
+    return atomic_write(
+        path, lambda temp: temp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+    )
 
 
 def check_writable(folder: str | Path, option: str = "--output_dir") -> Path:
@@ -85,7 +88,9 @@ def check_writable(folder: str | Path, option: str = "--output_dir") -> Path:
     if not existing.is_dir():
         raise KisError(f"cannot write to {folder}: {existing} is a file, not a folder; choose another {option}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise KisError(f"cannot write to {folder}: {existing} is not writable; choose a writable {option} or fix its permissions")
+        raise KisError(
+            f"cannot write to {folder}: {existing} is not writable; choose a writable {option} or fix its permissions"
+        )
     return folder
 
 

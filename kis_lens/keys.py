@@ -9,11 +9,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kis_lens.tokens import encode, pad_batch, pad_token_id, with_bos
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.hooks import gather_positions, mlp_in_hook_name, run_mlp_hooks, validate_layers
 from kis_lens.models import HookedModel, model_name, resolve_prepend_bos
+from kis_lens.tokens import encode, pad_batch, pad_token_id, with_bos
 
 TokenPosition = Literal["subject_last", "subject_first", "last"]
 TOKEN_POSITIONS: tuple[str, ...] = ("subject_last", "subject_first", "last")
@@ -130,9 +130,16 @@ def compute_keys(
         tokens, mask = pad_batch([item.ids for item in chunk], pad_id)
         positions = torch.tensor([item.position(token_position) for item in chunk])
 
-        def keep(layer: int, activation: Tensor) -> None:
+        # Bound as defaults: run_mlp_hooks calls keep within this iteration, on this batch.
+        def keep(
+            layer: int,
+            activation: Tensor,
+            positions: Tensor = positions,
+            begin: int = begin,
+            end: int = begin + len(chunk),
+        ) -> None:
             rows = gather_positions(activation, positions).float().cpu()
-            values[layers.index(layer), begin : begin + len(chunk)] = rows
+            values[layers.index(layer), begin:end] = rows
 
         run_mlp_hooks(model, tokens, layers, keep, attention_mask=mask)
     return Keys(values, layers, list(facts), token_position, prepend_bos, model_name(model))

@@ -82,8 +82,8 @@ class Whitener:
         dtype: torch.dtype = torch.float64,
         label: str = "covariance",
         warn_above: float = CONDITION_WARNING_THRESHOLD,
-    ) -> "Whitener":
-        """Return the factor of C + ridge·(tr C / d)·I; KisError when C is not positive definite, a warning when ill-conditioned."""
+    ) -> Whitener:
+        """Return the factor of C + ridge·(tr C / d)·I; KisError if not positive definite, warns if ill-conditioned."""
         if covariance.ndim != 2 or covariance.shape[0] != covariance.shape[1] or covariance.shape[0] == 0:
             raise KisError(f"{label} must be a square [d_mlp, d_mlp] matrix, got {tuple(covariance.shape)}")
         if not covariance.is_floating_point():
@@ -107,7 +107,8 @@ class Whitener:
         condition = _condition_of(matrix, factor)
         if condition > warn_above:
             warnings.warn(
-                f"{label} is ill-conditioned (condition number {condition:.3g} > {warn_above:.0e}): P and the whitening "
+                f"{label} is ill-conditioned (condition number {condition:.3g} > {warn_above:.0e}): "
+                "P and the whitening "
                 "cosine are dominated by its smallest, noisiest directions; estimate C on more tokens or pass a ridge "
                 "(e.g. --ridge 1e-6, added as ridge·mean(diag C)·I)",
                 IllConditionedWarning,
@@ -117,9 +118,12 @@ class Whitener:
 
     @classmethod
     def of(
-        cls, covariance_or_whitener: Float[Tensor, "d_mlp d_mlp"] | Whitener, ridge: float = 0.0, label: str = "covariance"
+        cls,
+        covariance_or_whitener: Float[Tensor, "d_mlp d_mlp"] | Whitener,
+        ridge: float = 0.0,
+        label: str = "covariance",
     ) -> Whitener:
-        """Return the given Whitener as it is (its own ridge kept), or the factor of the given C + ridge (from_covariance)."""
+        """Return the given Whitener as is (own ridge kept), or the factor of the given C + ridge (from_covariance)."""
         if isinstance(covariance_or_whitener, Whitener):
             return covariance_or_whitener
         return cls.from_covariance(covariance_or_whitener, ridge=ridge, label=label)
@@ -132,7 +136,9 @@ class Whitener:
     def whiten(self, keys: Float[Tensor, "fact d"]) -> Float[Tensor, "fact d"]:
         """Return L⁻¹ k for every key, so that whitened dot products equal k_iᵀ C⁻¹ k_j."""
         if keys.ndim != 2 or keys.shape[1] != self.dim:
-            raise KisError(f"keys must have shape [n_facts, {self.dim}] to match the covariance, got {tuple(keys.shape)}")
+            raise KisError(
+                f"keys must have shape [n_facts, {self.dim}] to match the covariance, got {tuple(keys.shape)}"
+            )
         rhs = keys.to(device=self.factor.device, dtype=self.factor.dtype).T
         return torch.linalg.solve_triangular(self.factor, rhs, upper=False).T
 
@@ -147,7 +153,9 @@ CovarianceLike = Tensor | Whitener
 
 def _check_keys(keys: Tensor) -> None:
     if keys.ndim != 2 or keys.shape[0] == 0 or keys.shape[1] == 0:
-        raise KisError(f"keys must have shape [n_facts, d_mlp] with at least one fact and one dimension, got {tuple(keys.shape)}")
+        raise KisError(
+            f"keys must have shape [n_facts, d_mlp] with at least one fact and one dimension, got {tuple(keys.shape)}"
+        )
     if not torch.isfinite(keys).all():
         raise KisError("keys contain NaN or inf: recompute them (check the model dtype for overflow)")
 

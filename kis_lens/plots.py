@@ -22,15 +22,14 @@ from torch import Tensor
 
 from kis_lens.analysis import (
     DEFAULT_THRESHOLD,
-    require_matrices,
     off_diagonal_values,
     orthogonality_comparison,
+    require_matrices,
     summary_arrays,
 )
 from kis_lens.errors import KisError
-from kis_lens.results import RunResult
 from kis_lens.facts import Fact
-
+from kis_lens.results import RunResult
 
 HEATMAP_COLORSCALE = "RdBu_r"  # diverging: blue negative, white 0, red positive
 # Beyond this many facts the tick labels would overlap; hover still names both facts.
@@ -51,10 +50,16 @@ class MatrixStyle:
 
 
 MATRIX_STYLES: dict[str, MatrixStyle] = {
-    "p_matrix": MatrixStyle("P matrix (edit interference)", "P", "P[i, j] = kᵢᵀC⁻¹kⱼ / kᵢᵀC⁻¹kᵢ (dimensionless)", True, "#d62728"),
+    "p_matrix": MatrixStyle(
+        "P matrix (edit interference)", "P", "P[i, j] = kᵢᵀC⁻¹kⱼ / kᵢᵀC⁻¹kᵢ (dimensionless)", True, "#d62728"
+    ),
     "q_matrix": MatrixStyle("Q matrix (key dot products)", "Q", "Q[i, j] = kᵢ·kⱼ (activation²)", False, "#7f7f7f"),
-    "whitening_cos": MatrixStyle("Whitening-space cosine", "cos_w", "cosine of C^(-1/2)kᵢ and C^(-1/2)kⱼ (dimensionless)", True, "#1f77b4"),
-    "activation_cos": MatrixStyle("Activation-space cosine", "cos_a", "cosine of kᵢ and kⱼ (dimensionless)", True, "#2ca02c"),
+    "whitening_cos": MatrixStyle(
+        "Whitening-space cosine", "cos_w", "cosine of C^(-1/2)kᵢ and C^(-1/2)kⱼ (dimensionless)", True, "#1f77b4"
+    ),
+    "activation_cos": MatrixStyle(
+        "Activation-space cosine", "cos_a", "cosine of kᵢ and kⱼ (dimensionless)", True, "#2ca02c"
+    ),
 }
 
 
@@ -180,7 +185,12 @@ def layer_heatmaps(result: RunResult, name: str = "p_matrix") -> go.Figure:
     fig.update_layout(
         title_text=f"{style.title}, layer {result.layers[0]}",
         sliders=[
-            {"active": 0, "currentvalue": {"prefix": "layer "}, "pad": {"t": 200 if ticks_shown else 70}, "steps": steps}
+            {
+                "active": 0,
+                "currentvalue": {"prefix": "layer "},
+                "pad": {"t": 200 if ticks_shown else 70},
+                "steps": steps,
+            }
         ],
         height=860 if ticks_shown else 760,
         width=780,
@@ -237,9 +247,7 @@ def scott_bandwidth(values: np.ndarray) -> float:
     return float(values.size ** (-1 / 5) * values.std(ddof=1))
 
 
-def gaussian_kde(
-    values: np.ndarray, grid: np.ndarray, bandwidth: float | None = None, chunk: int = 4096
-) -> np.ndarray:
+def gaussian_kde(values: np.ndarray, grid: np.ndarray, bandwidth: float | None = None, chunk: int = 4096) -> np.ndarray:
     """Return the Gaussian kernel density of values at each grid point (bandwidth default: Scott's rule)."""
     values = np.asarray(values, dtype=np.float64).ravel()
     grid = np.asarray(grid, dtype=np.float64).ravel()
@@ -262,7 +270,8 @@ def kde_figure(
     values = _values_by_layer(result, name)
     generator = np.random.default_rng(seed)
     samples = {
-        layer: generator.choice(v, max_points, replace=False) if v.size > max_points else v for layer, v in values.items()
+        layer: generator.choice(v, max_points, replace=False) if v.size > max_points else v
+        for layer, v in values.items()
     }
     widths = {layer: scott_bandwidth(v) for layer, v in samples.items()}
     low = min(v.min() - 3 * widths[layer] for layer, v in samples.items())
@@ -294,7 +303,7 @@ def kde_figure(
 def layer_trends_figure(
     result: RunResult, names: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD
 ) -> go.Figure:
-    """Return two panels by layer, one line per matrix: Fisher kurtosis and mean |value| (log scale) of off-diagonal values."""
+    """Return two panels by layer, a line per matrix: Fisher kurtosis and mean |value| (log scale) of off-diagonals."""
     arrays = summary_arrays(result, names, threshold)
     fig = make_subplots(
         rows=1,
@@ -367,4 +376,3 @@ def orthogonality_figure(result: RunResult, threshold: float = DEFAULT_THRESHOLD
 def matrix_figures(result: RunResult, name: str) -> list[go.Figure]:
     """Return the standard figures of one matrix: layer-slider heatmap, histogram and KDE."""
     return [layer_heatmaps(result, name), histogram_figure(result, name), kde_figure(result, name)]
-

@@ -17,7 +17,7 @@ import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence
 
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
@@ -33,14 +33,16 @@ from kis_lens.analysis import (
     write_csv,
 )
 from kis_lens.errors import KisError
-from kis_lens.results import RunResult, find_results, load_result
 from kis_lens.io import atomic_write
 from kis_lens.plots import layer_trends_figure, matrix_figures, matrix_style, orthogonality_figure
-
+from kis_lens.results import RunResult, find_results, load_result
 
 REPORT_NAME = "report.html"
 SUMMARY_CSV_NAME = "layer_summary.csv"
-PAPER = "Hu et al. (2024), Knowledge in Superposition: Unveiling the Failures of Lifelong Knowledge Editing, arXiv:2408.07413"
+PAPER = (
+    "Hu et al. (2024), Knowledge in Superposition: Unveiling the Failures of Lifelong Knowledge Editing, "
+    "arXiv:2408.07413"
+)
 
 
 @dataclass
@@ -53,7 +55,7 @@ class ReportSection:
     intro: str = ""  # plain text, escaped on output
 
 
-SectionLike = Union[ReportSection, tuple[str, Union[go.Figure, Sequence[go.Figure], str]]]
+SectionLike = ReportSection | tuple[str, go.Figure | Sequence[go.Figure] | str]
 SectionProvider = Callable[[RunResult], Iterable[SectionLike]]
 
 
@@ -62,7 +64,9 @@ def as_section(section: SectionLike) -> ReportSection:
     if isinstance(section, ReportSection):
         return section
     if not (isinstance(section, tuple) and len(section) == 2 and isinstance(section[0], str)):
-        raise KisError(f"a report section is a ReportSection or a (title, figures or html) pair, got {type(section).__name__}")
+        raise KisError(
+            f"a report section is a ReportSection or a (title, figures or html) pair, got {type(section).__name__}"
+        )
     title, content = section
     if isinstance(content, str):
         return ReportSection(title, html=content)
@@ -92,7 +96,9 @@ def format_number(value: Any) -> str:
     return str(value)
 
 
-def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, headers: Sequence[str] | None = None) -> str:
+def html_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, headers: Sequence[str] | None = None
+) -> str:
     """Return an HTML table of rows of dicts, every cell escaped; numbers right-aligned."""
     if not rows:
         return "<p><em>no rows</em></p>"
@@ -127,9 +133,13 @@ def _pairs_table(pairs: Sequence[SuperposedPair], symbol: str) -> str:
             "rank": rank,
             f"{symbol}[i, j]": pair.value,
             "i": pair.row,
-            "fact i (subject · prompt → answer)": f"{pair.row_fact.subject} · {pair.row_fact.text} → {pair.row_fact.target_true}",
+            "fact i (subject · prompt → answer)": (
+                f"{pair.row_fact.subject} · {pair.row_fact.text} → {pair.row_fact.target_true}"
+            ),
             "j": pair.column,
-            "fact j (subject · prompt → answer)": f"{pair.column_fact.subject} · {pair.column_fact.text} → {pair.column_fact.target_true}",
+            "fact j (subject · prompt → answer)": (
+                f"{pair.column_fact.subject} · {pair.column_fact.text} → {pair.column_fact.target_true}"
+            ),
         }
         for rank, pair in enumerate(pairs, start=1)
     ]
@@ -233,9 +243,11 @@ ORTHOGONALITY_HEADERS: dict[str, str] = {
 }
 
 _STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1rem 2rem;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;\
+padding:1rem 2rem;color:#222}
 h1{font-size:1.6rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
-table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:left}
+table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}\
+th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:left}
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 details{margin:.3rem 0}summary{cursor:pointer}.figure{margin:1rem 0}.meta{color:#666;font-size:.9rem}
 nav a{margin-right:1rem}.wide{overflow-x:auto}
@@ -323,7 +335,7 @@ def write_report_files(
     *,
     sections: Sequence[SectionProvider] = (),
 ) -> tuple[Path, Path]:
-    """Write report.html (with the providers' `sections`) and, beside it, layer_summary.csv for a run; return both paths."""
+    """Write a run's report.html (with the providers' `sections`) and layer_summary.csv beside it; return both paths."""
     report_path = write_report(result, output, top_k=top_k, threshold=threshold, sections=sections)
     csv_path = write_csv(summary_table(result, threshold=threshold), report_path.parent / SUMMARY_CSV_NAME)
     return report_path, csv_path

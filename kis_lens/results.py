@@ -51,7 +51,9 @@ def run_dir(config: RunConfig, model_slug: str, n_facts: int) -> Path:
     return Path(config.output_dir) / "runs" / model_slug / tag / config.token_position
 
 
-def legacy_npy_path(output_dir: str | Path, name: str, model_slug: str, knowledge_type: str, n_facts: int, layer: int, position: str) -> Path:
+def legacy_npy_path(
+    output_dir: str | Path, name: str, model_slug: str, knowledge_type: str, n_facts: int, layer: int, position: str
+) -> Path:
     """Return the original scripts' per-layer .npy path for a matrix."""
     folder = Path(output_dir) / LEGACY_DIRS[name] / model_slug / f"{knowledge_type}_sample_size_{n_facts}"
     return folder / f"layer_{layer}_{position}_{LEGACY_DIRS[name]}.npy"
@@ -63,7 +65,9 @@ def save_result(result: RunResult, config: RunConfig) -> Path:
     n_facts = len(result.facts)
     for name, stacked in result.matrices.items():
         for index, layer in enumerate(result.layers):
-            path = legacy_npy_path(config.output_dir, name, slug, config.knowledge_type, n_facts, layer, config.token_position)
+            path = legacy_npy_path(
+                config.output_dir, name, slug, config.knowledge_type, n_facts, layer, config.token_position
+            )
             save_npy(path, stacked[index].float().cpu().numpy())
     folder = run_dir(config, slug, n_facts)
     tensors = {name: stacked.float().cpu().contiguous() for name, stacked in result.matrices.items()}

@@ -29,9 +29,20 @@ from kis_lens.storage import CacheKey, load_second_moment
 
 # Re-exported: these lived here before results.py and config.py existed.
 __all__ = [
-    "KNOWLEDGE_TYPES", "LEGACY_DIRS", "RunConfig", "RunResult", "cache_covariance_job", "covariance_key",
-    "covariance_request", "ensure_covariances", "legacy_npy_path", "load_result", "run_dir", "run_matrices",
-    "save_result", "select_facts",
+    "KNOWLEDGE_TYPES",
+    "LEGACY_DIRS",
+    "RunConfig",
+    "RunResult",
+    "cache_covariance_job",
+    "covariance_key",
+    "covariance_request",
+    "ensure_covariances",
+    "legacy_npy_path",
+    "load_result",
+    "run_dir",
+    "run_matrices",
+    "save_result",
+    "select_facts",
 ]
 
 
@@ -46,7 +57,11 @@ def select_facts(config: RunConfig, model: HookedModel | None = None) -> list[Fa
         if model is None:
             model = load_model(config.model_name, device=config.device, dtype=config.dtype)
         split, path = ensure_split(
-            model, config.facts, config.output_dir, prepend_bos=resolve_prepend_bos(model, config.prepend_bos), progress=config.progress
+            model,
+            config.facts,
+            config.output_dir,
+            prepend_bos=resolve_prepend_bos(model, config.prepend_bos),
+            progress=config.progress,
         )
         facts = split.select(facts, config.knowledge_type)
         if not facts:
@@ -71,7 +86,9 @@ def covariance_key(config: RunConfig, model: HookedModel, layer: int) -> CacheKe
     from kis_lens.corpus import open_corpus
 
     corpus = open_corpus(config.corpus)
-    return CacheKey.for_model(model_info(model), layer, config.corpus, corpus.identity, resolve_prepend_bos(model, config.prepend_bos))
+    return CacheKey.for_model(
+        model_info(model), layer, config.corpus, corpus.identity, resolve_prepend_bos(model, config.prepend_bos)
+    )
 
 
 def covariance_request(config: RunConfig, **options: Any) -> CovarianceRequest:
@@ -101,7 +118,10 @@ def ensure_covariances(
 
 
 def layer_matrices(
-    keys: Keys, names: Sequence[str], covariances: Mapping[int, Float[Tensor, "d_mlp d_mlp"]] | None = None, ridge: float = 0.0
+    keys: Keys,
+    names: Sequence[str],
+    covariances: Mapping[int, Float[Tensor, "d_mlp d_mlp"]] | None = None,
+    ridge: float = 0.0,
 ) -> tuple[dict[str, Float[Tensor, "layer fact fact"]], dict[str, float]]:
     """Return ({matrix name: [layer, fact, fact]}, {layer: cond(C + ridge)}) for every layer of the keys.
 
@@ -123,9 +143,13 @@ def layer_matrices(
 
 
 def run_settings(
-    config: RunConfig, model: HookedModel, keys: Keys, covariance: Mapping[int, Mapping[str, Any]], conditions: Mapping[str, float]
+    config: RunConfig,
+    model: HookedModel,
+    keys: Keys,
+    covariance: Mapping[int, Mapping[str, Any]],
+    conditions: Mapping[str, float],
 ) -> dict[str, Any]:
-    """Return what a run records about how it was made: config, model record, keys, version, and each C's tokens, texts and condition."""
+    """Return a run's provenance: config, model record, keys, version, and each C's tokens, texts and condition."""
     info = model_info(model)
     settings: dict[str, Any] = {
         "config": config.to_dict(),
@@ -160,14 +184,19 @@ def run_matrices(
     held: dict[int, dict[str, Any]] = {}
     if any(name in ("p_matrix", "whitening_cos") for name in names):
         covariances, report = ensure_covariances(config, model, layers)
-        held = {layer: {"tokens": cache.tokens, "texts": cache.texts, "path": str(cache.path)} for layer, cache in report.layers.items()}
+        held = {
+            layer: {"tokens": cache.tokens, "texts": cache.texts, "path": str(cache.path)}
+            for layer, cache in report.layers.items()
+        }
     matrices, conditions = layer_matrices(keys, names, covariances, config.ridge)
     result = RunResult(matrices, layers, facts, run_settings(config, model, keys, held, conditions))
     save_result(result, config)
     return result
 
 
-def cache_covariance_job(config: RunConfig = RunConfig(), model: HookedModel | None = None, **options: Any) -> CacheReport:
+def cache_covariance_job(
+    config: RunConfig = RunConfig(), model: HookedModel | None = None, **options: Any
+) -> CacheReport:
     """Estimate, extend or reuse the covariance cache of every layer of the config; return the job's report."""
     model = load_model(model if model is not None else config.model_name, device=config.device, dtype=config.dtype)
     layers = layer_range(model, config.start_layer, config.end_layer)

@@ -99,14 +99,16 @@ class SecondMoment:
         # The diagonal is each column's sum of squares: a NaN or inf anywhere in the rows, or a product that
         # overflows float32, shows there, and by Cauchy–Schwarz a finite diagonal bounds every other entry.
         # Checking d numbers replaces a pass over all n·d activations.
-        diagonal_finite = torch.stack([torch.isfinite(block[:, : block.shape[0]].diagonal()).all() for _, block in blocks])
+        diagonal_finite = torch.stack(
+            [torch.isfinite(block[:, : block.shape[0]].diagonal()).all() for _, block in blocks]
+        )
         if not bool(diagonal_finite.all()):
             raise NonFiniteBatch("the batch's product has a NaN or inf: a NaN/inf activation or a float32 overflow")
         for start, block in blocks:
             self.upper[start : start + block.shape[0], start:].add_(block)  # float32 batch product into float64
         self.count += int(rows.shape[0])
 
-    def merge(self, other: "SecondMoment") -> "SecondMoment":
+    def merge(self, other: SecondMoment) -> SecondMoment:
         """Add another accumulator's sums into this one and return self."""
         if other.dim != self.dim:
             raise KisError(f"cannot merge second moments of dimension {other.dim} into {self.dim}")
@@ -115,8 +117,8 @@ class SecondMoment:
         self.count += other.count
         return self
 
-    def all_reduce(self) -> "SecondMoment":
-        """Sum this accumulator over every torch.distributed rank, in place (a no-op outside a process group); return self."""
+    def all_reduce(self) -> SecondMoment:
+        """Sum this accumulator over every torch.distributed rank in place (a no-op if not distributed); return self."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
@@ -138,16 +140,18 @@ class SecondMoment:
         """Return the exact state: the float64 upper triangle of the sum and the row count."""
         return {"upper": torch.triu(self.upper), "count": self.count}
 
-    def load_state_dict(self, state: dict[str, Any]) -> "SecondMoment":
-        """Replace this accumulator's state with a state_dict (an upper triangle or full sum, and a count); return self."""
+    def load_state_dict(self, state: dict[str, Any]) -> SecondMoment:
+        """Replace this accumulator's state by a state_dict (upper triangle or full sum, and a count); return self."""
         total = state["upper"] if "upper" in state else state["sum"]
         if tuple(total.shape) != (self.dim, self.dim):
-            raise KisError(f"a state of shape {tuple(total.shape)} does not fit a second moment of dimension {self.dim}")
+            raise KisError(
+                f"a state of shape {tuple(total.shape)} does not fit a second moment of dimension {self.dim}"
+            )
         self.upper = torch.triu(total.to(device=self.upper.device, dtype=torch.float64)).clone()
         self.count = int(state["count"])
         return self
 
-    def clone(self, device: str | torch.device | None = None) -> "SecondMoment":
+    def clone(self, device: str | torch.device | None = None) -> SecondMoment:
         """Return an independent copy (on device, default this one's)."""
         copy = SecondMoment(self.dim, device=device or self.upper.device)
         return copy.load_state_dict(self.state_dict())
@@ -161,7 +165,7 @@ class SecondMoment:
         return dim * dim * 8 + triangle_size(dim) * 4
 
     @classmethod
-    def from_state(cls, total: Float[Tensor, "d_mlp d_mlp"], count: int) -> "SecondMoment":
+    def from_state(cls, total: Float[Tensor, "d_mlp d_mlp"], count: int) -> SecondMoment:
         """Return an accumulator that continues from a saved sum (full or upper triangle) and count."""
         return cls(total.shape[0], device=total.device).load_state_dict({"upper": total, "count": count})
 

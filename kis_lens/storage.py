@@ -47,12 +47,29 @@ class CacheKey:
 
     @classmethod
     def for_model(
-        cls, info: ModelInfo, layer: int, corpus: str, corpus_identity: str, prepend_bos: bool, stats_dtype: str = DEFAULT_STATS_DTYPE
-    ) -> "CacheKey":
+        cls,
+        info: ModelInfo,
+        layer: int,
+        corpus: str,
+        corpus_identity: str,
+        prepend_bos: bool,
+        stats_dtype: str = DEFAULT_STATS_DTYPE,
+    ) -> CacheKey:
         """Return the key of a layer's cache for a resolved model, corpus and tokenization."""
         if stats_dtype not in STATS_DTYPES:
             raise KisError(f"unknown stats dtype {stats_dtype!r}: use one of {', '.join(STATS_DTYPES)}")
-        return cls(info.name, info.fingerprint, layer, mlp_in_hook_name(layer), info.d_mlp, corpus, corpus_identity, prepend_bos, info.n_ctx, stats_dtype)
+        return cls(
+            info.name,
+            info.fingerprint,
+            layer,
+            mlp_in_hook_name(layer),
+            info.d_mlp,
+            corpus,
+            corpus_identity,
+            prepend_bos,
+            info.n_ctx,
+            stats_dtype,
+        )
 
     def to_metadata(self) -> dict[str, Any]:
         """Return the key as cache metadata entries."""
@@ -80,7 +97,8 @@ class CacheKey:
         problem = self.mismatch(metadata)
         if problem is not None:
             raise KisError(
-                f"covariance cache {path} was made for {problem}; point --output_dir elsewhere or delete the cache to recompute it"
+                f"covariance cache {path} was made for {problem}; "
+                "point --output_dir elsewhere or delete the cache to recompute it"
             )
 
 
@@ -96,7 +114,12 @@ def path_component(name: str, what: str) -> str:
 
 def stats_dir(output_dir: str | Path, model: str, corpus: str) -> Path:
     """Return the folder of a model's caches for a corpus: {output_dir}/stats/{model}/{corpus}_stats."""
-    return Path(output_dir) / "stats" / path_component(model, "model name") / f"{path_component(corpus, 'corpus name')}_stats"
+    return (
+        Path(output_dir)
+        / "stats"
+        / path_component(model, "model name")
+        / f"{path_component(corpus, 'corpus name')}_stats"
+    )
 
 
 def stats_path(output_dir: str | Path, model: str, corpus: str, layer: int) -> Path:
@@ -108,7 +131,9 @@ def _encode_metadata(metadata: dict[str, Any]) -> dict[str, str]:
     return {key: json.dumps(value) for key, value in metadata.items()}
 
 
-def save_second_moment(path: str | Path, moment: SecondMoment, metadata: dict[str, Any], dtype: str = DEFAULT_STATS_DTYPE) -> Path:
+def save_second_moment(
+    path: str | Path, moment: SecondMoment, metadata: dict[str, Any], dtype: str = DEFAULT_STATS_DTYPE
+) -> Path:
     """Write the statistic with its count and metadata, atomically; return the path.
 
     float64 stores ``sum`` = Σ k kᵀ exactly (C = sum / count is then bit-identical to the run's, and a later
@@ -145,7 +170,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
-        raise KisError(f"covariance cache {path} is corrupt or truncated ({error}); delete it and rerun `kis cache-cov`") from None
+        raise KisError(
+            f"covariance cache {path} is corrupt or truncated ({error}); delete it and rerun `kis cache-cov`"
+        ) from None
     try:
         return {key: json.loads(value) for key, value in raw.items()}
     except ValueError as error:
@@ -169,7 +196,7 @@ def check_metadata(path: str | Path, metadata: dict[str, Any], expect: dict[str,
 def load_second_moment(
     path: str | Path, expect: CacheKey | dict[str, Any] | None = None
 ) -> tuple[SecondMoment, dict[str, Any]]:
-    """Return the saved accumulator and metadata; refuse a cache that is not expect's (a CacheKey or metadata entries)."""
+    """Return the saved accumulator and metadata; refuse one that is not expect's (a CacheKey or metadata entries)."""
     metadata = read_metadata(path)
     if isinstance(expect, CacheKey):
         expect.check(path, metadata)
@@ -181,9 +208,18 @@ def load_second_moment(
         # float64 caches hold the exact sum; float32 ones the rounded mean.
         total = tensors["sum"] if "sum" in tensors else tensors["mom2"].double() * count
     except (SafetensorError, OSError, KeyError, ValueError) as error:
-        raise KisError(f"covariance cache {path} is corrupt or truncated ({error}); delete it and rerun `kis cache-cov`") from None
-    if total.ndim != 2 or total.shape[0] != total.shape[1] or ("d_mlp" in metadata and total.shape[0] != metadata["d_mlp"]):
-        raise KisError(f"covariance cache {path} holds a {tuple(total.shape)} matrix, not a square d_mlp×d_mlp one; delete it and rerun `kis cache-cov`")
+        raise KisError(
+            f"covariance cache {path} is corrupt or truncated ({error}); delete it and rerun `kis cache-cov`"
+        ) from None
+    if (
+        total.ndim != 2
+        or total.shape[0] != total.shape[1]
+        or ("d_mlp" in metadata and total.shape[0] != metadata["d_mlp"])
+    ):
+        raise KisError(
+            f"covariance cache {path} holds a {tuple(total.shape)} matrix, not a square d_mlp×d_mlp one; "
+            "delete it and rerun `kis cache-cov`"
+        )
     if not torch.isfinite(total).all():
         raise KisError(
             f"covariance cache {path} contains NaN or inf (an overflow while it was estimated); delete it and rerun "
@@ -196,12 +232,16 @@ def load_second_moment(
 
 def save_checkpoint(path: str | Path, moments: dict[int, SecondMoment], state: dict[str, Any]) -> Path:
     """Write every layer's exact float64 sums and the job state (corpus position, counts) atomically."""
-    tensors = {f"upper_{layer}": moment.state_dict()["upper"].detach().cpu().contiguous() for layer, moment in moments.items()}
+    tensors = {
+        f"upper_{layer}": moment.state_dict()["upper"].detach().cpu().contiguous() for layer, moment in moments.items()
+    }
     meta = _encode_metadata({**state, "counts": {str(layer): m.count for layer, m in moments.items()}})
     return atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=meta))
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[int, SecondMoment], dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[dict[int, SecondMoment], dict[str, Any]]:
     """Return the layers' accumulators and the job state from a checkpoint."""
     state = read_metadata(path)
     try:
@@ -222,8 +262,10 @@ ROME_CONSTRUCTOR = "util.runningstats.SecondMoment()"
 ROME_PRECISIONS: dict[str, type[np.floating]] = {"float32": np.float32, "float64": np.float64}
 
 
-def export_npz(cache: str | Path, target: str | Path, precision: str = "float32", sample_size: int | None = None) -> Path:
-    """Write a cache as the .npz ROME's layer_stats writes (mom2.mom2 = Σ k kᵀ, count, constructor, sample_size); return its path.
+def export_npz(
+    cache: str | Path, target: str | Path, precision: str = "float32", sample_size: int | None = None
+) -> Path:
+    """Write a cache as ROME's layer_stats .npz (mom2.mom2 = Σ k kᵀ, count, constructor, sample_size); return its path.
 
     sample_size (what ROME's loader matches against mom2_n_samples) defaults to the cache's ``sample_size``
     metadata, else its ``texts``; precision is ROME's: the sum is stored as float32 unless float64 is asked for.
@@ -254,7 +296,7 @@ def export_npz(cache: str | Path, target: str | Path, precision: str = "float32"
 
 
 def import_npz(source: str | Path) -> tuple[SecondMoment, int | None]:
-    """Return the accumulator (ROME's mom2.mom2 is Σ k kᵀ, so C = sum / count) and sample_size (None if absent) of a layer_stats .npz.
+    """Return a layer_stats .npz's accumulator (mom2.mom2 is Σ k kᵀ, so C = sum / count) and sample_size (or None).
 
     The file is read without pickle.
     """
@@ -264,7 +306,10 @@ def import_npz(source: str | Path) -> tuple[SecondMoment, int | None]:
     try:
         with np.load(source, allow_pickle=False) as data:
             if "mom2.mom2" not in data or "mom2.count" not in data:
-                raise KisError(f"{source} has arrays {sorted(data.files)} but not 'mom2.mom2' and 'mom2.count': is it a layer_stats file?")
+                raise KisError(
+                    f"{source} has arrays {sorted(data.files)} but not 'mom2.mom2' and 'mom2.count': "
+                    "is it a layer_stats file?"
+                )
             if "mom2.constructor" in data and "SecondMoment" not in str(data["mom2.constructor"]):
                 raise KisError(
                     f"{source} holds a {data['mom2.constructor']} statistic, not a SecondMoment: "
@@ -278,7 +323,9 @@ def import_npz(source: str | Path) -> tuple[SecondMoment, int | None]:
     if total.ndim != 2 or total.shape[0] != total.shape[1] or count < 1:
         raise KisError(f"{source} holds no square mom2 with a positive count")
     if not torch.isfinite(total).all():
-        raise KisError(f"{source} has NaN or inf in mom2.mom2 (an overflow while ROME summed it): recompute it, in float64")
+        raise KisError(
+            f"{source} has NaN or inf in mom2.mom2 (an overflow while ROME summed it): recompute it, in float64"
+        )
     return SecondMoment.from_state(total, count), sample_size
 
 
@@ -306,7 +353,7 @@ def _cache_files(inputs: list[str | Path]) -> dict[str, list[Path]]:
 
 
 def merge_caches(inputs: list[str | Path], output_dir: str | Path, dtype: str = "float64") -> list[Path]:
-    """Merge caches of the same layers (sums and counts add) into output_dir, C stored in dtype; return the written paths."""
+    """Merge same-layer caches (sums and counts add) into output_dir, C stored in dtype; return the written paths."""
     if dtype not in STATS_DTYPES:
         raise KisError(f"unknown stats dtype {dtype!r}: use one of {', '.join(STATS_DTYPES)}")
     written = []
@@ -322,7 +369,11 @@ def merge_caches(inputs: list[str | Path], output_dir: str | Path, dtype: str = 
             texts += int(metadata.get("texts", 0))
         metadata = {key: first[key] for key in (*MERGE_KEYS, "model_dtype") if key in first}
         distinct = sorted({str(corpus) for corpus in corpora})
-        metadata.update(corpus=distinct[0] if len(distinct) == 1 else "+".join(distinct), texts=texts, merged_from=[str(f) for f in files])
+        metadata.update(
+            corpus=distinct[0] if len(distinct) == 1 else "+".join(distinct),
+            texts=texts,
+            merged_from=[str(f) for f in files],
+        )
         written.append(save_second_moment(Path(output_dir) / name, merged, metadata, dtype=dtype))
     return written
 
@@ -336,7 +387,7 @@ def import_layer_stats(
     prepend_bos: bool | None = None,
     max_length: int | None = None,
 ) -> Path:
-    """Write a ROME/MEMIT layer_stats .npz as a kis cache of that model and layer (C = sum / count, float64); return its path.
+    """Write a ROME/MEMIT layer_stats .npz as a kis cache of a model's layer (C = sum/count, float64); return its path.
 
     The file records neither the model's weights nor the BOS convention, so prepend_bos is required and
     ``model_fingerprint`` is stored as null, to be recorded when the cache is first used with a loaded model.
@@ -355,7 +406,10 @@ def import_layer_stats(
     if layer < 0:
         raise KisError(f"--layer must be 0 or more, not {layer}")
     if max_length is not None and max_length < 1:
-        raise KisError(f"--max_length must be at least 1, not {max_length}: give the truncation length the cache was made with, or leave it out")
+        raise KisError(
+            f"--max_length must be at least 1, not {max_length}: "
+            "give the truncation length the cache was made with, or leave it out"
+        )
     slug = model_slug(model_name)
     metadata: dict[str, Any] = {
         "model_name": slug,
@@ -371,4 +425,6 @@ def import_layer_stats(
         metadata["max_length"] = int(max_length)
     if sample_size is not None:
         metadata["texts"] = sample_size
-    return save_second_moment(stats_path(output_dir, slug, corpus_cache_name(corpus), layer), moment, metadata, dtype="float64")
+    return save_second_moment(
+        stats_path(output_dir, slug, corpus_cache_name(corpus), layer), moment, metadata, dtype="float64"
+    )

@@ -122,7 +122,9 @@ def token_batches(
         chunk = list(itertools.islice(iterator, sort_window))
         if not chunk:
             return
-        encoded = [_truncate(tokenizer, ids, prepend_bos, max_length) for ids in _encode_many(tokenizer, chunk, max_length)]
+        encoded = [
+            _truncate(tokenizer, ids, prepend_bos, max_length) for ids in _encode_many(tokenizer, chunk, max_length)
+        ]
         # A text that is empty after tokenization adds nothing.
         offsets = [offset for offset, ids in enumerate(encoded) if len(ids) > int(prepend_bos)]
         window = [encoded[offset] for offset in offsets]
@@ -136,7 +138,14 @@ def token_batches(
             yield TokenBatch(tokens, mask, window_start, index, window_end, index == len(packed) - 1, rows)
         if not packed and skip == 0:
             # A window of only empty texts still moves the position, so resuming never rereads it.
-            yield TokenBatch(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.long), window_start, 0, window_end, True)
+            yield TokenBatch(
+                torch.zeros(0, 0, dtype=torch.long),
+                torch.zeros(0, 0, dtype=torch.long),
+                window_start,
+                0,
+                window_end,
+                True,
+            )
         window_start, skip = window_end, 0
 
 

@@ -13,6 +13,8 @@ from kis_lens.testing import tiny_hooked_transformer, tiny_model
 warnings.filterwarnings("ignore", category=UserWarning, module="transformer_lens")
 
 ARCHITECTURES = ("gpt2", "llama")
+
+
 # TL 4 has only the bridge; TL 2.x/3.x also has HookedTransformer (CI runs the hook and key tests there too).
 def _exports(name: str) -> bool:
     try:  # TL 4 raises ImportError (not AttributeError) for the removed names

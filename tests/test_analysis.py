@@ -101,7 +101,9 @@ def test_excess_kurtosis_of_constant_is_nan_like_scipy():
 def test_layer_summaries_match_loops_and_scipy():
     result = synthetic_result()
     summaries = layer_summaries(result, threshold=0.2)
-    assert [(s.matrix, s.layer) for s in summaries] == [(name, layer) for name in MATRIX_NAMES for layer in result.layers]
+    assert [(s.matrix, s.layer) for s in summaries] == [
+        (name, layer) for name in MATRIX_NAMES for layer in result.layers
+    ]
     for summary in summaries:
         values = loop_off_diagonal(result.layer(summary.matrix, summary.layer))
         assert summary.n_values == 7 * 6
@@ -131,9 +133,7 @@ def test_summary_table_columns_csv_and_dataframe(tmp_path):
 
 def brute_force_top(matrix: torch.Tensor, k: int, symmetric: bool, by_abs: bool = True) -> list[tuple[int, int, float]]:
     n = matrix.shape[0]
-    entries = [
-        (i, j, float(matrix[i, j])) for i in range(n) for j in range(n) if i != j and (not symmetric or i < j)
-    ]
+    entries = [(i, j, float(matrix[i, j])) for i in range(n) for j in range(n) if i != j and (not symmetric or i < j)]
     return sorted(entries, key=lambda e: -abs(e[2]) if by_abs else -e[2])[:k]
 
 

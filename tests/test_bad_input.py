@@ -95,14 +95,20 @@ def rewrite_cache(path: Path, change_tensor=None, **metadata) -> None:
 
 FACTS_CASES = {
     "subject not in its prompt": (
-        [{**GOOD_FACT, "prompt": "Berlin is the capital of"}], ["is not in its prompt", "fix the subject or the prompt"]),
+        [{**GOOD_FACT, "prompt": "Berlin is the capital of"}],
+        ["is not in its prompt", "fix the subject or the prompt"],
+    ),
     "empty subject": ([{**GOOD_FACT, "subject": "  "}], ["the subject is empty", "non-empty subject"]),
     "prompt without {}": (
-        [{**GOOD_FACT, "template": "Paris is the capital of"}], ["has no '{}'", "replace 'Paris' with '{}'"]),
+        [{**GOOD_FACT, "template": "Paris is the capital of"}],
+        ["has no '{}'", "replace 'Paris' with '{}'"],
+    ),
     "subject not a string": ([{**GOOD_FACT, "subject": 5}], ["subject must be a string"]),
     "record not an object": ([GOOD_FACT, 7], ["record 1", "expected a JSON object"]),
     "counterfact record without target": (
-        [{"case_id": 3, "requested_rewrite": {"prompt": "{} is in", "subject": "Rome"}}], ["missing field 'target_true'"]),
+        [{"case_id": 3, "requested_rewrite": {"prompt": "{} is in", "subject": "Rome"}}],
+        ["missing field 'target_true'"],
+    ),
     "unknown record format": ([{"text": "hello"}], ["not a CounterFact record"]),
     "empty list": ([], ["holds no facts"]),
     "empty file": ("  \n", ["is empty", "JSON list or JSONL"]),
@@ -114,15 +120,30 @@ FACTS_CASES = {
 def test_bad_facts_file(tmp_path, capsys, case):
     records, fragments = FACTS_CASES[case]
     facts = write_facts(tmp_path / "facts.json", records)
-    expect_clear_error(capsys, tmp_path, ["all", *TINY, "--output_dir", str(tmp_path / "out"), "--facts", str(facts), *FACT_RUN], *fragments)
+    expect_clear_error(
+        capsys,
+        tmp_path,
+        ["all", *TINY, "--output_dir", str(tmp_path / "out"), "--facts", str(facts), *FACT_RUN],
+        *fragments,
+    )
 
 
 def test_bad_jsonl_names_the_line(tmp_path, capsys):
     facts = tmp_path / "facts.jsonl"
     facts.write_text(json.dumps(GOOD_FACT) + "\n\n{not json}\n", encoding="utf-8")
-    expect_clear_error(capsys, tmp_path, ["all", *TINY, "--output_dir", str(tmp_path), "--facts", str(facts), *FACT_RUN], "facts.jsonl line 3: not valid JSON")
+    expect_clear_error(
+        capsys,
+        tmp_path,
+        ["all", *TINY, "--output_dir", str(tmp_path), "--facts", str(facts), *FACT_RUN],
+        "facts.jsonl line 3: not valid JSON",
+    )
     facts.write_bytes(b'{"subject": "Caf\xe9"}\n')
-    expect_clear_error(capsys, tmp_path, ["all", *TINY, "--output_dir", str(tmp_path), "--facts", str(facts), *FACT_RUN], "is not UTF-8")
+    expect_clear_error(
+        capsys,
+        tmp_path,
+        ["all", *TINY, "--output_dir", str(tmp_path), "--facts", str(facts), *FACT_RUN],
+        "is not UTF-8",
+    )
 
 
 @pytest.mark.parametrize(
@@ -131,13 +152,25 @@ def test_bad_jsonl_names_the_line(tmp_path, capsys):
         (["--model_name", "tiny-gtp2"], ["unknown model 'tiny-gtp2'", "Did you mean 'tiny-gpt2'"]),
         (["--end_layer", "7"], ["out of range: this model has layers 0..1"]),
         (["--start_layer", "1", "--end_layer", "0"], ["start_layer 1 is after end_layer 0"]),
-        (["--record_size", "1000"], ["record_size 1000 is larger than the 436 facts available", "--record_size 436 or fewer"]),
+        (
+            ["--record_size", "1000"],
+            ["record_size 1000 is larger than the 436 facts available", "--record_size 436 or fewer"],
+        ),
         (["--record_size", "0"], ["record_size must be at least 1"]),
         (["--facts", "missing.json"], ["facts file missing.json not found"]),
         (["--corpus", "no-such-corpus"], ["corpus 'no-such-corpus' is not"]),
         (["--batch_token", "64"], ["--batch_token 64 is smaller than one sequence", "--batch_token 256 or more"]),
     ],
-    ids=["unknown-model", "layer-out-of-range", "start-after-end", "record-size", "record-size-0", "facts-missing", "corpus-missing", "batch-token"],
+    ids=[
+        "unknown-model",
+        "layer-out-of-range",
+        "start-after-end",
+        "record-size",
+        "record-size-0",
+        "facts-missing",
+        "corpus-missing",
+        "batch-token",
+    ],
 )
 def test_bad_run_options(tmp_path, capsys, args, fragments):
     command = ["all", "--model_name", "tiny-gpt2", *QUIET, "--output_dir", str(tmp_path), *FACT_RUN]
@@ -148,13 +181,19 @@ def test_empty_corpus_and_texts_empty_after_tokenization(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n", encoding="utf-8")
     out = tmp_path / "out"
-    expect_clear_error(capsys, tmp_path, ["cache-cov", *TINY, "--output_dir", str(out), "--corpus", str(empty)], "is empty")
+    expect_clear_error(
+        capsys, tmp_path, ["cache-cov", *TINY, "--output_dir", str(out), "--corpus", str(empty)], "is empty"
+    )
     blank = tmp_path / "blank.jsonl"
     blank.write_text('{"text": ""}\n{"text": ""}\n', encoding="utf-8")
-    expect_clear_error(capsys, tmp_path, ["cache-cov", *TINY, "--output_dir", str(out), "--corpus", str(blank)], "gave no tokens")
+    expect_clear_error(
+        capsys, tmp_path, ["cache-cov", *TINY, "--output_dir", str(out), "--corpus", str(blank)], "gave no tokens"
+    )
     latin = tmp_path / "latin.txt"
     latin.write_bytes(b"caf\xe9\n")
-    expect_clear_error(capsys, tmp_path, ["cache-cov", *TINY, "--output_dir", str(out), "--corpus", str(latin)], "is not UTF-8")
+    expect_clear_error(
+        capsys, tmp_path, ["cache-cov", *TINY, "--output_dir", str(out), "--corpus", str(latin)], "is not UTF-8"
+    )
     assert not out.exists()
 
 
@@ -162,14 +201,18 @@ def test_unwritable_output_dir(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     for command in (["all", *FACT_RUN], ["cache-cov", "--max_tokens", "1500"]):
-        expect_clear_error(capsys, tmp_path, [*command, *TINY, "--output_dir", str(blocker / "out")], "is a file, not a folder")
+        expect_clear_error(
+            capsys, tmp_path, [*command, *TINY, "--output_dir", str(blocker / "out")], "is a file, not a folder"
+        )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")
 def test_read_only_output_dir(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    expect_clear_error(capsys, tmp_path, ["all", *TINY, *FACT_RUN, "--output_dir", str(locked / "out")], "is not writable")
+    expect_clear_error(
+        capsys, tmp_path, ["all", *TINY, *FACT_RUN, "--output_dir", str(locked / "out")], "is not writable"
+    )
 
 
 def zero_row_and_column(matrix: torch.Tensor, index: int = 5) -> torch.Tensor:
@@ -183,25 +226,53 @@ def zero_row_and_column(matrix: torch.Tensor, index: int = 5) -> torch.Tensor:
 def test_singular_covariance_names_the_ridge(output, capsys):
     rewrite_cache(output / CACHE / "layer_0_mom2.safetensors", change_tensor=zero_row_and_column)
     run = ["p-matrix", *TINY, "--output_dir", str(output), "--end_layer", "0", *FACT_RUN]
-    expect_clear_error(capsys, output, run, "layer 0's covariance C is singular or not positive definite", "--ridge 1e-6")
+    expect_clear_error(
+        capsys, output, run, "layer 0's covariance C is singular or not positive definite", "--ridge 1e-6"
+    )
     assert main([*run, "--ridge", "1e-3"]) == 0  # the named fix works
 
 
 @pytest.mark.parametrize(
     "damage, fragments",
     [
-        (lambda path: rewrite_cache(path, change_tensor=lambda t: t.index_fill(0, torch.tensor([3]), float("nan"))), ["contains NaN or inf"]),
-        (lambda path: rewrite_cache(path, change_tensor=lambda t: torch.full_like(t, float("inf"))), ["contains NaN or inf"]),
-        (lambda path: rewrite_cache(path, change_tensor=lambda t: -torch.eye(t.shape[0], dtype=t.dtype)), ["not positive definite", "--ridge"]),
-        (lambda path: rewrite_cache(path, model_name="gpt2-small"), ["was made for model_name='gpt2-small', not 'tiny-gpt2'"]),
+        (
+            lambda path: rewrite_cache(path, change_tensor=lambda t: t.index_fill(0, torch.tensor([3]), float("nan"))),
+            ["contains NaN or inf"],
+        ),
+        (
+            lambda path: rewrite_cache(path, change_tensor=lambda t: torch.full_like(t, float("inf"))),
+            ["contains NaN or inf"],
+        ),
+        (
+            lambda path: rewrite_cache(path, change_tensor=lambda t: -torch.eye(t.shape[0], dtype=t.dtype)),
+            ["not positive definite", "--ridge"],
+        ),
+        (
+            lambda path: rewrite_cache(path, model_name="gpt2-small"),
+            ["was made for model_name='gpt2-small', not 'tiny-gpt2'"],
+        ),
         (lambda path: rewrite_cache(path, hook="blocks.0.mlp.hook_pre"), ["was made for hook='blocks.0.mlp.hook_pre'"]),
         (lambda path: rewrite_cache(path, d_mlp=128), ["was made for d_mlp=128, not 256"]),
         (lambda path: rewrite_cache(path, model_fingerprint="0123456789abcdef"), ["was made for model_fingerprint="]),
-        (lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]), ["corrupt or truncated", "delete it"]),
+        (
+            lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+            ["corrupt or truncated", "delete it"],
+        ),
         (lambda path: path.write_bytes(b"\x00" * 64), ["corrupt or truncated"]),
         (lambda path: path.write_bytes(b""), ["corrupt or truncated"]),
     ],
-    ids=["nan", "inf", "not-positive-definite", "other-model", "other-hook", "other-d_mlp", "other-weights", "truncated", "garbage", "empty-file"],
+    ids=[
+        "nan",
+        "inf",
+        "not-positive-definite",
+        "other-model",
+        "other-hook",
+        "other-d_mlp",
+        "other-weights",
+        "truncated",
+        "garbage",
+        "empty-file",
+    ],
 )
 def test_damaged_or_foreign_cache(output, capsys, damage, fragments):
     damage(output / CACHE / "layer_0_mom2.safetensors")
@@ -227,22 +298,72 @@ def test_cache_metadata_that_does_not_parse(output, capsys):
 
 def test_stats_commands_bad_input(output, tmp_path, capsys):
     cache = output / CACHE / "layer_0_mom2.safetensors"
-    expect_clear_error(capsys, tmp_path, ["merge-stats", str(cache.parent), "--output_dir", str(tmp_path / "m")], "only one input has layer_0_mom2")
-    expect_clear_error(capsys, tmp_path, ["merge-stats", str(tmp_path / "nothing"), str(cache), "--output_dir", str(tmp_path / "m")], "is neither a cache file")
+    expect_clear_error(
+        capsys,
+        tmp_path,
+        ["merge-stats", str(cache.parent), "--output_dir", str(tmp_path / "m")],
+        "only one input has layer_0_mom2",
+    )
+    expect_clear_error(
+        capsys,
+        tmp_path,
+        ["merge-stats", str(tmp_path / "nothing"), str(cache), "--output_dir", str(tmp_path / "m")],
+        "is neither a cache file",
+    )
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, **{"mom2.mom2": np.array([{"evil": 1}], dtype=object), "mom2.count": np.array(3)})
-    expect_clear_error(capsys, tmp_path, ["import-stats", str(pickled), "--model_name", "tiny-gpt2", "--layer", "0", "--output_dir", str(tmp_path / "i")], "without pickle")
-    expect_clear_error(capsys, tmp_path, ["cache-cov", *TINY, "--output_dir", str(tmp_path / "c"), "--max_memory", "lots"], "cannot read 'lots' as a memory size")
-    expect_clear_error(capsys, tmp_path, ["cache-cov", *TINY, "--output_dir", str(tmp_path / "c"), "--sample_size", "0"], "sample_size must be at least 1")
+    expect_clear_error(
+        capsys,
+        tmp_path,
+        [
+            "import-stats",
+            str(pickled),
+            "--model_name",
+            "tiny-gpt2",
+            "--layer",
+            "0",
+            "--output_dir",
+            str(tmp_path / "i"),
+        ],
+        "without pickle",
+    )
+    expect_clear_error(
+        capsys,
+        tmp_path,
+        ["cache-cov", *TINY, "--output_dir", str(tmp_path / "c"), "--max_memory", "lots"],
+        "cannot read 'lots' as a memory size",
+    )
+    expect_clear_error(
+        capsys,
+        tmp_path,
+        ["cache-cov", *TINY, "--output_dir", str(tmp_path / "c"), "--sample_size", "0"],
+        "sample_size must be at least 1",
+    )
 
 
 def test_debug_shows_the_traceback(tmp_path):
     assert pytest.raises(KisError, main, ["all", *TINY, "--output_dir", str(tmp_path), "--end_layer", "9", "--debug"])
     completed = subprocess.run(
-        [sys.executable, "-m", "kis_lens.cli", "all", *TINY, "--output_dir", str(tmp_path), "--end_layer", "9", "--debug"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "kis_lens.cli",
+            "all",
+            *TINY,
+            "--output_dir",
+            str(tmp_path),
+            "--end_layer",
+            "9",
+            "--debug",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert completed.returncode != 0
-    assert "Traceback" in completed.stderr and "KisError: layer(s) [2, 3, 4, 5, 6, 7, 8, 9] out of range" in completed.stderr
+    assert (
+        "Traceback" in completed.stderr
+        and "KisError: layer(s) [2, 3, 4, 5, 6, 7, 8, 9] out of range" in completed.stderr
+    )
     assert not list(tmp_path.rglob("*"))
-

@@ -1,4 +1,4 @@
-"""The benchmark's re-implementation of the original per-pair algorithm does the original's work and agrees with kis_lens's P."""
+"""The benchmark's version of the original per-pair algorithm does the original's work and agrees with kis_lens's P."""
 
 from __future__ import annotations
 
@@ -58,7 +58,9 @@ def test_reference_runs_the_originals_n_squared_plus_2n_forwards(bench, tiny_gpt
     assert (stubbed.forwards, stubbed.inversions, stubbed.inverse_products) == (n * n + 2 * n, 1, n)
     bench.check_original_work(n, work)
     with pytest.raises(RuntimeError, match="not the original's"):
-        bench.check_original_work(n, bench.OriginalWork(forwards=2 * n * n, inversions=1, inverse_products=n, entries=n * n))
+        bench.check_original_work(
+            n, bench.OriginalWork(forwards=2 * n * n, inversions=1, inverse_products=n, entries=n * n)
+        )
 
 
 def test_reference_stops_after_max_pairs_in_row_major_order(bench, tiny_gpt2, covariances):

@@ -46,7 +46,10 @@ def reference_rank(logits: np.ndarray, token: int) -> int:
 
 def write_facts(path, facts: list[Fact]) -> str:
     records = [
-        {"case_id": f.case_id, "requested_rewrite": {"subject": f.subject, "prompt": f.prompt, "target_true": {"str": f.target_true}}}
+        {
+            "case_id": f.case_id,
+            "requested_rewrite": {"subject": f.subject, "prompt": f.prompt, "target_true": {"str": f.target_true}},
+        }
         for f in facts
     ]
     path.write_text(json.dumps(records))
@@ -69,7 +72,9 @@ def test_target_token_carries_the_leading_space(tiny_gpt2):
 
 def test_known_exactly_when_target_rank_below_top_k(tiny):
     references = [reference_logits(tiny, fact) for fact in HAND_FACTS]
-    ranks = [reference_rank(logits, target_first_token(tiny.tokenizer, fact)) for logits, fact in zip(references, HAND_FACTS)]
+    ranks = [
+        reference_rank(logits, target_first_token(tiny.tokenizer, fact)) for logits, fact in zip(references, HAND_FACTS)
+    ]
     for top_k in (1, 10, 200, 2048):
         split = classify_facts(tiny, HAND_FACTS, top_k=top_k, prepend_bos=False, batch_size=2)
         assert split.known == [i for i, rank in enumerate(ranks) if rank < top_k]
@@ -87,8 +92,11 @@ def test_hand_built_fact_whose_target_is_a_predicted_word(tiny_gpt2):
     logits = reference_logits(tiny_gpt2, fact)
     order = np.argsort(-logits)
     # The best-ranked word-initial token (" word"): a target stored without its space must map to it.
-    position, token = next((i, int(t)) for i, t in enumerate(order) if tiny_gpt2.tokenizer.decode([int(t)])[1:].isalpha()
-                           and tiny_gpt2.tokenizer.decode([int(t)]).startswith(" "))
+    position, token = next(
+        (i, int(t))
+        for i, t in enumerate(order)
+        if tiny_gpt2.tokenizer.decode([int(t)])[1:].isalpha() and tiny_gpt2.tokenizer.decode([int(t)]).startswith(" ")
+    )
     made_up = Fact("m1", fact.subject, fact.prompt, tiny_gpt2.tokenizer.decode([token]).strip())
     split = classify_facts(tiny_gpt2, [made_up], top_k=position + 1, prepend_bos=False)
     assert split.known == [0] and split.predictions[0]["target_rank"] == position
@@ -99,7 +107,9 @@ def test_hand_built_fact_whose_target_is_a_predicted_word(tiny_gpt2):
 def test_split_saved_reused_and_drives_select_facts(tiny_gpt2, tmp_path):
     facts_file = write_facts(tmp_path / "facts.json", HAND_FACTS)
     references = [reference_logits(tiny_gpt2, fact) for fact in HAND_FACTS]
-    ranks = [reference_rank(logits, target_first_token(tiny_gpt2.tokenizer, f)) for logits, f in zip(references, HAND_FACTS)]
+    ranks = [
+        reference_rank(logits, target_first_token(tiny_gpt2.tokenizer, f)) for logits, f in zip(references, HAND_FACTS)
+    ]
     top_k = sorted(ranks)[2] + 1  # three of the five facts are "known"
     expected_known = {HAND_FACTS[i].case_id for i, rank in enumerate(ranks) if rank < top_k}
 
@@ -107,8 +117,15 @@ def test_split_saved_reused_and_drives_select_facts(tiny_gpt2, tmp_path):
     assert path == split_path(tmp_path, model_info(tiny_gpt2).name, facts_file) and path.is_file()
     assert load_split(path).known == split.known
 
-    config = RunConfig(model_name="tiny-gpt2", facts=facts_file, output_dir=str(tmp_path), knowledge_type="known",
-                       record_size=10, prepend_bos=False, progress=False)
+    config = RunConfig(
+        model_name="tiny-gpt2",
+        facts=facts_file,
+        output_dir=str(tmp_path),
+        knowledge_type="known",
+        record_size=10,
+        prepend_bos=False,
+        progress=False,
+    )
     with pytest.warns(UserWarning, match="only 3 known facts"):
         chosen = select_facts(config, tiny_gpt2)
     assert {fact.case_id for fact in chosen} == expected_known
@@ -116,7 +133,9 @@ def test_split_saved_reused_and_drives_select_facts(tiny_gpt2, tmp_path):
     assert len(unknown) == 2 and not {fact.case_id for fact in unknown} & expected_known
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        everything = select_facts(RunConfig(**{**config.to_dict(), "knowledge_type": "all", "record_size": 5}), tiny_gpt2)
+        everything = select_facts(
+            RunConfig(**{**config.to_dict(), "knowledge_type": "all", "record_size": 5}), tiny_gpt2
+        )
     assert sorted(fact.case_id for fact in everything) == sorted(fact.case_id for fact in HAND_FACTS)
 
 
@@ -127,7 +146,9 @@ def test_no_known_facts_is_a_clear_error(tiny_gpt2, tmp_path):
     split = load_split(path)
     split.known, split.unknown = [], [0, 1]
     path.write_text(json.dumps(split.to_dict()))
-    config = RunConfig(model_name="tiny-gpt2", facts=facts_file, output_dir=str(tmp_path), prepend_bos=False, progress=False)
+    config = RunConfig(
+        model_name="tiny-gpt2", facts=facts_file, output_dir=str(tmp_path), prepend_bos=False, progress=False
+    )
     with pytest.raises(KisError, match="no known facts"):
         select_facts(config, tiny_gpt2)
 
@@ -138,7 +159,21 @@ def test_bad_top_k_is_rejected(tiny_gpt2):
 
 
 def test_cli_classify_facts_writes_the_split(tmp_path, capsys):
-    assert main(["classify-facts", "--model_name", "tiny-gpt2", "--output_dir", str(tmp_path), "--top_k", "2048", "--no_progress"]) == 0
+    assert (
+        main(
+            [
+                "classify-facts",
+                "--model_name",
+                "tiny-gpt2",
+                "--output_dir",
+                str(tmp_path),
+                "--top_k",
+                "2048",
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     split = load_split(split_path(tmp_path, "tiny-gpt2", "counterfact-known"))
     assert len(split.known) == 436 and split.unknown == []  # top-2048 is the whole vocabulary
     assert "knows 436 of 436" in capsys.readouterr().out

@@ -38,12 +38,24 @@ def test_all_writes_the_documented_files(tmp_path, capsys):
             npy = tmp_path / folder / "tiny-gpt2" / "all_sample_size_8" / f"layer_{layer}_subject_last_{folder}.npy"
             np.testing.assert_allclose(np.load(npy, allow_pickle=False), result.layer(name, layer).numpy(), rtol=1e-6)
     for layer in (0, 1):
-        assert (tmp_path / "stats" / "tiny-gpt2" / "wikipedia-offline_stats" / f"layer_{layer}_mom2.safetensors").is_file()
+        assert (
+            tmp_path / "stats" / "tiny-gpt2" / "wikipedia-offline_stats" / f"layer_{layer}_mom2.safetensors"
+        ).is_file()
     assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_single_matrix_commands_and_cache_reuse(tmp_path):
-    args = ["--model-name", "tiny-llama", "--output-dir", str(tmp_path), "--start_layer", "1", "--end_layer", "1", *TINY_RUN]
+    args = [
+        "--model-name",
+        "tiny-llama",
+        "--output-dir",
+        str(tmp_path),
+        "--start_layer",
+        "1",
+        "--end_layer",
+        "1",
+        *TINY_RUN,
+    ]
     assert main(["cache-cov", *args[: -len(TINY_RUN)], *CORPUS_ARGS]) == 0
     cache = tmp_path / "stats" / "tiny-llama" / "wikipedia-offline_stats" / "layer_1_mom2.safetensors"
     stamp = cache.stat().st_mtime_ns
@@ -53,7 +65,9 @@ def test_single_matrix_commands_and_cache_reuse(tmp_path):
     folder = tmp_path / "p_matrix" / "tiny-llama" / "all_sample_size_8"
     p = np.load(folder / "layer_1_subject_last_p_matrix.npy")
     np.testing.assert_allclose(np.diag(p), 1.0, rtol=1e-6)
-    assert not (tmp_path / "p_matrix" / "tiny-llama" / "all_sample_size_8" / "layer_0_subject_last_p_matrix.npy").exists()
+    assert not (
+        tmp_path / "p_matrix" / "tiny-llama" / "all_sample_size_8" / "layer_0_subject_last_p_matrix.npy"
+    ).exists()
 
 
 def test_cache_from_another_model_is_refused(tmp_path, capsys):
@@ -63,7 +77,9 @@ def test_cache_from_another_model_is_refused(tmp_path, capsys):
     target = tmp_path / "stats" / "tiny-llama" / "wikipedia-offline_stats" / "layer_0_mom2.safetensors"
     target.parent.mkdir(parents=True)
     shutil.copy(source, target)
-    assert main(["p-matrix", "--model_name", "tiny-llama", *common, "--knowledge_type", "all", "--record_size", "4"]) == 2
+    assert (
+        main(["p-matrix", "--model_name", "tiny-llama", *common, "--knowledge_type", "all", "--record_size", "4"]) == 2
+    )
     assert "was made for model_name='tiny-gpt2', not 'tiny-llama'" in capsys.readouterr().err
 
 
@@ -72,14 +88,19 @@ def test_cache_from_another_model_is_refused(tmp_path, capsys):
     [
         (["all", "--model_name", "gpt3-small"], "unknown model 'gpt3-small'"),
         (["all", "--model_name", "tiny-gpt2", "--end_layer", "5"], "out of range: this model has layers 0..1"),
-        (["all", "--model_name", "tiny-gpt2", "--knowledge_type", "all", "--record_size", "1000"], "larger than the 436 facts"),
+        (
+            ["all", "--model_name", "tiny-gpt2", "--knowledge_type", "all", "--record_size", "1000"],
+            "larger than the 436 facts",
+        ),
         (["all", "--model_name", "tiny-gpt2", "--facts", "/nonexistent.json"], "not found"),
     ],
 )
 def test_bad_input_exits_2_without_traceback(tmp_path, args, message):
     completed = subprocess.run(
         [sys.executable, "-m", "kis_lens.cli", *args, "--output_dir", str(tmp_path), "--no_progress"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 2
     assert message in completed.stderr and "Traceback" not in completed.stderr
@@ -158,8 +179,12 @@ def test_flag_defaults_are_the_config_defaults(command, monkeypatch, capsys):
         if isinstance(item.default, bool):
             continue
         shown = item.metadata.get("none") if item.default is None else str(item.default)
-        shown = ",".join(item.default) if isinstance(item.default, tuple) else shown  # comma-separated on the command line
-        assert f"(default {shown}" in help_text or f"(default {item.metadata.get('cli_none')} = {shown}" in help_text, item.name
+        shown = (
+            ",".join(item.default) if isinstance(item.default, tuple) else shown
+        )  # comma-separated on the command line
+        assert f"(default {shown}" in help_text or f"(default {item.metadata.get('cli_none')} = {shown}" in help_text, (
+            item.name
+        )
 
 
 @pytest.mark.parametrize("command", list(CONFIG_COMMANDS))
@@ -168,11 +193,16 @@ def test_both_spellings_parse_to_the_same_config(command):
     parser = build_parser()
     for item in exposed(config_class, skip):
         tokens, expected = non_default_cli_value(item)
-        configs = [config_from_args(parser.parse_args([command, spelling, *tokens]), config_class) for spelling in flag_spellings(item)]
+        configs = [
+            config_from_args(parser.parse_args([command, spelling, *tokens]), config_class)
+            for spelling in flag_spellings(item)
+        ]
         assert getattr(configs[0], item.name) == expected != getattr(config_class(), item.name), item.name
         assert all(config == configs[0] for config in configs), item.name
     if "max_tokens" in {item.name for item in fields(config_class)}:
-        assert config_from_args(parser.parse_args([command, "--max_tokens", "0"]), config_class).max_tokens is None  # 0 = no limit
+        assert (
+            config_from_args(parser.parse_args([command, "--max_tokens", "0"]), config_class).max_tokens is None
+        )  # 0 = no limit
     snake = parser.parse_args([command, "--model_name", "tiny-gpt2", "--output_dir", "o", "--no_progress"])
     kebab = parser.parse_args([command, "--model-name", "tiny-gpt2", "--output-dir", "o", "--no-progress"])
     assert config_from_args(snake, config_class) == config_from_args(kebab, config_class)
@@ -286,14 +316,25 @@ def test_cache_cov_token_budget(monkeypatch):
 
     monkeypatch.setattr(kis_lens.runner, "cache_covariance_job", fake_job)
     assert main(["cache-cov", "--device", "cpu"]) == 0
-    assert main(["cache-cov", "--device", "cpu", "--sample_size", "3"]) == 0  # --sample_size alone: every token of those texts
-    assert main(["cache-cov", "--device", "cpu", "--sample-size", "3", "--max_tokens", "500", "--checkpoint_every", "0"]) == 0
+    assert (
+        main(["cache-cov", "--device", "cpu", "--sample_size", "3"]) == 0
+    )  # --sample_size alone: every token of those texts
+    assert (
+        main(["cache-cov", "--device", "cpu", "--sample-size", "3", "--max_tokens", "500", "--checkpoint_every", "0"])
+        == 0
+    )
     assert [config.max_tokens for config, _ in seen] == [RunConfig().max_tokens, None, 500]
-    assert seen[0][1]["stats_dtype"] == "float64" and seen[0][1]["checkpoint_every"] == 5_000_000 and seen[2][1]["checkpoint_every"] is None
+    assert (
+        seen[0][1]["stats_dtype"] == "float64"
+        and seen[0][1]["checkpoint_every"] == 5_000_000
+        and seen[2][1]["checkpoint_every"] is None
+    )
 
 
 def test_parse_bytes():
-    assert parse_bytes("30GB") == 30 * 10**9 and parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes("2e9") == 2 * 10**9
+    assert (
+        parse_bytes("30GB") == 30 * 10**9 and parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes("2e9") == 2 * 10**9
+    )
     assert parse_bytes(None) is None and parse_bytes(1024) == 1024
     with pytest.raises(KisError, match="cannot read 'lots' as a memory size"):
         parse_bytes("lots")

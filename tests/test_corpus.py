@@ -7,9 +7,9 @@ import json
 import pytest
 
 from kis_lens.corpus import EMBEDDED_CORPUS, corpus_texts, open_corpus
-from kis_lens.tokens import token_batches
 from kis_lens.errors import KisError
 from kis_lens.testing import tiny_tokenizer
+from kis_lens.tokens import token_batches
 
 TEXTS = ["The Eiffel Tower is in Paris.", "Water boils at 100 degrees.", "", "Mount Everest is high.", "Rome is old."]
 
@@ -83,7 +83,7 @@ def test_batches_respect_budget_skip_empty_and_resume_exactly():
     assert sum(b.n_tokens for b in batches) == expected_tokens
     for cut in (3, 7, len(batches) - 2):
         position = batches[cut].resume_position()
-        resumed = list(token_batches(tokenizer, texts[position[0]:], 128, 512, False, 16, start=position))
+        resumed = list(token_batches(tokenizer, texts[position[0] :], 128, 512, False, 16, start=position))
         assert len(resumed) == len(batches) - cut - 1
         for got, want in zip(resumed, batches[cut + 1 :]):
             assert got.tokens.equal(want.tokens) and got.attention_mask.equal(want.attention_mask)

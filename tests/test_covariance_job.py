@@ -1,4 +1,4 @@
-"""The cache-cov job: padding-free statistics, kill-and-resume, extension, metadata checks, groups, torchrun (interop: test_interop.py)."""
+"""The cache-cov job: padding-free stats, kill/resume, extension, metadata, groups, torchrun (interop: test_interop)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from kis_lens import covariance
-from kis_lens.corpus import EMBEDDED_CORPUS, open_corpus
-from kis_lens.tokens import encode, token_batches
 from kis_lens.cache_job import CovarianceRequest, cache_second_moments, layer_groups
+from kis_lens.corpus import EMBEDDED_CORPUS, open_corpus
 from kis_lens.covariance import estimate_second_moments, forward_row_groups
 from kis_lens.errors import KisError
 from kis_lens.hooks import capture_mlp_inputs
 from kis_lens.models import load_model
 from kis_lens.storage import import_layer_stats, load_second_moment, stats_dir
 from kis_lens.testing import embedded_sample_texts
+from kis_lens.tokens import encode, token_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,20 +74,44 @@ def test_row_groups_keep_every_real_token_and_trim_padding(tiny_gpt2, group_toke
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Largest difference relative to the largest entry: batches grouped differently round their float32 products differently."""
+    """Max difference relative to the largest entry: batches grouped differently round float32 products differently."""
     return float((got - want).abs().max() / want.abs().max())
 
 
 def _cli(output: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "kis_lens.cli", "cache-cov", "--model_name", "tiny-gpt2", "--device", "cpu",
-        "--output_dir", str(output), "--sample_size", "80", "--batch_token", "256", "--checkpoint_every", "1500",
-        "--stats_dtype", "float64", "--no_progress", *extra,
+        sys.executable,
+        "-m",
+        "kis_lens.cli",
+        "cache-cov",
+        "--model_name",
+        "tiny-gpt2",
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(output),
+        "--sample_size",
+        "80",
+        "--batch_token",
+        "256",
+        "--checkpoint_every",
+        "1500",
+        "--stats_dtype",
+        "float64",
+        "--no_progress",
+        *extra,
     ]
 
 
 def _request(output: Path, **changes) -> CovarianceRequest:
-    settings = dict(corpus=EMBEDDED_CORPUS, output_dir=output, sample_size=80, batch_token=256, stats_dtype="float64", progress=False)
+    settings = dict(
+        corpus=EMBEDDED_CORPUS,
+        output_dir=output,
+        sample_size=80,
+        batch_token=256,
+        stats_dtype="float64",
+        progress=False,
+    )
     return CovarianceRequest(**{**settings, **changes})
 
 
@@ -138,7 +162,9 @@ def test_mismatched_cache_is_refused(tmp_path, tiny_cli_model):
     other = load_model("tiny-llama", device="cpu")
     other_dir = stats_dir(tmp_path, "tiny-llama", EMBEDDED_CORPUS)
     other_dir.mkdir(parents=True)
-    (stats_dir(tmp_path, "tiny-gpt2", EMBEDDED_CORPUS) / "layer_0_mom2.safetensors").rename(other_dir / "layer_0_mom2.safetensors")
+    (stats_dir(tmp_path, "tiny-gpt2", EMBEDDED_CORPUS) / "layer_0_mom2.safetensors").rename(
+        other_dir / "layer_0_mom2.safetensors"
+    )
     with pytest.raises(KisError, match="model_name='tiny-gpt2', not 'tiny-llama'"):
         cache_second_moments(other, [0], _request(tmp_path, sample_size=5))
 
@@ -148,25 +174,51 @@ def test_memory_budget_splits_layers_into_passes(tmp_path, tiny_cli_model, capsy
     assert layer_groups([0, 1, 2], 256, 2 * per_layer + 1) == [[0, 1], [2]]
     with pytest.raises(KisError, match="raise --max_memory"):
         layer_groups([0], 256, per_layer - 1)
-    grouped = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "g", sample_size=12, max_memory=per_layer))
+    grouped = cache_second_moments(
+        tiny_cli_model, [0, 1], _request(tmp_path / "g", sample_size=12, max_memory=per_layer)
+    )
     assert grouped.groups == [[0], [1]] and "pass 2 over the corpus covers layers 1..1" in capsys.readouterr().out
     together = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "t", sample_size=12))
     for layer in (0, 1):
-        assert torch.equal(load_second_moment(grouped.paths[layer])[0].sum, load_second_moment(together.paths[layer])[0].sum)
+        assert torch.equal(
+            load_second_moment(grouped.paths[layer])[0].sum, load_second_moment(together.paths[layer])[0].sum
+        )
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path, tiny_cli_model):
     pytest.importorskip("torch.distributed.run")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "kis_lens.cli",
-        "cache-cov", "--model_name", "tiny-gpt2", "--device", "cpu", "--output_dir", str(tmp_path / "ddp"),
-        "--sample_size", "16", "--batch_token", "256", "--stats_dtype", "float64", "--no_progress",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "kis_lens.cli",
+        "cache-cov",
+        "--model_name",
+        "tiny-gpt2",
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        "--sample_size",
+        "16",
+        "--batch_token",
+        "256",
+        "--stats_dtype",
+        "float64",
+        "--no_progress",
     ]
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     single = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "one", sample_size=16))
     for layer in (0, 1):
-        shared, meta = load_second_moment(stats_dir(tmp_path / "ddp", "tiny-gpt2", EMBEDDED_CORPUS) / f"layer_{layer}_mom2.safetensors")
+        shared, meta = load_second_moment(
+            stats_dir(tmp_path / "ddp", "tiny-gpt2", EMBEDDED_CORPUS) / f"layer_{layer}_mom2.safetensors"
+        )
         alone, _ = load_second_moment(single.paths[layer])
         assert shared.count == alone.count and meta["texts_read"] == 16
         assert _relative(shared.sum, alone.sum) < 1e-6
@@ -174,12 +226,18 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, tiny_cli_model):
 
 def test_a_larger_token_budget_extends_the_cache_to_the_uninterrupted_result(tmp_path, tiny_cli_model):
     """--max_tokens 1500 then 6000 continues the first cache's own stream: bit for bit one run with 6000."""
-    small = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "grown", sample_size=None, max_tokens=1500))
+    small = cache_second_moments(
+        tiny_cli_model, [0, 1], _request(tmp_path / "grown", sample_size=None, max_tokens=1500)
+    )
     assert 1500 <= small.tokens < 6000
-    grown = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "grown", sample_size=None, max_tokens=6000))
+    grown = cache_second_moments(
+        tiny_cli_model, [0, 1], _request(tmp_path / "grown", sample_size=None, max_tokens=6000)
+    )
     assert grown.extended == [0, 1] and not grown.reused
     assert grown.computed_tokens == grown.tokens - small.tokens  # only the new tokens were run
-    straight = cache_second_moments(tiny_cli_model, [0, 1], _request(tmp_path / "straight", sample_size=None, max_tokens=6000))
+    straight = cache_second_moments(
+        tiny_cli_model, [0, 1], _request(tmp_path / "straight", sample_size=None, max_tokens=6000)
+    )
     for layer in (0, 1):
         got, meta = load_second_moment(grown.paths[layer])
         want, want_meta = load_second_moment(straight.paths[layer])
@@ -234,7 +292,9 @@ def test_the_progress_bar_counts_tokens_against_a_budget(tmp_path, tiny_cli_mode
             bars[-1]["final"] = self.n
 
     monkeypatch.setattr(cache_job, "tqdm", Recorder)
-    cache_second_moments(tiny_cli_model, [1], _request(tmp_path / "budget", sample_size=None, max_tokens=2000, progress=True))
+    cache_second_moments(
+        tiny_cli_model, [1], _request(tmp_path / "budget", sample_size=None, max_tokens=2000, progress=True)
+    )
     assert bars[-1]["unit"] == "tok" and bars[-1]["total"] == 2000 and bars[-1]["final"] == 2000
     cache_second_moments(tiny_cli_model, [1], _request(tmp_path / "texts", sample_size=12, progress=True))
     assert bars[-1]["unit"] == "text" and bars[-1]["total"] == 12 and bars[-1]["final"] == 12
@@ -243,9 +303,18 @@ def test_the_progress_bar_counts_tokens_against_a_budget(tmp_path, tiny_cli_mode
 def test_an_imported_cache_is_tied_to_the_first_model_that_uses_it(tmp_path, tiny_cli_model):
     """An imported cache has no fingerprint: its first use records the model's, and another model is then refused."""
     rows = np.random.default_rng(0).standard_normal((500, 256))
-    np.savez(tmp_path / "rome.npz", **{"mom2.mom2": (rows.T @ rows).astype(np.float32), "mom2.count": np.array(500),
-                                       "mom2.constructor": np.array("util.runningstats.SecondMoment()"), "sample_size": np.array(7)})
-    path = import_layer_stats(tmp_path / "rome.npz", "tiny-gpt2", 1, tmp_path, corpus=EMBEDDED_CORPUS, prepend_bos=False, max_length=256)
+    np.savez(
+        tmp_path / "rome.npz",
+        **{
+            "mom2.mom2": (rows.T @ rows).astype(np.float32),
+            "mom2.count": np.array(500),
+            "mom2.constructor": np.array("util.runningstats.SecondMoment()"),
+            "sample_size": np.array(7),
+        },
+    )
+    path = import_layer_stats(
+        tmp_path / "rome.npz", "tiny-gpt2", 1, tmp_path, corpus=EMBEDDED_CORPUS, prepend_bos=False, max_length=256
+    )
     report = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=None, max_tokens=100))
     assert report.reused == [1] and "now recorded" in report.summary()
     _, meta = load_second_moment(path)
@@ -269,7 +338,9 @@ def test_a_run_records_what_its_c_holds_not_what_was_asked(tmp_path, tiny_cli_mo
     first = run_matrices(RunConfig(**config, max_tokens=3000), model=tiny_cli_model)
     second = run_matrices(RunConfig(**config, max_tokens=1000), model=tiny_cli_model)
     for layer in (0, 1):
-        _, meta = load_second_moment(stats_dir(tmp_path, "tiny-gpt2", EMBEDDED_CORPUS) / f"layer_{layer}_mom2.safetensors")
+        _, meta = load_second_moment(
+            stats_dir(tmp_path, "tiny-gpt2", EMBEDDED_CORPUS) / f"layer_{layer}_mom2.safetensors"
+        )
         held = second.settings["covariance"][str(layer)]
         assert held["tokens"] == meta["count"] >= 3000 and held["texts"] == meta["texts"]
         assert first.settings["covariance"][str(layer)]["tokens"] == held["tokens"]

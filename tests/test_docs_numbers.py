@@ -59,10 +59,24 @@ def test_check_flags_a_hand_edited_number(render, tmp_path, capsys):
 def test_new_matrices_rows_render_the_counted_forwards(render):
     report = json.loads(next(RESULTS.glob("matrices_*.json")).read_text(encoding="utf-8"))
     report["rows"] = [
-        dict(n_facts=n, kis_all_layers_s=1.0, kis_one_layer_s=0.1, original_one_layer_s=t, original_all_layers_s=30 * t,
-             original_extrapolated=extrapolated, original_timed_s=timed, forwards_per_layer=n * n + 2 * n,
-             inversions_per_layer=1, inverse_products_per_layer=n, forwards_run=run, entries_run=entries, inverse_s=0.5,
-             max_abs_diff=4e-7, speedup_all_layers=30 * t, speedup_one_layer=10 * t)
+        dict(
+            n_facts=n,
+            kis_all_layers_s=1.0,
+            kis_one_layer_s=0.1,
+            original_one_layer_s=t,
+            original_all_layers_s=30 * t,
+            original_extrapolated=extrapolated,
+            original_timed_s=timed,
+            forwards_per_layer=n * n + 2 * n,
+            inversions_per_layer=1,
+            inverse_products_per_layer=n,
+            forwards_run=run,
+            entries_run=entries,
+            inverse_s=0.5,
+            max_abs_diff=4e-7,
+            speedup_all_layers=30 * t,
+            speedup_one_layer=10 * t,
+        )
         for n, t, extrapolated, timed, run, entries in [(2, 1.3, False, 1.3, 8, 4), (8, 10.5, True, 5.5, 50, 40)]
     ]
     text = render.matrices_markdown(report)

@@ -50,7 +50,11 @@ def _make_model(architecture: str, wrapper: str):
 
 
 # TL 4 has only the bridge; TL 3.9 (/tmp/tl39 in development) only the HookedTransformer.
-WRAPPERS = [name for name, cls in (("bridge", "TransformerBridge"), ("hooked", "HookedTransformer")) if _transformer_lens_has(cls)]
+WRAPPERS = [
+    name
+    for name, cls in (("bridge", "TransformerBridge"), ("hooked", "HookedTransformer"))
+    if _transformer_lens_has(cls)
+]
 
 
 @pytest.fixture(scope="module", params=[(a, w) for a in ("gpt2", "llama") for w in WRAPPERS], ids=lambda p: "-".join(p))
@@ -58,7 +62,9 @@ def setup(request):
     """A float64 tiny model, its layer-1 covariance, and a few facts' keys and MLP outputs read one prompt at a time."""
     architecture, wrapper = request.param
     model = _make_model(architecture, wrapper)
-    covariance = estimate_second_moments(model, embedded_sample_texts(16), [LAYER], progress=False)[LAYER].compute(torch.float64)
+    covariance = estimate_second_moments(model, embedded_sample_texts(16), [LAYER], progress=False)[LAYER].compute(
+        torch.float64
+    )
     facts = load_facts()[:N_FACTS]
     keys, outputs = _read_subject_activations(model, facts)
     return model, covariance, facts, keys, outputs
@@ -67,10 +73,10 @@ def setup(request):
 def _read_subject_activations(model, facts):
     """Return keys and MLP outputs at each fact's subject-last token, one unpadded forward per fact."""
     keys, outputs = [], []
+    names = (f"blocks.{LAYER}.mlp.hook_post", f"blocks.{LAYER}.hook_mlp_out")
     for fact in facts:
         located = locate_subject(model.tokenizer, fact, prepend_bos=False)
         tokens = torch.tensor([located.ids])
-        names = (f"blocks.{LAYER}.mlp.hook_post", f"blocks.{LAYER}.hook_mlp_out")
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
         keys.append(cache[names[0]][0, located.subject_last].double())
@@ -135,7 +141,9 @@ def test_memit_residual_follows_least_squares(setup):
         gram = np.array([[np.linalg.solve(c, k[a]) @ k[b] for b in range(len(k))] for a in range(len(k))])
         expected = weight_lambda * np.linalg.solve(gram + weight_lambda * np.eye(len(k)), r)
         np.testing.assert_allclose((values - edited).numpy(), expected, atol=1e-7 * np.abs(r).max())
-        np.testing.assert_allclose(memit_residual(keys, residuals, covariance, weight_lambda).numpy(), expected, atol=1e-9 * np.abs(r).max())
+        np.testing.assert_allclose(
+            memit_residual(keys, residuals, covariance, weight_lambda).numpy(), expected, atol=1e-9 * np.abs(r).max()
+        )
 
 
 def test_current_output_as_target_is_a_no_op(setup):

@@ -17,7 +17,9 @@ def test_shipped_fact_sets():
     assert uk.text == "In United Kingdom, the language spoken is" and uk.target_true == "English"
     assert uk.target_new and uk.relation_id == "P37"
     known = load_facts("known-1000")
-    assert len(known) == 1209 and known[0].text == "Vinson Massif is located in the continent of"  # the prompt, not the shorter template
+    assert (
+        len(known) == 1209 and known[0].text == "Vinson Massif is located in the continent of"
+    )  # the prompt, not the shorter template
     assert known[0].target_true == "Antarctica"
 
 
@@ -31,8 +33,16 @@ def test_sampling_is_seeded_and_reproducible():
 
 
 def test_jsonl_and_json(tmp_path):
-    record = {"case_id": 1, "requested_rewrite": {"prompt": "{} plays", "subject": "Messi", "target_true": {"str": "soccer"},
-                                                  "target_new": {"str": "tennis"}, "relation_id": "P641"}}
+    record = {
+        "case_id": 1,
+        "requested_rewrite": {
+            "prompt": "{} plays",
+            "subject": "Messi",
+            "target_true": {"str": "soccer"},
+            "target_new": {"str": "tennis"},
+            "relation_id": "P641",
+        },
+    }
     (tmp_path / "f.jsonl").write_text(json.dumps(record) + "\n\n" + json.dumps(record) + "\n")
     (tmp_path / "f.json").write_text(json.dumps([record]))
     assert len(load_facts(tmp_path / "f.jsonl")) == 2
@@ -47,7 +57,10 @@ def test_jsonl_and_json(tmp_path):
         ('{"a": 1}\n{broken\n', "line 2: not valid JSON"),
         ('[{"subject": "x"}]', "not a CounterFact record"),
         ('[{"requested_rewrite": {"prompt": "x is", "subject": "x", "target_true": {"str": "y"}}}]', "has no '{}'"),
-        ('[{"requested_rewrite": {"prompt": "{} is", "subject": " ", "target_true": {"str": "y"}}}]', "subject is empty"),
+        (
+            '[{"requested_rewrite": {"prompt": "{} is", "subject": " ", "target_true": {"str": "y"}}}]',
+            "subject is empty",
+        ),
         ('[{"requested_rewrite": {"prompt": "{} is", "subject": "x"}}]', "missing field 'target_true'"),
         ("[]", "holds no facts"),
     ],

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from kis_lens import covariance, storage
-from kis_lens.corpus import EMBEDDED_CORPUS, open_corpus
 from kis_lens.cache_job import CovarianceRequest, cache_second_moments
+from kis_lens.corpus import EMBEDDED_CORPUS, open_corpus
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
 from kis_lens.hooks import capture_mlp_inputs, mlp_in_hook_name
@@ -41,8 +41,13 @@ LAYERS = [0, 1]
 
 def _request(output: Path, **changes) -> CovarianceRequest:
     settings = dict(
-        corpus=EMBEDDED_CORPUS, output_dir=output, sample_size=30, batch_token=256, stats_dtype="float64",
-        checkpoint_every=800, progress=False,
+        corpus=EMBEDDED_CORPUS,
+        output_dir=output,
+        sample_size=30,
+        batch_token=256,
+        stats_dtype="float64",
+        checkpoint_every=800,
+        progress=False,
     )
     return CovarianceRequest(**{**settings, **changes})
 
@@ -94,7 +99,11 @@ def kill_loop_driver(output: Path, trials: int, seed: int) -> None:
 def test_sigkill_at_random_points_always_resumes_to_the_identical_result(tmp_path):
     driver = subprocess.run(
         [sys.executable, __file__, "kill-loop", str(tmp_path), str(KILL_TRIALS), "8"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert driver.returncode == 0, driver.stderr[-3000:]
     log = json.loads((tmp_path / "log.json").read_text())
@@ -122,9 +131,16 @@ def tiny_cli_model():
 def test_second_writer_fails_clearly_and_nothing_is_corrupted(tmp_path, tiny_cli_model):
     folder = stats_dir(tmp_path, "tiny-gpt2", EMBEDDED_CORPUS)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from kis_lens.io import folder_lock\n"
-         "with folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(folder)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from kis_lens.io import folder_lock\n"
+            "with folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)",
+            str(folder),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -144,11 +160,18 @@ def test_a_waiting_writer_gets_the_lock_after_the_first(tmp_path):
     folder = tmp_path / "shared"
     released_file = tmp_path / "released_at"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from kis_lens.io import folder_lock\n"
-         "with folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(1.0)\n"
-         "    Path(sys.argv[2]).write_text(repr(time.time()))  # the last thing before the lock is released",
-         str(folder), str(released_file)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from kis_lens.io import folder_lock\n"
+            "with folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(1.0)\n"
+            "    Path(sys.argv[2]).write_text(repr(time.time()))  # the last thing before the lock is released",
+            str(folder),
+            str(released_file),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -178,7 +201,9 @@ def test_disk_full_during_a_write_leaves_the_old_cache_intact(tmp_path, tiny_cli
         cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=12))  # the first checkpoint fails
     assert path.read_bytes() == before
     with pytest.raises(KisError, match="disk is full.*previous layer_1_mom2.safetensors is untouched"):
-        cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=12, checkpoint_every=None))  # the cache itself
+        cache_second_moments(
+            tiny_cli_model, [1], _request(tmp_path, sample_size=12, checkpoint_every=None)
+        )  # the cache itself
     assert path.read_bytes() == before
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name == LOCK_NAME]
     monkeypatch.undo()
@@ -203,9 +228,28 @@ def test_dying_torchrun_rank_stops_the_job_and_the_rerun_resumes(tmp_path, tiny_
         "sys.exit(main(sys.argv[1:]))\n"
     )
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script),
-        "cache-cov", "--model_name", "tiny-gpt2", "--device", "cpu", "--output_dir", str(tmp_path / "ddp"),
-        "--sample_size", "24", "--batch_token", "256", "--stats_dtype", "float64", "--checkpoint_every", "300", "--no_progress",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        str(script),
+        "cache-cov",
+        "--model_name",
+        "tiny-gpt2",
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        "--sample_size",
+        "24",
+        "--batch_token",
+        "256",
+        "--stats_dtype",
+        "float64",
+        "--checkpoint_every",
+        "300",
+        "--no_progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     died = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, env={**env, "KIS_DIE": "1"})
@@ -286,7 +330,9 @@ class _Poisoned:
 
 
 @pytest.mark.parametrize("group_tokens", [2048, 60])
-def test_nan_in_a_batch_stops_the_job_naming_the_text_or_is_skipped_and_counted(tmp_path, tiny_cli_model, monkeypatch, group_tokens):
+def test_nan_in_a_batch_stops_the_job_naming_the_text_or_is_skipped_and_counted(
+    tmp_path, tiny_cli_model, monkeypatch, group_tokens
+):
     # 2048: whole 256-token batches; 60: each batch split into row groups, so rows are renumbered per forward.
     monkeypatch.setattr(covariance, "CPU_FORWARD_TOKENS", group_tokens)
     texts = list(open_corpus(EMBEDDED_CORPUS).texts(stop=12))
@@ -297,10 +343,14 @@ def test_nan_in_a_batch_stops_the_job_naming_the_text_or_is_skipped_and_counted(
         with pytest.raises(KisError, match=r"layer-1 MLP activations of corpus text\(s\) \[7\].*--skip_nonfinite"):
             cache_second_moments(tiny_cli_model, LAYERS, _request(tmp_path / "stop", sample_size=12))
         assert not list((tmp_path / "stop").rglob("layer_*_mom2.safetensors"))
-        report = cache_second_moments(tiny_cli_model, LAYERS, _request(tmp_path / "skip", sample_size=12, skip_nonfinite=True))
+        report = cache_second_moments(
+            tiny_cli_model, LAYERS, _request(tmp_path / "skip", sample_size=12, skip_nonfinite=True)
+        )
     assert report.skipped_texts == [bad] and "1 texts with NaN/inf left out" in report.summary()
     clean = [text for index, text in enumerate(texts) if index != bad]
-    expected = estimate_second_moments(tiny_cli_model, clean, LAYERS, batch_token=256, prepend_bos=False, progress=False)
+    expected = estimate_second_moments(
+        tiny_cli_model, clean, LAYERS, batch_token=256, prepend_bos=False, progress=False
+    )
     for layer in LAYERS:  # the skipped text is out of every layer, not only the one that overflowed
         moment, metadata = load_second_moment(report.paths[layer])
         assert moment.count == expected[layer].count and metadata["nonfinite_skipped_texts"] == [bad]
@@ -328,7 +378,9 @@ def test_condition_number_is_reported_and_warned_about_with_the_ridge_named():
         assert bool(messages) == warns
         if warns:
             assert "--ridge" in messages[0] and "ill-conditioned" in messages[0]
-    ridged = Whitener.from_covariance(covariance, ridge=1e-3)  # the named fix: ridge·mean(diag C) added to every eigenvalue
+    ridged = Whitener.from_covariance(
+        covariance, ridge=1e-3
+    )  # the named fix: ridge·mean(diag C) added to every eigenvalue
     shift = 1e-3 * eigenvalues.mean().item()
     assert ridged.condition == pytest.approx((1e12 + shift) / (1 + shift), rel=1e-6) and ridged.condition < 1e5
 

@@ -1,4 +1,4 @@
-"""ROME/MEMIT/AlphaEdit layer_stats interop: import divides the sum by the count, export writes what ROME writes, C is float64."""
+"""ROME/MEMIT/AlphaEdit layer_stats interop: import gives sum / count, export writes what ROME writes, C is float64."""
 
 from __future__ import annotations
 
@@ -31,8 +31,19 @@ ROME_SAMPLE_SIZE = 37
 CONSTRUCTOR = "util.runningstats.SecondMoment()"
 # What an imported cache records (save_second_moment adds stats_dtype and kis_lens_version to every cache).
 IMPORTED_KEYS = {
-    "model_name", "layer", "hook", "d_mlp", "corpus", "prepend_bos", "max_length", "imported_from", "count", "texts",
-    "model_fingerprint", "stats_dtype", "kis_lens_version",
+    "model_name",
+    "layer",
+    "hook",
+    "d_mlp",
+    "corpus",
+    "prepend_bos",
+    "max_length",
+    "imported_from",
+    "count",
+    "texts",
+    "model_fingerprint",
+    "stats_dtype",
+    "kis_lens_version",
 }
 
 
@@ -42,7 +53,7 @@ def _rows(seed: int = 0, n: int = ROWS) -> np.ndarray:
 
 
 def _rome_npz(path: Path, rows: np.ndarray, dtype: type[np.floating] = np.float32, **extra: np.ndarray) -> Path:
-    """Write the .npz ROME's tally(..., cache=) writes for a SecondMoment: state_dict() under "mom2." plus sample_size."""
+    """Write the .npz ROME's tally(..., cache=) writes for a SecondMoment: state_dict() under "mom2." + sample_size."""
     arrays = {
         "mom2.mom2": (rows.T @ rows).astype(dtype),  # runningstats.SecondMoment: mom2 += aᵀa, the running SUM
         "mom2.count": np.array(len(rows)),
@@ -62,7 +73,7 @@ def _rome_moment(path: Path, sample_size: int) -> np.ndarray | None:
     data = dict(np.load(path))  # ROME: numpy.load with its default allow_pickle=False
     if "sample_size" not in data or data["sample_size"] != sample_size:
         return None
-    state = {key[len("mom2."):]: value for key, value in data.items() if key.startswith("mom2.")}  # pull_key_prefix
+    state = {key[len("mom2.") :]: value for key, value in data.items() if key.startswith("mom2.")}  # pull_key_prefix
     count = int(state["count"])
     mom2 = torch.from_numpy(state["mom2"])
     return (mom2 / count).double().numpy()
@@ -73,7 +84,14 @@ def _kis_cache(path: Path, rows: np.ndarray, dtype: str = "float64", **metadata)
     moment = SecondMoment(DIM)
     for start in range(0, len(rows), 100):
         moment.update(torch.from_numpy(rows[start : start + 100]))
-    identity = {"model_name": "tiny", "layer": 0, "hook": "blocks.0.mlp.hook_post", "d_mlp": DIM, "corpus": "c", "prepend_bos": False}
+    identity = {
+        "model_name": "tiny",
+        "layer": 0,
+        "hook": "blocks.0.mlp.hook_post",
+        "d_mlp": DIM,
+        "corpus": "c",
+        "prepend_bos": False,
+    }
     return save_second_moment(path, moment, {**identity, **metadata}, dtype=dtype)
 
 
@@ -85,7 +103,7 @@ def _stored_dtype(path: Path) -> torch.dtype:
 
 
 def _relative(got: np.ndarray, want: np.ndarray) -> float:
-    """Largest difference relative to the largest entry (float32 batch products round off-diagonal entries absolutely)."""
+    """Max difference relative to the largest entry (float32 batch products round off-diagonal entries absolutely)."""
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
@@ -100,7 +118,9 @@ def _import_args(npz: Path, output: Path, *extra: str) -> list[str]:
 def test_import_divides_rome_sum_by_count(tmp_path, capsys, dtype):
     rows = _rows()
     npz = _rome_npz(tmp_path / "transformer.h.1.mlp.c_proj_float32_mom2_37.npz", rows, dtype)
-    assert main(_import_args(npz, tmp_path / "out", "--prepend_bos", "false", "--max_length", "1024")) == 0, capsys.readouterr().err
+    assert main(_import_args(npz, tmp_path / "out", "--prepend_bos", "false", "--max_length", "1024")) == 0, (
+        capsys.readouterr().err
+    )
     path = stats_path(tmp_path / "out", "tiny-gpt2", "wikipedia", 1)
     moment, meta = load_second_moment(path)
     np.testing.assert_allclose(moment.compute(torch.float64).numpy(), rows.T @ rows / ROWS, rtol=1e-6)
@@ -109,7 +129,12 @@ def test_import_divides_rome_sum_by_count(tmp_path, capsys, dtype):
     assert meta["texts"] == ROME_SAMPLE_SIZE and meta["count"] == ROWS
     assert meta["prepend_bos"] is False and meta["max_length"] == 1024
     assert meta["model_fingerprint"] is None  # JSON null: recorded on first use with a loaded model
-    assert meta["model_name"] == "tiny-gpt2" and meta["layer"] == 1 and meta["hook"] == "blocks.1.mlp.hook_post" and meta["d_mlp"] == DIM
+    assert (
+        meta["model_name"] == "tiny-gpt2"
+        and meta["layer"] == 1
+        and meta["hook"] == "blocks.1.mlp.hook_post"
+        and meta["d_mlp"] == DIM
+    )
     assert meta["imported_from"] == str(npz.resolve()) and meta["stats_dtype"] == "float64"
     assert _stored_dtype(path) == torch.float64
 
@@ -167,7 +192,16 @@ def test_export_sample_size_and_precision(tmp_path, capsys):
     both = _kis_cache(tmp_path / "a" / "layer_0_mom2.safetensors", rows, texts=90, sample_size=100)
     export_npz(both, tmp_path / "a.npz")
     assert int(np.load(tmp_path / "a.npz")["sample_size"]) == 100  # the requested sample_size wins over texts read
-    args = ["export-stats", str(both), "--output", str(tmp_path / "b.npz"), "--sample_size", "5", "--precision", "float64"]
+    args = [
+        "export-stats",
+        str(both),
+        "--output",
+        str(tmp_path / "b.npz"),
+        "--sample_size",
+        "5",
+        "--precision",
+        "float64",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     with np.load(tmp_path / "b.npz", allow_pickle=False) as data:
         assert int(data["sample_size"]) == 5 and data["mom2.mom2"].dtype == np.float64
@@ -210,7 +244,15 @@ def test_merge_stores_float64_unless_asked(tmp_path, capsys):
     assert _relative(moment.compute(torch.float64).numpy(), rows.T @ rows / len(rows)) < 1e-6
     assert main(["merge-stats", str(tmp_path / "a"), str(tmp_path / "b"), "--output_dir", str(tmp_path / "cli64")]) == 0
     assert _stored_dtype(tmp_path / "cli64" / "layer_0_mom2.safetensors") == torch.float64
-    args = ["merge-stats", str(tmp_path / "a"), str(tmp_path / "b"), "--output_dir", str(tmp_path / "m32"), "--stats_dtype", "float32"]
+    args = [
+        "merge-stats",
+        str(tmp_path / "a"),
+        str(tmp_path / "b"),
+        "--output_dir",
+        str(tmp_path / "m32"),
+        "--stats_dtype",
+        "float32",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     assert _stored_dtype(tmp_path / "m32" / "layer_0_mom2.safetensors") == torch.float32
 
@@ -238,7 +280,9 @@ def test_npz_round_trip_and_merge(tmp_path, tiny_cli_model):
     request = dict(output_dir=None, sample_size=None, batch_token=256, stats_dtype="float64", progress=False)
     reports = {
         name: cache_second_moments(
-            tiny_cli_model, [1], CovarianceRequest(**{**request, "corpus": str(tmp_path / f"{name}.txt"), "output_dir": tmp_path / name})
+            tiny_cli_model,
+            [1],
+            CovarianceRequest(**{**request, "corpus": str(tmp_path / f"{name}.txt"), "output_dir": tmp_path / name}),
         )
         for name in ("a", "b", "ab")
     }
@@ -250,11 +294,18 @@ def test_npz_round_trip_and_merge(tmp_path, tiny_cli_model):
 
     npz = export_npz(reports["ab"].paths[1], tmp_path / "layer_1.npz")
     with np.load(npz, allow_pickle=False) as data:
-        np.testing.assert_allclose(data["mom2.mom2"], want.sum.numpy(), rtol=1e-6, atol=1e-6 * float(want.sum.abs().max()))
+        np.testing.assert_allclose(
+            data["mom2.mom2"], want.sum.numpy(), rtol=1e-6, atol=1e-6 * float(want.sum.abs().max())
+        )
         assert int(data["mom2.count"]) == want.count and int(data["sample_size"]) == 16
     imported_path = import_layer_stats(npz, "tiny-gpt2", 1, tmp_path / "imported", corpus="ab", prepend_bos=False)
     imported, meta = load_second_moment(imported_path)
-    assert meta["model_name"] == "tiny-gpt2" and meta["layer"] == 1 and imported.count == want.count and meta["texts"] == 16
+    assert (
+        meta["model_name"] == "tiny-gpt2"
+        and meta["layer"] == 1
+        and imported.count == want.count
+        and meta["texts"] == 16
+    )
     with np.load(npz, allow_pickle=False) as data:
         rome_c = data["mom2.mom2"].astype(np.float64) / int(data["mom2.count"])
     np.testing.assert_allclose(imported.compute(torch.float64).numpy(), rome_c, rtol=1e-12)

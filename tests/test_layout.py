@@ -40,7 +40,9 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kis_lens"):
             found.add(node.module.removeprefix("kis_lens").lstrip(".") or "__init__")
         elif isinstance(node, ast.Import):
-            found.update(alias.name.removeprefix("kis_lens.") for alias in node.names if alias.name.startswith("kis_lens."))
+            found.update(
+                alias.name.removeprefix("kis_lens.") for alias in node.names if alias.name.startswith("kis_lens.")
+            )
     return found
 
 

@@ -1,4 +1,4 @@
-"""The lifelong-editing simulation on a tiny model: the P prediction, the orthogonal control, the outputs and the CLI."""
+"""The lifelong-editing simulation on a tiny model: P prediction, the orthogonal control, the outputs and the CLI."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from kis_lens.models import load_model
 from kis_lens.plots_editing import editing_figures
 from kis_lens.testing import embedded_sample_texts
 
-SMALL = dict(model_name="tiny-gpt2", layer=0, n_edits=6, n_unedited=6, batch_size=3, max_tokens=4000, v_steps=3, progress=False)
+SMALL = dict(
+    model_name="tiny-gpt2", layer=0, n_edits=6, n_unedited=6, batch_size=3, max_tokens=4000, v_steps=3, progress=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +167,28 @@ def test_bad_settings_raise_kis_error(tmp_path):
 
 def test_cli_runs_and_reports_errors(tmp_path, capsys):
     """`kis edit-sim` writes its results; a bad layer exits with code 2 and a message."""
-    args = ["edit-sim", "--model_name", "tiny-gpt2", "--layer", "0", "--n_edits", "3", "--n_unedited", "3",
-            "--batch_size", "3", "--max_tokens", "3000", "--v_steps", "2", "--conditions", "rome,memit",
-            "--output_dir", str(tmp_path), "--no_progress"]
+    args = [
+        "edit-sim",
+        "--model_name",
+        "tiny-gpt2",
+        "--layer",
+        "0",
+        "--n_edits",
+        "3",
+        "--n_unedited",
+        "3",
+        "--batch_size",
+        "3",
+        "--max_tokens",
+        "3000",
+        "--v_steps",
+        "2",
+        "--conditions",
+        "rome,memit",
+        "--output_dir",
+        str(tmp_path),
+        "--no_progress",
+    ]
     assert main(args) == 0
     assert "P-predicted vs measured drift" in capsys.readouterr().out
     assert list(tmp_path.rglob("edit_sim.json"))

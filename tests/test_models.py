@@ -67,7 +67,7 @@ def test_smollm2_is_a_real_pretrained_model(smollm2):
 
 @pytest.mark.smollm2
 def test_packaged_gguf_is_converted_once_and_reloads_identically(smollm2, tmp_path, monkeypatch):
-    """The first load de-quantises the GGUF into a hash-named safetensors folder; later loads read it and match bit for bit."""
+    """The first load dequantises the GGUF to a hash-named safetensors folder; later loads read it and match bitwise."""
     from kis_lens.models import _packaged_gguf_path, converted_gguf_dir, file_sha256, output_weight
 
     monkeypatch.setenv("KIS_LENS_CACHE", str(tmp_path))
@@ -124,5 +124,7 @@ def test_a_model_object_is_recorded_as_it_is_and_ignored_arguments_warn(tmp_path
     with pytest.warns(UserWarning, match="device=meta ignored"):
         load_model(model, device="meta")
     assert model_info(model).dtype == "bfloat16" and model_info(model).device == "cpu"
-    report = cache_second_moments(model, [0], CovarianceRequest(corpus="wikipedia-offline", output_dir=tmp_path, sample_size=4, progress=False))
+    report = cache_second_moments(
+        model, [0], CovarianceRequest(corpus="wikipedia-offline", output_dir=tmp_path, sample_size=4, progress=False)
+    )
     assert read_metadata(report.paths[0])["model_dtype"] == "bfloat16"

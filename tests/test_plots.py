@@ -163,7 +163,11 @@ def test_orthogonality_figure_has_both_spaces_and_random_baseline(result):
         [np.abs(loop_off_diagonal(result.layer("activation_cos", layer))).mean() for layer in LAYERS]
     )
     samples = np.random.default_rng(0).normal(size=(20000, 2, 10))
-    cosines = np.abs((samples[:, 0] * samples[:, 1]).sum(1)) / np.linalg.norm(samples[:, 0], axis=1) / np.linalg.norm(samples[:, 1], axis=1)
+    cosines = (
+        np.abs((samples[:, 0] * samples[:, 1]).sum(1))
+        / np.linalg.norm(samples[:, 0], axis=1)
+        / np.linalg.norm(samples[:, 1], axis=1)
+    )
     assert baseline.y[0] == pytest.approx(cosines.mean(), rel=0.02)  # Monte Carlo E|cos| in 10 dims
     assert_labelled(fig)
 

@@ -33,7 +33,9 @@ _BYTE_OF = {chr(byte): byte for byte in _PRINTABLE}
 _BYTE_OF.update({chr(256 + n): byte for n, byte in enumerate(b for b in range(256) if b not in _PRINTABLE)})
 
 unicode_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
-mixed_text = st.one_of(unicode_text, st.text(alphabet="ab é😀 ,.\n{}", max_size=12), st.sampled_from(["", " ", "The", " of"]))
+mixed_text = st.one_of(
+    unicode_text, st.text(alphabet="ab é😀 ,.\n{}", max_size=12), st.sampled_from(["", " ", "The", " of"])
+)
 
 
 def token_byte_spans(ids: list[int]) -> list[tuple[int, int]]:
@@ -82,9 +84,15 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int
 
 @settings(max_examples=200, deadline=None)
 @given(
-    n=st.integers(0, 5), d=st.integers(0, 6), d_cov=st.integers(0, 6), cov_cols=st.integers(0, 6),
-    key_dtype=st.sampled_from(DTYPES), cov_dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
-    poison=st.sampled_from([None, "nan", "inf"]), ndim=st.sampled_from([1, 2, 3]),
+    n=st.integers(0, 5),
+    d=st.integers(0, 6),
+    d_cov=st.integers(0, 6),
+    cov_cols=st.integers(0, 6),
+    key_dtype=st.sampled_from(DTYPES),
+    cov_dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    poison=st.sampled_from([None, "nan", "inf"]),
+    ndim=st.sampled_from([1, 2, 3]),
 )
 def test_matrices_on_random_shapes_and_dtypes(n, d, d_cov, cov_cols, key_dtype, cov_dtype, seed, poison, ndim):
     rng = np.random.default_rng(seed)
@@ -103,11 +111,19 @@ def test_matrices_on_random_shapes_and_dtypes(n, d, d_cov, cov_cols, key_dtype, 
     if poison and keys.numel() and keys.is_floating_point():
         keys.view(-1)[0] = float(poison)
     valid_keys = ndim == 2 and n > 0 and d > 0 and not (poison and keys.numel() and keys.is_floating_point())
-    assume(bool((keys.double().reshape(n, d).abs().sum(dim=1) > 0).all()) if n * d else True)  # a zero key has no cosine
+    assume(
+        bool((keys.double().reshape(n, d).abs().sum(dim=1) > 0).all()) if n * d else True
+    )  # a zero key has no cosine
     valid_cov = cov_cols == d_cov == d and d > 0 and cov_dtype.is_floating_point
     cov_in_dtype = covariance.double().numpy()
 
-    for function, needs_cov in ((q_matrix, False), (activation_cos, False), (p_matrix, True), (whitening_cos, True), (all_matrices, True)):
+    for function, needs_cov in (
+        (q_matrix, False),
+        (activation_cos, False),
+        (p_matrix, True),
+        (whitening_cos, True),
+        (all_matrices, True),
+    ):
         args = (keys, covariance) if needs_cov else (keys,)
         ok = valid_keys and (valid_cov or not needs_cov)
         if ok and needs_cov:
@@ -117,7 +133,10 @@ def test_matrices_on_random_shapes_and_dtypes(n, d, d_cov, cov_cols, key_dtype, 
         except KisError:
             assert not ok, f"{function.__name__} refused valid input"
             continue
-        assert ok, f"{function.__name__} accepted bad input: keys {tuple(keys.shape)} {keys.dtype}, C {tuple(covariance.shape)} {covariance.dtype}"
+        assert ok, (
+            f"{function.__name__} accepted bad input: keys {tuple(keys.shape)} {keys.dtype}, "
+            f"C {tuple(covariance.shape)} {covariance.dtype}"
+        )
         want = reference_matrices(keys.double().numpy(), cov_in_dtype if needs_cov else np.eye(d))
         results = got if isinstance(got, dict) else {function.__name__: got}
         for name, value in results.items():

@@ -124,7 +124,9 @@ def test_write_report_and_cli(saved, tmp_path, capsys):
     assert (tmp_path / "r.html").is_file()
     with open(tmp_path / "layer_summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [(r["matrix"], int(r["layer"])) for r in rows] == [(name, layer) for name in MATRIX_NAMES for layer in LAYERS]
+    assert [(r["matrix"], int(r["layer"])) for r in rows] == [
+        (name, layer) for name in MATRIX_NAMES for layer in LAYERS
+    ]
     assert "report:" in capsys.readouterr().out
     assert main(["report", "--results", str(tmp_path / "nothing")]) == 2
     assert "no results.safetensors" in capsys.readouterr().err
@@ -132,8 +134,21 @@ def test_write_report_and_cli(saved, tmp_path, capsys):
 
 def test_kis_all_report_flag(tmp_path, capsys):
     code = main(
-        ["all", "--model_name", "tiny-gpt2", "--output_dir", str(tmp_path), "--record_size", "6",
-         "--knowledge_type", "all", "--max_tokens", "1500", "--no_progress", "--report"]
+        [
+            "all",
+            "--model_name",
+            "tiny-gpt2",
+            "--output_dir",
+            str(tmp_path),
+            "--record_size",
+            "6",
+            "--knowledge_type",
+            "all",
+            "--max_tokens",
+            "1500",
+            "--no_progress",
+            "--report",
+        ]
     )
     assert code == 0
     out = capsys.readouterr().out
@@ -145,13 +160,16 @@ def test_kis_all_report_flag(tmp_path, capsys):
 def _save_edit_sim(output_dir: Path, model: str, layer: int, **config: str) -> None:
     """Write a small edit_sim.json where `kis edit-sim` puts it, with the settings it records (no simulation run)."""
     curve = {"n_edits": [1, 2], "efficacy": [1.0, 1.0], "retention": [None, 1.0], "unedited_logprob_drift": [0.1, 0.2]}
-    settings = {"config": EditSimConfig(model_name=model, layer=layer, output_dir=str(output_dir), **config).to_dict(), "model": {"name": model}}
+    settings = {
+        "config": EditSimConfig(model_name=model, layer=layer, output_dir=str(output_dir), **config).to_dict(),
+        "model": {"name": model},
+    }
     result = EditSimResult({"rome": curve}, {}, {}, settings)
     save_json(edit_sim_dir(output_dir, model, layer, 2) / "edit_sim.json", result.to_dict())
 
 
 def test_report_shows_only_the_edit_sims_of_its_own_run(tmp_path, capsys):
-    """Of the edit simulations under the run's output dir, the report shows those with its model, facts and corpus only."""
+    """Of the edit simulations in the run's output dir, the report shows only those with its model, facts and corpus."""
     run_config = RunConfig(model_name="synthetic", output_dir=str(tmp_path))
     result = synthetic_result()
     result.settings = {**result.settings, "config": run_config.to_dict()}
@@ -162,15 +180,22 @@ def test_report_shows_only_the_edit_sims_of_its_own_run(tmp_path, capsys):
     _save_edit_sim(tmp_path, "synthetic", 3, corpus="other_corpus.txt")  # another corpus
     titles = build_report(result, names=["q_matrix"], sections=[edit_simulation_sections]).section_titles
     assert [title for title in titles if title.startswith("Lifelong editing")] == ["Lifelong editing: layer_0_n2"]
-    assert not any(title.startswith("Lifelong editing") for title in build_report(result, names=["q_matrix"]).section_titles)
-    assert main(["report", "--results", str(tmp_path), "--output", str(tmp_path / "r.html")]) == 0  # the CLI passes them
+    assert not any(
+        title.startswith("Lifelong editing") for title in build_report(result, names=["q_matrix"]).section_titles
+    )
+    assert (
+        main(["report", "--results", str(tmp_path), "--output", str(tmp_path / "r.html")]) == 0
+    )  # the CLI passes them
     html = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert "Lifelong editing: layer_0_n2" in html
     assert not any(f"Lifelong editing: layer_{layer}_n2" in html for layer in (1, 2, 3))
     assert "report:" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason="needs Debian chromium + chromium-driver (apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Debian chromium + chromium-driver (apt-get install chromium chromium-driver)",
+)
 def test_report_renders_in_headless_chromium(saved, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
     from selenium.webdriver.chrome.service import Service
@@ -181,9 +206,16 @@ def test_report_renders_in_headless_chromium(saved, tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--window-size=1400,1800", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1800",
+        f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}",
     ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -201,7 +233,8 @@ def test_report_renders_in_headless_chromium(saved, tmp_path):
         assert plots == report.n_figures == STANDARD_FIGURES
         # Every plot drew its traces (an SVG layer per figure), not just an empty div.
         drawn = driver.execute_script(
-            "return Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p => p.querySelector('.main-svg')).length"
+            "return Array.from(document.querySelectorAll('.js-plotly-plot'))"
+            ".filter(p => p.querySelector('.main-svg')).length"
         )
         assert drawn == report.n_figures
         errors = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]

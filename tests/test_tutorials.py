@@ -42,5 +42,9 @@ def test_tutorial_runs_without_errors(path, tmp_path, monkeypatch):
         if output.get("output_type") == "error"
     ]
     assert errors == []
-    figures = sum("application/vnd.plotly.v1+json" in output.get("data", {}) for cell in notebook.cells for output in cell.get("outputs", []))
+    figures = sum(
+        "application/vnd.plotly.v1+json" in output.get("data", {})
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+    )
     assert figures >= 1  # each tutorial shows at least one interactive figure

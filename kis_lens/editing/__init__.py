@@ -1,6 +1,7 @@
-"""Closed-form edits of one layer's MLP output weight W_out (ROME, MEMIT, AlphaEdit) and the lifelong-editing simulation.
+"""Closed-form edits of a layer's MLP output weight W_out (ROME, MEMIT, AlphaEdit) and the lifelong-editing simulation.
 
-- ``weights``:  apply / restore ΔW (``apply_delta``, ``applied_delta``; W_out's accessor is kis_lens.models.output_weight)
+- ``weights``:  apply / restore ΔW (``apply_delta``, ``applied_delta``; W_out's accessor is
+  kis_lens.models.output_weight)
 - ``editors``:  ROME, MEMIT and AlphaEdit deltas, C⁻¹ solves, whitened-orthogonal keys
 - ``values``:   target values (``find_target_values``) and target log-probabilities
 - ``lifelong``: the edit simulation (``EditSimConfig``, ``run_edit_simulation``) and where its results live

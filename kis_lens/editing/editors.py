@@ -45,11 +45,11 @@ def layer_outputs(
 
 def _check_pairs(keys: Tensor, values: Tensor, weight: Tensor) -> None:
     if keys.ndim != 2 or values.ndim != 2 or keys.shape[0] != values.shape[0]:
-        raise KisError(f"keys [n, d_mlp] and values [n, d_model] must pair up, got {tuple(keys.shape)} and {tuple(values.shape)}")
-    if keys.shape[1] != weight.shape[0] or values.shape[1] != weight.shape[1]:
         raise KisError(
-            f"keys/values of width {keys.shape[1]}/{values.shape[1]} do not fit W_out {tuple(weight.shape)}"
+            f"keys [n, d_mlp] and values [n, d_model] must pair up, got {tuple(keys.shape)} and {tuple(values.shape)}"
         )
+    if keys.shape[1] != weight.shape[0] or values.shape[1] != weight.shape[1]:
+        raise KisError(f"keys/values of width {keys.shape[1]}/{values.shape[1]} do not fit W_out {tuple(weight.shape)}")
 
 
 def rank_one_delta(
@@ -193,7 +193,9 @@ def alphaedit_delta(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def whitened_orthogonal_keys(keys: Float[Tensor, "fact d_mlp"], covariance: CovarianceLike) -> Float[Tensor, "fact d_mlp"]:
+def whitened_orthogonal_keys(
+    keys: Float[Tensor, "fact d_mlp"], covariance: CovarianceLike
+) -> Float[Tensor, "fact d_mlp"]:
     """Return keys k'_i with k'_iᵀC⁻¹k'_j = 0 (i ≠ j), each the Gram–Schmidt successor of k_i with its C⁻¹-norm kept."""
     whitener = Whitener.of(covariance)
     if keys.shape[0] > whitener.dim:

@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 from kis_lens._version import __version__
 from kis_lens.config import ModelOptions, RunConfig, at_least, setting
 from kis_lens.corpus import EMBEDDED_CORPUS
-from kis_lens.tokens import pad_batch, pad_token_id
 from kis_lens.editing.editors import (
     NullSpace,
     alphaedit_update,
@@ -70,8 +69,10 @@ from kis_lens.models import (
     resolve_prepend_bos,
 )
 from kis_lens.runner import ensure_covariances
+from kis_lens.tokens import pad_batch, pad_token_id
 
 CONDITIONS: tuple[str, ...] = ("rome", "rome_orthogonal", "alphaedit", "memit")
+
 
 @dataclass(frozen=True)
 class EditSimConfig(ModelOptions):
@@ -86,7 +87,9 @@ class EditSimConfig(ModelOptions):
     null_l2: float = setting(1.0, "AlphaEdit's l2 term α")
     v_steps: int = setting(20, "optimisation steps for each target value v")
     v_lr: float = setting(0.5, "learning rate of the target value search")
-    conditions: tuple[str, ...] = setting(CONDITIONS, f"comma-separated subset of {','.join(CONDITIONS)}", choices=CONDITIONS)
+    conditions: tuple[str, ...] = setting(
+        CONDITIONS, f"comma-separated subset of {','.join(CONDITIONS)}", choices=CONDITIONS
+    )
     facts: str = setting(DEFAULT_FACTS, "CounterFact facts (with target_new): counterfact-known or a path")
     corpus: str = setting(EMBEDDED_CORPUS, f"corpus for C: {EMBEDDED_CORPUS} or a .txt/.jsonl file")
     max_tokens: int | None = setting(50_000, "corpus tokens for C", none="no limit", cli_none=0)
@@ -176,8 +179,13 @@ def _prepare(config: EditSimConfig, model: HookedModel) -> _Bench:
     facts = _select_facts(config)
     layer = config.layer
     run_config = RunConfig(
-        model_name=config.model_name, device=config.device, dtype=config.dtype, output_dir=config.output_dir,
-        corpus=config.corpus, max_tokens=config.max_tokens, progress=config.progress,
+        model_name=config.model_name,
+        device=config.device,
+        dtype=config.dtype,
+        output_dir=config.output_dir,
+        corpus=config.corpus,
+        max_tokens=config.max_tokens,
+        progress=config.progress,
     )
     covariance = ensure_covariances(run_config, model, [layer])[0][layer]
     whitener = Whitener.from_covariance(covariance, ridge=config.ridge)
@@ -191,7 +199,13 @@ def _prepare(config: EditSimConfig, model: HookedModel) -> _Bench:
     )
     targets = outputs[: config.n_edits] + (values - measured)
     bench = _Bench(
-        model, layer, facts, config.n_edits, keys, outputs, targets,
+        model,
+        layer,
+        facts,
+        config.n_edits,
+        keys,
+        outputs,
+        targets,
         [edit_prompt(model, fact, fact.target_new, prepend_bos) for fact in facts],
         [edit_prompt(model, fact, fact.target_true, prepend_bos) for fact in facts],
         whitener,
@@ -208,7 +222,9 @@ def _weights_logprob_drift(bench: _Bench, delta: torch.Tensor) -> torch.Tensor:
     return (true - bench.base_true[bench.n_edits :]).abs()
 
 
-def _run_condition(bench: _Bench, name: str, config: EditSimConfig, projector: NullSpace | None) -> tuple[dict[str, list[Any]], torch.Tensor, dict[str, Any]]:
+def _run_condition(
+    bench: _Bench, name: str, config: EditSimConfig, projector: NullSpace | None
+) -> tuple[dict[str, list[Any]], torch.Tensor, dict[str, Any]]:
     """Run one condition's sequence of edits; return its curves, its summed ΔW and its P-prediction data."""
     keys = bench.keys
     if name == "rome_orthogonal":
@@ -220,11 +236,25 @@ def _run_condition(bench: _Bench, name: str, config: EditSimConfig, projector: N
     gram_rows = whitened[:n_edits] @ whitened.T  # k_iᵀC⁻¹k_f for edited i, every fact f
     p_to_all = gram_rows / torch.diagonal(gram_rows[:, :n_edits])[:, None]  # P[i, f]
     residual_history = torch.zeros(n_edits, bench.outputs.shape[1], dtype=torch.float64)
-    curves: dict[str, list[Any]] = {key: [] for key in (
-        "n_edits", "efficacy", "retention", "unedited_logprob_drift", "unedited_output_drift",
-        "predicted_output_drift", "edit_residual", "weights_logprob_drift",
-    )}
-    prediction: dict[str, list[float]] = {"predicted": [], "measured_logprob": [], "measured_output": [], "weights_logprob": []}
+    curves: dict[str, list[Any]] = {
+        key: []
+        for key in (
+            "n_edits",
+            "efficacy",
+            "retention",
+            "unedited_logprob_drift",
+            "unedited_output_drift",
+            "predicted_output_drift",
+            "edit_residual",
+            "weights_logprob_drift",
+        )
+    }
+    prediction: dict[str, list[float]] = {
+        "predicted": [],
+        "measured_logprob": [],
+        "measured_output": [],
+        "weights_logprob": [],
+    }
     steps = range(0, n_edits, batch)
     for start in tqdm(steps, desc=name, disable=not config.progress, dynamic_ncols=True, leave=False):
         rows = list(range(start, min(start + batch, n_edits)))
@@ -235,7 +265,9 @@ def _run_condition(bench: _Bench, name: str, config: EditSimConfig, projector: N
         elif name == "memit":
             update = memit_update(keys[rows], residuals, bench.whitener, config.covariance_weight)
         else:
-            update = alphaedit_update(keys[rows], residuals, projector, previous_keys=keys[: rows[0]], l2=config.null_l2)
+            update = alphaedit_update(
+                keys[rows], residuals, projector, previous_keys=keys[: rows[0]], l2=config.null_l2
+            )
         delta = delta + update.cpu()
         shifts = keys @ delta
         done = rows[-1] + 1
@@ -243,13 +275,22 @@ def _run_condition(bench: _Bench, name: str, config: EditSimConfig, projector: N
         prefers_new = (new[:done] > true[:done]).numpy()
         drift = (true[unedited] - bench.base_true[unedited]).abs()
         output_drift = shifts[unedited].norm(dim=1) / bench.outputs[unedited].norm(dim=1)
-        predicted = (p_to_all[:done, unedited].T @ residual_history[:done]).norm(dim=1) / bench.outputs[unedited].norm(dim=1)
+        predicted = (p_to_all[:done, unedited].T @ residual_history[:done]).norm(dim=1) / bench.outputs[unedited].norm(
+            dim=1
+        )
         curves["n_edits"].append(done)
         curves["efficacy"].append(fraction(prefers_new[rows]))
         curves["retention"].append(fraction(prefers_new[: rows[0]]))
         curves["unedited_logprob_drift"].append(float(drift.mean()))
         curves["unedited_output_drift"].append(float(output_drift.mean()))
-        curves["edit_residual"].append(float(((bench.targets[rows] - bench.outputs[rows] - shifts[rows]).norm(dim=1) / residuals.norm(dim=1).clamp_min(1e-30)).mean()))
+        curves["edit_residual"].append(
+            float(
+                (
+                    (bench.targets[rows] - bench.outputs[rows] - shifts[rows]).norm(dim=1)
+                    / residuals.norm(dim=1).clamp_min(1e-30)
+                ).mean()
+            )
+        )
         if name.startswith("rome"):
             curves["predicted_output_drift"].append(float(predicted.mean()))
             prediction["predicted"].extend(predicted.tolist())
@@ -307,20 +348,34 @@ def run_edit_simulation(config: EditSimConfig = EditSimConfig(), model: HookedMo
             f"through later layers' attention; choose a layer between 0 and {n_layers - 2}"
         )
     bench = _prepare(config, model)
-    projector = null_space_projector(
-        bench.covariance, threshold=config.null_threshold, relative=True
-    ) if "alphaedit" in config.conditions else None
+    projector = (
+        null_space_projector(bench.covariance, threshold=config.null_threshold, relative=True)
+        if "alphaedit" in config.conditions
+        else None
+    )
     curves, summary, scatter = {}, {}, {}
     for name in config.conditions:
         curves[name], delta, prediction = _run_condition(bench, name, config, projector)
         final = {key: values[-1] for key, values in curves[name].items()}
-        summary[name] = {"final": final, "mean_efficacy": float(np.mean([v for v in curves[name]["efficacy"] if v is not None]))}
+        summary[name] = {
+            "final": final,
+            "mean_efficacy": float(np.mean([v for v in curves[name]["efficacy"] if v is not None])),
+        }
         if name.startswith("rome"):
-            summary[name]["predicted_vs_measured_output_drift"] = correlations(prediction["predicted"], prediction["measured_output"])
-            summary[name]["predicted_vs_measured_logprob_drift"] = correlations(prediction["predicted"], prediction["measured_logprob"])
+            summary[name]["predicted_vs_measured_output_drift"] = correlations(
+                prediction["predicted"], prediction["measured_output"]
+            )
+            summary[name]["predicted_vs_measured_logprob_drift"] = correlations(
+                prediction["predicted"], prediction["measured_logprob"]
+            )
             if name == "rome":
-                summary[name]["predicted_vs_weights_logprob_drift"] = correlations(prediction["predicted"], prediction["weights_logprob"])
-                scatter = {key: prediction[key] for key in ("predicted", "measured_logprob", "measured_output", "weights_logprob")}
+                summary[name]["predicted_vs_weights_logprob_drift"] = correlations(
+                    prediction["predicted"], prediction["weights_logprob"]
+                )
+                scatter = {
+                    key: prediction[key]
+                    for key in ("predicted", "measured_logprob", "measured_output", "weights_logprob")
+                }
         if name != "rome_orthogonal":  # orthogonal keys are synthetic: no weight forward can produce them
             summary[name]["weights_check"] = _weights_check(bench, delta)
     if projector is not None:

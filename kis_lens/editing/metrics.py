@@ -13,7 +13,7 @@ def fraction(values: np.ndarray) -> float | None:
 
 
 def correlations(x: Sequence[float], y: Sequence[float]) -> dict[str, float | None]:
-    """Return {"pearson", "spearman", "n"} of two samples; the coefficients are None for < 3 points or a constant sample."""
+    """Return {"pearson", "spearman", "n"} of two samples; coefficients are None for < 3 points or a constant sample."""
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if len(a) < 3 or a.std() == 0 or b.std() == 0:
         return {"pearson": None, "spearman": None, "n": int(len(a))}

@@ -31,17 +31,30 @@ CONDITION_COLORS: dict[str, str] = {
 def retention_figure(result: dict[str, Any]) -> go.Figure:
     """Return efficacy, retention and unedited-fact drift against the number of edits, one line per condition."""
     figure = make_subplots(
-        rows=1, cols=3, subplot_titles=("efficacy of the newest edit", "retention of earlier edits", "drift of unedited facts |Δ log p(true)|")
+        rows=1,
+        cols=3,
+        subplot_titles=(
+            "efficacy of the newest edit",
+            "retention of earlier edits",
+            "drift of unedited facts |Δ log p(true)|",
+        ),
     )
     for name, curve in result["curves"].items():
         label, color = CONDITION_LABELS.get(name, name), CONDITION_COLORS.get(name)
         for column, metric in enumerate(("efficacy", "retention", "unedited_logprob_drift"), start=1):
             figure.add_trace(
                 go.Scatter(
-                    x=curve["n_edits"], y=curve[metric], mode="lines+markers", name=label, legendgroup=name,
-                    showlegend=column == 1, line={"color": color}, marker={"size": 4},
+                    x=curve["n_edits"],
+                    y=curve[metric],
+                    mode="lines+markers",
+                    name=label,
+                    legendgroup=name,
+                    showlegend=column == 1,
+                    line={"color": color},
+                    marker={"size": 4},
                 ),
-                row=1, col=column,
+                row=1,
+                col=column,
             )
     for column in (1, 2, 3):
         figure.update_xaxes(title_text="number of edits", row=1, col=column)
@@ -49,7 +62,9 @@ def retention_figure(result: dict[str, Any]) -> go.Figure:
     figure.update_yaxes(range=[-0.05, 1.05], row=1, col=2)
     model = result.get("settings", {}).get("model", {}).get("name", "")
     layer = result.get("settings", {}).get("config", {}).get("layer", "")
-    figure.update_layout(title=f"Lifelong editing of {model}, layer {layer}", height=420, legend={"orientation": "h", "y": -0.25})
+    figure.update_layout(
+        title=f"Lifelong editing of {model}, layer {layer}", height=420, legend={"orientation": "h", "y": -0.25}
+    )
     return figure
 
 
@@ -60,17 +75,27 @@ def interference_figure(result: dict[str, Any]) -> go.Figure:
     output_r = (summary.get("predicted_vs_measured_output_drift") or {}).get("pearson")
     logprob_r = (summary.get("predicted_vs_measured_logprob_drift") or {}).get("spearman")
     figure = make_subplots(
-        rows=1, cols=2,
+        rows=1,
+        cols=2,
         subplot_titles=(
-            f"MLP output at the subject (Pearson r = {output_r:.4f})" if output_r is not None else "MLP output at the subject",
+            f"MLP output at the subject (Pearson r = {output_r:.4f})"
+            if output_r is not None
+            else "MLP output at the subject",
             f"model's log p(true) (Spearman ρ = {logprob_r:.3f})" if logprob_r is not None else "model's log p(true)",
         ),
     )
     predicted = scatter.get("predicted", [])
     for column, key in enumerate(("measured_output", "measured_logprob"), start=1):
         figure.add_trace(
-            go.Scatter(x=predicted, y=scatter.get(key, []), mode="markers", marker={"size": 4, "opacity": 0.5, "color": "#d62728"}, showlegend=False),
-            row=1, col=column,
+            go.Scatter(
+                x=predicted,
+                y=scatter.get(key, []),
+                mode="markers",
+                marker={"size": 4, "opacity": 0.5, "color": "#d62728"},
+                showlegend=False,
+            ),
+            row=1,
+            col=column,
         )
         figure.update_xaxes(title_text="predicted ‖Σ P[i,u] r_i‖ / ‖m_u‖", row=1, col=column)
     figure.update_yaxes(title_text="measured ‖Δm_u‖ / ‖m_u‖", row=1, col=1)
@@ -92,12 +117,14 @@ def write_editing_figures(result: dict[str, Any], folder: str | Path) -> dict[st
     paths = {}
     for name, figure in editing_figures(result).items():
         html = figure.to_html(include_plotlyjs="cdn", full_html=True)
-        paths[name] = atomic_write(Path(folder) / f"{name}.html", lambda temp, html=html: temp.write_text(html, encoding="utf-8"))
+        paths[name] = atomic_write(
+            Path(folder) / f"{name}.html", lambda temp, html=html: temp.write_text(html, encoding="utf-8")
+        )
     return paths
 
 
 def edit_simulation_sections(result: RunResult) -> list[ReportSection]:
-    """Return one report section per `kis edit-sim` result under the run's output dir with its model, facts and corpus."""
+    """Return a report section per `kis edit-sim` result under the run's output dir with its model, facts and corpus."""
     sections = []
     for path, saved in edit_sims_of_run(result.settings):
         sections.append(

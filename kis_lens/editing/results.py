@@ -10,12 +10,13 @@ from typing import Any
 EDIT_SIM_FOLDER = "edit_sim"
 EDIT_SIM_FILE = "edit_sim.json"
 _RUN_FOLDER = "layer_{layer}_n{n_edits}"
-# What ties a simulation to a matrices run besides the model: the same facts source and corpus, as both configs record them.
+# What ties a simulation to a matrices run besides the model: the same facts source and corpus, as both configs
+# record them.
 RUN_IDENTITY_FIELDS: tuple[str, ...] = ("facts", "corpus")
 
 
 def edit_sim_dir(output_dir: str | Path, model: str, layer: int, n_edits: int) -> Path:
-    """Return the folder of one simulation's edit_sim.json and figures: <output_dir>/edit_sim/<model>/layer_<layer>_n<n_edits>."""
+    """Return a simulation's folder (edit_sim.json, figures): <output_dir>/edit_sim/<model>/layer_<layer>_n<n_edits>."""
     return Path(output_dir) / EDIT_SIM_FOLDER / model / _RUN_FOLDER.format(layer=layer, n_edits=n_edits)
 
 
@@ -26,7 +27,7 @@ def find_edit_sims(output_dir: str | Path, model: str) -> list[Path]:
 
 
 def belongs_to_run(simulation_settings: dict[str, Any], run_settings: dict[str, Any]) -> bool:
-    """Return whether a saved simulation ran on a run's model, facts source and corpus (a field missing on either side: no)."""
+    """Return whether a saved simulation ran on a run's model, facts source and corpus (no if a field is missing)."""
     model = (simulation_settings.get("model") or {}).get("name")
     if model is None or model != (run_settings.get("model") or {}).get("name"):
         return False

@@ -15,12 +15,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kis_lens.tokens import encode, pad_batch, pad_token_id
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.hooks import mlp_out_hook_name
 from kis_lens.keys import FactTokens, locate_subject
 from kis_lens.models import HookedModel, model_device, resolve_prepend_bos
+from kis_lens.tokens import encode, pad_batch, pad_token_id
 
 HookFunction = Callable[[Tensor, Any], Tensor]
 
@@ -117,7 +117,7 @@ def find_target_values(
     prepend_bos: bool | None = None,
     progress: bool = False,
 ) -> tuple[Float[Tensor, "fact d_model"], Float[Tensor, "fact d_model"]]:
-    """Return (v, current output) at each fact's subject-last token: v = output + δ, δ trained so the model says target_new."""
+    """Return (v, output) at each fact's subject-last token: v = output + δ, δ trained so the model says target_new."""
     if steps < 1 or lr <= 0:
         raise KisError(f"the value search needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
     missing = [fact.case_id for fact in facts if not fact.target_new]

@@ -18,7 +18,9 @@ from kis_lens.errors import KisError
 from kis_lens.models import HookedModel, output_weight
 
 
-def apply_delta(model: HookedModel, layer: int, delta: Float[Tensor, "d_mlp d_model"]) -> Float[Tensor, "d_mlp d_model"]:
+def apply_delta(
+    model: HookedModel, layer: int, delta: Float[Tensor, "d_mlp d_model"]
+) -> Float[Tensor, "d_mlp d_model"]:
     """Add ΔW to the layer's W_out in place (summed in float64); return the original weight for restoring."""
     handle = output_weight(model, layer)
     original = handle.read()
@@ -30,7 +32,7 @@ def apply_delta(model: HookedModel, layer: int, delta: Float[Tensor, "d_mlp d_mo
 
 @contextlib.contextmanager
 def applied_delta(model: HookedModel, layer: int, delta: Float[Tensor, "d_mlp d_model"]) -> Iterator[HookedModel]:
-    """Context manager yielding the model with W_out += ΔW inside the block; the exact original bits are restored on exit."""
+    """Context manager yielding the model with W_out += ΔW in the block, restoring the exact original bits on exit."""
     handle = output_weight(model, layer)
     saved = handle.weight.detach().clone()  # the stored bits, not a float64 round trip
     try:

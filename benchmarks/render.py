@@ -353,6 +353,37 @@ def reproduction_readme_row(report: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Commands as a user runs them (benchmarks/command_timings.py; the CI entry is copied from a .ci/run log)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def commands_readme_rows(report: dict[str, Any]) -> list[str]:
+    """Return the README rows of commands.json: `kis all` fresh and cached, and CI."""
+    rows = []
+    if "kis_all_fresh" in report:
+        rows.append(
+            "| `kis all` (default: smollm2-135m, 30 layers, 128 known facts, C from 100k tokens), fresh output folder "
+            f"| {report['kis_all_fresh']['wall_s']:,.0f} s wall |"
+        )
+    if "kis_all_cached" in report:
+        cached = report["kis_all_cached"]
+        walls, was = cached["wall_s"], cached.get("before_issue_12_wall_s")
+        steps = "; ".join(f"{step} {seconds:.1f} s" for step, seconds in cached["breakdown_s"].items())
+        before = f" (was {min(was):.1f}–{max(was):.1f} s before issue 12)" if was else ""
+        rows.append(
+            f"| `kis all` (the default job) again, every C cached | {min(walls):.1f}–{max(walls):.1f} s wall{before}; "
+            f"profiled run {cached['profiled_wall_s']:.1f} s: {steps} |"
+        )
+    if "ci" in report:
+        ci = report["ci"]
+        rows.append(
+            "| CI (`.ci/run` in a fresh clone: installs, ruff, wheel check, TL 3.9 hook/key tests, the suite) "
+            f"| {ci['wall_s']:,.0f} s; the suite alone {ci['tests_passed']} tests in {ci['suite_s']:.0f} s |"
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Putting it together
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -380,6 +411,9 @@ def readme_block(results_dir: Path = RESULTS_DIR) -> str:
         "| what (from `benchmarks/results/*.json`) | number |",
         "|---|---|",
     ]
+    commands = results_dir / "commands.json"
+    if commands.exists():
+        lines += commands_readme_rows(load(commands))
     lines += [reproduction_readme_row(load(path)) for path in sorted(results_dir.glob("reproduction_*.json"))]
     lines += [matrices_readme_row(load(path)) for path in sorted(results_dir.glob("matrices_*.json"))]
     covariance = results_dir / "covariance.json"

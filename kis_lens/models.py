@@ -534,3 +534,50 @@ def model_info(model: HookedModel) -> ModelInfo:
         dtype=dtype_name(model_dtype(model)),
         device=str(model_device(model)),
     )
+
+
+RANDOM_INIT_SUFFIX = "-random-init"
+
+
+def random_init_twin(model: HookedModel, seed: int = 0) -> HookedModel:
+    """Return a model of the same architecture, tokenizer and BOS convention with freshly initialised weights.
+
+    The null model of the reproduction: what an untrained network of this shape gives. It is named
+    "<name>-random-init", and its weight fingerprint differs, so its covariance caches never mix with the model's.
+    """
+    name = model_name(model)
+    if name in TINY_MODELS:  # built in-process from a seed: the twin is the same build with another seed
+        cfg = model.cfg
+        twin = tiny_model(
+            name.removeprefix("tiny-"),
+            int(cfg.n_layers),
+            int(cfg.d_model),
+            int(cfg.d_mlp),
+            int(cfg.n_ctx),
+            seed=seed + 1,
+            device=model_device(model),
+        ).to(model_dtype(model))
+        _TOKENIZER_ADDS_BOS[twin] = tokenizer_adds_bos(model)
+        _MODEL_NAMES[twin] = name + RANDOM_INIT_SUFFIX
+        return twin
+    original = getattr(model, "original_model", None)
+    config = getattr(original, "config", None)
+    if config is None:
+        raise KisError(
+            f"{type(model).__name__} carries no Hugging Face config to rebuild from: a random-weight twin needs a "
+            "model loaded by kis_lens.load_model from a hub name, a local folder or a packaged GGUF"
+        )
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    fresh = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(model_dtype(model))
+    twin = _boot_bridge(
+        str(getattr(config, "_name_or_path", name) or name),
+        fresh,
+        model.tokenizer,
+        str(model_device(model)),
+        model_dtype(model),
+    )
+    _TOKENIZER_ADDS_BOS[twin] = tokenizer_adds_bos(model)
+    _MODEL_NAMES[twin] = name + RANDOM_INIT_SUFFIX
+    return twin

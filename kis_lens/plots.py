@@ -308,7 +308,7 @@ def layer_trends_figure(
     fig = make_subplots(
         rows=1,
         cols=2,
-        subplot_titles=("Fisher kurtosis of off-diagonal values", "mean |off-diagonal value| (log scale)"),
+        subplot_titles=("excess (Fisher) kurtosis of off-diagonal values", "mean |off-diagonal value| (log scale)"),
         horizontal_spacing=0.12,
     )
     for name, columns in arrays.items():
@@ -376,3 +376,60 @@ def orthogonality_figure(result: RunResult, threshold: float = DEFAULT_THRESHOLD
 def matrix_figures(result: RunResult, name: str) -> list[go.Figure]:
     """Return the standard figures of one matrix: layer-slider heatmap, histogram and KDE."""
     return [layer_heatmaps(result, name), histogram_figure(result, name), kde_figure(result, name)]
+
+
+@dataclass(frozen=True)
+class Band:
+    """One line of a band figure: a value per x with an interval around it (low/high None: a plain line)."""
+
+    name: str
+    values: Sequence[float]
+    low: Sequence[float] | None = None
+    high: Sequence[float] | None = None
+    dash: str | None = None
+
+
+def band_figure(x: Sequence[float], panels: dict[str, Sequence[Band]], x_title: str, title: str) -> go.Figure:
+    """Return one panel per entry of `panels` (key: y-axis title), each line drawn with its shaded interval."""
+    if not panels:
+        raise KisError("band_figure needs at least one panel")
+    figure = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.06)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#7f7f7f"]
+    for row, (y_title, bands) in enumerate(panels.items(), start=1):
+        for index, band in enumerate(bands):
+            color = palette[index % len(palette)]
+            if band.low is not None and band.high is not None:
+                figure.add_trace(
+                    go.Scatter(
+                        x=[*x, *reversed(list(x))],
+                        y=[*band.high, *reversed(list(band.low))],
+                        fill="toself",
+                        mode="lines",
+                        fillcolor=color,
+                        opacity=0.18,
+                        line={"width": 0},
+                        hoverinfo="skip",
+                        showlegend=False,
+                        legendgroup=band.name,
+                    ),
+                    row=row,
+                    col=1,
+                )
+            figure.add_trace(
+                go.Scatter(
+                    x=list(x),
+                    y=list(band.values),
+                    mode="lines+markers",
+                    name=band.name,
+                    legendgroup=band.name,
+                    showlegend=row == 1 or band.name not in {b.name for b in panels[next(iter(panels))]},
+                    line={"color": color, "dash": band.dash},
+                    marker={"size": 4},
+                ),
+                row=row,
+                col=1,
+            )
+        figure.update_yaxes(title_text=y_title, row=row, col=1)
+    figure.update_xaxes(title_text=x_title, row=len(panels), col=1)
+    figure.update_layout(title=title, height=260 * len(panels) + 120, template="plotly_white")
+    return figure

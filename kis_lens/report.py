@@ -238,8 +238,8 @@ ORTHOGONALITY_HEADERS: dict[str, str] = {
     "whitening_over_random": "whitening ÷ random",
     "whitening_frac_above": "whitening share |cos| > {t}",
     "activation_frac_above": "activation share |cos| > {t}",
-    "whitening_kurtosis": "whitening kurtosis",
-    "activation_kurtosis": "activation kurtosis",
+    "whitening_kurtosis": "whitening excess kurtosis",
+    "activation_kurtosis": "activation excess kurtosis",
 }
 
 _STYLE = """

@@ -343,12 +343,12 @@ def covariance_readme_lines(report: dict[str, Any]) -> list[str]:
 def reproduction_readme_row(report: dict[str, Any]) -> str:
     """Return the README row for one reproduction_*.json."""
     covariance, settings = report["covariance"], report["settings"]
-    errors = [layer["half_error"]["relative_rms"] for layer in report["layers"]]
+    errors = [layer["halves"]["relative_rms"] for layer in report["layers"]]
+    null = f"; null model {report['null_model']['name']}" if report.get("null_model") else ""
     return (
-        f"| `kis reproduce --max_tokens {settings['max_tokens']}` ({report['model']['name']}, two "
-        f"{covariance['tokens_half1'] / 1000:.0f}k-token halves) | {report['seconds']['total']:,.0f} s; "
-        "P from half the "
-        f"tokens differs by {100 * min(errors):.1f}–{100 * max(errors):.1f}% RMS |"
+        f"| `kis reproduce --max_tokens {settings['max_tokens']}` ({report['model']['name']}, C on four "
+        f"{covariance['tokens_total'] / 4000:.0f}k-token quarters{null}) | {report['seconds']['total']:,.0f} s; "
+        f"P from two disjoint halves of the tokens differs by {100 * min(errors):.1f}–{100 * max(errors):.1f}% RMS |"
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 from tqdm.auto import tqdm
 
 from kis_lens._version import __version__
-from kis_lens.corpus import Corpus, open_corpus
+from kis_lens.corpus import DEFAULT_SHUFFLE_BUFFER, WIKIPEDIA_CONFIG, Corpus, open_corpus
 from kis_lens.covariance import TextIndex, accumulate_batches, check_batch_token, stream_index
 from kis_lens.distributed import all_reduce_ints, all_reduce_moments, barrier, rank_and_world
 from kis_lens.errors import KisError
@@ -64,6 +64,11 @@ class CovarianceRequest:
     sort_window: int = DEFAULT_SORT_WINDOW
     skip_nonfinite: bool = False  # leave out (and count) texts whose activations hold NaN/inf instead of stopping
     progress: bool = True
+    stats_dir: str | Path | None = None  # folder of the caches (the original's --stats_dir; None: output_dir/stats)
+    corpus_order: str = "first"  # "first": the corpus' own order; "shuffle": a seeded one (kis_lens.corpus.Sampling)
+    corpus_seed: int = 0
+    corpus_buffer: int = DEFAULT_SHUFFLE_BUFFER  # shuffle buffer of a streamed corpus
+    wikipedia_snapshot: str = WIKIPEDIA_CONFIG  # the wikimedia/wikipedia config --corpus wikipedia streams
 
 
 @dataclass(frozen=True)
@@ -155,12 +160,14 @@ class JobSetting:
 
     def path(self, layer: int) -> Path:
         """Return where a layer's cache lives."""
-        return stats_path(self.request.output_dir, self.info.name, self.corpus.cache_name, layer)
+        return stats_path(
+            self.request.output_dir, self.info.name, self.corpus.cache_name, layer, self.request.stats_dir
+        )
 
     @property
     def folder(self) -> Path:
         """Return the folder of this model's caches for this corpus."""
-        return stats_dir(self.request.output_dir, self.info.name, self.corpus.cache_name)
+        return stats_dir(self.request.output_dir, self.info.name, self.corpus.cache_name, self.request.stats_dir)
 
 
 @dataclass
@@ -217,7 +224,13 @@ def cache_second_moments(model: HookedModel, layers: Sequence[int], request: Cov
         raise KisError(f"max_tokens must be at least 1 (or None for no limit), not {request.max_tokens}")
     info = model_info(model)
     check_batch_token(request.batch_token, info.n_ctx)
-    corpus = open_corpus(request.corpus)
+    corpus = open_corpus(
+        request.corpus,
+        order=request.corpus_order,
+        seed=request.corpus_seed,
+        buffer=request.corpus_buffer,
+        snapshot=request.wikipedia_snapshot,
+    )
     setting = JobSetting(
         request, info, corpus, resolve_prepend_bos(model, request.prepend_bos), corpus.stop_for(request.sample_size)
     )

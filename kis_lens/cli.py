@@ -15,14 +15,21 @@ import typing
 from dataclasses import MISSING, Field, fields, is_dataclass, replace
 from typing import Any, Callable, Sequence
 
-from kis_lens.config import ModelOptions, RunConfig
+from kis_lens.config import ModelOptions, RunConfig, ValueAlias
 from kis_lens.errors import KisError
 from kis_lens.matrices import MATRIX_NAMES
 from kis_lens.runner import run_matrices
 
 BOOL_CHOICES: dict[str, bool | None] = {"auto": None, "true": True, "false": False}
 # RunConfig fields that only the fact commands use: cache-cov leaves them out.
-FACT_FIELDS = ("facts", "record_size", "knowledge_type", "token_position", "seed", "ridge")
+FACT_FIELDS = ("facts", "record_size", "knowledge_type", "fact_order", "token_position", "seed", "ridge", "layout")
+# Cache_Cov.py's --to_collect: the statistics layer_stats gathers; kis's caches hold only mom2, so it sets nothing.
+TO_COLLECT = ValueAlias(
+    "to_collect",
+    {"mom2": None},
+    "the original Cache_Cov.py's statistics to collect: mom2, the only one kis collects",
+    refusal="kis collects only mom2 (the uncentered second moment)",
+)
 
 
 def parse_bytes(text: str | int | None) -> int | None:
@@ -66,6 +73,52 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
     parser.add_argument(*_spellings(name), dest=name, **kwargs)
 
 
+class _ValueAliasAction(argparse.Action):
+    """Set a setting from one of the original scripts' flags through its table of values.
+
+    The setting's own flag wins: given before the alias, the alias leaves it alone; given after, it overwrites.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, alias: ValueAlias, **kwargs: Any) -> None:
+        self.alias = alias
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if values not in self.alias.values and self.alias.refusal is not None:
+            raise KisError(f"{option_string} {values!r} is not accepted: {self.alias.refusal}")
+        if values not in self.alias.values:
+            meanings = ", ".join(
+                f"{value} (= --{self.dest} {target})" if target is not None else f"{value} (no change)"
+                for value, target in self.alias.values.items()
+            )
+            raise KisError(
+                f"{option_string} {values!r} is not accepted: use {meanings}, or give --{self.dest} directly"
+            )
+        target = self.alias.values[values]
+        if target is not None and not hasattr(namespace, self.dest):
+            setattr(namespace, self.dest, target)
+
+
+def _add_value_alias(parser: argparse.ArgumentParser, dest: str, alias: ValueAlias) -> None:
+    """Add one of the original scripts' flags that sets ``dest`` through its table of values."""
+    parser.add_argument(
+        *_spellings(alias.name),
+        dest=dest,
+        action=_ValueAliasAction,
+        alias=alias,
+        default=argparse.SUPPRESS,
+        metavar="{" + ",".join(alias.values) + "}",
+        help=alias.help,
+        **({"nargs": "?", "const": alias.bare} if alias.bare is not None else {}),
+    )
+
+
 def _default(owner: Any, name: str) -> Any:
     """Return the default a dataclass field or a function parameter declares (read, never repeated)."""
     if is_dataclass(owner):
@@ -82,6 +135,22 @@ def _field_kind(hint: Any) -> tuple[type, bool]:
     return typing.get_origin(hint) or hint, optional
 
 
+def _number_or_none(kind: type, word: Any) -> Callable[[str], Any]:
+    """Return the flag type of a number field whose CLI value ``word`` (its cli_none: 0, "all", "any") means None."""
+
+    def parse(text: str) -> Any:
+        if text == str(word):
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number or {word}") from None
+        return None if value == word else value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _shown_default(item: Field) -> str:
     """Return how --help states a field's default."""
     meta = item.metadata
@@ -96,7 +165,10 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
     """Add one option (--snake_case and --kebab-case) per field of a config dataclass, from its type and metadata.
 
     bool: --no_<name> when the default is True, else --<name>; ``bool | None``: auto|true|false; tuple: comma-separated.
-    Unset options stay out of the namespace, so config_from_args leaves those fields to the dataclass defaults.
+    A field's ``aliases`` are more names of the same option; its ``value_aliases`` are the original scripts' flags
+    that set it through a table of their values; its ``cli_none`` is the CLI value that parses to None (a number
+    field then takes that word too: --sample_size all). Unset options stay out of the namespace, so
+    config_from_args leaves those fields to the dataclass defaults.
     """
     hints = typing.get_type_hints(config_class)
     for item in fields(config_class):
@@ -109,6 +181,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
             )
         kind, optional = _field_kind(hints[item.name])
         help_text = item.metadata["help"]
+        for alias in item.metadata.get("value_aliases", ()):
+            _add_value_alias(parser, item.name, alias)
+        aliases = [spelling for alias in item.metadata.get("aliases", ()) for spelling in _spellings(alias)]
         if kind is bool and not optional:
             name, action = (f"no_{item.name}", "store_false") if item.default else (item.name, "store_true")
             help_text = f"turn off {help_text}" if item.default else help_text
@@ -126,10 +201,10 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
         elif kind is tuple:
             options["metavar"] = "A,B,..."
         else:
-            options["type"] = kind
+            options["type"] = _number_or_none(kind, item.metadata["cli_none"]) if "cli_none" in item.metadata else kind
             if "choices" in item.metadata:
                 options["choices"] = item.metadata["choices"]
-        parser.add_argument(*_spellings(item.name), **options)
+        parser.add_argument(*_spellings(item.name), *aliases, **options)
 
 
 def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, **overrides: Any) -> Any:
@@ -146,8 +221,6 @@ def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, *
             value = BOOL_CHOICES[value]
         elif kind is tuple and isinstance(value, str):
             value = tuple(part.strip() for part in value.split(",") if part.strip())
-        if "cli_none" in item.metadata and value == item.metadata["cli_none"]:
-            value = None
         values[item.name] = value
     return config_class(**{**values, **overrides})
 
@@ -181,16 +254,23 @@ def _matrices_command(names: Sequence[str]) -> Callable[[argparse.Namespace], No
     return command
 
 
+def cache_cov_config(args: argparse.Namespace) -> RunConfig:
+    """Return the RunConfig of parsed `kis cache-cov` flags.
+
+    --sample_size without --max_tokens lifts the token budget: every token of those texts, or of the whole corpus
+    for --sample_size all (what the original Cache_Cov.py's --sample_size all read).
+    """
+    given = vars(args)
+    unlimited = "sample_size" in given and "max_tokens" not in given
+    return config_from_args(args, **({"max_tokens": None} if unlimited else {}))
+
+
 def _cache_cov_command(args: argparse.Namespace) -> None:
     from kis_lens.distributed import init_from_env, local_device
     from kis_lens.runner import cache_covariance_job
 
     rank, _ = init_from_env()  # under torchrun: join the group, shard the corpus, all-reduce the sums
-    given = vars(args)
-    unlimited = "max_tokens" not in given and given.get(
-        "sample_size"
-    )  # --sample_size alone: every token of those texts
-    config = config_from_args(args, **({"max_tokens": None} if unlimited else {}))
+    config = cache_cov_config(args)
     if config.device is None and local_device():
         config = replace(config, device=local_device())
     report = cache_covariance_job(
@@ -262,6 +342,7 @@ def _stats_parsers(sub: argparse._SubParsersAction) -> None:
         sub, "cache-cov", "estimate and cache C = E[k kᵀ] for every layer in one pass (resumable; torchrun shards it)"
     )
     add_config_flags(cache, RunConfig, skip=FACT_FIELDS)
+    _add_value_alias(cache, "to_collect", TO_COLLECT)  # sets nothing: mom2 is all kis collects
     cache.set_defaults(handler=_cache_cov_command)
     stats_dtype, checkpoint_every = (
         _default(CovarianceRequest, "stats_dtype"),
@@ -533,7 +614,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["all"]  # `kis` alone runs the main job on the embedded defaults
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)  # an original script's flag with a value kis cannot map raises KisError
+    except KisError as error:
+        if "--debug" in argv:
+            raise
+        print(f"kis: error: {error}", file=sys.stderr)
+        return 2
     try:
         args.handler(args)
     except KisError as error:

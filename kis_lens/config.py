@@ -10,16 +10,30 @@ with a ``KisError`` naming the problem and the fix.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from kis_lens.corpus import EMBEDDED_CORPUS
+from kis_lens.corpus import CORPUS_ORDERS, DEFAULT_SHUFFLE_BUFFER, EMBEDDED_CORPUS, WIKIPEDIA_CONFIG
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE
 from kis_lens.keys import TOKEN_POSITIONS
 from kis_lens.models import DEFAULT_MODEL, DTYPES
 
-KNOWLEDGE_TYPES: tuple[str, ...] = ("known", "unknown", "all")
+# "mix" is the original scripts' name for known and unknown together: the same facts as "all", named "mix".
+KNOWLEDGE_TYPES: tuple[str, ...] = ("known", "unknown", "all", "mix")
+FACT_ORDERS: tuple[str, ...] = ("sample", "first")
+LAYOUTS: tuple[str, ...] = ("kis", "original")
 DEFAULT_MAX_TOKENS = 100_000
+
+
+@dataclass(frozen=True)
+class ValueAlias:
+    """A flag of the original scripts that sets a setting through a table of its own values."""
+
+    name: str  # the flag without dashes, e.g. "ds_name"
+    values: Mapping[str, Any]  # flag value -> setting value (None: the setting is left as it is)
+    help: str
+    bare: str | None = None  # the value a bare flag stands for (e.g. --download = --download 1)
+    refusal: str | None = None  # why a value outside the table is refused (None: the table's values are listed)
 
 
 def setting(
@@ -29,13 +43,22 @@ def setting(
     choices: Sequence[str] | None = None,
     none: str | None = None,
     cli_none: Any = None,
+    aliases: Sequence[str] = (),
+    value_aliases: Sequence[ValueAlias] = (),
 ) -> Any:
     """Return a dataclass field with its CLI help as metadata.
 
     choices: the values the CLI accepts; none: what a None default means, shown in --help;
-    cli_none: the CLI value that stands for None (e.g. 0 for "no token limit").
+    cli_none: the CLI value that stands for None (e.g. 0 for "no token limit", or a word such as "all" that an int
+        flag then accepts besides numbers: kis_lens.cli reads it, nothing else);
+    aliases: other names of the same flag (the original scripts' spellings, e.g. "fact_token");
+    value_aliases: the original scripts' flags that set this setting through a table of their values.
     """
     metadata: dict[str, Any] = {"help": help}
+    if aliases:
+        metadata["aliases"] = tuple(aliases)
+    if value_aliases:
+        metadata["value_aliases"] = tuple(value_aliases)
     if choices is not None:
         metadata["choices"] = tuple(choices)
     if none is not None:
@@ -61,7 +84,15 @@ class ModelOptions:
     model_name: str = setting(DEFAULT_MODEL, "alias, hub name or local dir")
     device: str | None = setting(None, "cpu or cuda", none="cuda when available")
     # None: float32 when loading by name; a model object passed in keeps its own dtype.
-    dtype: str | None = setting(None, "model dtype; statistics stay float32/64", choices=sorted(DTYPES), none="float32")
+    # --precision: Cache_Cov.py's flag (float64/float32/float16); there it cast the activations before the
+    # sums, here it is the model's dtype: kis always adds float32 activations into float64 totals.
+    dtype: str | None = setting(
+        None,
+        "model dtype; statistics stay float32/64 (--precision: the original's spelling)",
+        choices=sorted(DTYPES),
+        none="float32",
+        aliases=("precision",),
+    )
     prepend_bos: bool | None = setting(
         None, "BOS before each text (auto: what the model's HF tokenizer does)", none="auto"
     )
@@ -88,14 +119,86 @@ class RunConfig(ModelOptions):
 
     start_layer: int | None = setting(None, "first layer", none="0")
     end_layer: int | None = setting(None, "last layer, inclusive", none="the last")
-    facts: str = setting(DEFAULT_FACTS, "counterfact-known, known-1000 or a JSON/JSONL path")
+    facts: str = setting(
+        DEFAULT_FACTS,
+        "counterfact-known, known-1000 or a JSON/JSONL path",
+        value_aliases=(
+            ValueAlias(
+                "ds_name",
+                {"counterfact": DEFAULT_FACTS},
+                f"the original's dataset: counterfact = --facts {DEFAULT_FACTS} (its 436 known facts)",
+            ),
+        ),
+    )
     record_size: int = setting(DEFAULT_RECORD_SIZE, "number of facts sampled")
-    knowledge_type: str = setting("known", "which facts", choices=KNOWLEDGE_TYPES)
-    token_position: str = setting("subject_last", "where keys are read", choices=TOKEN_POSITIONS)
-    corpus: str = setting(EMBEDDED_CORPUS, f"{EMBEDDED_CORPUS} or a .txt/.jsonl file")
-    sample_size: int | None = setting(None, "number of corpus texts", none="all")
+    knowledge_type: str = setting(
+        "known",
+        "which facts; mix = known and unknown together, the same facts as all, named mix_sample_size_N "
+        "as in the original",
+        choices=KNOWLEDGE_TYPES,
+    )
+    fact_order: str = setting(
+        "sample",
+        "which record_size facts: sample = a seeded sample, first = the file's first ones in order (the original's)",
+        choices=FACT_ORDERS,
+    )
+    token_position: str = setting(
+        "subject_last",
+        "where keys are read (--fact_token: the original's spelling)",
+        choices=TOKEN_POSITIONS,
+        aliases=("fact_token",),
+    )
+    corpus: str = setting(
+        EMBEDDED_CORPUS,
+        f"{EMBEDDED_CORPUS} or a .txt/.jsonl file",
+        value_aliases=(
+            ValueAlias(
+                "download",
+                {"0": None, "1": "wikipedia"},
+                "the original Cache_Cov.py's --download 0|1: 1 (or a bare --download) streams --corpus wikipedia "
+                "from the hub when no --corpus is given; 0 changes nothing",
+                bare="1",
+            ),
+            ValueAlias(
+                "dataset",
+                {"wikipedia": "wikipedia"},
+                "the original Cache_Cov.py's --dataset, whose only value was wikipedia: = --corpus wikipedia "
+                "(--corpus wins when both are given)",
+            ),
+        ),
+    )
+    sample_size: int | None = setting(
+        None, "number of corpus texts (all: every text, the original's word)", none="every text", cli_none="all"
+    )
+    corpus_order: str = setting(
+        "first",
+        "which corpus texts: first = the first sample_size in the corpus' order; shuffle = a seeded shuffle "
+        "(exact for local corpora, buffered for --corpus wikipedia)",
+        choices=CORPUS_ORDERS,
+    )
+    corpus_seed: int = setting(0, "seed of --corpus_order shuffle")
+    corpus_buffer: int = setting(DEFAULT_SHUFFLE_BUFFER, "shuffle buffer (texts) of a streamed corpus")
+    wikipedia_snapshot: str = setting(WIKIPEDIA_CONFIG, "wikimedia/wikipedia config that --corpus wikipedia streams")
     max_tokens: int | None = setting(DEFAULT_MAX_TOKENS, "corpus token budget", none="no limit", cli_none=0)
-    batch_token: int | None = setting(None, "tokens per forward batch, padding included", none="n_ctx")
+    batch_token: int | None = setting(
+        None,
+        "tokens per forward batch, padding included (--batch_tokens: the original's spelling; any: its word for "
+        "the default)",
+        none="n_ctx",
+        cli_none="any",
+        aliases=("batch_tokens",),
+    )
+    stats_dir: str | None = setting(
+        None,
+        "folder of the covariance caches (the original's --stats_dir; its .npz caches: kis import-stats)",
+        none="{output_dir}/stats",
+    )
+    layout: str = setting(
+        "kis",
+        "per-layer .npy paths: kis = model short name, real position in the name; original = the original "
+        "scripts' exact paths (model folder as they named it, e.g. EleutherAI/pythia-1b; file says subject_last)",
+        choices=LAYOUTS,
+    )
     ridge: float = setting(0.0, "add ridge·mean(diag C)·I to C before solving")
 
     def __post_init__(self) -> None:
@@ -104,9 +207,19 @@ class RunConfig(ModelOptions):
             raise KisError(f"unknown knowledge_type {self.knowledge_type!r}: use one of {', '.join(KNOWLEDGE_TYPES)}")
         if self.token_position not in TOKEN_POSITIONS:
             raise KisError(f"unknown token_position {self.token_position!r}: use one of {', '.join(TOKEN_POSITIONS)}")
+        if self.fact_order not in FACT_ORDERS:
+            raise KisError(f"unknown fact_order {self.fact_order!r}: use one of {', '.join(FACT_ORDERS)}")
+        if self.layout not in LAYOUTS:
+            raise KisError(f"unknown layout {self.layout!r}: use one of {', '.join(LAYOUTS)}")
+        if self.stats_dir is not None and (not isinstance(self.stats_dir, str) or not self.stats_dir):
+            raise KisError(f"stats_dir must be a folder path, not {self.stats_dir!r}: e.g. --stats_dir data/stats")
         at_least("record_size", self.record_size, 1)
         at_least("sample_size", self.sample_size, 1, none_means="every text")
         at_least("max_tokens", self.max_tokens, 1, none_means="no limit")
         at_least("batch_token", self.batch_token, 1, none_means="n_ctx")
+        if self.corpus_order not in CORPUS_ORDERS:
+            raise KisError(f"unknown corpus_order {self.corpus_order!r}: use one of {', '.join(CORPUS_ORDERS)}")
+        at_least("corpus_seed", self.corpus_seed, 0)
+        at_least("corpus_buffer", self.corpus_buffer, 1)
         if not self.ridge >= 0:  # also refuses NaN
             raise KisError(f"ridge must be zero or positive, not {self.ridge}: e.g. --ridge 1e-6")

@@ -1,5 +1,8 @@
 """Text sources: the embedded Wikipedia sample, local files and folders, saved datasets, and streamed Wikipedia.
 
+Each is read in its own order (first-N) or in a seeded shuffle (``open_corpus(..., order="shuffle")``); the
+order, seed and Wikipedia snapshot are part of ``Corpus.identity`` and ``Corpus.cache_name``.
+
 Tokenizing and packing texts into batches is kis_lens.tokens' job.
 """
 
@@ -9,10 +12,13 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import random
+import re
+from array import array
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from kis_lens.errors import KisError
 
@@ -56,6 +62,15 @@ WIKIPEDIA_DATASET = "wikimedia/wikipedia"
 WIKIPEDIA_CONFIG = "20231101.en"
 WIKIPEDIA_NAMES: tuple[str, ...] = ("wikipedia", WIKIPEDIA_DATASET)
 TEXT_FIELD = "text"
+# A snapshot is a config of wikimedia/wikipedia: dump date and language, e.g. 20231101.en or 20231101.simple.
+SNAPSHOT_PATTERN = re.compile(r"\d{8}\.[A-Za-z0-9_-]+")
+
+# Sampling orders: "first" reads texts in the source's own order (files and folders by path, the hub by
+# row), "shuffle" in a seeded order: an exact permutation for corpora held in memory or on disk, a buffered
+# shuffle (see buffered_shuffle) for streams. Either order is a fixed sequence, so caches resume and extend.
+CORPUS_ORDERS: tuple[str, ...] = ("first", "shuffle")
+DEFAULT_SHUFFLE_BUFFER = 10_000
+STREAM_SHARDS_OPEN = 8  # shards of a streamed dataset read at once, in a seeded order, to feed the buffer
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,7 @@ class Corpus:
     credit: str
     open_texts: Callable[[int], Iterator[str]] = field(repr=False)
     size: int | None = None  # None when unknown without reading everything (streaming)
+    variant: str = ""  # how the texts differ from the source's default (snapshot, order): added to cache_name
 
     def texts(self, start: int = 0, stop: int | None = None, rank: int = 0, world_size: int = 1) -> Iterator[str]:
         """Yield texts [start, stop) of this corpus; with world_size > 1 only every world_size-th, from rank."""
@@ -85,8 +101,9 @@ class Corpus:
 
     @property
     def cache_name(self) -> str:
-        """Return the folder-safe short name of the corpus ("wikipedia-offline", a file's stem)."""
-        return corpus_cache_name(self.name)
+        """Return the folder-safe short name of the corpus ("wikipedia", "corpus-shuffle-s3", a file's stem)."""
+        base = corpus_cache_name(self.name)
+        return f"{base}-{self.variant}" if self.variant else base
 
 
 def corpus_cache_name(corpus: str) -> str:
@@ -94,10 +111,119 @@ def corpus_cache_name(corpus: str) -> str:
     return "wikipedia" if corpus in WIKIPEDIA_NAMES else Path(corpus.rstrip("/")).stem or "corpus"
 
 
-def _sequence_corpus(name: str, identity: str, credit: str, texts: Sequence[str]) -> Corpus:
+@dataclass(frozen=True)
+class Sampling:
+    """In what order a corpus yields its texts: the source's own ("first") or a seeded shuffle."""
+
+    order: str = "first"
+    seed: int = 0
+    buffer: int = DEFAULT_SHUFFLE_BUFFER  # shuffle buffer of a stream (an in-memory corpus is permuted exactly)
+
+    def __post_init__(self) -> None:
+        if self.order not in CORPUS_ORDERS:
+            raise KisError(f"unknown corpus order {self.order!r}: use --corpus_order {' or '.join(CORPUS_ORDERS)}")
+        for name, value, minimum in (("corpus_seed", self.seed, 0), ("corpus_buffer", self.buffer, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise KisError(f"{name} must be at least {minimum}, not {value!r}: pass --{name} {minimum} or more")
+
+    @property
+    def shuffled(self) -> bool:
+        """Return whether the texts come in a seeded shuffled order."""
+        return self.order == "shuffle"
+
+    def identity(self, stream: bool) -> str:
+        """Return what to append to a source's identity: "" for first-N, else the shuffle and its parameters."""
+        if not self.shuffled:
+            return ""
+        if stream:
+            return f"|shuffle(seed={self.seed},buffer={self.buffer},shards_open={STREAM_SHARDS_OPEN})"
+        return f"|shuffle(seed={self.seed})"
+
+    def variant(self, stream: bool) -> str:
+        """Return what to append to the cache folder name: "" for first-N, else "shuffle-s{seed}[-b{buffer}]"."""
+        if not self.shuffled:
+            return ""
+        return f"shuffle-s{self.seed}-b{self.buffer}" if stream else f"shuffle-s{self.seed}"
+
+
+def _below(rng: random.Random, n: int) -> int:
+    """Return a uniform integer in [0, n) from rng.random(), whose stream Python keeps across versions."""
+    return min(int(rng.random() * n), n - 1)
+
+
+def _permutation(n: int, rng: random.Random) -> array:
+    """Return a permutation of range(n) by Fisher–Yates on rng.random()."""
+    order = array("q", range(n))
+    for i in range(n - 1, 0, -1):
+        j = _below(rng, i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def seeded_permutation(n: int, seed: int) -> array:
+    """Return a permutation of range(n): Fisher–Yates driven by random.Random(seed).random(), the same everywhere."""
+    return _permutation(n, random.Random(seed))
+
+
+def buffered_shuffle(texts: Iterable[str], buffer: int, rng: random.Random) -> Iterator[str]:
+    """Yield texts in a shuffled order, holding at most buffer of them (as datasets' IterableDataset.shuffle).
+
+    The buffer fills with the first texts; then each incoming text replaces a random one of the buffer,
+    which is yielded; at the end the buffer empties in random order. A text comes out at most ``buffer``
+    places earlier than it went in, but arbitrarily later. Only rng.random() is used: the same order everywhere.
+    """
+    pool: list[str] = []
+    for text in texts:
+        if len(pool) < buffer:
+            pool.append(text)
+            continue
+        slot = _below(rng, buffer)
+        yield pool[slot]
+        pool[slot] = text
+    while pool:
+        slot = _below(rng, len(pool))
+        pool[slot], pool[-1] = pool[-1], pool[slot]
+        yield pool.pop()
+
+
+def interleaved_shards(open_shard: Callable[[int], Iterator[str]], n_shards: int, rng: random.Random) -> Iterator[str]:
+    """Yield every shard's texts, STREAM_SHARDS_OPEN shards open at once in a seeded order, each from a random one."""
+    waiting = iter(_permutation(n_shards, rng))
+    active = [open_shard(index) for index in itertools.islice(waiting, STREAM_SHARDS_OPEN)]
+    while active:
+        slot = _below(rng, len(active))
+        try:
+            text = next(active[slot])
+        except StopIteration:
+            following = next(waiting, None)
+            if following is None:
+                active.pop(slot)
+            else:
+                active[slot] = open_shard(following)
+            continue
+        yield text
+
+
+def _sequence_corpus(
+    name: str, identity: str, credit: str, texts: Sequence[str], sampling: Sampling = Sampling()
+) -> Corpus:
     if not texts:
         raise KisError(f"corpus {name!r} is empty: give a corpus with at least one text")
-    return Corpus(name, identity, credit, lambda start: iter(texts[start:]), len(texts))
+    if not sampling.shuffled:
+        return Corpus(name, identity, credit, lambda start: iter(texts[start:]), len(texts))
+    permutation = lru_cache(maxsize=1)(lambda: seeded_permutation(len(texts), sampling.seed))
+
+    def open_texts(start: int) -> Iterator[str]:
+        return (texts[index] for index in permutation()[start:])
+
+    return Corpus(
+        name,
+        identity + sampling.identity(stream=False),
+        f"{credit}, in a seeded random order (seed {sampling.seed})",
+        open_texts,
+        len(texts),
+        sampling.variant(stream=False),
+    )
 
 
 def _file_digest(paths: Sequence[Path]) -> str:
@@ -136,7 +262,7 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
-def _saved_dataset_corpus(name: str, path: Path) -> Corpus:
+def _saved_dataset_corpus(name: str, path: Path, sampling: Sampling = Sampling()) -> Corpus:
     import datasets
 
     try:
@@ -155,46 +281,111 @@ def _saved_dataset_corpus(name: str, path: Path) -> Corpus:
         )
     column = loaded.select_columns([TEXT_FIELD])
     identity = f"dataset:{path.resolve()}#{loaded._fingerprint}"
-
-    def open_texts(start: int) -> Iterator[str]:
-        for row in column.select(range(start, len(column))) if start else column:
-            yield row[TEXT_FIELD] or ""
-
     if len(column) == 0:
         raise KisError(f"corpus {name!r} is empty: give a corpus with at least one text")
-    return Corpus(name, identity, f"local dataset {path}", open_texts, len(column))
+    permutation = lru_cache(maxsize=1)(lambda: seeded_permutation(len(column), sampling.seed))
+
+    def open_texts(start: int) -> Iterator[str]:
+        if sampling.shuffled:
+            rows = column.select(permutation()[start:])
+        else:
+            rows = column.select(range(start, len(column))) if start else column
+        for row in rows:
+            yield row[TEXT_FIELD] or ""
+
+    order = f", in a seeded random order (seed {sampling.seed})" if sampling.shuffled else ""
+    credit = f"local dataset {path}{order}"
+    return Corpus(
+        name,
+        identity + sampling.identity(stream=False),
+        credit,
+        open_texts,
+        len(column),
+        sampling.variant(stream=False),
+    )
 
 
-def _wikipedia_stream_corpus(name: str) -> Corpus:
+def _stream_shard(stream: Any, n_shards: int, index: int) -> Any:
+    """Return shard index of a streamed dataset of n_shards shards, as its own stream."""
+    if hasattr(stream, "shard"):  # datasets >= 3.1
+        return stream.shard(num_shards=n_shards, index=index)
+    from datasets.distributed import split_dataset_by_node
+
+    return split_dataset_by_node(stream, rank=index, world_size=n_shards)
+
+
+def _stream_rows(stream: Any) -> Iterator[str]:
+    for row in stream:
+        yield row[TEXT_FIELD]
+
+
+def _wikipedia_stream_corpus(name: str, snapshot: str = WIKIPEDIA_CONFIG, sampling: Sampling = Sampling()) -> Corpus:
+    if not isinstance(snapshot, str) or not SNAPSHOT_PATTERN.fullmatch(snapshot):
+        raise KisError(
+            f"wikipedia_snapshot {snapshot!r} is not a {WIKIPEDIA_DATASET} config name (dump date.language): "
+            f"pass e.g. --wikipedia_snapshot {WIKIPEDIA_CONFIG}"
+        )
+
     def open_texts(start: int) -> Iterator[str]:
         try:
             import datasets
 
-            stream = datasets.load_dataset(WIKIPEDIA_DATASET, WIKIPEDIA_CONFIG, split="train", streaming=True)
+            stream = datasets.load_dataset(WIKIPEDIA_DATASET, snapshot, split="train", streaming=True)
             stream = stream.select_columns([TEXT_FIELD])
-            if start:
-                stream = stream.skip(start)
-            for row in stream:
-                yield row[TEXT_FIELD]
+            if not sampling.shuffled:
+                yield from _stream_rows(stream.skip(start) if start else stream)
+                return
+            # The shuffle is kis_lens' own (not datasets'), so the order cannot change with the datasets version.
+            rng = random.Random(sampling.seed)
+            n_shards = int(getattr(stream, "num_shards", getattr(stream, "n_shards", 1)))
+            texts = (
+                interleaved_shards(lambda index: _stream_rows(_stream_shard(stream, n_shards, index)), n_shards, rng)
+                if n_shards > 1
+                else _stream_rows(stream)
+            )
+            yield from itertools.islice(buffered_shuffle(texts, sampling.buffer, rng), start, None)
         except KisError:
             raise
         except Exception as error:  # the hub, a proxy or the datasets library itself: all end the same way
             raise KisError(
-                f"could not stream {WIKIPEDIA_DATASET} ({WIKIPEDIA_CONFIG}) from the Hugging Face hub "
-                f"({type(error).__name__}: {error}). Check your network, or use --corpus {EMBEDDED_CORPUS} "
-                "(embedded, offline) or a local .txt/.jsonl file, directory or saved dataset"
+                f"could not stream {WIKIPEDIA_DATASET} ({snapshot}) from the Hugging Face hub "
+                f"({type(error).__name__}: {error}). Check your network and the snapshot name, or use --corpus "
+                f"{EMBEDDED_CORPUS} (embedded, offline) or a local .txt/.jsonl file, directory or saved dataset"
             ) from error
 
-    credit = f"{WIKIPEDIA_DATASET} ({WIKIPEDIA_CONFIG}) on the Hugging Face hub, streamed (CC BY-SA 4.0)"
-    return Corpus(name, f"hf:{WIKIPEDIA_DATASET}/{WIKIPEDIA_CONFIG}/train", credit, open_texts, None)
+    order = f" in a seeded buffered shuffle (seed {sampling.seed}, buffer {sampling.buffer:,})"
+    credit = f"{WIKIPEDIA_DATASET} ({snapshot}) on the Hugging Face hub, streamed{order if sampling.shuffled else ''}"
+    identity = f"hf:{WIKIPEDIA_DATASET}/{snapshot}/train" + sampling.identity(stream=True)
+    # The default snapshot read first-N keeps the folder name "wikipedia" that caches have always used.
+    variant = [snapshot] if snapshot != WIKIPEDIA_CONFIG else []
+    variant += [sampling.variant(stream=True)] if sampling.shuffled else []
+    return Corpus(name, identity, f"{credit} (CC BY-SA 4.0)", open_texts, None, "-".join(variant))
 
 
-def open_corpus(corpus: str) -> Corpus:
-    """Return the named corpus: wikipedia-offline, wikipedia (streamed), .txt/.jsonl file, folder or a saved dataset."""
-    if corpus == EMBEDDED_CORPUS:
-        return _sequence_corpus(corpus, EMBEDDED_CORPUS, EMBEDDED_WIKIPEDIA_CREDIT, embedded_wikipedia_texts())
+def open_corpus(
+    corpus: str,
+    *,
+    order: str = "first",
+    seed: int = 0,
+    buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    snapshot: str = WIKIPEDIA_CONFIG,
+) -> Corpus:
+    """Return the named corpus (wikipedia-offline, wikipedia streamed, .txt/.jsonl file, folder or saved dataset).
+
+    order "first" keeps the source's order; "shuffle" a seeded one (seed; buffer: the shuffle buffer of a
+    stream). snapshot: the wikimedia/wikipedia config that --corpus wikipedia streams.
+    """
+    sampling = Sampling(order, seed, buffer)
     if corpus in WIKIPEDIA_NAMES:
-        return _wikipedia_stream_corpus(corpus)
+        return _wikipedia_stream_corpus(corpus, snapshot, sampling)
+    if snapshot != WIKIPEDIA_CONFIG:
+        raise KisError(
+            f"wikipedia_snapshot {snapshot!r} applies only to --corpus wikipedia, not {corpus!r}: "
+            "leave --wikipedia_snapshot out or use --corpus wikipedia"
+        )
+    if corpus == EMBEDDED_CORPUS:
+        texts = embedded_wikipedia_texts()
+        return _sequence_corpus(corpus, EMBEDDED_CORPUS, EMBEDDED_WIKIPEDIA_CREDIT, texts, sampling)
     path = Path(corpus)
     if path.is_file():
         try:
@@ -204,22 +395,24 @@ def open_corpus(corpus: str) -> Corpus:
                 texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError as error:
             raise KisError(f"corpus file {path} is not UTF-8 text (byte {error.start}): convert it to UTF-8") from None
-        return _sequence_corpus(corpus, f"file:{path.resolve()}#{_file_digest([path])}", f"local file {path}", texts)
+        identity = f"file:{path.resolve()}#{_file_digest([path])}"
+        return _sequence_corpus(corpus, identity, f"local file {path}", texts, sampling)
     if path.is_dir():
         if _is_saved_dataset(path):
-            return _saved_dataset_corpus(corpus, path)
+            return _saved_dataset_corpus(corpus, path, sampling)
         files = sorted(path.rglob("*.txt"), key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise KisError(f"folder {path} holds no .txt files and is not a saved `datasets` dataset")
         texts = [file.read_text(encoding="utf-8") for file in files]  # one text per file, by relative path
-        return _sequence_corpus(corpus, f"dir:{path.resolve()}#{_file_digest(files)}", f"local folder {path}", texts)
+        identity = f"dir:{path.resolve()}#{_file_digest(files)}"
+        return _sequence_corpus(corpus, identity, f"local folder {path}", texts, sampling)
     raise KisError(
         f"corpus {corpus!r} is not {EMBEDDED_CORPUS!r}, 'wikipedia' (streamed) nor an existing .txt/.jsonl file, "
         "folder of .txt files, or dataset saved with `save_to_disk`"
     )
 
 
-def corpus_texts(corpus: str, sample_size: int | None = None) -> list[str] | Iterator[str]:
-    """Return the first sample_size texts of a corpus (all when None), in its fixed order."""
-    opened = open_corpus(corpus)
+def corpus_texts(corpus: str, sample_size: int | None = None, **sampling: Any) -> list[str] | Iterator[str]:
+    """Return the first sample_size texts of a corpus (all when None), in its fixed order (open_corpus' keywords)."""
+    opened = open_corpus(corpus, **sampling)
     return opened.texts(0, opened.stop_for(sample_size))

@@ -19,6 +19,7 @@ from kis_lens.config import RunConfig
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.io import atomic_write, save_npy
+from kis_lens.models import MODEL_ALIASES, model_slug
 
 RESULTS_FILE = "results.safetensors"
 # The original scripts' directory name for each matrix.
@@ -28,6 +29,33 @@ LEGACY_DIRS: dict[str, str] = {
     "whitening_cos": "whitening_cos_matrix",
     "activation_cos": "activation_cos_matrix",
 }
+# How the original scripts end each matrix's file name: both cosines end in _cos_matrix.npy.
+LEGACY_SUFFIXES: dict[str, str] = {
+    "p_matrix": "p_matrix",
+    "q_matrix": "q_matrix",
+    "whitening_cos": "cos_matrix",
+    "activation_cos": "cos_matrix",
+}
+# The original scripts' --model_name choices; their result folders are named by exactly these strings.
+ORIGINAL_MODEL_NAMES: tuple[str, ...] = (
+    "gpt2-small",
+    "gpt2-medium",
+    "gpt2-large",
+    "gpt2-xl",
+    "EleutherAI/gpt-j-6B",
+    "EleutherAI/pythia-1b",
+    "EleutherAI/pythia-1.4b",
+    "EleutherAI/pythia-2.8b",
+    "EleutherAI/pythia-6.9b",
+    "meta-llama/Meta-Llama-3-8B",
+    "meta-llama/Meta-Llama-3.1-8B",
+    "meta-llama/Llama-2-7b-hf",
+    "meta-llama/Llama-2-13b-hf",
+)
+# Hub repositories renamed since the original scripts were written: kis's name -> the original's.
+ORIGINAL_HUB_NAMES: dict[str, str] = {"meta-llama/Llama-3.1-8B": "meta-llama/Meta-Llama-3.1-8B"}
+# The file name the original scripts write whatever --fact_token was.
+ORIGINAL_POSITION = "subject_last"
 
 
 @dataclass
@@ -54,21 +82,55 @@ def run_dir(config: RunConfig, model_slug: str, n_facts: int) -> Path:
 def legacy_npy_path(
     output_dir: str | Path, name: str, model_slug: str, knowledge_type: str, n_facts: int, layer: int, position: str
 ) -> Path:
-    """Return the original scripts' per-layer .npy path for a matrix."""
+    """Return the per-layer .npy path of a matrix in the original scripts' tree (kis layout: short model name)."""
     folder = Path(output_dir) / LEGACY_DIRS[name] / model_slug / f"{knowledge_type}_sample_size_{n_facts}"
-    return folder / f"layer_{layer}_{position}_{LEGACY_DIRS[name]}.npy"
+    return folder / f"layer_{layer}_{position}_{LEGACY_SUFFIXES[name]}.npy"
+
+
+def original_model_folder(model_name: str) -> str:
+    """Return the model folder the original scripts write for a model: its --model_name there (EleutherAI/pythia-1b).
+
+    The original's names (gpt2-small, EleutherAI/pythia-1b, ...) stay as given; kis aliases and hub names map to
+    the original's spelling (pythia-1b and EleutherAI/pythia-1b -> EleutherAI/pythia-1b, gpt2 -> gpt2-small).
+    Another hub name (org/model) nests as given; a local directory or packaged model uses its short name.
+    """
+    if model_name in ORIGINAL_MODEL_NAMES:
+        return model_name
+    slug = model_slug(model_name)
+    hub = MODEL_ALIASES.get(slug, model_name)
+    for candidate in (slug, ORIGINAL_HUB_NAMES.get(hub, hub)):
+        if candidate in ORIGINAL_MODEL_NAMES:
+            return candidate
+    parts = model_name.split("/")
+    is_hub_name = len(parts) == 2 and all(part not in ("", ".", "..") and "\\" not in part for part in parts)
+    return model_name if is_hub_name and not Path(model_name).exists() else slug
+
+
+def original_npy_path(
+    output_dir: str | Path, name: str, model_name: str, knowledge_type: str, n_facts: int, layer: int
+) -> Path:
+    """Return the exact path the original scripts write a matrix of a layer to, under output_dir (theirs: data)."""
+    return legacy_npy_path(
+        output_dir, name, original_model_folder(model_name), knowledge_type, n_facts, layer, ORIGINAL_POSITION
+    )
+
+
+def npy_path(config: RunConfig, name: str, slug: str, n_facts: int, layer: int) -> Path:
+    """Return where a run writes a matrix of a layer: config.layout "kis" or "original" (the original's exact path)."""
+    if config.layout == "original":
+        # The name the user gave, when it is the loaded model's (a model object passed in may differ from it).
+        given = config.model_name if model_slug(config.model_name) == slug else slug
+        return original_npy_path(config.output_dir, name, given, config.knowledge_type, n_facts, layer)
+    return legacy_npy_path(config.output_dir, name, slug, config.knowledge_type, n_facts, layer, config.token_position)
 
 
 def save_result(result: RunResult, config: RunConfig) -> Path:
-    """Write the per-layer .npy files (original layout) and one consolidated safetensors; return its path."""
+    """Write the per-layer .npy files (config.layout) and one consolidated safetensors; return its path."""
     slug = result.settings["model"]["name"]
     n_facts = len(result.facts)
     for name, stacked in result.matrices.items():
         for index, layer in enumerate(result.layers):
-            path = legacy_npy_path(
-                config.output_dir, name, slug, config.knowledge_type, n_facts, layer, config.token_position
-            )
-            save_npy(path, stacked[index].float().cpu().numpy())
+            save_npy(npy_path(config, name, slug, n_facts, layer), stacked[index].float().cpu().numpy())
     folder = run_dir(config, slug, n_facts)
     tensors = {name: stacked.float().cpu().contiguous() for name, stacked in result.matrices.items()}
     metadata = {

@@ -47,11 +47,16 @@ __all__ = [
 
 
 def select_facts(config: RunConfig, model: HookedModel | None = None) -> list[Fact]:
-    """Return the run's seeded sample of facts of the requested knowledge type (known/unknown: per-model split)."""
+    """Return the run's facts of the requested knowledge type (known/unknown: per-model split; all/mix: every fact).
+
+    fact_order "sample" draws a seeded sample; "first" takes the first record_size facts in file order (the
+    original scripts' choice).
+    """
     if config.knowledge_type not in KNOWLEDGE_TYPES:
         raise KisError(f"unknown knowledge_type {config.knowledge_type!r}: use one of {', '.join(KNOWLEDGE_TYPES)}")
     facts = load_facts(config.facts)
-    if config.knowledge_type != "all":
+    every_fact = config.knowledge_type in ("all", "mix")  # mix: the original's name for known and unknown together
+    if not every_fact:
         from kis_lens.classify import ensure_split
 
         if model is None:
@@ -69,23 +74,37 @@ def select_facts(config: RunConfig, model: HookedModel | None = None) -> list[Fa
                 f"{split.model_name} has no {config.knowledge_type} facts among the {split.n_facts} of "
                 f"{config.facts} (top-{split.top_k}, split in {path}): use --knowledge_type all or another facts file"
             )
-    # How many facts a model knows is not the user's choice: use what there is. For "all", sample_facts
+    # How many facts a model knows is not the user's choice: use what there is. For all/mix, sample_facts
     # refuses a record_size beyond the file, as it always did.
-    if config.knowledge_type != "all" and config.record_size > len(facts):
+    record_size = config.record_size
+    if not every_fact and record_size > len(facts):
         warnings.warn(
-            f"only {len(facts)} {config.knowledge_type} facts available for --record_size {config.record_size}: "
+            f"only {len(facts)} {config.knowledge_type} facts available for --record_size {record_size}: "
             f"using all {len(facts)}",
             stacklevel=2,
         )
-        return sample_facts(facts, len(facts), seed=config.seed)
-    return sample_facts(facts, config.record_size, seed=config.seed)
+        record_size = len(facts)
+    if config.fact_order == "first":
+        if record_size > len(facts):
+            raise KisError(
+                f"record_size {record_size} is larger than the {len(facts)} facts available: "
+                f"use --record_size {len(facts)} or fewer, or a larger facts file"
+            )
+        return list(facts[:record_size])
+    return sample_facts(facts, record_size, seed=config.seed)
 
 
 def covariance_key(config: RunConfig, model: HookedModel, layer: int) -> CacheKey:
     """Return the identity of the covariance cache a config uses for a layer."""
     from kis_lens.corpus import open_corpus
 
-    corpus = open_corpus(config.corpus)
+    corpus = open_corpus(
+        config.corpus,
+        order=config.corpus_order,
+        seed=config.corpus_seed,
+        buffer=config.corpus_buffer,
+        snapshot=config.wikipedia_snapshot,
+    )
     return CacheKey.for_model(
         model_info(model), layer, config.corpus, corpus.identity, resolve_prepend_bos(model, config.prepend_bos)
     )
@@ -101,6 +120,11 @@ def covariance_request(config: RunConfig, **options: Any) -> CovarianceRequest:
         batch_token=config.batch_token,
         prepend_bos=config.prepend_bos,
         progress=config.progress,
+        stats_dir=config.stats_dir,
+        corpus_order=config.corpus_order,
+        corpus_seed=config.corpus_seed,
+        corpus_buffer=config.corpus_buffer,
+        wikipedia_snapshot=config.wikipedia_snapshot,
         **options,
     )
 

@@ -112,19 +112,18 @@ def path_component(name: str, what: str) -> str:
     return name
 
 
-def stats_dir(output_dir: str | Path, model: str, corpus: str) -> Path:
-    """Return the folder of a model's caches for a corpus: {output_dir}/stats/{model}/{corpus}_stats."""
+def stats_dir(output_dir: str | Path, model: str, corpus: str, root: str | Path | None = None) -> Path:
+    """Return the folder of a model's caches for a corpus: {root or output_dir/stats}/{model}/{corpus}_stats."""
     return (
-        Path(output_dir)
-        / "stats"
+        (Path(output_dir) / "stats" if root is None else Path(root))
         / path_component(model, "model name")
         / f"{path_component(corpus, 'corpus name')}_stats"
     )
 
 
-def stats_path(output_dir: str | Path, model: str, corpus: str, layer: int) -> Path:
-    """Return where a layer's cache lives: {output_dir}/stats/{model}/{corpus}_stats/layer_{L}_mom2.safetensors."""
-    return stats_dir(output_dir, model, corpus) / f"layer_{layer}_mom2.safetensors"
+def stats_path(output_dir: str | Path, model: str, corpus: str, layer: int, root: str | Path | None = None) -> Path:
+    """Return where a layer's cache lives: stats_dir(output_dir, model, corpus, root)/layer_{L}_mom2.safetensors."""
+    return stats_dir(output_dir, model, corpus, root) / f"layer_{layer}_mom2.safetensors"
 
 
 def _encode_metadata(metadata: dict[str, Any]) -> dict[str, str]:

@@ -21,6 +21,7 @@ from kis_lens.reproduce import ReproduceConfig
 from kis_lens.runner import load_result
 
 MATRIX_DIRS = ("p_matrix", "q_matrix", "whitening_cos_matrix", "activation_cos_matrix")
+MATRIX_FILE_ENDS = ("p_matrix", "q_matrix", "cos_matrix", "cos_matrix")  # the original's: both cosines *_cos_matrix
 CORPUS_ARGS = ["--max_tokens", "1500", "--no_progress", "--device", "cpu"]
 TINY_RUN = ["--knowledge_type", "all", "--record_size", "8", *CORPUS_ARGS]
 
@@ -33,9 +34,11 @@ def test_all_writes_the_documented_files(tmp_path, capsys):
     result = load_result(run)
     assert result.layers == [0, 1] and len(result.facts) == 8
     assert result.settings["config"]["model_name"] == "tiny-gpt2"
-    for name, folder in zip(("p_matrix", "q_matrix", "whitening_cos", "activation_cos"), MATRIX_DIRS):
+    for name, folder, end in zip(
+        ("p_matrix", "q_matrix", "whitening_cos", "activation_cos"), MATRIX_DIRS, MATRIX_FILE_ENDS
+    ):
         for layer in (0, 1):
-            npy = tmp_path / folder / "tiny-gpt2" / "all_sample_size_8" / f"layer_{layer}_subject_last_{folder}.npy"
+            npy = tmp_path / folder / "tiny-gpt2" / "all_sample_size_8" / f"layer_{layer}_subject_last_{end}.npy"
             np.testing.assert_allclose(np.load(npy, allow_pickle=False), result.layer(name, layer).numpy(), rtol=1e-6)
     for layer in (0, 1):
         assert (
@@ -279,7 +282,10 @@ def test_configs_validate_and_keep_keyword_construction():
     assert RunConfig(**config.to_dict()) == config
     assert isinstance(ReproduceConfig(), ClassifyConfig) and ReproduceConfig().model_name == RunConfig().model_name
     for bad, message in [
-        (dict(knowledge_type="some"), "unknown knowledge_type 'some': use one of known, unknown, all"),
+        (dict(knowledge_type="some"), "unknown knowledge_type 'some': use one of known, unknown, all, mix"),
+        (dict(fact_order="random"), "unknown fact_order 'random': use one of sample, first"),
+        (dict(layout="rome"), "unknown layout 'rome': use one of kis, original"),
+        (dict(stats_dir=""), "stats_dir must be a folder path"),
         (dict(token_position="middle"), "unknown token_position 'middle'"),
         (dict(record_size=0), "record_size must be at least 1"),
         (dict(max_tokens=0), "max_tokens must be at least 1 (or None for no limit)"),
@@ -340,3 +346,120 @@ def test_parse_bytes():
         parse_bytes("lots")
     with pytest.raises(KisError, match="must be positive"):
         parse_bytes("0GB")
+
+
+# --- The original scripts' flags: aliases of kis settings, so their commands paste unchanged. ---
+
+MATRIX_COMMANDS = ("all", "p-matrix", "q-matrix", "whitening-cos", "activation-cos")
+WITH_CACHE = (*MATRIX_COMMANDS, "cache-cov")
+# (the original's tokens, the kis tokens they mean, the commands that take them)
+ALIASES = [
+    (["--fact_token", "last"], ["--token_position", "last"], MATRIX_COMMANDS),
+    (["--fact-token", "subject_first"], ["--token_position", "subject_first"], MATRIX_COMMANDS),
+    (["--batch_tokens", "2048"], ["--batch_token", "2048"], WITH_CACHE),
+    (["--batch-tokens", "512"], ["--batch_token", "512"], WITH_CACHE),
+    (["--precision", "float16"], ["--dtype", "float16"], WITH_CACHE),
+    (["--precision", "float64"], ["--dtype", "float64"], WITH_CACHE),
+    (["--precision", "bfloat16"], ["--dtype", "bfloat16"], WITH_CACHE),
+    (["--download", "1"], ["--corpus", "wikipedia"], WITH_CACHE),
+    (["--download"], ["--corpus", "wikipedia"], WITH_CACHE),
+    (["--ds_name", "counterfact"], ["--facts", "counterfact-known"], MATRIX_COMMANDS),
+    (["--ds-name", "counterfact"], ["--facts", "counterfact-known"], MATRIX_COMMANDS),
+]
+
+
+@pytest.mark.parametrize("alias, meaning, commands", ALIASES, ids=lambda value: " ".join(value)[:40])
+def test_original_flag_is_an_alias_of_a_kis_setting(alias, meaning, commands):
+    parser = build_parser()
+    for command in commands:
+        args = parser.parse_args([command, *alias])
+        assert meaning[0].removeprefix("--") in vars(args), (command, alias)  # set the kis setting's own dest
+        assert config_from_args(args) == config_from_args(parser.parse_args([command, *meaning])), (command, alias)
+
+
+@pytest.mark.parametrize("command", WITH_CACHE)
+def test_help_lists_the_original_flags(command, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    shared = ["--batch_tokens", "--precision", "--stats_dir", "--download"]
+    facts_only = ["--fact_token", "--ds_name", "--fact_order", "--layout"]
+    for flag in shared + (facts_only if command != "cache-cov" else []):
+        assert flag in help_text, (command, flag)
+    if command == "cache-cov":
+        assert not any(f"{flag} " in help_text for flag in facts_only)
+    else:
+        assert "mix = known and unknown together, the same facts as all" in help_text
+    assert "streams --corpus wikipedia from the hub when no --corpus is given" in help_text
+
+
+def test_original_commands_paste_unchanged():
+    parser = build_parser()
+    pasted = config_from_args(
+        parser.parse_args(["p-matrix", "--model_name", "gpt2-small", "--fact_token", "subject_last"])
+    )
+    assert pasted == RunConfig(model_name="gpt2-small", token_position="subject_last")
+    cache = parser.parse_args(
+        [
+            "cache-cov",
+            "--model_name=EleutherAI/pythia-1b",
+            "--batch_tokens=2048",
+            "--precision=float32",
+            "--stats_dir=data/stats",
+            "--download=0",
+            "--sample_size=100000",
+        ]
+    )
+    assert config_from_args(cache) == RunConfig(
+        model_name="EleutherAI/pythia-1b", batch_token=2048, dtype="float32", stats_dir="data/stats", sample_size=100000
+    )
+    mixed = config_from_args(
+        parser.parse_args(["all", "--ds_name=counterfact", "--knowledge_type=mix", "--record_size=64"])
+    )
+    assert (mixed.facts, mixed.knowledge_type, mixed.record_size) == ("counterfact-known", "mix", 64)
+
+
+def test_the_kis_flag_wins_over_a_value_alias():
+    parser = build_parser()
+    for tokens in (["--corpus", "my.txt", "--download", "1"], ["--download", "1", "--corpus", "my.txt"]):
+        assert config_from_args(parser.parse_args(["all", *tokens])).corpus == "my.txt"
+    assert config_from_args(parser.parse_args(["all", "--download", "0"])).corpus == RunConfig().corpus
+    for tokens in (
+        ["--facts", "known-1000", "--ds_name", "counterfact"],
+        ["--ds_name", "counterfact", "--facts", "known-1000"],
+    ):
+        assert config_from_args(parser.parse_args(["all", *tokens])).facts == "known-1000"
+
+
+def test_new_settings_parse_into_the_config():
+    parser = build_parser()
+    config = config_from_args(
+        parser.parse_args(["all", "--fact_order", "first", "--layout", "original", "--stats-dir", "cov"])
+    )
+    assert (config.fact_order, config.layout, config.stats_dir) == ("first", "original", "cov")
+    assert config_from_args(parser.parse_args(["cache-cov", "--stats_dir", "cov"])).stats_dir == "cov"
+    assert {"fact_order", "layout", "stats_dir"} <= set(config.to_dict())  # recorded in every run's settings
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (
+            ["all", "--ds_name", "zsre"],
+            "--ds_name 'zsre' is not accepted: use counterfact (= --facts counterfact-known)",
+        ),
+        (
+            ["p-matrix", "--download", "2"],
+            "--download '2' is not accepted: use 0 (no change), 1 (= --corpus wikipedia)",
+        ),
+        (["cache-cov", "--download", "yes"], "or give --corpus directly"),
+    ],
+)
+def test_unknown_original_value_is_a_clear_error(tmp_path, capsys, args, fragment):
+    code = main([*args, "--model_name", "no-such-model", "--output_dir", str(tmp_path / "out"), "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kis: error: ") and "Traceback" not in err
+    assert fragment in err, err
+    with pytest.raises(KisError, match="is not accepted"):
+        build_parser().parse_args(args)

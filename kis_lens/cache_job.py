@@ -546,25 +546,19 @@ def _stream(
     )
     # A budget is what ends the pass: count tokens against it. Without one the texts are the limit.
     if budget is not None:
-        bar = tqdm(
-            total=budget,
-            initial=progress.tokens,
-            unit="tok",
-            unit_scale=True,
-            desc=f"C layers {plan.layers[0]}..{plan.layers[-1]}",
-            disable=not request.progress or rank != 0,
-            dynamic_ncols=True,
-        )
+        total, initial, unit = budget, progress.tokens, "tok"
     else:
         total = None if stop is None else math.ceil((stop - start_text - rank) / world_size)
-        bar = tqdm(
-            total=total,
-            initial=progress.texts,
-            unit="text",
-            desc=f"C layers {plan.layers[0]}..{plan.layers[-1]}",
-            disable=not request.progress or rank != 0,
-            dynamic_ncols=True,
-        )
+        initial, unit = progress.texts, "text"
+    bar = tqdm(
+        total=total,
+        initial=initial,
+        unit=unit,
+        unit_scale=budget is not None,
+        desc=f"C layers {plan.layers[0]}..{plan.layers[-1]}",
+        disable=not request.progress or rank != 0,
+        dynamic_ncols=True,
+    )
     computed, last_checkpoint, started = 0, progress.tokens, time.perf_counter()
     stopped_by_budget = False
     for batch in accumulate_batches(model, batches, moments, text_index, request.skip_nonfinite, progress.skipped):

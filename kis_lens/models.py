@@ -546,20 +546,28 @@ def random_init_twin(model: HookedModel, seed: int = 0) -> HookedModel:
     "<name>-random-init", and its weight fingerprint differs, so its covariance caches never mix with the model's.
     """
     name = model_name(model)
-    if name in TINY_MODELS:  # built in-process from a seed: the twin is the same build with another seed
-        cfg = model.cfg
-        twin = tiny_model(
-            name.removeprefix("tiny-"),
-            int(cfg.n_layers),
-            int(cfg.d_model),
-            int(cfg.d_mlp),
-            int(cfg.n_ctx),
-            seed=seed + 1,
-            device=model_device(model),
-        ).to(model_dtype(model))
-        _TOKENIZER_ADDS_BOS[twin] = tokenizer_adds_bos(model)
-        _MODEL_NAMES[twin] = name + RANDOM_INIT_SUFFIX
-        return twin
+    twin = _tiny_twin(model, name, seed) if name in TINY_MODELS else _hf_twin(model, name, seed)
+    _TOKENIZER_ADDS_BOS[twin] = tokenizer_adds_bos(model)
+    _MODEL_NAMES[twin] = name + RANDOM_INIT_SUFFIX
+    return twin
+
+
+def _tiny_twin(model: HookedModel, name: str, seed: int) -> HookedModel:
+    """Return the in-process tiny build of the model's sizes with another seed."""
+    cfg = model.cfg
+    return tiny_model(
+        name.removeprefix("tiny-"),
+        int(cfg.n_layers),
+        int(cfg.d_model),
+        int(cfg.d_mlp),
+        int(cfg.n_ctx),
+        seed=seed + 1,
+        device=model_device(model),
+    ).to(model_dtype(model))
+
+
+def _hf_twin(model: HookedModel, name: str, seed: int) -> HookedModel:
+    """Return the bridge of a freshly initialised Hugging Face model built from the model's own config."""
     original = getattr(model, "original_model", None)
     config = getattr(original, "config", None)
     if config is None:
@@ -571,13 +579,10 @@ def random_init_twin(model: HookedModel, seed: int = 0) -> HookedModel:
 
     torch.manual_seed(seed)
     fresh = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(model_dtype(model))
-    twin = _boot_bridge(
+    return _boot_bridge(
         str(getattr(config, "_name_or_path", name) or name),
         fresh,
         model.tokenizer,
         str(model_device(model)),
         model_dtype(model),
     )
-    _TOKENIZER_ADDS_BOS[twin] = tokenizer_adds_bos(model)
-    _MODEL_NAMES[twin] = name + RANDOM_INIT_SUFFIX
-    return twin

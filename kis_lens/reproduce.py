@@ -442,6 +442,16 @@ def model_size_rows(report: Reproduction, numbers_dir: Path) -> list[dict[str, A
     return sorted(rows, key=lambda row: (row["kind"] != "pretrained", row["d_mlp"], row["model"]))
 
 
+def _convergence_point(p: Float[Tensor, "fact fact"], whitening: Float[Tensor, "fact fact"]) -> dict[str, float]:
+    """Return std and excess kurtosis of off-diagonal P and the whitened mean |cos| at one token budget."""
+    summary = summarize_matrix(p)
+    return {
+        "p_std": summary.std,
+        "p_kurtosis": summary.kurtosis,
+        "whitening_mean_abs": summarize_matrix(whitening).mean_abs,
+    }
+
+
 def reproduce(config: ReproduceConfig = ReproduceConfig(), model: HookedModel | None = None) -> Reproduction:
     """Run the whole reproduction, write the document, figures and numbers; return the numbers."""
     from kis_lens.models import load_model
@@ -530,17 +540,11 @@ def reproduce(config: ReproduceConfig = ReproduceConfig(), model: HookedModel | 
         convergence = {
             fraction: {
                 "p_vs_all": p_difference(partial[fraction]["p_matrix"][index], p),
-                "p_std": summarize_matrix(partial[fraction]["p_matrix"][index]).std,
-                "p_kurtosis": summarize_matrix(partial[fraction]["p_matrix"][index]).kurtosis,
-                "whitening_mean_abs": summarize_matrix(partial[fraction]["whitening_cos"][index]).mean_abs,
+                **_convergence_point(partial[fraction]["p_matrix"][index], partial[fraction]["whitening_cos"][index]),
             }
             for fraction in partial
         }
-        convergence["all"] = {
-            "p_std": summarize_matrix(p).std,
-            "p_kurtosis": summarize_matrix(p).kurtosis,
-            "whitening_mean_abs": summarize_matrix(whitening).mean_abs,
-        }
+        convergence["all"] = _convergence_point(p, whitening)
         report.layers.append(
             {
                 "layer": layer,

@@ -388,6 +388,40 @@ def commands_readme_rows(report: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+LIFELONG_EDITORS = ("rome", "memit", "alphaedit", "none")
+
+
+def lifelong_readme_rows(folder: Path) -> list[str]:
+    """Return one README row per editor of the committed `kis lifelong` run (docs/lifelong.md has the rest)."""
+    rows = []
+    for editor in LIFELONG_EDITORS:
+        path = folder / f"lifelong_{editor}.json"
+        if not path.exists():
+            continue
+        report = load(path)
+        summary, settings = report["summary"], report["settings"]
+        final, collapse = summary["final"], summary["collapse"]
+        model = display(settings["model"]["name"])
+        where = f"`kis lifelong --editor {editor}` (docs/lifelong.md), {model}, layer {settings['config']['layer']}"
+        if editor == "none":
+            text = (
+                f"unedited baseline: efficacy {final['efficacy']:.2f}, score {final['score']:.2f}, "
+                f"held-out perplexity {final['perplexity']:.1f}"
+            )
+        else:
+            collapsed = "no collapse" if collapse["step"] is None else f"collapse after {collapse['step']} edits"
+            correlation = summary["correlations"]["predicted_vs_logprob"]
+            rho = "n/a" if correlation["spearman"] is None else f"{correlation['spearman']:.2f}"
+            text = (
+                f"{final['n_edits']} sequential edits: {collapsed}; final efficacy {final['efficacy']:.2f}, "
+                f"perplexity {final['perplexity']:.1f}; P-predicted vs measured NLL drift Spearman ρ {rho} "
+                f"(n = {correlation['n']:,}); {summary['wall_seconds'] / 60:.0f} min on {settings['threads']} "
+                f"thread(s), {summary['seconds_per_edit']:.1f} s per edit"
+            )
+        rows.append(f"| {where} | {text} |")
+    return rows
+
+
 def load(path: Path) -> dict[str, Any]:
     """Return one JSON file."""
     return json.loads(path.read_text(encoding="utf-8"))
@@ -416,6 +450,7 @@ def readme_block(results_dir: Path = RESULTS_DIR) -> str:
         lines += commands_readme_rows(load(commands))
     lines += [reproduction_readme_row(load(path)) for path in sorted(results_dir.glob("reproduction_*.json"))]
     lines += [matrices_readme_row(load(path)) for path in sorted(results_dir.glob("matrices_*.json"))]
+    lines += lifelong_readme_rows(results_dir / "lifelong")
     covariance = results_dir / "covariance.json"
     if covariance.exists():
         lines += covariance_readme_lines(load(covariance))

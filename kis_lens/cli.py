@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import shlex
 import sys
 import time
 import typing
@@ -246,9 +247,10 @@ def _matrices_command(names: Sequence[str]) -> Callable[[argparse.Namespace], No
         _print_result_paths(config, started, result)
         if getattr(args, "report", False):
             from kis_lens.editing.plots import edit_simulation_sections
+            from kis_lens.editing.sequential_plots import lifelong_report_sections
             from kis_lens.report import write_report_files
 
-            report, table = write_report_files(result, sections=[edit_simulation_sections])
+            report, table = write_report_files(result, sections=[edit_simulation_sections, lifelong_report_sections])
             print(f"report: {report}\nper-layer table: {table}")
 
     return command
@@ -485,10 +487,12 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
 
 def _report_command(args: argparse.Namespace) -> None:
     from kis_lens.editing.plots import edit_simulation_sections
+    from kis_lens.editing.sequential_plots import lifelong_report_sections
     from kis_lens.report import report_from_results
 
+    sections = [edit_simulation_sections, lifelong_report_sections]
     report, table = report_from_results(
-        args.results, args.output, top_k=args.top_k, threshold=args.threshold, sections=[edit_simulation_sections]
+        args.results, args.output, top_k=args.top_k, threshold=args.threshold, sections=sections
     )
     print(f"report: {report}\nper-layer table: {table}")
 
@@ -579,6 +583,34 @@ def _edit_sim_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_edit_sim_command)
 
 
+def _lifelong_command(args: argparse.Namespace) -> None:
+    from kis_lens.editing.sequential import LifelongConfig, run_lifelong
+
+    config = config_from_args(args, LifelongConfig)
+    results = run_lifelong(config, command=shlex.join(["kis", *args.argv]))
+    for editor, result in results.items():
+        final, collapse = result.summary["final"], result.summary["collapse"]
+        score = "n/a" if final["score"] is None else f"{final['score']:.2f}"
+        efficacy = "n/a" if final["efficacy"] is None else f"{final['efficacy']:.2f}"
+        collapsed = "no collapse" if collapse["step"] is None else f"collapse at {collapse['step']} edits"
+        print(
+            f"  {editor:10s} {final['n_edits']} edits in {result.summary['wall_seconds']:.0f} s: score {score}, "
+            f"efficacy {efficacy}, perplexity {final['perplexity']:.2f}, {collapsed}"
+        )
+    folder = next(iter(results.values())).path.parent
+    print(f"results: {folder} (lifelong_<editor>.json, lifelong_metrics.html, lifelong_interference.html)")
+
+
+def _lifelong_parser(sub: argparse._SubParsersAction) -> None:
+    from kis_lens.editing.sequential import LifelongConfig
+
+    parser = _subcommand(
+        sub, "lifelong", "hundreds of real sequential edits of W_out (ROME/MEMIT/AlphaEdit/none), CounterFact metrics"
+    )
+    add_config_flags(parser, LifelongConfig, skip=("prepend_bos",))  # follows the model's own BOS convention
+    parser.set_defaults(handler=_lifelong_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `kis` command."""
     parser = argparse.ArgumentParser(
@@ -605,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     _reproduce_parser(sub)
     _report_parser(sub)
     _edit_sim_parser(sub)
+    _lifelong_parser(sub)
     return parser
 
 
@@ -616,6 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["all"]  # `kis` alone runs the main job on the embedded defaults
     try:
         args = parser.parse_args(argv)  # an original script's flag with a value kis cannot map raises KisError
+        args.argv = argv  # the command as typed, recorded by the commands that keep it
     except KisError as error:
         if "--debug" in argv:
             raise

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -29,6 +30,7 @@ from kis_lens.analysis import (
 )
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
+from kis_lens.io import atomic_write
 from kis_lens.results import RunResult
 
 HEATMAP_COLORSCALE = "RdBu_r"  # diverging: blue negative, white 0, red positive
@@ -433,3 +435,14 @@ def band_figure(x: Sequence[float], panels: dict[str, Sequence[Band]], x_title: 
     figure.update_xaxes(title_text=x_title, row=len(panels), col=1)
     figure.update_layout(title=title, height=260 * len(panels) + 120, template="plotly_white")
     return figure
+
+
+def write_html_figures(figures: Mapping[str, go.Figure], folder: str | Path) -> dict[str, Path]:
+    """Write each figure as standalone HTML (Plotly from its CDN) atomically into folder; return {name: path}."""
+    paths = {}
+    for name, figure in figures.items():
+        html = figure.to_html(include_plotlyjs="cdn", full_html=True)
+        paths[name] = atomic_write(
+            Path(folder) / f"{name}.html", lambda temp, html=html: temp.write_text(html, encoding="utf-8")
+        )
+    return paths

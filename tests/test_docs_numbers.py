@@ -86,3 +86,12 @@ def test_new_matrices_rows_render_the_counted_forwards(render):
     assert "| 2 | 1.000 | 39.0 | 39× |" in text and "| 80 (counted) | 50 |" in text and "earlier reference" not in text
     row = render.matrices_readme_row(report)
     assert "N² + 2N" in row and "315× (N = 8; original extrapolated from 50 timed forwards at 0.10 s each" in row
+
+
+def test_lifelong_doc_is_generated_from_the_committed_results():
+    """docs/lifelong.md is benchmarks/lifelong.py's rendering of benchmarks/results/lifelong/*.json."""
+    spec = importlib.util.spec_from_file_location("kis_benchmarks_lifelong", ROOT / "benchmarks" / "lifelong.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = ROOT / "docs" / "lifelong.md"
+    assert doc.read_text(encoding="utf-8") == module.render(), "docs/lifelong.md was edited: run benchmarks/lifelong.py"

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from kis_lens.editing.results import edit_sims_of_run
-from kis_lens.io import atomic_write
+from kis_lens.plots import write_html_figures
 from kis_lens.report import ReportSection
 from kis_lens.results import RunResult
 
@@ -114,13 +114,7 @@ def editing_figures(result: dict[str, Any]) -> dict[str, go.Figure]:
 
 def write_editing_figures(result: dict[str, Any], folder: str | Path) -> dict[str, Path]:
     """Write each figure as a standalone HTML file (atomically) into folder; return {name: path}."""
-    paths = {}
-    for name, figure in editing_figures(result).items():
-        html = figure.to_html(include_plotlyjs="cdn", full_html=True)
-        paths[name] = atomic_write(
-            Path(folder) / f"{name}.html", lambda temp, html=html: temp.write_text(html, encoding="utf-8")
-        )
-    return paths
+    return write_html_figures(editing_figures(result), folder)
 
 
 def edit_simulation_sections(result: RunResult) -> list[ReportSection]:

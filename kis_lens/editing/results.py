@@ -50,3 +50,12 @@ def edit_sims_of_run(run_settings: dict[str, Any]) -> list[tuple[Path, dict[str,
         if belongs_to_run(saved.get("settings") or {}, run_settings):
             found.append((path, saved))
     return found
+
+
+# Where a real lifelong-editing run (`kis lifelong`) saves one JSON per editor: <output_dir>/<model>/lifelong/layer_L/.
+LIFELONG_FOLDER = "lifelong"
+
+
+def lifelong_dir(output_dir: str | Path, model: str, layer: int) -> Path:
+    """Return a lifelong run's folder: <output_dir>/<model>/lifelong/layer_<layer> (lifelong_<editor>.json inside)."""
+    return Path(output_dir) / model / LIFELONG_FOLDER / f"layer_{layer}"

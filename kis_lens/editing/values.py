@@ -160,3 +160,135 @@ def find_target_values(
             parameter.requires_grad_(flag)
     current = original["output"].cpu()
     return current + shift.detach().double().cpu(), current
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ROME's value search for one fact (rome/compute_v.py): several prefixed prompts, a KL term, early stop
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValueSearch:
+    """ROME's published value-search settings (GPT-2 XL): steps, lr, KL and weight-decay factors, norm clamp."""
+
+    steps: int = 20
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    stop_loss: float = 5e-2
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or not self.lr > 0:
+            raise KisError(f"the value search needs steps >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
+        if self.kl_factor < 0 or self.weight_decay < 0 or not self.clamp_norm_factor > 0:
+            raise KisError("kl_factor and weight_decay must be >= 0 and clamp_norm_factor > 0")
+
+
+@dataclass(frozen=True)
+class TargetValue:
+    """One fact's target value v* at the layer's MLP output (subject's last token), and how the search went."""
+
+    value: Float[Tensor, " d_model"]
+    initial_output: Float[Tensor, " d_model"]
+    steps: int
+    nll: float
+
+
+def context_prefixes(model: HookedModel, count: int, length: int = 10, seed: int = 0) -> list[str]:
+    """Return `count` short texts sampled from the model (top-5, seeded) to prefix rewrite prompts, as ROME does."""
+    if count < 0 or length < 1:
+        raise KisError(f"need count >= 0 and length >= 1 for context prefixes, got {count}, {length}")
+    tokenizer = model.tokenizer
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise KisError("the tokenizer has neither a BOS nor an EOS token to start the context prefixes from")
+    generator = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    prefixes = []
+    for _ in range(count):
+        ids = [int(start)]
+        with torch.no_grad():
+            for _ in range(length):
+                logits = model(torch.tensor([ids], device=device))[0, -1].float().cpu()
+                top = torch.topk(logits, 5)
+                choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
+                ids.append(int(top.indices[choice]))
+        text = tokenizer.decode(ids[1:], skip_special_tokens=True)
+        prefixes.append(text.replace("{", " ").replace("}", " ").strip() + ". ")
+    return prefixes
+
+
+def rome_target_value(
+    model: HookedModel,
+    layer: int,
+    fact: Fact,
+    prefixes: Sequence[str] = (),
+    search: ValueSearch = ValueSearch(),
+    prepend_bos: bool | None = None,
+) -> TargetValue:
+    """Return v* for one fact as ROME's compute_v finds it on the model as it is now (edits included)."""
+    if not fact.target_new:
+        raise KisError(f"fact {fact.case_id} has no target_new: use CounterFact facts (e.g. counterfact-known)")
+    prepend_bos = resolve_prepend_bos(model, prepend_bos)
+    rewrites = [
+        edit_prompt(
+            model,
+            Fact(fact.case_id, fact.subject, prefix + fact.prompt, fact.target_true),
+            fact.target_new,
+            prepend_bos,
+        )
+        for prefix in ("", *prefixes)
+    ]
+    essence = locate_subject(
+        model.tokenizer, Fact(fact.case_id, fact.subject, "{} is a", fact.target_true), prepend_bos
+    )
+    device = model_device(model)
+    kl_prompt = EditPrompt(essence.ids, essence.subject_last, len(essence.ids))
+    tokens, mask, labels, subject = _batch([*rewrites, kl_prompt], pad_token_id(model.tokenizer), device)
+    n_rewrites = len(rewrites)
+    kl_position = len(essence.ids) - 1
+    n_target_tokens = (labels[:n_rewrites] >= 0).sum(dim=1).clamp_min(1)
+    rows = torch.arange(len(subject), device=device)
+    shift = torch.zeros(int(model.cfg.d_model), device=device, requires_grad=True)
+    captured: dict[str, Tensor] = {}
+
+    def add_shift(activation: Tensor, hook: Any) -> Tensor:
+        captured.setdefault("initial", activation[0, subject[0]].detach().double().clone())
+        activation = activation.clone()
+        activation[rows, subject] = activation[rows, subject] + shift.to(activation.dtype)
+        return activation
+
+    optimizer = torch.optim.Adam([shift], lr=search.lr)
+    requires_grad = [parameter.requires_grad for parameter in model.parameters()]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    initial_kl: Tensor | None = None
+    steps, nll_value = 0, float("nan")
+    try:
+        with model.hooks(fwd_hooks=[(mlp_out_hook_name(layer), add_shift)]):
+            for step in range(search.steps):
+                optimizer.zero_grad()
+                logits = model(tokens, attention_mask=mask)
+                nll = -(_target_logprobs(logits[:n_rewrites], labels[:n_rewrites]) / n_target_tokens).mean()
+                kl_logprobs = torch.log_softmax(logits[n_rewrites, kl_position].float(), dim=-1)
+                if initial_kl is None:
+                    initial_kl = kl_logprobs.detach().clone()
+                kl = torch.sum(initial_kl.exp() * (initial_kl - kl_logprobs))
+                target_norm = captured["initial"].norm().float()
+                # ROME's decay term, as published: ‖δ‖ / ‖m‖² (not squared in δ)
+                loss = nll + search.kl_factor * kl + search.weight_decay * shift.norm() / target_norm**2
+                steps, nll_value = step + 1, float(nll.detach())
+                if loss.item() < search.stop_loss or step == search.steps - 1:
+                    break
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():  # ROME's trust region: ‖δ‖ ≤ clamp · ‖m‖
+                    limit = search.clamp_norm_factor * target_norm
+                    if shift.norm() > limit:
+                        shift.mul_(limit / shift.norm())
+    finally:
+        for parameter, flag in zip(model.parameters(), requires_grad):
+            parameter.requires_grad_(flag)
+    initial = captured["initial"].cpu()
+    return TargetValue(initial + shift.detach().double().cpu(), initial, steps, nll_value)

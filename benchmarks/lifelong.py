@@ -11,14 +11,46 @@ each JSON records in settings.command; tests/test_docs_numbers.py fails when the
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path("benchmarks") / "results" / "lifelong"  # relative: the doc names it, whatever the checkout's path
 DOC = Path("docs") / "lifelong.md"
+
+
+def absolute_interference(result: dict[str, Any]) -> dict[str, Any]:
+    """Return a result with its interference in layer-output units (runs before that change divided by ‖r_u‖).
+
+    The division by ‖r_u‖ = ‖v*_u − (k_u W + b)‖ exploded for the two edits whose target the model already
+    produced (‖r_u‖ ≈ 1e-5); each edit's ‖r_u‖ is in its `edits` entry, so the product is the absolute norm."""
+    from kis_lens.editing.metrics import correlations
+    from kis_lens.editing.sequential import INTERFERENCE_UNITS
+
+    settings = result["settings"]
+    if settings.get("interference_units") == INTERFERENCE_UNITS or not result["edits"]:
+        return result
+    scale = {edit["case_id"]: edit["residual_norm"] for edit in result["edits"]}
+    pairs = result["pairs"]
+    for key in ("predicted", "measured_output"):
+        pairs[key] = [value * scale[case] for value, case in zip(pairs[key], pairs["case_id"])]
+    for step in result["steps"]:
+        rows = [i for i, n in enumerate(pairs["n_edits"]) if n == step["n_edits"]]
+        if rows:
+            step["predicted_interference"] = sum(pairs["predicted"][i] for i in rows) / len(rows)
+            step["measured_interference"] = sum(pairs["measured_output"][i] for i in rows) / len(rows)
+    summary = result["summary"]
+    summary["final"] = result["steps"][-1]
+    summary["correlations"] = {
+        "predicted_vs_output": correlations(pairs["predicted"], pairs["measured_output"]),
+        "predicted_vs_logprob": correlations(pairs["predicted"], pairs["measured_logprob"]),
+    }
+    settings["interference_units"] = INTERFERENCE_UNITS
+    settings["converted"] = "interference × ‖r_u‖ by benchmarks/lifelong.py (the run divided by ‖r_u‖)"
+    return result
 
 
 def render() -> str:
@@ -37,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when the doc differs")
     args = parser.parse_args(argv)
     from kis_lens.editing.sequential_plots import load_lifelong_results, write_lifelong_figures
-    from kis_lens.io import atomic_write
+    from kis_lens.io import atomic_write, save_json
 
     if args.check:
         same = (ROOT / DOC).is_file() and (ROOT / DOC).read_text(encoding="utf-8") == render()
@@ -46,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.source:
         (ROOT / RESULTS).mkdir(parents=True, exist_ok=True)
         for path in sorted(Path(args.source).glob("lifelong_*.json")):
-            shutil.copyfile(path, ROOT / RESULTS / path.name)
+            result = absolute_interference(json.loads(path.read_text(encoding="utf-8")))
+            save_json(ROOT / RESULTS / path.name, result)
     write_lifelong_figures(load_lifelong_results(ROOT / RESULTS), ROOT / RESULTS)
     text = render()
     atomic_write(ROOT / DOC, lambda temp: temp.write_text(text, encoding="utf-8"))

@@ -50,6 +50,9 @@ from kis_lens.runner import ensure_covariances
 from kis_lens.tokens import encode
 
 EDITORS: tuple[str, ...] = ("rome", "memit", "alphaedit", "none")
+# Predicted and measured interference are norms of layer-output vectors (a ratio to ‖r_u‖ blows up for an edit
+# that needed no change); recorded in each result's settings.
+INTERFERENCE_UNITS = "layer output"
 STEP_METRICS: tuple[str, ...] = (
     "efficacy",
     "efficacy_magnitude",
@@ -71,7 +74,7 @@ class LifelongConfig(ModelOptions):
         EDITORS, f"comma-separated subset of {','.join(EDITORS)}", choices=EDITORS, aliases=("editor",)
     )
     layer: int = setting(4, "layer whose W_out is edited")
-    n_edits: int | None = setting(None, "facts edited one after another", none="all", cli_none="all")
+    n_edits: int | None = setting(None, "facts edited one after another", none="every record", cli_none="all")
     eval_every: int = setting(100, "every metric (paraphrase, neighborhood, score, fluency) every this many edits")
     probe_every: int = setting(10, "the cheap metrics (efficacy on all edits so far, perplexity, drift) this often")
     batch_size: int = setting(16, "facts per MEMIT batch")
@@ -427,12 +430,11 @@ def _interference(bench: _Bench, state: _State, step: dict[str, Any], nll_now: T
         return
     residuals = torch.stack(state.residuals)
     mixing = bench.p_matrix[:t, :t].T * later  # mixing[u, i] = P[i, u] for later i
-    predicted = (mixing @ residuals).norm(dim=1)
-    outputs = bench.keys[:t] @ state.weight + bench.bias
-    measured = (outputs - torch.stack(state.after)).norm(dim=1)
-    scale = residuals.norm(dim=1).clamp_min(1e-12)
     earlier = later.any(dim=1)
-    predicted, measured = (predicted / scale)[earlier], (measured / scale)[earlier]
+    # absolute norms in the layer output's units: a ratio to ‖r_u‖ explodes for an edit that needed no change
+    predicted = (mixing @ residuals).norm(dim=1)[earlier]
+    outputs = bench.keys[:t] @ state.weight + bench.bias
+    measured = (outputs - torch.stack(state.after)).norm(dim=1)[earlier]
     logprob = (nll_now - torch.tensor(state.nll_after, dtype=torch.float64))[earlier]
     step["predicted_interference"] = float(predicted.mean())
     step["measured_interference"] = float(measured.mean())
@@ -477,8 +479,8 @@ def _edit(bench: _Bench, editor: str, state: _State, rows: list[int], update_ind
     seconds = time.perf_counter() - started
     for position, row in enumerate(rows):
         state.update_of.append(update_index)
-        state.residuals.append(residuals[position])
-        state.after.append(after[position])
+        state.residuals.append(residuals[position].clone())  # own storage: a checkpoint saves each row once
+        state.after.append(after[position].clone())
         state.nll_after.append(float(new[position]))
         state.edits.append(
             {
@@ -616,6 +618,7 @@ def _result(bench: _Bench, editor: str, state: _State, checkpoint: Path, command
         "device": str(model_device(bench.model)),
         "threads": torch.get_num_threads(),
         "command": command,
+        "interference_units": INTERFERENCE_UNITS,
     }
     result = LifelongResult(editor, state.steps, state.edits, state.pairs, summary, settings)
     folder = checkpoint.parent

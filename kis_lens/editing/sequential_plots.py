@@ -281,7 +281,7 @@ def interference_figure(results: Mapping[str, Mapping[str, Any]]) -> go.Figure:
                 row=1,
                 col=col,
             )
-            figure.update_xaxes(title_text="predicted ‖Σ P[i,u] r_i‖ / ‖r_u‖", row=1, col=col)
+            figure.update_xaxes(title_text="predicted ‖Σ_{i>u} P[i,u] r_i‖", row=1, col=col)
         for key, dash, show in (("predicted_interference", None, True), ("measured_interference", "dash", False)):
             x, y = metric_points(result, key)
             figure.add_trace(
@@ -299,7 +299,7 @@ def interference_figure(results: Mapping[str, Mapping[str, Any]]) -> go.Figure:
                 row=2,
                 col=1,
             )
-    figure.update_yaxes(title_text="measured ‖k_u W_t + b − v*_u‖ / ‖r_u‖", row=1, col=1)
+    figure.update_yaxes(title_text="measured ‖k_u (W_t − W_u)‖", row=1, col=1)
     figure.update_yaxes(title_text="measured |Δ log p(new)|", row=1, col=2)
     figure.update_xaxes(title_text="number of edits", row=2, col=1)
     figure.update_yaxes(title_text="mean over earlier edits", row=2, col=1)
@@ -539,7 +539,9 @@ def judge_prediction(results: Mapping[str, Mapping[str, Any]]) -> dict[str, str]
                 f"{short}: Pearson r = {_format_r(corr.get('pearson'))}, Spearman ρ = "
                 f"{_format_r(corr.get('spearman'))}, n = {_number(corr.get('n'))}"
             )
-            if editor in PREDICTION_EDITORS and corr.get("spearman") is not None:
+            if editor == "rome" and name == "predicted_vs_output":
+                numbers[-1] += " (an identity for rank-one edits with C, not judged)"
+            elif editor in PREDICTION_EDITORS and corr.get("spearman") is not None:
                 checks.append(corr["spearman"] >= PREDICTION_SPEARMAN)
         parts.append(f"{editor_label(editor)} ({'; '.join(numbers)})")
     if not checks:
@@ -577,7 +579,11 @@ def accumulated_p2_text(results: Mapping[str, Mapping[str, Any]]) -> dict[str, s
     return {
         "claim": "Accumulated superposition ΣP² at collapse",
         "verdict": "measured" if parts else NOT_MEASURED,
-        "evidence": "; ".join(parts) + "." if parts else "no edited run in this folder.",
+        "evidence": "; ".join(parts)
+        + ". Within one edit order ΣP² only grows with the number of edits, so one run cannot tell whether it "
+        "predicts the collapse better than the count of edits does: that needs runs over several orders (--seed)."
+        if parts
+        else "no edited run in this folder.",
     }
 
 
@@ -698,8 +704,9 @@ def render_lifelong_markdown(
         "neither collapses it is `partly` if AlphaEdit's efficacy at the last common number of edits is higher. "
         f"P predicts the interference when the Spearman ρ of predicted vs measured is at least {PREDICTION_SPEARMAN:g} "
         f"for every correlation of {' and '.join(map(editor_label, PREDICTION_EDITORS))} (their updates are not "
-        "projected, which is what the prediction from P assumes); `partly` when some are. AlphaEdit's correlations "
-        "are listed, not judged.",
+        "projected, which is what the prediction from P assumes); `partly` when some are. ROME's output correlation "
+        "is an identity (k_u(W_t − W_u) = Σ_{i>u} P[i,u] r_i for rank-one edits with C) and is not judged; "
+        "AlphaEdit's correlations are listed, not judged.",
     ]
     if figure_paths:
         lines += ["", "## Figures", ""]

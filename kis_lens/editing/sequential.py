@@ -184,7 +184,7 @@ class _Bench:
     unedited_nll0: Tensor = field(default_factory=lambda: torch.empty(0))
     perplexity0: float = float("nan")
     fluency0: float | None = None
-    unedited_scores: dict[str, Any] = field(default_factory=dict)
+    unedited_scores: dict[str, Any] = field(default_factory=dict)  # the `none` editor's scores, computed once
 
 
 def _paired(model: HookedModel, cases: Sequence[CounterFactCase], attribute: str) -> tuple[list, list, list[int]]:
@@ -447,11 +447,11 @@ def _interference(bench: _Bench, state: _State, step: dict[str, Any], nll_now: T
 
 
 def _baseline_rewrite(bench: _Bench, upto: int) -> tuple[Tensor, Tensor, Tensor]:
-    cached = getattr(bench, "_baseline", None)
-    if cached is None:
-        cached = _rewrite_scores(bench, len(bench.cases))
-        bench._baseline = cached  # type: ignore[attr-defined]
-    return cached[0][:upto], cached[1][:upto], cached[2][:upto]
+    """Return the unedited model's rewrite scores of the first `upto` facts, scored once for all of them."""
+    if "rewrite" not in bench.unedited_scores:
+        bench.unedited_scores["rewrite"] = _rewrite_scores(bench, len(bench.cases))
+    new, true, greedy = bench.unedited_scores["rewrite"]
+    return new[:upto], true[:upto], greedy[:upto]
 
 
 def _edit(bench: _Bench, editor: str, state: _State, rows: list[int], update_index: int) -> None:

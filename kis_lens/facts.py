@@ -158,14 +158,19 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
     return [(f"{path.name} record {index}", record) for index, record in enumerate(data)]
 
 
+def facts_path(source: str | Path) -> Path:
+    """Return the file of a packaged fact set name ("counterfact-known", "known-1000") or of an existing path."""
+    if str(source) in PACKAGED_FACTS:
+        return Path(str(resources.files("kis_lens") / "data" / PACKAGED_FACTS[str(source)]))
+    path = Path(source)
+    if not path.is_file():
+        raise KisError(f"facts file {path} not found: give a JSON/JSONL path or one of {', '.join(PACKAGED_FACTS)}")
+    return path
+
+
 def load_facts(source: str | Path = DEFAULT_FACTS) -> list[Fact]:
     """Return all facts of a packaged set name ("counterfact-known", "known-1000") or a JSON/JSONL file."""
-    if str(source) in PACKAGED_FACTS:
-        path = Path(str(resources.files("kis_lens") / "data" / PACKAGED_FACTS[str(source)]))
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise KisError(f"facts file {path} not found: give a JSON/JSONL path or one of {', '.join(PACKAGED_FACTS)}")
+    path = facts_path(source)
     facts = [parse_fact(record, where) for where, record in _read_records(path)]
     if not facts:
         raise KisError(f"facts file {path} holds no facts")

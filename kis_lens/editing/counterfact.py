@@ -9,12 +9,11 @@ and three prompt lists: ``paraphrase_prompts`` (the same fact, reworded: should 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from kis_lens.errors import KisError
-from kis_lens.facts import PACKAGED_FACTS, Fact, _read_records, parse_fact
+from kis_lens.facts import Fact, _read_records, facts_path, parse_fact
 
 PROMPT_LISTS: tuple[str, ...] = ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts")
 
@@ -69,14 +68,7 @@ def parse_case(record: Any, where: str = "case") -> CounterFactCase:
 
 def load_cases(source: str | Path = "counterfact-known") -> list[CounterFactCase]:
     """Return the CounterFact cases of the packaged set "counterfact-known" or of a CounterFact JSON/JSONL file."""
-    if str(source) in PACKAGED_FACTS:
-        path = Path(str(resources.files("kis_lens") / "data" / PACKAGED_FACTS[str(source)]))
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise KisError(
-                f"CounterFact file {path} not found: give a path to a CounterFact JSON list or 'counterfact-known'"
-            )
+    path = facts_path(source)
     cases = [parse_case(record, where) for where, record in _read_records(path)]
     if not cases:
         raise KisError(f"CounterFact file {path} holds no cases: use CounterFact records, e.g. counterfact-known")

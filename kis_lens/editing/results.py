@@ -52,10 +52,30 @@ def edit_sims_of_run(run_settings: dict[str, Any]) -> list[tuple[Path, dict[str,
     return found
 
 
-# Where a real lifelong-editing run (`kis lifelong`) saves one JSON per editor: <output_dir>/<model>/lifelong/layer_L/.
+# Where a real lifelong-editing run (`kis lifelong`) saves its results, the only definition of that layout:
+# <output_dir>/<model>/lifelong/layer_L/lifelong_<editor>.json (+ lifelong_<editor>.partial.pt while it runs).
 LIFELONG_FOLDER = "lifelong"
+LIFELONG_LAYER_PREFIX = "layer_"
+LIFELONG_FILE_PREFIX = "lifelong_"
 
 
 def lifelong_dir(output_dir: str | Path, model: str, layer: int) -> Path:
     """Return a lifelong run's folder: <output_dir>/<model>/lifelong/layer_<layer> (lifelong_<editor>.json inside)."""
-    return Path(output_dir) / model / LIFELONG_FOLDER / f"layer_{layer}"
+    return Path(output_dir) / model / LIFELONG_FOLDER / f"{LIFELONG_LAYER_PREFIX}{layer}"
+
+
+def lifelong_file(folder: str | Path, editor: str, suffix: str = ".json") -> Path:
+    """Return the path of one editor's results in a lifelong folder: folder/lifelong_<editor>.json (or suffix)."""
+    return Path(folder) / f"{LIFELONG_FILE_PREFIX}{editor}{suffix}"
+
+
+def find_lifelong_folders(output_dir: str | Path, model: str) -> list[Path]:
+    """Return every <output_dir>/<model>/lifelong/layer_*/ folder holding a lifelong_*.json, sorted by layer."""
+    base = Path(output_dir) / model / LIFELONG_FOLDER
+    folders = {path.parent for path in base.glob(f"{LIFELONG_LAYER_PREFIX}*/{LIFELONG_FILE_PREFIX}*.json")}
+
+    def layer(folder: Path) -> tuple[int, str]:
+        number = folder.name.removeprefix(LIFELONG_LAYER_PREFIX)
+        return (int(number), "") if number.isdigit() else (10**9, folder.name)
+
+    return sorted(folders, key=layer)

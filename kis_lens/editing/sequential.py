@@ -38,7 +38,7 @@ from kis_lens.editing.evaluation import (
     score_continuations,
 )
 from kis_lens.editing.metrics import correlations
-from kis_lens.editing.results import lifelong_dir
+from kis_lens.editing.results import lifelong_dir, lifelong_file
 from kis_lens.editing.values import ValueSearch, context_prefixes, rome_target_value
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts
@@ -305,13 +305,6 @@ def _perplexity(bench: _Bench) -> float:
     return perplexity(bench.model, bench.heldout) if bench.heldout else float("nan")
 
 
-def _rewrite_scores(bench: _Bench, upto: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Return NLL(new), NLL(true) and greedy-writes-new of the first `upto` facts' rewrite prompts."""
-    scores = score_continuations(bench.model, [*bench.rewrite_new[:upto], *bench.rewrite_true[:upto]])
-    nll = scores.nll.double().cpu()
-    return nll[:upto], nll[upto:], scores.greedy[:upto].cpu()
-
-
 def _prompt_scores(
     bench: _Bench, name: str, upto: int, unedited_model: bool
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -400,7 +393,7 @@ def _measure(bench: _Bench, editor: str, state: _State, kind: str, clock: float)
     if editor == "none":
         rewrite = _baseline_rewrite(bench, t)
     else:
-        rewrite = _rewrite_scores(bench, t)
+        rewrite = _scores_of(bench, range(t))
     step: dict[str, Any] = {"n_edits": t, "kind": kind, **_case_metrics(bench, t, full, rewrite, editor == "none")}
     if editor == "none" or t == 0:
         step["fluency"] = bench.fluency0 if full else None
@@ -449,7 +442,7 @@ def _interference(bench: _Bench, state: _State, step: dict[str, Any], nll_now: T
 def _baseline_rewrite(bench: _Bench, upto: int) -> tuple[Tensor, Tensor, Tensor]:
     """Return the unedited model's rewrite scores of the first `upto` facts, scored once for all of them."""
     if "rewrite" not in bench.unedited_scores:
-        bench.unedited_scores["rewrite"] = _rewrite_scores(bench, len(bench.cases))
+        bench.unedited_scores["rewrite"] = _scores_of(bench, range(len(bench.cases)))
     new, true, greedy = bench.unedited_scores["rewrite"]
     return new[:upto], true[:upto], greedy[:upto]
 
@@ -495,7 +488,8 @@ def _edit(bench: _Bench, editor: str, state: _State, rows: list[int], update_ind
     state.done = rows[-1] + 1
 
 
-def _scores_of(bench: _Bench, rows: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+def _scores_of(bench: _Bench, rows: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Return NLL(new), NLL(true) and greedy-writes-new of the rewrite prompts of the facts in rows."""
     scores = score_continuations(
         bench.model, [bench.rewrite_new[row] for row in rows] + [bench.rewrite_true[row] for row in rows]
     )
@@ -526,10 +520,6 @@ def _collapse(config: LifelongConfig, editor: str, steps: list[dict[str, Any]], 
     }
 
 
-def _checkpoint_path(folder: Path, editor: str) -> Path:
-    return folder / f"lifelong_{editor}.partial.pt"
-
-
 def _identity(bench: _Bench) -> dict[str, Any]:
     config = {k: v for k, v in bench.config.to_dict().items() if k not in ("editors", "progress", "resume", "device")}
     return {"config": config, "fingerprint": model_info(bench.model).fingerprint}
@@ -556,7 +546,7 @@ def _crossed(before: int, after: int, every: int) -> bool:
 def _run_editor(bench: _Bench, editor: str, folder: Path, command: str | None = None) -> LifelongResult:
     config, model = bench.config, bench.model
     handle = output_weight(model, config.layer)
-    checkpoint = _checkpoint_path(folder, editor)
+    checkpoint = lifelong_file(folder, editor, ".partial.pt")
     state = _load_checkpoint(checkpoint, bench) if editor != "none" else None
     if state is not None:
         handle.write(state.weight.to(model_device(model)))
@@ -622,7 +612,7 @@ def _result(bench: _Bench, editor: str, state: _State, checkpoint: Path, command
     }
     result = LifelongResult(editor, state.steps, state.edits, state.pairs, summary, settings)
     folder = checkpoint.parent
-    result.path = save_json(folder / f"lifelong_{editor}.json", result.to_dict())
+    result.path = save_json(lifelong_file(folder, editor), result.to_dict())
     checkpoint.unlink(missing_ok=True)
     return result
 

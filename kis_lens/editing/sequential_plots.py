@@ -20,17 +20,18 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from kis_lens.editing.results import lifelong_dir
+from kis_lens.editing.results import (  # noqa: F401 (lifelong_dir: re-exported beside the readers)
+    LIFELONG_FILE_PREFIX,
+    find_lifelong_folders,
+    lifelong_dir,
+    lifelong_file,
+)
 from kis_lens.errors import KisError
 from kis_lens.io import atomic_write
 from kis_lens.plots import write_html_figures
 from kis_lens.report import ReportSection, html_table
 from kis_lens.results import RunResult
 
-# Inside lifelong_dir(output_dir, model, layer) (kis_lens.editing.results, the layout's one definition): one
-# lifelong_<editor>.json per editor, and the figures.
-LAYER_PREFIX = "layer_"
-FILE_PREFIX = "lifelong_"
 EDITORS: tuple[str, ...] = ("rome", "memit", "alphaedit", "none")
 EDITOR_LABELS: dict[str, str] = {
     "rome": "ROME",
@@ -68,11 +69,6 @@ def editor_label(editor: str) -> str:
     return EDITOR_LABELS.get(editor, editor)
 
 
-def lifelong_file(folder: str | Path, editor: str) -> Path:
-    """Return the path of one editor's results in a lifelong folder: folder/lifelong_<editor>.json."""
-    return Path(folder) / f"{FILE_PREFIX}{editor}.json"
-
-
 def _editor_order(editors: Sequence[str]) -> list[str]:
     known = [editor for editor in EDITORS if editor in editors]
     return known + sorted(editor for editor in editors if editor not in EDITORS)
@@ -81,7 +77,9 @@ def _editor_order(editors: Sequence[str]) -> list[str]:
 def load_lifelong_results(folder: str | Path) -> dict[str, dict[str, Any]]:
     """Return every lifelong_<editor>.json in folder keyed by editor: rome, memit, alphaedit, none, then others."""
     folder = Path(folder)
-    paths = {path.stem.removeprefix(FILE_PREFIX): path for path in folder.glob(f"{FILE_PREFIX}*.json")}
+    paths = {
+        path.stem.removeprefix(LIFELONG_FILE_PREFIX): path for path in folder.glob(f"{LIFELONG_FILE_PREFIX}*.json")
+    }
     if not paths:
         raise KisError(
             f"no lifelong results (lifelong_<editor>.json) in {folder}: run `kis lifelong` for this model and layer "
@@ -366,18 +364,6 @@ def lifelong_sections(
             html=html_table(summary_rows(results)),
         )
     ]
-
-
-def find_lifelong_folders(output_dir: str | Path, model: str) -> list[Path]:
-    """Return every <output_dir>/<model>/lifelong/layer_*/ folder holding a lifelong_*.json, sorted by layer."""
-    base = lifelong_dir(output_dir, model, 0).parent
-    folders = {path.parent for path in base.glob(f"{LAYER_PREFIX}*/{FILE_PREFIX}*.json")}
-
-    def layer(folder: Path) -> tuple[int, str]:
-        number = folder.name.removeprefix(LAYER_PREFIX)
-        return (int(number), "") if number.isdigit() else (10**9, folder.name)
-
-    return sorted(folders, key=layer)
 
 
 def belongs_to_run(lifelong_settings: Mapping[str, Any], run_settings: Mapping[str, Any]) -> bool:

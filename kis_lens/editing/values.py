@@ -7,8 +7,9 @@ value step): v = output + δ, with a weight decay on δ and ROME's trust region 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -106,6 +107,19 @@ def _subject_shift_hook(subject: Int[Tensor, " batch"], shift: Float[Tensor, "ba
     return hook
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: HookedModel) -> Iterator[HookedModel]:
+    """Context manager yielding the model with no parameter requiring grad, each flag restored on exit."""
+    flags = [parameter.requires_grad for parameter in model.parameters()]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for parameter, flag in zip(model.parameters(), flags):
+            parameter.requires_grad_(flag)
+
+
 def find_target_values(
     model: HookedModel,
     layer: int,
@@ -138,26 +152,19 @@ def find_target_values(
         return activation
 
     optimizer = torch.optim.Adam([shift], lr=lr)
-    requires_grad = [parameter.requires_grad for parameter in model.parameters()]
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    try:
-        with model.hooks(fwd_hooks=[(mlp_out_hook_name(layer), add_shift)]):
-            for _ in tqdm(range(steps), desc="target values", disable=not progress, dynamic_ncols=True, leave=False):
-                optimizer.zero_grad()
-                logits = model(tokens, attention_mask=mask)
-                nll = -(_target_logprobs(logits, labels) / n_target_tokens)
-                norms = original["output"].norm(dim=1).float().clamp_min(1e-6)
-                loss = (nll + weight_decay * shift.norm(dim=1) ** 2 / norms**2).sum()
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():  # ROME's trust region: ‖δ‖ ≤ clamp · ‖output‖
-                    limit = (clamp_norm_factor * norms)[:, None]
-                    scale = (limit / shift.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
-                    shift.mul_(scale)
-    finally:
-        for parameter, flag in zip(model.parameters(), requires_grad):
-            parameter.requires_grad_(flag)
+    with frozen_parameters(model), model.hooks(fwd_hooks=[(mlp_out_hook_name(layer), add_shift)]):
+        for _ in tqdm(range(steps), desc="target values", disable=not progress, dynamic_ncols=True, leave=False):
+            optimizer.zero_grad()
+            logits = model(tokens, attention_mask=mask)
+            nll = -(_target_logprobs(logits, labels) / n_target_tokens)
+            norms = original["output"].norm(dim=1).float().clamp_min(1e-6)
+            loss = (nll + weight_decay * shift.norm(dim=1) ** 2 / norms**2).sum()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():  # ROME's trust region: ‖δ‖ ≤ clamp · ‖output‖
+                limit = (clamp_norm_factor * norms)[:, None]
+                scale = (limit / shift.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+                shift.mul_(scale)
     current = original["output"].cpu()
     return current + shift.detach().double().cpu(), current
 
@@ -260,35 +267,28 @@ def rome_target_value(
         return activation
 
     optimizer = torch.optim.Adam([shift], lr=search.lr)
-    requires_grad = [parameter.requires_grad for parameter in model.parameters()]
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
     initial_kl: Tensor | None = None
     steps, nll_value = 0, float("nan")
-    try:
-        with model.hooks(fwd_hooks=[(mlp_out_hook_name(layer), add_shift)]):
-            for step in range(search.steps):
-                optimizer.zero_grad()
-                logits = model(tokens, attention_mask=mask)
-                nll = -(_target_logprobs(logits[:n_rewrites], labels[:n_rewrites]) / n_target_tokens).mean()
-                kl_logprobs = torch.log_softmax(logits[n_rewrites, kl_position].float(), dim=-1)
-                if initial_kl is None:
-                    initial_kl = kl_logprobs.detach().clone()
-                kl = torch.sum(initial_kl.exp() * (initial_kl - kl_logprobs))
-                target_norm = captured["initial"].norm().float()
-                # ROME's decay term, as published: ‖δ‖ / ‖m‖² (not squared in δ)
-                loss = nll + search.kl_factor * kl + search.weight_decay * shift.norm() / target_norm**2
-                steps, nll_value = step + 1, float(nll.detach())
-                if loss.item() < search.stop_loss or step == search.steps - 1:
-                    break
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():  # ROME's trust region: ‖δ‖ ≤ clamp · ‖m‖
-                    limit = search.clamp_norm_factor * target_norm
-                    if shift.norm() > limit:
-                        shift.mul_(limit / shift.norm())
-    finally:
-        for parameter, flag in zip(model.parameters(), requires_grad):
-            parameter.requires_grad_(flag)
+    with frozen_parameters(model), model.hooks(fwd_hooks=[(mlp_out_hook_name(layer), add_shift)]):
+        for step in range(search.steps):
+            optimizer.zero_grad()
+            logits = model(tokens, attention_mask=mask)
+            nll = -(_target_logprobs(logits[:n_rewrites], labels[:n_rewrites]) / n_target_tokens).mean()
+            kl_logprobs = torch.log_softmax(logits[n_rewrites, kl_position].float(), dim=-1)
+            if initial_kl is None:
+                initial_kl = kl_logprobs.detach().clone()
+            kl = torch.sum(initial_kl.exp() * (initial_kl - kl_logprobs))
+            target_norm = captured["initial"].norm().float()
+            # ROME's decay term, as published: ‖δ‖ / ‖m‖² (not squared in δ)
+            loss = nll + search.kl_factor * kl + search.weight_decay * shift.norm() / target_norm**2
+            steps, nll_value = step + 1, float(nll.detach())
+            if loss.item() < search.stop_loss or step == search.steps - 1:
+                break
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():  # ROME's trust region: ‖δ‖ ≤ clamp · ‖m‖
+                limit = search.clamp_norm_factor * target_norm
+                if shift.norm() > limit:
+                    shift.mul_(limit / shift.norm())
     initial = captured["initial"].cpu()
     return TargetValue(initial + shift.detach().double().cpu(), initial, steps, nll_value)

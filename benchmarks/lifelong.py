@@ -49,7 +49,10 @@ def absolute_interference(result: dict[str, Any]) -> dict[str, Any]:
         "predicted_vs_logprob": correlations(pairs["predicted"], pairs["measured_logprob"]),
     }
     settings["interference_units"] = INTERFERENCE_UNITS
-    settings["converted"] = "interference × ‖r_u‖ by benchmarks/lifelong.py (the run divided by ‖r_u‖)"
+    settings["converted"] = (
+        "by benchmarks/lifelong.py: interference × ‖r_u‖ (the run divided by ‖r_u‖); the model record of the `none` "
+        "run (the run read its fingerprint after editing W_out)"
+    )
     return result
 
 
@@ -77,9 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if same else 1
     if args.source:
         (ROOT / RESULTS).mkdir(parents=True, exist_ok=True)
-        for path in sorted(Path(args.source).glob("lifelong_*.json")):
-            result = absolute_interference(json.loads(path.read_text(encoding="utf-8")))
-            save_json(ROOT / RESULTS / path.name, result)
+        raw = {
+            path.name: json.loads(path.read_text(encoding="utf-8"))
+            for path in Path(args.source).glob("lifelong_*.json")
+        }
+        unedited = raw.get("lifelong_none.json", {}).get("settings", {}).get("model")
+        for name, result in sorted(raw.items()):
+            if unedited is not None and "interference_units" not in result["settings"]:
+                # runs before that fix read the fingerprint after editing W_out; `none` read the unedited model's
+                result["settings"]["model"] = unedited
+            save_json(ROOT / RESULTS / name, absolute_interference(result))
     write_lifelong_figures(load_lifelong_results(ROOT / RESULTS), ROOT / RESULTS)
     text = render()
     atomic_write(ROOT / DOC, lambda temp: temp.write_text(text, encoding="utf-8"))

@@ -17,7 +17,7 @@ from kis_lens.editing.values import edit_prompt, target_logprobs
 from kis_lens.errors import KisError
 from kis_lens.hooks import mlp_out_hook_name
 from kis_lens.keys import locate_subject
-from kis_lens.models import load_model, output_weight, resolve_prepend_bos
+from kis_lens.models import load_model, model_info, output_weight, resolve_prepend_bos
 
 SMALL: dict[str, Any] = dict(
     model_name="tiny-gpt2",
@@ -190,6 +190,7 @@ def test_every_step_holds_the_schema_and_the_files_exist(run):
         probes = [step for step in saved["steps"] if step["kind"] == "probe"]
         assert all(step["paraphrase"] is None and step["perplexity"] > 1 for step in probes)
         assert saved["settings"]["facts"] == [case.case_id for case in sequential._ordered_cases(run["config"])]
+        assert saved["settings"]["model"]["fingerprint"] == model_info(run["model"]).fingerprint  # unedited weights
     assert not list(folder.glob("*.partial.pt"))
     assert (folder / "lifelong_metrics.html").is_file()
     rome = run["results"]["rome"]
@@ -236,7 +237,13 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_model, tmp_path, mo
     monkeypatch.setattr(sequential, "_measure", original_measure)
     folder = tmp_path / "b"
     assert list(folder.rglob("lifelong_rome.partial.pt"))
+    searched = []
+    original_search = sequential.rome_target_value
+    monkeypatch.setattr(
+        sequential, "rome_target_value", lambda *args, **kwargs: searched.append(1) or original_search(*args, **kwargs)
+    )
     resumed = run_lifelong(interrupted, model=tiny_model)["rome"]
+    assert len(searched) == 2  # only the 2 edits after the checkpoint, not all 4 again
     assert [s["n_edits"] for s in resumed.steps] == [s["n_edits"] for s in whole.steps]
     for a, b in zip(resumed.steps, whole.steps):
         assert a["efficacy"] == b["efficacy"]

@@ -45,7 +45,15 @@ from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts
 from kis_lens.io import atomic_write, save_json
 from kis_lens.keys import compute_keys
 from kis_lens.matrices import Whitener
-from kis_lens.models import HookedModel, load_model, model_device, model_info, output_weight, resolve_prepend_bos
+from kis_lens.models import (
+    HookedModel,
+    ModelInfo,
+    load_model,
+    model_device,
+    model_info,
+    output_weight,
+    resolve_prepend_bos,
+)
 from kis_lens.runner import ensure_covariances
 from kis_lens.tokens import encode
 
@@ -180,6 +188,7 @@ class _Bench:
     weight0: Tensor  # float64 W_0 [d_mlp, d_model]
     bias: Tensor
     corpus_texts_for_c: int
+    info: ModelInfo  # of the unedited model: the fingerprint read while W_out is edited would be another model's
     null_space: NullSpace | None = None
     unedited_nll0: Tensor = field(default_factory=lambda: torch.empty(0))
     perplexity0: float = float("nan")
@@ -282,6 +291,7 @@ def _prepare(config: LifelongConfig, model: HookedModel) -> _Bench:
         weight0=handle.read().cpu(),
         bias=handle.read_bias().cpu(),
         corpus_texts_for_c=texts_for_c,
+        info=model_info(model),
     )
 
 
@@ -522,7 +532,7 @@ def _collapse(config: LifelongConfig, editor: str, steps: list[dict[str, Any]], 
 
 def _identity(bench: _Bench) -> dict[str, Any]:
     config = {k: v for k, v in bench.config.to_dict().items() if k not in ("editors", "progress", "resume", "device")}
-    return {"config": config, "fingerprint": model_info(bench.model).fingerprint}
+    return {"config": config, "fingerprint": bench.info.fingerprint}
 
 
 def _save_checkpoint(path: Path, bench: _Bench, state: _State) -> None:
@@ -596,7 +606,7 @@ def _result(bench: _Bench, editor: str, state: _State, checkpoint: Path, command
         "seconds_per_probe": float(np.mean(state.probe_seconds)) if state.probe_seconds else None,
         "seconds_per_eval": float(np.mean(state.eval_seconds)) if state.eval_seconds else None,
     }
-    info = model_info(bench.model)
+    info = bench.info
     settings = {
         "config": config.to_dict(),
         "model": asdict(info),
@@ -637,7 +647,7 @@ def run_lifelong(
         bench.fluency0 = _fluency(bench)
         if "alphaedit" in config.editors:
             bench.null_space = null_space_projector(bench.covariance, config.null_threshold, relative=True)
-        folder = lifelong_dir(config.output_dir, model_info(model).name, config.layer)
+        folder = lifelong_dir(config.output_dir, bench.info.name, config.layer)
         folder.mkdir(parents=True, exist_ok=True)
         results = {}
         for editor in config.editors:

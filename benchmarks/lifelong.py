@@ -1,11 +1,15 @@
-"""Copy a `kis lifelong` run's results into benchmarks/results/lifelong/ and regenerate docs/lifelong.md from them.
+"""Copy a set of `kis lifelong` runs into benchmarks/results/lifelong/ and regenerate docs/lifelong.md from them.
 
-    .venv/bin/python benchmarks/lifelong.py --from results/smollm2-135m/lifelong/layer_4
+    .venv/bin/python benchmarks/lifelong.py --from results/smollm2-135m/lifelong/layer_4 [--stems S1,S2,...]
     .venv/bin/python benchmarks/lifelong.py           # re-render docs/lifelong.md from the committed JSONs
     .venv/bin/python benchmarks/lifelong.py --check   # write nothing; exit 1 when docs/lifelong.md differs
 
-The full run behind docs/lifelong.md (every editor over all 436 CounterFact facts on SmolLM2-135M) is the command
-each JSON records in settings.command; tests/test_docs_numbers.py fails when the doc is not this script's output.
+--from copies one set of runs (the given stems, else the newest set sharing one identity; partial checkpoints
+never) and replaces the committed set: benchmarks/results/lifelong/ holds exactly one set, so the doc never
+depends on file dates. The committed set is still the legacy one of an older kis (lifelong_<editor>.json: its
+"rome" was p-ROME, its "memit" a one-layer λ = 1 fit, now emmet, its "alphaedit" not the original): the doc says
+so in a "Superseded" banner and marks every verdict superseded. Each JSON records its command in settings.command;
+tests/test_docs_numbers.py fails when the doc is not this script's output.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ def absolute_interference(result: dict[str, Any]) -> dict[str, Any]:
 
     The division by ‖r_u‖ = ‖v*_u − (k_u W + b)‖ exploded for the two edits whose target the model already
     produced (‖r_u‖ ≈ 1e-5); each edit's ‖r_u‖ is in its `edits` entry, so the product is the absolute norm."""
+    from kis_lens.editing.lifelong import INTERFERENCE_UNITS
     from kis_lens.editing.metrics import correlations
-    from kis_lens.editing.sequential import INTERFERENCE_UNITS
 
     settings = result["settings"]
     if settings.get("interference_units") == INTERFERENCE_UNITS or not result["edits"]:
@@ -56,11 +60,24 @@ def absolute_interference(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def committed_results() -> dict[str, dict[str, Any]]:
+    """Return the committed set of runs by editor; SystemExit when the folder holds runs of several settings."""
+    from kis_lens.editing.lifelong_plots import lifelong_run_groups, load_lifelong_results
+
+    groups = lifelong_run_groups(ROOT / RESULTS)
+    if len(groups) > 1:
+        raise SystemExit(
+            f"{RESULTS} holds runs of {len(groups)} different settings ({groups}): keep one set (rerun "
+            "benchmarks/lifelong.py --from with the runs to show; it replaces the committed set)"
+        )
+    return load_lifelong_results(ROOT / RESULTS, stems=groups[0] if groups else None)
+
+
 def render() -> str:
     """Return docs/lifelong.md as the committed results make it (figure links relative to docs/)."""
-    from kis_lens.editing.sequential_plots import lifelong_figure_names, load_lifelong_results, render_lifelong_markdown
+    from kis_lens.editing.lifelong_plots import lifelong_figure_names, render_lifelong_markdown
 
-    results = load_lifelong_results(ROOT / RESULTS)
+    results = committed_results()
     links = {name: os.path.relpath(RESULTS / f"{name}.html", DOC.parent) for name in lifelong_figure_names(results)}
     return render_lifelong_markdown(results, links, source=RESULTS)
 
@@ -68,10 +85,12 @@ def render() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Copy (with --from), write the figures and the doc; return the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--from", dest="source", help="a lifelong run folder holding lifelong_<editor>.json")
+    parser.add_argument("--from", dest="source", help="a lifelong run folder (layer_<L>) of `kis lifelong`")
+    parser.add_argument("--stems", help="comma-separated run stems to copy (default: the newest set of runs)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when the doc differs")
     args = parser.parse_args(argv)
-    from kis_lens.editing.sequential_plots import load_lifelong_results, write_lifelong_figures
+    from kis_lens.editing.lifelong_plots import load_lifelong_results, write_lifelong_figures
+    from kis_lens.editing.results import lifelong_result_files
     from kis_lens.io import atomic_write, save_json
 
     if args.check:
@@ -79,18 +98,23 @@ def main(argv: list[str] | None = None) -> int:
         print("docs/lifelong.md is up to date" if same else "docs/lifelong.md differs: run benchmarks/lifelong.py")
         return 0 if same else 1
     if args.source:
-        (ROOT / RESULTS).mkdir(parents=True, exist_ok=True)
+        stems = args.stems.split(",") if args.stems else None
+        chosen = load_lifelong_results(args.source, stems=stems)  # validates: one run per editor, no partials
         raw = {
-            path.name: json.loads(path.read_text(encoding="utf-8"))
-            for path in Path(args.source).glob("lifelong_*.json")
+            result["_source"]: json.loads((Path(args.source) / result["_source"]).read_text(encoding="utf-8"))
+            for result in chosen.values()
         }
-        unedited = raw.get("lifelong_none.json", {}).get("settings", {}).get("model")
+        unedited = next((r["settings"].get("model") for r in raw.values() if r.get("editor") == "none"), None)
+        (ROOT / RESULTS).mkdir(parents=True, exist_ok=True)
+        for old in lifelong_result_files(ROOT / RESULTS):
+            if old.name not in raw:
+                old.unlink()  # the copied set replaces the committed one (git keeps the history)
         for name, result in sorted(raw.items()):
             if unedited is not None and "interference_units" not in result["settings"]:
                 # runs before that fix read the fingerprint after editing W_out; `none` read the unedited model's
                 result["settings"]["model"] = unedited
             save_json(ROOT / RESULTS / name, absolute_interference(result))
-    write_lifelong_figures(load_lifelong_results(ROOT / RESULTS), ROOT / RESULTS)
+    write_lifelong_figures(committed_results(), ROOT / RESULTS)
     text = render()
     atomic_write(ROOT / DOC, lambda temp: temp.write_text(text, encoding="utf-8"))
     print(f"wrote {DOC} and the figures in {RESULTS}")

@@ -7,6 +7,7 @@ Reads benchmarks/results/*.json:
 - matrices_*.json (benchmarks/matrices.py)  -> matrices_*.md beside it and one README row each;
 - covariance.json (benchmarks/covariance.py) -> covariance.md beside it, three README rows and the paragraph after them;
 - reproduction_*.json (`kis reproduce`; its Markdown is docs/reproduction.md) -> one README row each.
+- lifelong/lifelong_*.json (`kis lifelong`; docs/lifelong.md is benchmarks/lifelong.py's) -> one README row per run.
 The README rows sit in the "Measured here" section between `<!-- benchmarks:begin -->` and
 `<!-- benchmarks:end -->`; tests/test_docs_numbers.py fails when that block or a .md differs from this output.
 Standard library only: it runs without torch, and the benchmarks import their Markdown from here.
@@ -388,24 +389,56 @@ def commands_readme_rows(report: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-LIFELONG_EDITORS = ("rome", "memit", "alphaedit", "none")
+# The lifelong rows read benchmarks/results/lifelong/ as kis_lens.editing.lifelong_plots does, without importing it
+# (this script runs without torch; tests/test_docs_numbers.py checks both agree): one row per finished run, in the
+# registry's order; a legacy file of an older kis (no identity in its settings) is named by what it really ran and
+# marked superseded.
+LIFELONG_ORDER = ("rome", "r-rome", "p-rome", "memit", "alphaedit", "alphaedit-legacy", "emmet", "none")
+LIFELONG_LEGACY = {"rome": "p-rome", "memit": "emmet", "alphaedit": "alphaedit-legacy", "none": "none"}
+
+
+def lifelong_run(result: dict[str, Any], path: Path) -> tuple[str, str, bool]:
+    """Return (editor, label, legacy) of one lifelong result file."""
+    settings = result["settings"]
+    if isinstance(settings.get("identity"), dict):
+        editor = settings["identity"]["editor"]
+        return editor, (settings.get("editor") or {}).get("label") or editor, False
+    old = result.get("editor") or path.stem.removeprefix("lifelong_")
+    editor, config = LIFELONG_LEGACY.get(old, old), settings.get("config") or {}
+    labels = {
+        "p-rome": "p-ROME",
+        "emmet": f"EMMET-like fit λ={config.get('covariance_weight', 1.0):g}",
+        "alphaedit-legacy": "AlphaEdit-legacy",
+        "none": "no edit",
+    }
+    return editor, labels.get(editor, editor), True
 
 
 def lifelong_readme_rows(folder: Path) -> list[str]:
-    """Return one README row per editor of the committed `kis lifelong` run (docs/lifelong.md has the rest)."""
-    rows = []
-    for editor in LIFELONG_EDITORS:
-        path = folder / f"lifelong_{editor}.json"
-        if not path.exists():
-            continue
+    """Return one README row per finished `kis lifelong` run committed in folder (docs/lifelong.md has the rest)."""
+    runs = []
+    for path in sorted(folder.glob("lifelong_*.json")):
+        if ".partial." in path.name:
+            continue  # a checkpoint of a run in progress, not a result
         report = load(path)
+        editor, label, legacy = lifelong_run(report, path)
+        order = LIFELONG_ORDER.index(editor) if editor in LIFELONG_ORDER else len(LIFELONG_ORDER)
+        runs.append((order, editor, path.name, report, label, legacy))
+    rows = []
+    for _, editor, name, report, label, legacy in sorted(runs, key=lambda run: run[:3]):
         summary, settings = report["summary"], report["settings"]
         final, collapse = summary["final"], summary["collapse"]
-        model = display(settings["model"]["name"])
-        where = f"`kis lifelong --editor {editor}` (docs/lifelong.md), {model}, layer {settings['config']['layer']}"
+        model, layer = display(settings["model"]["name"]), settings["config"]["layer"]
+        if legacy:
+            old = report.get("editor") or name.removeprefix("lifelong_").removesuffix(".json")
+            where = f"{label}: legacy `kis lifelong --editor {old}` of an older kis, superseded (docs/lifelong.md)"
+        else:
+            where = f"{label}: `kis lifelong --editors {editor}`, seed {settings['config']['seed']} (docs/lifelong.md)"
+        where += f", {model}, layer {layer}"
+        mark = "**superseded** run: " if legacy else ""
         if editor == "none":
             text = (
-                f"unedited baseline: efficacy {final['efficacy']:.2f}, score {final['score']:.2f}, "
+                f"{mark}unedited baseline: efficacy {final['efficacy']:.2f}, score {final['score']:.2f}, "
                 f"held-out perplexity {final['perplexity']:.1f}"
             )
         else:
@@ -413,7 +446,7 @@ def lifelong_readme_rows(folder: Path) -> list[str]:
             correlation = summary["correlations"]["predicted_vs_logprob"]
             rho = "n/a" if correlation["spearman"] is None else f"{correlation['spearman']:.2f}"
             text = (
-                f"{final['n_edits']} sequential edits: {collapsed}; final efficacy {final['efficacy']:.2f}, "
+                f"{mark}{final['n_edits']} sequential edits: {collapsed}; final efficacy {final['efficacy']:.2f}, "
                 f"perplexity {final['perplexity']:.1f}; P-predicted vs measured NLL drift Spearman ρ {rho} "
                 f"(n = {correlation['n']:,}); {summary['wall_seconds'] / 60:.0f} min on {settings['threads']} "
                 f"thread(s), {summary['seconds_per_edit']:.1f} s per edit"

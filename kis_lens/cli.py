@@ -246,8 +246,8 @@ def _matrices_command(names: Sequence[str]) -> Callable[[argparse.Namespace], No
         result = run_matrices(config, names=names)
         _print_result_paths(config, started, result)
         if getattr(args, "report", False):
-            from kis_lens.editing.plots import edit_simulation_sections
-            from kis_lens.editing.sequential_plots import lifelong_report_sections
+            from kis_lens.editing.lifelong_plots import lifelong_report_sections
+            from kis_lens.editing.simulation_plots import edit_simulation_sections
             from kis_lens.report import write_report_files
 
             report, table = write_report_files(result, sections=[edit_simulation_sections, lifelong_report_sections])
@@ -486,8 +486,8 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _report_command(args: argparse.Namespace) -> None:
-    from kis_lens.editing.plots import edit_simulation_sections
-    from kis_lens.editing.sequential_plots import lifelong_report_sections
+    from kis_lens.editing.lifelong_plots import lifelong_report_sections
+    from kis_lens.editing.simulation_plots import edit_simulation_sections
     from kis_lens.report import report_from_results
 
     sections = [edit_simulation_sections, lifelong_report_sections]
@@ -550,7 +550,7 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _edit_sim_command(args: argparse.Namespace) -> None:
-    from kis_lens.editing.lifelong import EditSimConfig, run_edit_simulation
+    from kis_lens.editing.simulation import EditSimConfig, run_edit_simulation
 
     config = config_from_args(args, EditSimConfig)
     started = time.perf_counter()
@@ -572,10 +572,10 @@ def _edit_sim_command(args: argparse.Namespace) -> None:
 
 
 def _edit_sim_parser(sub: argparse._SubParsersAction) -> None:
-    from kis_lens.editing.lifelong import EditSimConfig
+    from kis_lens.editing.simulation import EditSimConfig
 
     parser = _subcommand(
-        sub, "edit-sim", "lifelong editing: sequential ROME/MEMIT/AlphaEdit edits, P-predicted vs measured interference"
+        sub, "edit-sim", "patched-output edit simulation: real vs whitened-orthogonal keys, P-predicted interference"
     )
     add_config_flags(
         parser, EditSimConfig, skip=("prepend_bos",)
@@ -584,7 +584,7 @@ def _edit_sim_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _lifelong_command(args: argparse.Namespace) -> None:
-    from kis_lens.editing.sequential import LifelongConfig, run_lifelong
+    from kis_lens.editing.lifelong import LifelongConfig, run_lifelong
 
     config = config_from_args(args, LifelongConfig)
     results = run_lifelong(config, command=shlex.join(["kis", *args.argv]))
@@ -598,14 +598,17 @@ def _lifelong_command(args: argparse.Namespace) -> None:
             f"efficacy {efficacy}, perplexity {final['perplexity']:.2f}, {collapsed}"
         )
     folder = next(iter(results.values())).path.parent
-    print(f"results: {folder} (lifelong_<editor>.json, lifelong_metrics.html, lifelong_interference.html)")
+    stems = ", ".join(result.settings["run_stem"] for result in results.values())
+    print(f"results: {folder} ({stems}; figures lifelong_metrics.html, lifelong_interference.html)")
 
 
 def _lifelong_parser(sub: argparse._SubParsersAction) -> None:
-    from kis_lens.editing.sequential import LifelongConfig
+    from kis_lens.editing.lifelong import LifelongConfig
 
     parser = _subcommand(
-        sub, "lifelong", "hundreds of real sequential edits of W_out (ROME/MEMIT/AlphaEdit/none), CounterFact metrics"
+        sub,
+        "lifelong",
+        "hundreds of real sequential edits (ROME, r-/p-ROME, MEMIT, AlphaEdit, EMMET, none), CounterFact metrics",
     )
     add_config_flags(parser, LifelongConfig, skip=("prepend_bos",))  # follows the model's own BOS convention
     parser.set_defaults(handler=_lifelong_command)

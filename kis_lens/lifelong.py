@@ -1,6 +1,6 @@
-"""Re-export of kis_lens.editing.lifelong, the lifelong-editing simulation (its home since the editing package)."""
+"""Re-export of kis_lens.editing.simulation, the lifelong-editing simulation (its home since the editing package)."""
 
-from kis_lens.editing.lifelong import (
+from kis_lens.editing.simulation import (
     CONDITIONS,
     EDIT_SIM_FILE,
     EDIT_SIM_FOLDER,

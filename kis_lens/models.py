@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -220,18 +221,42 @@ def _save_converted(folder: Path, tokenizer: Any, hf_model: Any) -> None:
 
 
 def _load_gguf(name: str, device: str, dtype: torch.dtype) -> HookedModel:
-    """Return the bridge of a packaged GGUF model, de-quantised once and read from safetensors afterwards."""
+    """Return the bridge of a packaged GGUF model, de-quantised once and read from safetensors afterwards.
+
+    Both loads boot the bridge from the tokenizer as saved in a folder, never from the GGUF's own: the bridge
+    reloads a tokenizer from its ``name_or_path`` with add_bos_token=True (so ``model.tokenizer("a")`` starts
+    with BOS, as for every hub, local-folder and tiny model). A GGUF tokenizer's ``name_or_path`` is the
+    package folder, which holds no tokenizer files: that reload fails, the bridge keeps the GGUF tokenizer
+    as it is, and the converting load would tokenize differently from every later one. The model's own
+    convention (no BOS) is recorded by _boot_bridge before the reload, the same both ways.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _packaged_gguf_path(name)
     folder = converted_gguf_dir(name, gguf)
+    hub_name = PACKAGED_GGUF_MODELS[name][2]
     if (folder / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(folder)
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
-    else:
-        tokenizer, hf_model = _read_gguf(name, gguf)
-        _save_converted(folder, tokenizer, hf_model)
-    return _boot_bridge(PACKAGED_GGUF_MODELS[name][2], hf_model.to(dtype), tokenizer, device, dtype)
+        return _boot_bridge(hub_name, hf_model.to(dtype), AutoTokenizer.from_pretrained(folder), device, dtype)
+    gguf_tokenizer, hf_model = _read_gguf(name, gguf)
+    _save_converted(folder, gguf_tokenizer, hf_model)
+    with _saved_tokenizer_dir(folder, gguf_tokenizer) as tokenizer_dir:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        return _boot_bridge(hub_name, hf_model.to(dtype), tokenizer, device, dtype)
+
+
+@contextlib.contextmanager
+def _saved_tokenizer_dir(folder: Path, tokenizer: Any) -> Iterator[Path]:
+    """Yield the converted folder, or a temporary folder holding the tokenizer alone when it could not be cached.
+
+    The folder must outlive the bridge's boot, which reloads the tokenizer from it.
+    """
+    if (folder / "tokenizer_config.json").is_file():
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="kis_lens-tokenizer-") as temp:
+        tokenizer.save_pretrained(temp)
+        yield Path(temp)
 
 
 def _load_local_dir(path: str, device: str, dtype: torch.dtype) -> HookedModel:

@@ -1,6 +1,6 @@
-"""Re-export of kis_lens.editing.plots, the lifelong-editing figures (their home since the editing package)."""
+"""Re-export of kis_lens.editing.simulation_plots, the edit simulation's figures (their old import path)."""
 
-from kis_lens.editing.plots import (
+from kis_lens.editing.simulation_plots import (
     CONDITION_COLORS,
     CONDITION_LABELS,
     editing_figures,

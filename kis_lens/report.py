@@ -7,7 +7,7 @@ table, the figures and the most superposed pairs. Other modules add sections wit
 Extra sections are always passed in, never registered globally: ``extra_sections=[("Editing", [fig1, fig2]),
 ReportSection("Notes", html="<p>…</p>")]`` for sections already built, ``sections=[provider]`` for functions
 result -> sections called with the reported run (``kis report`` passes
-kis_lens.editing.plots.edit_simulation_sections and kis_lens.editing.sequential_plots.lifelong_report_sections,
+kis_lens.editing.simulation_plots.edit_simulation_sections and kis_lens.editing.lifelong_plots.lifelong_report_sections,
 which show the run's own edit simulations and lifelong runs).
 """
 

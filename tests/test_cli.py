@@ -15,7 +15,7 @@ import pytest
 from kis_lens.classify import ClassifyConfig
 from kis_lens.cli import FACT_FIELDS, build_parser, config_from_args, main, parse_bytes
 from kis_lens.config import ModelOptions, RunConfig
-from kis_lens.editing.lifelong import EditSimConfig
+from kis_lens.editing.simulation import EditSimConfig
 from kis_lens.errors import KisError
 from kis_lens.reproduce import ReproduceConfig
 from kis_lens.runner import load_result

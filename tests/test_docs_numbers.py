@@ -95,3 +95,60 @@ def test_lifelong_doc_is_generated_from_the_committed_results():
     spec.loader.exec_module(module)
     doc = ROOT / "docs" / "lifelong.md"
     assert doc.read_text(encoding="utf-8") == module.render(), "docs/lifelong.md was edited: run benchmarks/lifelong.py"
+
+
+def lifelong_rows(block: str) -> list[str]:
+    return [line for line in block.splitlines() if "(docs/lifelong.md)" in line]
+
+
+def test_readme_names_the_lifelong_runs_as_lifelong_plots_does(render):
+    """render.py reads the lifelong JSONs without kis_lens (no torch): its names must be lifelong_plots'."""
+    from kis_lens.editing import lifelong_plots as sp
+    from kis_lens.editing.registry import EDITORS
+
+    assert render.LIFELONG_LEGACY == sp.LEGACY_EDITORS
+    assert set(EDITORS) <= set(render.LIFELONG_ORDER)
+    assert sorted(render.LIFELONG_ORDER, key=sp._order_key) == list(render.LIFELONG_ORDER)
+    folder = RESULTS / "lifelong"
+    results = sp.load_lifelong_results(folder)
+    assert results, "no committed lifelong results"
+    for editor, result in results.items():
+        path = folder / result["_source"]
+        named = render.lifelong_run(render.load(path), path)
+        assert named == (editor, sp.editor_label(editor, result), result["_legacy"])
+    rows = lifelong_rows(render.readme_block(RESULTS))
+    assert [row.split(":")[0].removeprefix("| ") for row in rows] == [
+        sp.editor_label(editor, result) for editor, result in results.items()
+    ]
+
+
+def test_legacy_lifelong_runs_are_marked_superseded_in_readme_and_doc():
+    """The committed runs are an older kis's (its "rome" was p-ROME): nothing may quote them as ROME/MEMIT/AlphaEdit."""
+    from kis_lens.editing import lifelong_plots as sp
+
+    results = sp.load_lifelong_results(RESULTS / "lifelong")
+    if not sp.any_legacy(results):
+        pytest.skip("the committed lifelong runs are no longer legacy")
+    block = (ROOT / "README.md").read_text(encoding="utf-8").partition("<!-- benchmarks:begin -->")[2]
+    rows = lifelong_rows(block)
+    assert len(rows) == len(results) and all("superseded" in row for row in rows)
+    assert not any(row.startswith("| `kis lifelong --editor") for row in rows)
+    doc = (ROOT / "docs" / "lifelong.md").read_text(encoding="utf-8")
+    title, banner = doc.split("\n\n")[:2]
+    assert title.endswith("(superseded)") and banner.startswith("> **Superseded.**")
+    assert "p-ROME" in banner and "`emmet`" in banner and "AlphaEdit-legacy" in banner
+    assert "kis lifelong --editors rome,r-rome,p-rome,memit,alphaedit,none" in banner
+    verdicts = [line for line in doc.split("## Verdicts")[1].splitlines() if line.startswith("| ") and "**" in line]
+    assert verdicts and all(", superseded**" in line for line in verdicts)
+    assert "Sequential ROME edits" not in doc and "| ROME |" not in doc and "| MEMIT |" not in doc
+    assert "/work/" not in doc and "/home/" not in doc  # no machine paths
+
+
+def test_readme_lifelong_rows_skip_checkpoints(render, tmp_path):
+    folder = tmp_path / "lifelong"
+    folder.mkdir()
+    for path in (RESULTS / "lifelong").glob("lifelong_none.json"):
+        (folder / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    (folder / "lifelong_rome_seed0_n4_layer4_0123abcd.partial.json").write_text("{}", encoding="utf-8")
+    rows = render.lifelong_readme_rows(folder)
+    assert len(rows) == 1 and rows[0].startswith("| no edit: legacy `kis lifelong --editor none`")

@@ -8,10 +8,11 @@ import torch
 
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.editing import (
+    ValueSearch,
     alphaedit_delta,
     applied_delta,
+    compute_target,
     edit_prompt,
-    find_target_values,
     memit_delta,
     memit_residual,
     null_space_projector,
@@ -229,13 +230,18 @@ def test_alphaedit_stays_in_the_null_space(setup):
 
 
 def test_value_search_raises_target_new(setup):
-    """A few optimisation steps on the subject's MLP output raise log p(target_new)."""
+    """A few steps of the value search (ROME's compute_v, three templates) raise log p(target_new).
+
+    The KL and decay terms are off: on a random tiny model ‖m‖ is small, so ROME's ‖δ‖/‖m‖² decay would win."""
     model, _, facts, _, outputs = setup
-    values, current = find_target_values(model, LAYER, facts[:2], steps=5, lr=0.5)
-    torch.testing.assert_close(current, outputs[:2], rtol=1e-9, atol=1e-9)
+    templates = ["{}", "Once upon a time. {}", "He said. {}"]
+    search = ValueSearch(steps=5, kl_factor=0.0, weight_decay=0.0)
+    found = [compute_target(model, LAYER, fact, templates, search) for fact in facts[:2]]
+    current = torch.stack([target.initial_output for target in found])
+    torch.testing.assert_close(current, outputs[:2], rtol=1e-5, atol=1e-6)
     prompts = [edit_prompt(model, fact, fact.target_new) for fact in facts[:2]]
     before = target_logprobs(model, LAYER, prompts)
-    after = target_logprobs(model, LAYER, prompts, output_shift=values - current)
+    after = target_logprobs(model, LAYER, prompts, output_shift=torch.stack([target.delta for target in found]))
     assert (after > before).all()
 
 

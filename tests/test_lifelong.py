@@ -1,196 +1,451 @@
-"""The lifelong-editing simulation on a tiny model: P prediction, the orthogonal control, the outputs and the CLI."""
+"""Real sequential edits (`kis lifelong`) on tiny models: v* lands, W_0 comes back bitwise, AlphaEdit protects,
+`none` changes nothing, the P bookkeeping holds, collapse is found, runs never overwrite or mix with another,
+checkpoints are data only, and the CLI writes what it says."""
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+import kis_lens.editing.lifelong as lifelong
+import kis_lens.editing.registry as registry
 from kis_lens.cli import main
-from kis_lens.covariance import estimate_second_moments
-from kis_lens.editing import apply_delta, edit_prompt, mlp_out_hook_name, output_weight, rome_delta
+from kis_lens.config import RunConfig
+from kis_lens.editing.lifelong import DEFAULT_EDITORS, LifelongConfig, run_lifelong
+from kis_lens.editing.values import edit_prompt, target_logprobs
 from kis_lens.errors import KisError
-from kis_lens.facts import load_facts, sample_facts
-from kis_lens.lifelong import EditSimConfig, run_edit_simulation
-from kis_lens.models import load_model
-from kis_lens.plots_editing import editing_figures
-from kis_lens.testing import embedded_sample_texts
+from kis_lens.facts import facts_path
+from kis_lens.hooks import mlp_out_hook_name
+from kis_lens.keys import locate_subject
+from kis_lens.models import load_model, model_info, output_weight, resolve_prepend_bos
+from kis_lens.runner import ensure_covariances
+from kis_lens.tiny import tiny_model as build_tiny_model
 
-SMALL = dict(
-    model_name="tiny-gpt2", layer=0, n_edits=6, n_unedited=6, batch_size=3, max_tokens=4000, v_steps=3, progress=False
+SMALL: dict[str, Any] = dict(
+    model_name="tiny-gpt2",
+    layer=0,
+    n_edits=6,
+    eval_every=3,
+    probe_every=2,
+    batch_size=3,
+    max_tokens=4000,
+    value_steps=4,
+    value_prompts=3,
+    n_unedited=4,
+    heldout_texts=3,
+    heldout_tokens=24,
+    fluency_prompts=2,
+    fluency_tokens=6,
+    progress=False,
 )
 
 
+def _subject_output(model, layer: int, fact) -> torch.Tensor:
+    """Return the layer's MLP output at the fact's subject-last token, from a plain forward (float64)."""
+    located = locate_subject(model.tokenizer, fact, resolve_prepend_bos(model, None))
+    captured = {}
+
+    def keep(activation, hook):
+        captured["out"] = activation[0, located.subject_last].detach().double().cpu()
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(mlp_out_hook_name(layer), keep)]):
+        model(torch.tensor([located.ids]))
+    return captured["out"]
+
+
 @pytest.fixture(scope="module")
-def simulation(tmp_path_factory):
-    """One small simulation of every condition on the 2-layer tiny GPT-2."""
-    output = tmp_path_factory.mktemp("edit_sim")
-    return run_edit_simulation(EditSimConfig(**SMALL, output_dir=str(output))), output
+def tiny_model():
+    return load_model("tiny-gpt2")
 
 
-def test_interference_identity_sum_p_r_equals_output_change(simulation):
-    """Identity check of the algebra, not a test of a prediction: k_u ΣΔW_i = Σ_i P[i,u] r_i for rank-one ΔW_i.
-
-    "predicted" (from P and the residual history) and "measured_output" (k_u @ ΔW, the shift the simulation
-    patches in) are two evaluations of the same formula, so they agree to round-off whatever the model does;
-    this catches bookkeeping errors (P indexing, residual history, normalisation) only. The real-forward check
-    is test_sequential_rome_edits_move_unedited_outputs_by_sum_p_r_in_real_forwards."""
-    result, _ = simulation
-    rome = result.summary["rome"]
-    predicted, measured = np.array(result.scatter["predicted"]), np.array(result.scatter["measured_output"])
-    np.testing.assert_allclose(predicted, measured, rtol=1e-6, atol=1e-12)
-    assert measured.max() > 1e-3  # real keys do interfere
-    assert rome["predicted_vs_measured_output_drift"]["pearson"] > 0.999999
+@pytest.fixture(scope="module")
+def deep_model():
+    """A 4-layer tiny GPT-2: MEMIT and AlphaEdit edit layers 0–2 of it."""
+    return load_model(build_tiny_model("gpt2", n_layers=4, seed=3))
 
 
-def test_final_edited_weights_reproduce_the_patched_outputs(simulation):
-    """With the summed ΔW written into W_out, a plain forward gives m + kΔW at every fact's subject token."""
-    result, _ = simulation
-    for name in ("rome", "alphaedit", "memit"):
-        assert result.summary[name]["weights_check"]["max_relative_error_of_output_change"] < 1e-4
+DEEP: dict[str, Any] = {**SMALL, "layer": 2, "memit_span": 3}
 
 
-def test_rome_records_the_logprob_drift_of_the_really_edited_model(simulation):
-    """Every ROME step scores the unedited facts with ΔW applied to W_out; the last step is the final weights check.
+@pytest.fixture(scope="module")
+def run(deep_model, tmp_path_factory):
+    """Every editor on the 4-layer tiny GPT-2, with spies on the value search and on the measurements."""
+    output = tmp_path_factory.mktemp("lifelong")
+    config = LifelongConfig(**DEEP, editors=(*DEFAULT_EDITORS, "emmet"), output_dir=str(output))
+    original = registry.compute_target
+    seen: dict[str, Any] = {"landed": {}, "protected": [], "last": None, "editor": None}
+    tokens = torch.tensor([[5, 9, 11, 40, 2, 7]])
+    with torch.no_grad():
+        logits_before = deep_model(tokens).clone()
+    bits_before = {layer: output_weight(deep_model, layer).weight.detach().clone() for layer in range(4)}
 
-    No correlation with the P-predicted drift is asserted: on this random tiny model it is weak and unstable
-    (Pearson 0.42 here, 0.09 to 0.51 over seeds 0-2), because the real edit also moves the MLP output at
-    every other token (the last prompt token included), which P at the subject's last token does not cover."""
-    result, _ = simulation
-    rome = result.curves["rome"]
-    drift = np.array(result.scatter["weights_logprob"])
-    assert len(drift) == len(result.scatter["predicted"]) == 6 * 6 and np.isfinite(drift).all()
-    assert drift.max() > 1e-3
-    full = result.summary["rome"]["weights_check"]["full_model_unedited_logprob_drift"]
-    assert rome["weights_logprob_drift"][-1] == pytest.approx(full, rel=1e-6)
-    assert result.summary["rome"]["predicted_vs_weights_logprob_drift"]["n"] == 36
-    assert set(result.curves["memit"]["weights_logprob_drift"]) == {None}
+    def spy(model, layer, fact, templates, search, site="mlp_out"):
+        last = seen["last"]
+        if last is not None and last["editor"] in ("rome", "p-rome"):
+            # the previous edit must have made the previous fact's real output (plain prompt) exactly its v*
+            error = (_subject_output(model, layer, last["fact"]) - last["value"]).norm() / last["value"].norm()
+            seen["landed"].setdefault(last["editor"], []).append(float(error))
+        found = original(model, layer, fact, templates, search, site)
+        seen["last"] = {"editor": seen["editor"], "fact": fact, "value": found.value}
+        return found
 
+    original_run_editor = lifelong._run_editor
+    original_measure = lifelong._measure
 
-def _subject_outputs(model, layer, prompts):
-    """MLP input (key) and output at each prompt's subject-last token, one unpadded plain forward per prompt."""
-    names = (f"blocks.{layer}.mlp.hook_post", mlp_out_hook_name(layer))
-    keys, outputs = [], []
-    for prompt in prompts:
-        with torch.no_grad():
-            _, cache = model.run_with_cache(
-                torch.tensor([prompt.ids[: prompt.target_start]]), names_filter=lambda name: name in names
-            )
-        keys.append(cache[names[0]][0, prompt.subject_last].double())
-        outputs.append(cache[names[1]][0, prompt.subject_last].double())
-    return torch.stack(keys), torch.stack(outputs)
+    def measure(bench, state, kind, clock):
+        if seen["editor"] == "alphaedit":  # the live weights of every edit layer, read from the model
+            worst = 0.0
+            for layer, keys in seen["protected_keys"].items():
+                weight = output_weight(bench.model, layer).read().cpu()
+                moved = (keys @ (weight - bench.weights0[layer])).norm(dim=1)
+                worst = max(worst, float((moved / (keys @ bench.weights0[layer]).norm(dim=1)).max()))
+            seen["protected"].append((state.done, worst))
+        original_measure(bench, state, kind, clock)
 
+    def run_editor_with_protected(bench, editor, folder, command=None):
+        seen["protected_keys"] = {}
+        for layer in bench.config.edit_layers:  # directions whose singular value is far above the threshold
+            eigenvalues, eigenvectors = np.linalg.eigh(bench.covariances[layer].double().numpy())
+            top = torch.from_numpy(eigenvectors[:, eigenvalues >= 0.5 * eigenvalues.max()].T.copy())
+            seen["protected_keys"][layer] = top * 10
+        seen["editor"], seen["last"] = editor, None
+        return original_run_editor(bench, editor, folder, command)
 
-@pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-llama"])
-def test_sequential_rome_edits_move_unedited_outputs_by_sum_p_r_in_real_forwards(model_name):
-    """Six ROME edits written one after another into W_out: after each, a real forward of six never-edited
-    facts shows their layer output at the subject's last token moved by exactly Σ_i P[i,u] r_i.
-
-    P comes from a dense solve with C, r_i from the live weights before edit i, and the change from plain
-    forwards before and after: nothing is shared with the simulation's algebra. float64 so the tolerance
-    can be tight (measured ≤ 6e-14 relative; in float32 it is 1e-6 to 2e-3 for facts that move little)."""
-    layer, n_edits, n_unedited = 0, 6, 6
-    model = load_model(model_name, device="cpu", dtype="float64")
-    facts = sample_facts(load_facts(), n_edits + n_unedited, seed=3)
-    prompts = [edit_prompt(model, fact, fact.target_true, prepend_bos=False) for fact in facts]
-    edited_keys, edited_outputs = _subject_outputs(model, layer, prompts[:n_edits])
-    unedited_keys, before = _subject_outputs(model, layer, prompts[n_edits:])
-    covariance = estimate_second_moments(model, embedded_sample_texts(16), [layer], progress=False)[layer]
-    c = covariance.compute(torch.float64)
-    solved = np.linalg.solve(c.numpy(), edited_keys.numpy().T).T  # rows C⁻¹k_i
-    scale = np.einsum("id,id->i", solved, edited_keys.numpy())[:, None]  # k_iᵀC⁻¹k_i
-    p = torch.from_numpy(solved @ unedited_keys.numpy().T / scale)  # P[i, u]
-    generator = torch.Generator().manual_seed(0)
-    noise = torch.randn(edited_outputs.shape, generator=generator, dtype=torch.float64)
-    values = edited_outputs + noise * edited_outputs.norm(dim=1, keepdim=True) / edited_outputs.shape[1] ** 0.5
-    handle = output_weight(model, layer)
-    saved = handle.weight.detach().clone()
-    residuals = []
+    registry.compute_target = spy
+    lifelong._run_editor = run_editor_with_protected
+    lifelong._measure = measure
     try:
-        for i in range(n_edits):
-            weight, bias = handle.read(), handle.read_bias()
-            residuals.append(values[i] - (edited_keys[i] @ weight + bias))
-            apply_delta(model, layer, rome_delta(weight, bias, edited_keys[i], values[i], c))
-            _, after = _subject_outputs(model, layer, prompts[n_edits:])
-            expected = p[: i + 1].T @ torch.stack(residuals)  # Σ_i P[i,u] r_i, [unedited, d_model]
-            error = ((after - before) - expected).norm(dim=1) / expected.norm(dim=1)
-            assert error.max() < 1e-9, f"after edit {i}: relative error {error.max():.2e}"
-            assert (expected.norm(dim=1) / before.norm(dim=1)).min() > 1e-3  # not trivially zero
+        results = run_lifelong(config, model=deep_model)
     finally:
-        with torch.no_grad():
-            handle.weight.copy_(saved)
-    assert p.abs().max() > 0.01  # the keys superpose: the identity has something to check
+        registry.compute_target = original
+        lifelong._run_editor = original_run_editor
+        lifelong._measure = original_measure
+    with torch.no_grad():
+        logits_after = deep_model(tokens)
+    return {
+        "results": results,
+        "output": output,
+        "seen": seen,
+        "logits": (logits_before, logits_after),
+        "bits": (bits_before, {layer: output_weight(deep_model, layer).weight.detach().clone() for layer in range(4)}),
+        "model": deep_model,
+        "config": config,
+    }
 
 
-def test_orthogonal_control_has_no_interference(simulation):
-    """With whitened-orthogonal keys the unedited facts' outputs do not move (float64 round-off only)."""
-    result, _ = simulation
-    curve = result.curves["rome_orthogonal"]
-    assert max(curve["unedited_output_drift"]) < 1e-8
-    assert max(curve["predicted_output_drift"]) < 1e-8
-    assert max(result.curves["rome"]["unedited_output_drift"]) > 1e-3
+def test_each_rome_and_p_rome_edit_makes_the_real_output_its_target_value(run):
+    """After every ROME and p-ROME edit, a plain forward gives v* at the fact's subject token (1e-5).
+
+    Original ROME takes its direction from k̄ but its scale from k, so k's output lands on v* all the same."""
+    landed = run["seen"]["landed"]
+    for editor in ("rome", "p-rome"):
+        assert len(landed[editor]) == DEEP["n_edits"] - 1  # checked before each next value search
+        assert max(landed[editor]) < 1e-5
 
 
-def test_curves_are_complete_and_edits_land(simulation):
-    """ROME reaches its target exactly on the newest edit; every step of every condition is recorded."""
-    result, _ = simulation
-    assert result.curves["rome"]["n_edits"] == list(range(1, 7))
-    assert result.curves["memit"]["n_edits"] == [3, 6]
-    assert max(result.curves["rome"]["edit_residual"]) < 1e-8
-    assert result.curves["rome"]["retention"][0] is None
-    assert 0 < result.summary["null_space_rank"] < 256
+def test_restoring_w0_restores_the_model_bitwise(run):
+    """The run edits the caller's model in place (several layers) and gives it back with the exact original bits."""
+    before, after = run["bits"]
+    assert all(torch.equal(before[layer], after[layer]) for layer in before)
+    assert torch.equal(*run["logits"])
 
 
-def test_json_and_figures_are_written(simulation):
-    """edit_sim.json reloads to the same curves; both HTML figures exist and the figure function returns both."""
-    result, output = simulation
-    loaded = json.loads(result.path.read_text())
-    assert loaded["curves"]["rome"]["efficacy"] == result.curves["rome"]["efficacy"]
-    assert (result.path.parent / "edit_retention.html").is_file()
-    assert (result.path.parent / "edit_interference.html").is_file()
-    figures = editing_figures(loaded)
-    assert set(figures) == {"edit_retention", "edit_interference"}
-    assert len(figures["edit_retention"].data) == 3 * len(result.curves)
+def test_alphaedit_leaves_protected_keys_outputs_unchanged(run):
+    """Keys in C's preserved subspace keep their outputs at every edit layer through AlphaEdit's edits (1e-6)."""
+    protected = dict(run["seen"]["protected"])
+    assert sorted(protected) == [0, 3, 6]  # batches of 3: every measurement, the final weights included
+    assert max(protected.values()) < 1e-6
+    alphaedit = run["results"]["alphaedit"]
+    assert alphaedit.steps[-1]["weight_change_norm"] > 0  # it did edit
+    ranks = alphaedit.settings["editor"]["null_space_rank"]
+    assert set(ranks) == {"0", "1", "2"} and all(0 < rank < 256 for rank in ranks.values())
 
 
-def test_bad_settings_raise_kis_error(tmp_path):
-    """The last layer, too few edits and unknown conditions are refused with a KisError."""
-    with pytest.raises(KisError, match="layer 1 cannot be edited"):
-        run_edit_simulation(EditSimConfig(**{**SMALL, "layer": 1}, output_dir=str(tmp_path)))
-    with pytest.raises(KisError, match="n_edits"):
-        EditSimConfig(n_edits=1).check()
-    with pytest.raises(KisError, match="unknown condition"):
-        EditSimConfig(conditions=("rome", "fancy")).check()
+def test_memit_and_alphaedit_write_every_layer_of_their_span(run):
+    """MEMIT's and AlphaEdit's runs record layers 0–2 and leave no layer outside them changed."""
+    for editor in ("memit", "alphaedit"):
+        assert run["results"][editor].settings["editor"]["layers"] == [0, 1, 2]
+    assert run["results"]["rome"].settings["editor"]["layers"] == [2]
 
 
-def test_cli_runs_and_reports_errors(tmp_path, capsys):
-    """`kis edit-sim` writes its results; a bad layer exits with code 2 and a message."""
-    args = [
-        "edit-sim",
-        "--model_name",
-        "tiny-gpt2",
-        "--layer",
-        "0",
-        "--n_edits",
-        "3",
-        "--n_unedited",
-        "3",
-        "--batch_size",
-        "3",
-        "--max_tokens",
-        "3000",
-        "--v_steps",
-        "2",
-        "--conditions",
-        "rome,memit",
-        "--output_dir",
-        str(tmp_path),
-        "--no_progress",
+def test_the_none_editor_changes_nothing(run):
+    """`none` leaves W_out, perplexity and the unedited facts alone; its efficacy is the unedited model's."""
+    none = run["results"]["none"]
+    assert all(step["weight_change_norm"] == 0 for step in none.steps)
+    assert all(step["unedited_nll_drift"] == 0 for step in none.steps)
+    assert len({step["perplexity"] for step in none.steps}) == 1
+    assert none.summary["collapse"]["step"] is None
+    assert all(edit["residual_norm"] == 0 for edit in none.edits)
+    # independent scorer: kis_lens.editing.values.target_logprobs, summed log-probabilities of each target
+    model, cases = run["model"], lifelong._ordered_cases(run["config"], run["model"])
+    facts = [case.fact for case in cases]
+    new = target_logprobs(model, 0, [edit_prompt(model, f, f.target_new) for f in facts])
+    true = target_logprobs(model, 0, [edit_prompt(model, f, f.target_true) for f in facts])
+    lengths = lambda target: torch.tensor(  # noqa: E731
+        [len(edit_prompt(model, f, getattr(f, target)).target_ids) for f in facts], dtype=torch.float64
+    )
+    prefers_new = (-new / lengths("target_new")) < (-true / lengths("target_true"))  # mean NLL(new) < NLL(true)
+    for step in none.steps[1:]:
+        t = step["n_edits"]
+        assert step["efficacy"] == pytest.approx(float(prefers_new[:t].double().mean()))
+
+
+def test_p_bookkeeping_for_p_rome_is_an_identity(run):
+    """Identity check, not a prediction test: for p-ROME, k_u(W_t − W_u) = Σ_{i>u} P[i,u] r_i exactly.
+
+    It catches bookkeeping errors (P's orientation, which edits came later, the residual history). Original ROME
+    updates along C⁻¹k̄, not C⁻¹k, so for it the same sum is only an approximation and must not match exactly."""
+    pairs = run["results"]["p-rome"].pairs
+    assert len(pairs["predicted"]) > 0
+    np.testing.assert_allclose(pairs["predicted"], pairs["measured_output"], rtol=1e-6, atol=1e-9)
+    rome = run["results"]["rome"].pairs
+    assert not np.allclose(rome["predicted"], rome["measured_output"], rtol=1e-3)
+    memit = run["results"]["memit"].pairs  # MEMIT batches edit jointly: only later batches count as later
+    assert set(memit["n_edits"]) <= {3, 6}
+
+
+def test_rome_variants_record_rho_and_differ(run):
+    """Every ROME-family edit records ρ, ‖ΔW‖ and the clamp; the three variants write different weights."""
+    norms = {}
+    for editor in ("rome", "r-rome", "p-rome"):
+        edits = run["results"][editor].edits
+        assert all({"rho", "delta_norm", "relative_value_shift", "clamped"} <= set(edit) for edit in edits)
+        norms[editor] = run["results"][editor].steps[-1]["weight_change_norm"]
+    rhos = [edit["rho"] for edit in run["results"]["rome"].edits]
+    assert rhos == [edit["rho"] for edit in run["results"]["p-rome"].edits[:1]] + rhos[1:]  # a fact's ρ is the same
+    assert all(rho != 1.0 for rho in rhos)  # k̄ ≠ k: the variants cannot coincide
+    assert len({round(value, 9) for value in norms.values()}) == 3
+
+
+def test_every_run_holds_the_schema_settings_and_files(run):
+    """Each editor wrote its own <stem>.json with every step metric and its settings, the figures, no checkpoint."""
+    folder = run["results"]["rome"].path.parent
+    for editor, result in run["results"].items():
+        saved = json.loads(result.path.read_text())
+        assert result.path.name.startswith(f"lifelong_{editor}_seed0_n6_layer2_")
+        kinds = [(step["n_edits"], step["kind"]) for step in saved["steps"]]
+        if registry.EDITORS[editor].batches:  # batches of 3: measured after each batch, both cross an eval mark
+            assert kinds == [(0, "eval"), (3, "eval"), (6, "eval")]
+        else:
+            assert kinds == [(0, "eval"), (2, "probe"), (3, "eval"), (4, "probe"), (6, "eval")]
+        evals = [step for step in saved["steps"] if step["kind"] == "eval" and step["n_edits"] > 0]
+        assert all(step["score"] is not None and step["fluency"] is not None for step in evals)
+        settings = saved["settings"]
+        assert settings["facts"] == [case.case_id for case in lifelong._ordered_cases(run["config"], run["model"])]
+        assert settings["model"]["fingerprint"] == model_info(run["model"]).fingerprint  # unedited weights
+        assert settings["editor"]["name"] == editor and settings["editor"]["value_prompts_used"] == 3
+        assert settings["editor"]["rome_search"]["steps"] == 4 and settings["editor"]["covariance_weight"] == 15000
+        assert len(settings["templates"]["rome"]) == 3 and len(settings["templates"]["memit"]) == 2
+    assert not list(folder.glob("*.partial.*"))
+    assert (folder / "lifelong_metrics.html").is_file()
+
+
+def test_collapse_is_the_first_step_past_a_threshold():
+    """The collapse step is where efficacy on all edits so far, or perplexity, first crosses its threshold."""
+    config = LifelongConfig(retention_threshold=0.5, perplexity_ratio=2.0)
+    steps = [
+        {"n_edits": 0, "efficacy": None, "perplexity": 10.0},
+        {"n_edits": 10, "efficacy": 0.9, "perplexity": 12.0},
+        {"n_edits": 20, "efficacy": 0.6, "perplexity": 21.0},
+        {"n_edits": 30, "efficacy": 0.4, "perplexity": 15.0},
     ]
-    assert main(args) == 0
-    assert "P-predicted vs measured drift" in capsys.readouterr().out
-    assert list(tmp_path.rglob("edit_sim.json"))
-    assert main([*args[:4], "5", *args[5:]]) == 2
-    assert "cannot be edited" in capsys.readouterr().err
+    p_matrix = torch.eye(40, dtype=torch.float64)
+    assert lifelong._collapse(config, "rome", steps, p_matrix)["step"] == 20
+    steps[2]["perplexity"] = 19.0
+    assert lifelong._collapse(config, "rome", steps, p_matrix)["step"] == 30
+    steps[3]["efficacy"] = 0.5
+    assert lifelong._collapse(config, "rome", steps, p_matrix)["step"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resume, and runs that must never overwrite or mix with another
+# ---------------------------------------------------------------------------------------------------------
+
+RESUMABLE: dict[str, Any] = {**SMALL, "n_edits": 4, "eval_every": 2, "probe_every": 2, "editors": ("p-rome",)}
+
+
+def _interrupt(monkeypatch, config: LifelongConfig, model) -> Path:
+    """Run until the second measurement has been checkpointed, then die; return the run folder."""
+    original_measure = lifelong._measure
+    calls = {"n": 0}
+
+    def failing_measure(bench, state, kind, clock):
+        original_measure(bench, state, kind, clock)
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 0, step 2 (checkpointed after it), then die at step 4 before saving
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(lifelong, "_measure", failing_measure)
+    with pytest.raises(KeyboardInterrupt):
+        run_lifelong(config, model=model)
+    monkeypatch.setattr(lifelong, "_measure", original_measure)
+    (checkpoint,) = Path(config.output_dir).rglob("lifelong_p-rome_*.partial.json")
+    assert checkpoint.with_name(checkpoint.name.replace(".json", ".safetensors")).is_file()
+    return checkpoint.parent
+
+
+def _count_searches(monkeypatch) -> list[int]:
+    searched: list[int] = []
+    original = registry.compute_target
+    monkeypatch.setattr(registry, "compute_target", lambda *a, **k: searched.append(1) or original(*a, **k))
+    return searched
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_model, tmp_path, monkeypatch):
+    """A run stopped after its second measurement resumes there and ends with the uninterrupted run's numbers."""
+    whole = run_lifelong(LifelongConfig(**RESUMABLE, output_dir=str(tmp_path / "a")), model=tiny_model)["p-rome"]
+    interrupted = LifelongConfig(**RESUMABLE, output_dir=str(tmp_path / "b"))
+    _interrupt(monkeypatch, interrupted, tiny_model)
+    searched = _count_searches(monkeypatch)
+    resumed = run_lifelong(interrupted, model=tiny_model)["p-rome"]
+    assert len(searched) == 2  # only the 2 edits after the checkpoint, not all 4 again
+    assert [s["n_edits"] for s in resumed.steps] == [s["n_edits"] for s in whole.steps]
+    for a, b in zip(resumed.steps, whole.steps):
+        assert a["efficacy"] == b["efficacy"]
+        assert a["weight_change_norm"] == pytest.approx(b["weight_change_norm"], rel=1e-6)
+
+
+def test_a_changed_facts_file_makes_a_restart_not_a_resume(tiny_model, tmp_path, monkeypatch):
+    """Editing the facts file between a kill and a rerun restarts the run: its edits never come from two fact sets."""
+    facts = tmp_path / "facts.json"
+    records = json.loads(facts_path("counterfact-known").read_text())
+    facts.write_text(json.dumps(records))
+    config = LifelongConfig(**RESUMABLE, facts=str(facts), output_dir=str(tmp_path / "out"))
+    _interrupt(monkeypatch, config, tiny_model)
+    records[-1]["requested_rewrite"]["prompt"] = records[-1]["requested_rewrite"]["prompt"] + " "  # one byte
+    facts.write_text(json.dumps(records))
+    searched = _count_searches(monkeypatch)
+    with pytest.warns(UserWarning, match="facts_sha256"):
+        run_lifelong(config, model=tiny_model)
+    assert len(searched) == 4  # all 4 edits again
+
+
+def test_a_grown_covariance_makes_a_restart_not_a_resume(tiny_model, tmp_path, monkeypatch):
+    """When `kis cache-cov` grows the cached C between a kill and a rerun, the rerun restarts with the new C."""
+    config = LifelongConfig(**RESUMABLE, output_dir=str(tmp_path / "out"))
+    _interrupt(monkeypatch, config, tiny_model)
+    grown = RunConfig(model_name="tiny-gpt2", output_dir=config.output_dir, max_tokens=8000, progress=False)
+    ensure_covariances(grown, tiny_model, [0])  # the cache now averages more tokens than the checkpoint's C
+    searched = _count_searches(monkeypatch)
+    with pytest.warns(UserWarning, match="covariance"):
+        result = run_lifelong(config, model=tiny_model)["p-rome"]
+    assert len(searched) == 4
+    assert result.settings["covariance"]["0"]["tokens"] > 4000
+
+
+def test_runs_with_other_seeds_sit_side_by_side(tiny_model, tmp_path):
+    """Two runs that differ only in their seed, in one folder, both keep their results."""
+    first = run_lifelong(LifelongConfig(**RESUMABLE, seed=0, output_dir=str(tmp_path)), model=tiny_model)["p-rome"]
+    second = run_lifelong(LifelongConfig(**RESUMABLE, seed=1, output_dir=str(tmp_path)), model=tiny_model)["p-rome"]
+    assert first.path != second.path and first.path.is_file() and second.path.is_file()
+    assert json.loads(first.path.read_text())["settings"]["config"]["seed"] == 0
+    assert json.loads(second.path.read_text())["settings"]["config"]["seed"] == 1
+
+
+class _Payload:
+    """A pickle that would create a marker file when loaded: what a crafted checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_is_never_executed(tiny_model, tmp_path):
+    """A pickle planted as an old-style checkpoint, or disguised as the safetensors part, runs nothing."""
+    config = LifelongConfig(**RESUMABLE, output_dir=str(tmp_path))
+    folder = lifelong.lifelong_dir(tmp_path, "tiny-gpt2", 0)
+    folder.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    with open(folder / "lifelong_p-rome.partial.pt", "wb") as handle:  # the old checkpoint name
+        pickle.dump({"identity": None, "state": _Payload(marker)}, handle)
+    with pytest.warns(UserWarning, match="never loaded"):
+        run_lifelong(config, model=tiny_model)
+    assert not marker.exists()
+    stem = next(folder.glob("lifelong_p-rome_*.json")).name.removesuffix(".json")
+    # a checkpoint whose JSON is genuine but whose tensors are a pickle: refused with the fix, nothing runs
+    from kis_lens.editing.runs import save_checkpoint
+
+    identity = json.loads(next(folder.glob("lifelong_p-rome_*.json")).read_text())["settings"]["identity"]
+    save_checkpoint(folder, stem, identity, {"x": torch.zeros(1)}, {"done": 0})
+    with open(folder / f"{stem}.partial.safetensors", "wb") as handle:
+        pickle.dump(_Payload(marker), handle)
+    with pytest.raises(KisError, match="delete it"):
+        run_lifelong(config, model=tiny_model)
+    assert not marker.exists()
+
+
+def test_targets_that_tokenize_alike_are_refused(tiny_model, tmp_path):
+    """A record whose target_new differs from target_true only by spaces is refused before any edit."""
+    records = json.loads(facts_path("counterfact-known").read_text())[:8]
+    rewrite = records[3]["requested_rewrite"]
+    rewrite["target_new"]["str"] = " " + rewrite["target_true"]["str"] + " "
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps(records))
+    with pytest.raises(KisError, match="tokenizes exactly like target_true"):
+        run_lifelong(LifelongConfig(**RESUMABLE, facts=str(facts), output_dir=str(tmp_path)), model=tiny_model)
+
+
+def test_bad_settings_are_refused_with_the_fix(tiny_model, tmp_path):
+    """Unknown editors, NaN settings, too many edits and an output layer are refused with the fix."""
+    with pytest.raises(KisError, match="unknown editor"):
+        LifelongConfig(editors=("rome", "fancy"))
+    with pytest.raises(KisError, match="finite"):
+        LifelongConfig(covariance_weight=float("nan"))
+    with pytest.raises(KisError, match="finite"):
+        LifelongConfig(value_lr=float("inf"))
+    with pytest.raises(KisError, match="ask for fewer"):
+        run_lifelong(LifelongConfig(**{**SMALL, "n_edits": 10_000}, output_dir=str(tmp_path)), model=tiny_model)
+    with pytest.raises(KisError, match="choose a layer"):
+        run_lifelong(LifelongConfig(**{**SMALL, "layer": 1}, output_dir=str(tmp_path)), model=tiny_model)
+
+
+def test_cli_lifelong_runs_every_editor_as_typed(tmp_path, capsys):
+    """`kis lifelong --editors rome,r-rome,p-rome,memit,alphaedit,none ...` writes a file per run, a line each."""
+    code = main(
+        [
+            "lifelong",
+            "--editors",
+            "rome,r-rome,p-rome,memit,alphaedit,none",
+            "--model_name",
+            "tiny-gpt2",
+            "--layer",
+            "0",
+            "--n_edits",
+            "3",
+            "--eval_every",
+            "3",
+            "--probe_every",
+            "1",
+            "--value_steps",
+            "2",
+            "--value_prompts",
+            "2",
+            "--n_unedited",
+            "2",
+            "--max_tokens",
+            "3000",
+            "--heldout_texts",
+            "2",
+            "--fluency_prompts",
+            "1",
+            "--fluency_tokens",
+            "3",
+            "--no_progress",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    for editor in ("rome", "r-rome", "p-rome", "memit", "alphaedit", "none"):
+        assert f"  {editor} " in out
+        assert len(list(tmp_path.rglob(f"lifelong_{editor}_seed0_n3_layer0_*.json"))) == 1

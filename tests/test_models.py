@@ -68,15 +68,27 @@ def test_smollm2_is_a_real_pretrained_model(smollm2):
 @pytest.mark.smollm2
 def test_packaged_gguf_is_converted_once_and_reloads_identically(smollm2, tmp_path, monkeypatch):
     """The first load dequantises the GGUF to a hash-named safetensors folder; later loads read it and match bitwise."""
+    from kis_lens import models
     from kis_lens.models import _packaged_gguf_path, converted_gguf_dir, file_sha256, output_weight
 
     monkeypatch.setenv("KIS_LENS_CACHE", str(tmp_path))
     gguf = _packaged_gguf_path("smollm2-135m")
     folder = converted_gguf_dir("smollm2-135m", gguf)
     assert folder.parent == tmp_path / "converted" and folder.name.endswith(file_sha256(gguf)[:16])
+    read_gguf, gguf_tokenizers = models._read_gguf, []
+
+    def recording_read_gguf(*args):
+        tokenizer, hf_model = read_gguf(*args)
+        gguf_tokenizers.append(tokenizer)  # the GGUF's own tokenizer, what the converting load used to boot with
+        return tokenizer, hf_model
+
+    monkeypatch.setattr(models, "_read_gguf", recording_read_gguf)
     first = load_model("smollm2-135m", device="cpu")  # reads the GGUF itself, then writes the folder
+    assert len(gguf_tokenizers) == 1
     assert (folder / "model.safetensors").is_file() and not list(folder.parent.glob(".*.tmp"))
     second = load_model("smollm2-135m", device="cpu")  # reads the folder
+    assert len(gguf_tokenizers) == 1
+    _assert_same_tokenization(first, second, gguf_tokenizers[0])
     ids = torch.tensor([smollm2.tokenizer("The Eiffel Tower is located in the city of")["input_ids"]])
     assert second.tokenizer("The Eiffel Tower is located in the city of")["input_ids"] == ids[0].tolist()
     with torch.no_grad():
@@ -84,6 +96,31 @@ def test_packaged_gguf_is_converted_once_and_reloads_identically(smollm2, tmp_pa
     for layer in (0, 29):
         assert torch.equal(output_weight(first, layer).view(), output_weight(second, layer).view())
     assert model_info(first) == model_info(second)
+
+
+def _assert_same_tokenization(first, second, gguf_tokenizer):
+    """The converting and the cached load tokenize alike, raw and through kis_lens (as the GGUF's tokenizer does)."""
+    from kis_lens.models import resolve_prepend_bos
+    from kis_lens.tokens import encode
+
+    # The model's own convention (what the GGUF tokenizer does) is recorded the same both ways: no BOS.
+    assert tokenizer_adds_bos(first) is tokenizer_adds_bos(second) is False
+    # The bridge's tokenizer follows TransformerLens (reloaded with add_bos_token=True), as for tiny and hub models.
+    bos = first.tokenizer.bos_token_id
+    assert first.tokenizer("a")["input_ids"] == second.tokenizer("a")["input_ids"] == [bos, 81]
+    assert first.cfg.tokenizer_prepends_bos == second.cfg.tokenizer_prepends_bos
+    texts = ["a", "The Eiffel Tower is located in the city of", " Zürich\n\tnaïve 東京 <|im_start|>x<|im_end|> 12345"]
+    if hasattr(first, "to_tokens"):
+        for text in texts:
+            for prepend_bos in (None, True, False):
+                assert torch.equal(first.to_tokens(text, prepend_bos=prepend_bos), second.to_tokens(text, prepend_bos))
+    for text in texts:
+        prepend_bos = resolve_prepend_bos(first, None)
+        assert prepend_bos is resolve_prepend_bos(second, None) is False
+        expected = encode(gguf_tokenizer, text, prepend_bos=prepend_bos)
+        assert encode(first.tokenizer, text, prepend_bos=prepend_bos) == expected
+        assert encode(second.tokenizer, text, prepend_bos=prepend_bos) == expected
+        assert encode(first.tokenizer, text, prepend_bos=True) == encode(second.tokenizer, text, prepend_bos=True)
 
 
 def test_fingerprint_is_computed_once_and_again_after_a_weight_changes(monkeypatch):

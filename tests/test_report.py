@@ -16,8 +16,8 @@ import torch
 from plotly.offline import get_plotlyjs
 
 from kis_lens.cli import main
-from kis_lens.editing.lifelong import EditSimConfig, EditSimResult, edit_sim_dir
-from kis_lens.editing.plots import edit_simulation_sections
+from kis_lens.editing.simulation import EditSimConfig, EditSimResult, edit_sim_dir
+from kis_lens.editing.simulation_plots import edit_simulation_sections
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.io import save_json

@@ -3,9 +3,10 @@
 - ``weights``:  apply / restore ΔW (``apply_delta``, ``applied_delta``; W_out's accessor is
   kis_lens.models.output_weight)
 - ``editors``:  ROME, MEMIT and AlphaEdit deltas, C⁻¹ solves, whitened-orthogonal keys
-- ``values``:   target values (``find_target_values``) and target log-probabilities
-- ``lifelong``: the edit simulation (``EditSimConfig``, ``run_edit_simulation``) and where its results live
-- ``metrics``:  the simulation's summary numbers; ``plots``: its figures and report sections
+- ``values``:   the one value search (``compute_target``: ROME's compute_v, MEMIT's compute_z), target log-probs
+- ``simulation``: the patched-output edit simulation (``EditSimConfig``, ``run_edit_simulation``)
+- ``registry``: the editors by name; ``lifelong``: the real sequential run (``kis lifelong``)
+- ``metrics``:  summary numbers; ``simulation_plots`` / ``lifelong_plots``: figures and report sections
 
 >>> from kis_lens.editing import applied_delta, rome_delta
 """
@@ -26,8 +27,10 @@ from kis_lens.editing.editors import (
 )
 from kis_lens.editing.values import (
     EditPrompt,
+    TargetValue,
+    ValueSearch,
+    compute_target,
     edit_prompt,
-    find_target_values,
     target_logprobs,
 )
 from kis_lens.editing.weights import applied_delta, apply_delta
@@ -47,7 +50,9 @@ __all__ = [
     "applied_delta",
     "apply_delta",
     "edit_prompt",
-    "find_target_values",
+    "compute_target",
+    "ValueSearch",
+    "TargetValue",
     "layer_outputs",
     "memit_delta",
     "memit_residual",

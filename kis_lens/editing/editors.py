@@ -189,6 +189,89 @@ def alphaedit_delta(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The originals' updates, as their authors' code computes them (TransformerLens orientation, float64)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankOneEdit:
+    """A ROME-family update ΔW = u rightᵀ and the numbers that explain its size."""
+
+    delta: Float[Tensor, "d_mlp d_model"]
+    left: Float[Tensor, " d_mlp"]  # u = C⁻¹d / ‖C⁻¹d‖ (d: the direction key)
+    right: Float[Tensor, " d_model"]  # (v* − (s W + b)) / (s · u) (s: the scale key)
+
+
+def rome_rank_one(
+    direction_key: Float[Tensor, " d_mlp"],
+    scale_key: Float[Tensor, " d_mlp"],
+    value: Float[Tensor, " d_model"],
+    weight: Float[Tensor, "d_mlp d_model"],
+    bias: Float[Tensor, " d_model"],
+    covariance: CovarianceLike,
+) -> RankOneEdit:
+    """Return ROME's update: u from the direction key (compute_u), right from the scale key (compute_v)."""
+    _check_pairs(scale_key.reshape(1, -1), value.reshape(1, -1), weight)
+    direction = direction_key.double().reshape(1, -1)
+    solved = solve_covariance(covariance, direction)[0].cpu()
+    norm = solved.norm()
+    if not norm > 0:
+        raise KisError("C⁻¹k̄ is zero: the direction key is zero")
+    left = solved / norm
+    scale = scale_key.double().cpu()
+    dot = float(scale @ left)
+    if dot == 0:
+        raise KisError("the key is orthogonal to C⁻¹k̄: ROME's right vector (v* − Wk) / (k·u) is undefined")
+    residual = value.double().cpu() - layer_outputs(weight.cpu(), bias.cpu(), scale.reshape(1, -1))[0]
+    right = residual / dot
+    return RankOneEdit(torch.outer(left, right), left, right)
+
+
+def key_agreement(
+    averaged_key: Float[Tensor, " d_mlp"], plain_key: Float[Tensor, " d_mlp"], covariance: CovarianceLike
+) -> float:
+    """Return ρ = (C⁻¹k̄)ᵀk / (C⁻¹k̄)ᵀk̄: original ROME's ΔW grows as 1/ρ (Gupta et al.'s disabling edits)."""
+    solved = solve_covariance(covariance, averaged_key.double().reshape(1, -1))[0].cpu()
+    return float((solved @ plain_key.double().cpu()) / (solved @ averaged_key.double().cpu()))
+
+
+def memit_layer_delta(
+    keys: Float[Tensor, "edit d_mlp"],
+    targets: Float[Tensor, "edit d_model"],
+    covariance: Float[Tensor, "d_mlp d_mlp"],
+    covariance_weight: float,
+    remaining_layers: int,
+) -> Float[Tensor, "d_mlp d_model"]:
+    """Return one layer of MEMIT's update: solve(λC + KᵀK, Kᵀ) · (targets / remaining layers)."""
+    if covariance_weight < 0 or remaining_layers < 1:
+        raise KisError(f"need λ >= 0 and remaining_layers >= 1, got {covariance_weight}, {remaining_layers}")
+    keys64 = keys.double().cpu()
+    system = covariance_weight * covariance.double().cpu() + keys64.T @ keys64
+    try:
+        adjusted = torch.linalg.solve(system, keys64.T)
+    except RuntimeError:
+        raise KisError("λC + KᵀK is singular: raise --covariance_weight or check C") from None
+    return adjusted @ (targets.double().cpu() / remaining_layers)
+
+
+def alphaedit_layer_delta(
+    keys: Float[Tensor, "edit d_mlp"],
+    targets: Float[Tensor, "edit d_model"],
+    projector: Float[Tensor, "d_mlp d_mlp"],
+    earlier_keys_outer: Float[Tensor, "d_mlp d_mlp"],
+    l2: float,
+    remaining_layers: int,
+) -> Float[Tensor, "d_mlp d_model"]:
+    """Return one layer of AlphaEdit's update: solve(P(KᵀK + cache_c) + L2·I, P Kᵀ (targets / remaining layers))."""
+    if not l2 > 0 or remaining_layers < 1:
+        raise KisError(f"need L2 > 0 and remaining_layers >= 1, got {l2}, {remaining_layers}")
+    keys64, projector64 = keys.double().cpu(), projector.double().cpu()
+    eye = torch.eye(projector64.shape[0], dtype=torch.float64)
+    system = projector64 @ (keys64.T @ keys64 + earlier_keys_outer.double().cpu()) + l2 * eye
+    return torch.linalg.solve(system, projector64 @ keys64.T @ (targets.double().cpu() / remaining_layers))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Keys that do not superpose: whitening + Gram–Schmidt
 # ---------------------------------------------------------------------------------------------------------
 

@@ -53,26 +53,47 @@ def edit_sims_of_run(run_settings: dict[str, Any]) -> list[tuple[Path, dict[str,
 
 
 # Where a real lifelong-editing run (`kis lifelong`) saves its results, the only definition of that layout:
-# <output_dir>/<model>/lifelong/layer_L/lifelong_<editor>.json (+ lifelong_<editor>.partial.pt while it runs).
+# <output_dir>/<model>/lifelong/layer_L/<stem>.json, one file per run, the stem "lifelong_<editor>_seed<S>_n<N>_
+# layer<L>_<hash8>" (kis_lens.editing.runs.run_stem); <stem>.partial.json + <stem>.partial.safetensors beside it
+# while the run is in progress (a checkpoint, never a result). Runs of other seeds or settings share the folder.
+# An older kis wrote lifelong_<editor>.json (legacy: no identity in its settings).
 LIFELONG_FOLDER = "lifelong"
 LIFELONG_LAYER_PREFIX = "layer_"
 LIFELONG_FILE_PREFIX = "lifelong_"
+LIFELONG_PARTIAL_MARK = ".partial."  # in the name of every checkpoint file (runs.STATE_SUFFIX, TENSORS_SUFFIX)
 
 
 def lifelong_dir(output_dir: str | Path, model: str, layer: int) -> Path:
-    """Return a lifelong run's folder: <output_dir>/<model>/lifelong/layer_<layer> (lifelong_<editor>.json inside)."""
+    """Return a lifelong run's folder: <output_dir>/<model>/lifelong/layer_<layer> (one <stem>.json per run)."""
     return Path(output_dir) / model / LIFELONG_FOLDER / f"{LIFELONG_LAYER_PREFIX}{layer}"
 
 
-def lifelong_file(folder: str | Path, editor: str, suffix: str = ".json") -> Path:
-    """Return the path of one editor's results in a lifelong folder: folder/lifelong_<editor>.json (or suffix)."""
-    return Path(folder) / f"{LIFELONG_FILE_PREFIX}{editor}{suffix}"
+def lifelong_file(folder: str | Path, name: str, suffix: str = ".json") -> Path:
+    """Return folder/lifelong_<name><suffix>: a legacy file by editor ("rome"), or a run by its stem's tail."""
+    name = name.removeprefix(LIFELONG_FILE_PREFIX)
+    return Path(folder) / f"{LIFELONG_FILE_PREFIX}{name}{suffix}"
+
+
+def is_lifelong_result(path: str | Path) -> bool:
+    """Return whether a file name is a finished lifelong result: lifelong_*.json, not a *.partial.json checkpoint."""
+    name = Path(path).name
+    return name.startswith(LIFELONG_FILE_PREFIX) and name.endswith(".json") and LIFELONG_PARTIAL_MARK not in name
+
+
+def lifelong_result_files(folder: str | Path) -> list[Path]:
+    """Return every finished lifelong result in folder (checkpoints left out), sorted by name."""
+    folder = Path(folder)
+    return sorted(path for path in folder.glob(f"{LIFELONG_FILE_PREFIX}*.json") if is_lifelong_result(path))
 
 
 def find_lifelong_folders(output_dir: str | Path, model: str) -> list[Path]:
-    """Return every <output_dir>/<model>/lifelong/layer_*/ folder holding a lifelong_*.json, sorted by layer."""
+    """Return every <output_dir>/<model>/lifelong/layer_*/ folder holding a finished run, sorted by layer."""
     base = Path(output_dir) / model / LIFELONG_FOLDER
-    folders = {path.parent for path in base.glob(f"{LIFELONG_LAYER_PREFIX}*/{LIFELONG_FILE_PREFIX}*.json")}
+    folders = {
+        path.parent
+        for path in base.glob(f"{LIFELONG_LAYER_PREFIX}*/{LIFELONG_FILE_PREFIX}*.json")
+        if is_lifelong_result(path)
+    }
 
     def layer(folder: Path) -> tuple[int, str]:
         number = folder.name.removeprefix(LIFELONG_LAYER_PREFIX)

@@ -8,13 +8,13 @@ value step): v = output + δ, with a weight decay on δ and ROME's trust region 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
@@ -120,63 +120,16 @@ def frozen_parameters(model: HookedModel) -> Iterator[HookedModel]:
             parameter.requires_grad_(flag)
 
 
-def find_target_values(
-    model: HookedModel,
-    layer: int,
-    facts: Sequence[Fact],
-    steps: int = 20,
-    lr: float = 0.5,
-    weight_decay: float = 1e-3,
-    clamp_norm_factor: float = 4.0,
-    prepend_bos: bool | None = None,
-    progress: bool = False,
-) -> tuple[Float[Tensor, "fact d_model"], Float[Tensor, "fact d_model"]]:
-    """Return (v, output) at each fact's subject-last token: v = output + δ, δ trained so the model says target_new."""
-    if steps < 1 or lr <= 0:
-        raise KisError(f"the value search needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
-    missing = [fact.case_id for fact in facts if not fact.target_new]
-    if missing:
-        raise KisError(f"fact(s) {missing[:5]} have no target_new: use CounterFact facts (e.g. counterfact-known)")
-    prompts = [edit_prompt(model, fact, fact.target_new, prepend_bos) for fact in facts]
-    device = model_device(model)
-    tokens, mask, labels, subject = _batch(prompts, pad_token_id(model.tokenizer), device)
-    n_target_tokens = (labels >= 0).sum(dim=1).clamp_min(1)
-    rows = torch.arange(len(prompts), device=device)
-    shift = torch.zeros(len(prompts), int(model.cfg.d_model), device=device, requires_grad=True)
-    original: dict[str, Tensor] = {}
-
-    def add_shift(activation: Tensor, hook: Any) -> Tensor:
-        original.setdefault("output", activation[rows, subject].detach().double().clone())
-        activation = activation.clone()
-        activation[rows, subject] = activation[rows, subject] + shift.to(activation.dtype)
-        return activation
-
-    optimizer = torch.optim.Adam([shift], lr=lr)
-    with frozen_parameters(model), model.hooks(fwd_hooks=[(mlp_out_hook_name(layer), add_shift)]):
-        for _ in tqdm(range(steps), desc="target values", disable=not progress, dynamic_ncols=True, leave=False):
-            optimizer.zero_grad()
-            logits = model(tokens, attention_mask=mask)
-            nll = -(_target_logprobs(logits, labels) / n_target_tokens)
-            norms = original["output"].norm(dim=1).float().clamp_min(1e-6)
-            loss = (nll + weight_decay * shift.norm(dim=1) ** 2 / norms**2).sum()
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():  # ROME's trust region: ‖δ‖ ≤ clamp · ‖output‖
-                limit = (clamp_norm_factor * norms)[:, None]
-                scale = (limit / shift.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
-                shift.mul_(scale)
-    current = original["output"].cpu()
-    return current + shift.detach().double().cpu(), current
-
-
 # ---------------------------------------------------------------------------------------------------------
-# ROME's value search for one fact (rome/compute_v.py): several prefixed prompts, a KL term, early stop
+# The one value search: ROME's compute_v (site mlp_out) and MEMIT's compute_z (site resid_post)
 # ---------------------------------------------------------------------------------------------------------
+
+SITE_HOOKS: dict[str, str] = {"mlp_out": "blocks.{layer}.hook_mlp_out", "resid_post": "blocks.{layer}.hook_resid_post"}
 
 
 @dataclass(frozen=True)
 class ValueSearch:
-    """ROME's published value-search settings (GPT-2 XL): steps, lr, KL and weight-decay factors, norm clamp."""
+    """The value search's settings; the defaults are ROME's GPT-2 XL hparams (MEMIT: clamp_norm_factor 0.75)."""
 
     steps: int = 20
     lr: float = 0.5
@@ -184,8 +137,12 @@ class ValueSearch:
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     stop_loss: float = 5e-2
+    fast: bool = True  # the exact fast forward (kis_lens.editing.shifted_forward) where the architecture allows
 
     def __post_init__(self) -> None:
+        numbers = (self.lr, self.kl_factor, self.weight_decay, self.clamp_norm_factor, self.stop_loss)
+        if not all(math.isfinite(number) for number in numbers):
+            raise KisError(f"value-search settings must be finite numbers, got {numbers}")
         if self.steps < 1 or not self.lr > 0:
             raise KisError(f"the value search needs steps >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
         if self.kl_factor < 0 or self.weight_decay < 0 or not self.clamp_norm_factor > 0:
@@ -194,101 +151,163 @@ class ValueSearch:
 
 @dataclass(frozen=True)
 class TargetValue:
-    """One fact's target value v* at the layer's MLP output (subject's last token), and how the search went."""
+    """One fact's target value at the site (subject's last token), and how the search went."""
 
-    value: Float[Tensor, " d_model"]
-    initial_output: Float[Tensor, " d_model"]
-    steps: int
-    nll: float
+    value: Float[Tensor, " d_model"]  # target_init + δ
+    initial_output: Float[Tensor, " d_model"]  # the site activation of the plain rewrite prompt before the search
+    steps: int  # loss evaluations (ROME's loop iterations)
+    nll: float  # the rewrite NLL at the last evaluation
+    loss: float
+    clamped: bool  # whether the norm clamp ‖δ‖ ≤ clamp·‖target_init‖ bound at the last step
 
+    @property
+    def delta(self) -> Float[Tensor, " d_model"]:
+        """Return δ = value − initial_output."""
+        return self.value - self.initial_output
 
-def context_prefixes(model: HookedModel, count: int, length: int = 10, seed: int = 0) -> list[str]:
-    """Return `count` short texts sampled from the model (top-5, seeded) to prefix rewrite prompts, as ROME does."""
-    if count < 0 or length < 1:
-        raise KisError(f"need count >= 0 and length >= 1 for context prefixes, got {count}, {length}")
-    tokenizer = model.tokenizer
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise KisError("the tokenizer has neither a BOS nor an EOS token to start the context prefixes from")
-    generator = torch.Generator().manual_seed(seed)
-    device = model_device(model)
-    prefixes = []
-    for _ in range(count):
-        ids = [int(start)]
-        with torch.no_grad():
-            for _ in range(length):
-                logits = model(torch.tensor([ids], device=device))[0, -1].float().cpu()
-                top = torch.topk(logits, 5)
-                choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
-                ids.append(int(top.indices[choice]))
-        text = tokenizer.decode(ids[1:], skip_special_tokens=True)
-        prefixes.append(text.replace("{", " ").replace("}", " ").strip() + ". ")
-    return prefixes
+    @property
+    def relative_delta(self) -> float:
+        """Return ‖δ‖ / ‖target_init‖."""
+        return float(self.delta.norm() / self.initial_output.norm().clamp_min(1e-30))
 
 
-def rome_target_value(
-    model: HookedModel,
-    layer: int,
-    fact: Fact,
-    prefixes: Sequence[str] = (),
-    search: ValueSearch = ValueSearch(),
-    prepend_bos: bool | None = None,
-) -> TargetValue:
-    """Return v* for one fact as ROME's compute_v finds it on the model as it is now (edits included)."""
+@dataclass(frozen=True)
+class SearchPrompts:
+    """The padded batch of a value search: the rewrite prompts, then the KL prompt "{subject} is a"."""
+
+    tokens: Int[Tensor, "batch pos"]
+    mask: Int[Tensor, "batch pos"]
+    subject: Int[Tensor, " batch"]
+    read_rows: Int[Tensor, " read"]
+    read_positions: Int[Tensor, " read"]
+    labels: Int[Tensor, " read"]  # the target token predicted at each read position (-1 at the KL row)
+    n_rewrites: int
+    n_target_tokens: int
+
+
+def search_prompts(
+    model: HookedModel, fact: Fact, templates: Sequence[str], prepend_bos: bool | None = None
+) -> SearchPrompts:
+    """Return compute_v's prompts: template(prompt) + target_new[:-1] for every template, then "{subject} is a"."""
     if not fact.target_new:
         raise KisError(f"fact {fact.case_id} has no target_new: use CounterFact facts (e.g. counterfact-known)")
+    if not templates:
+        raise KisError("the value search needs at least one context template ('{}' is the plain prompt)")
     prepend_bos = resolve_prepend_bos(model, prepend_bos)
-    rewrites = [
-        edit_prompt(
-            model,
-            Fact(fact.case_id, fact.subject, prefix + fact.prompt, fact.target_true),
-            fact.target_new,
-            prepend_bos,
-        )
-        for prefix in ("", *prefixes)
-    ]
+    target_ids = encode(model.tokenizer, " " + fact.target_new.strip(), prepend_bos=False)
+    rows, subject, read_rows, read_positions, labels = [], [], [], [], []
+    for row, template in enumerate(templates):
+        prompt = Fact(fact.case_id, fact.subject, template.format(fact.prompt), fact.target_true)
+        located = locate_subject(model.tokenizer, prompt, prepend_bos)
+        rows.append([*located.ids, *target_ids[:-1]])
+        subject.append(located.subject_last)
+        for offset, token in enumerate(target_ids):  # the logits at position p predict token p + 1
+            read_rows.append(row)
+            read_positions.append(len(located.ids) - 1 + offset)
+            labels.append(token)
     essence = locate_subject(
         model.tokenizer, Fact(fact.case_id, fact.subject, "{} is a", fact.target_true), prepend_bos
     )
+    rows.append(essence.ids)
+    subject.append(essence.subject_last)
+    read_rows.append(len(templates))
+    read_positions.append(essence.subject_last)  # ROME's KL term reads the subject's last token, not the prompt's end
+    labels.append(-1)
+    tokens, mask = pad_batch(rows, pad_token_id(model.tokenizer))
     device = model_device(model)
-    kl_prompt = EditPrompt(essence.ids, essence.subject_last, len(essence.ids))
-    tokens, mask, labels, subject = _batch([*rewrites, kl_prompt], pad_token_id(model.tokenizer), device)
-    n_rewrites = len(rewrites)
-    kl_position = len(essence.ids) - 1
-    n_target_tokens = (labels[:n_rewrites] >= 0).sum(dim=1).clamp_min(1)
-    rows = torch.arange(len(subject), device=device)
-    shift = torch.zeros(int(model.cfg.d_model), device=device, requires_grad=True)
-    captured: dict[str, Tensor] = {}
+    as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+    return SearchPrompts(
+        tokens.to(device),
+        mask.to(device),
+        as_tensor(subject),
+        as_tensor(read_rows),
+        as_tensor(read_positions),
+        as_tensor(labels),
+        len(templates),
+        len(target_ids),
+    )
 
-    def add_shift(activation: Tensor, hook: Any) -> Tensor:
-        captured.setdefault("initial", activation[0, subject[0]].detach().double().clone())
-        activation = activation.clone()
-        activation[rows, subject] = activation[rows, subject] + shift.to(activation.dtype)
-        return activation
 
-    optimizer = torch.optim.Adam([shift], lr=search.lr)
-    initial_kl: Tensor | None = None
-    steps, nll_value = 0, float("nan")
-    with frozen_parameters(model), model.hooks(fwd_hooks=[(mlp_out_hook_name(layer), add_shift)]):
+def compute_target(
+    model: HookedModel,
+    layer: int,
+    fact: Fact,
+    templates: Sequence[str],
+    search: ValueSearch = ValueSearch(),
+    site: str = "mlp_out",
+    prepend_bos: bool | None = None,
+) -> TargetValue:
+    """Return v* (site mlp_out: ROME's compute_v) or z (resid_post: MEMIT's compute_z) on the model as it is now."""
+    from kis_lens.editing.shifted_forward import shifted_forward
+
+    if site not in SITE_HOOKS:
+        raise KisError(f"unknown value site {site!r}: use one of {', '.join(SITE_HOOKS)}")
+    prompts = search_prompts(model, fact, templates, prepend_bos)
+    with frozen_parameters(model):
+        forward = shifted_forward(
+            model,
+            layer,
+            site,
+            prompts.tokens,
+            prompts.mask,
+            prompts.subject,
+            prompts.read_rows,
+            prompts.read_positions,
+            fast=search.fast,
+        )
+        target_init = forward.initial[0].detach()  # the plain "{}" prompt, as ROME records it (model dtype)
+        # the originals compute in the model's dtype; half-precision models are lifted to float32 for the loss
+        loss_dtype = torch.promote_types(target_init.dtype, torch.float32)
+        target_init = target_init.to(loss_dtype)
+        delta = torch.zeros_like(target_init, requires_grad=True)
+        optimizer = torch.optim.Adam([delta], lr=search.lr)
+        n_reads = len(prompts.read_rows)
+        is_target = torch.arange(n_reads, device=delta.device) < n_reads - 1
+        labels = prompts.labels[is_target]
+        initial_kl: Tensor | None = None
+        limit = search.clamp_norm_factor * target_init.norm()
+        steps, nll_value, loss_value, clamped = 0, float("nan"), float("nan"), False
         for step in range(search.steps):
             optimizer.zero_grad()
-            logits = model(tokens, attention_mask=mask)
-            nll = -(_target_logprobs(logits[:n_rewrites], labels[:n_rewrites]) / n_target_tokens).mean()
-            kl_logprobs = torch.log_softmax(logits[n_rewrites, kl_position].float(), dim=-1)
+            logits = forward(delta.expand(len(prompts.subject), -1))
+            log_probs = torch.log_softmax(logits.to(loss_dtype), dim=-1)
+            picked = log_probs[is_target].gather(1, labels[:, None]).squeeze(1)
+            nll = -picked.sum() / prompts.n_target_tokens / prompts.n_rewrites  # mean over prompts of the per-token NLL
+            kl_log_probs = log_probs[-1:]
             if initial_kl is None:
-                initial_kl = kl_logprobs.detach().clone()
-            kl = torch.sum(initial_kl.exp() * (initial_kl - kl_logprobs))
-            target_norm = captured["initial"].norm().float()
-            # ROME's decay term, as published: ‖δ‖ / ‖m‖² (not squared in δ)
-            loss = nll + search.kl_factor * kl + search.weight_decay * shift.norm() / target_norm**2
-            steps, nll_value = step + 1, float(nll.detach())
-            if loss.item() < search.stop_loss or step == search.steps - 1:
+                initial_kl = kl_log_probs.detach().clone()
+            kl = torch.nn.functional.kl_div(initial_kl, kl_log_probs, log_target=True, reduction="batchmean")
+            loss = nll + search.kl_factor * kl + search.weight_decay * (delta.norm() / target_init.norm() ** 2)
+            steps, nll_value, loss_value = step + 1, float(nll.detach()), float(loss.detach())
+            if loss_value < search.stop_loss or step == search.steps - 1:
                 break
             loss.backward()
             optimizer.step()
-            with torch.no_grad():  # ROME's trust region: ‖δ‖ ≤ clamp · ‖m‖
-                limit = search.clamp_norm_factor * target_norm
-                if shift.norm() > limit:
-                    shift.mul_(limit / shift.norm())
-    initial = captured["initial"].cpu()
-    return TargetValue(initial + shift.detach().double().cpu(), initial, steps, nll_value)
+            clamped = bool(delta.norm() > limit)
+            if clamped:
+                with torch.no_grad():
+                    delta.mul_(limit / delta.norm())
+    initial = target_init.double().cpu()
+    return TargetValue(initial + delta.detach().double().cpu(), initial, steps, nll_value, loss_value, clamped)
+
+
+def site_activations(
+    model: HookedModel, layer: int, site: str, facts: Sequence[Fact], prepend_bos: bool | None = None
+) -> Float[Tensor, "fact d_model"]:
+    """Return the site activation (mlp_out or resid_post of a layer) at each fact prompt's subject-last token."""
+    if site not in SITE_HOOKS:
+        raise KisError(f"unknown value site {site!r}: use one of {', '.join(SITE_HOOKS)}")
+    prepend_bos = resolve_prepend_bos(model, prepend_bos)
+    located = [locate_subject(model.tokenizer, fact, prepend_bos) for fact in facts]
+    device = model_device(model)
+    tokens, mask = pad_batch([item.ids for item in located], pad_token_id(model.tokenizer))
+    positions = torch.tensor([item.subject_last for item in located], device=device)
+    captured: dict[str, Tensor] = {}
+
+    def keep(activation: Tensor, hook: Any) -> Tensor:
+        captured["rows"] = activation[torch.arange(len(located), device=device), positions].detach().double().cpu()
+        return activation
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(SITE_HOOKS[site].format(layer=layer), keep)]):
+        model(tokens.to(device), attention_mask=mask.to(device))
+    return captured["rows"]

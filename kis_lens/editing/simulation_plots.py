@@ -1,4 +1,4 @@
-"""Plotly figures of the lifelong-editing simulation (kis_lens.editing.lifelong), from its JSON-ready result dict,
+"""Plotly figures of the lifelong-editing simulation (kis_lens.editing.simulation), from its JSON-ready result dict,
 and the report sections that show the simulations belonging to a matrices run (``kis report`` passes them)."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from kis_lens.report import ReportSection
 from kis_lens.results import RunResult
 
 CONDITION_LABELS: dict[str, str] = {
-    "rome": "ROME, real keys",
-    "rome_orthogonal": "ROME, whitened-orthogonal keys (control)",
-    "alphaedit": "AlphaEdit (null-space projected)",
-    "memit": "MEMIT batches, real keys",
+    "rome": "p-ROME rank one (plain keys), real keys",
+    "rome_orthogonal": "p-ROME rank one, whitened-orthogonal keys (control)",
+    "alphaedit": "AlphaEdit-style null space (one layer, relative threshold)",
+    "memit": "EMMET-like batch fit (one layer, λ), real keys",
 }
 CONDITION_COLORS: dict[str, str] = {
     "rome": "#d62728",

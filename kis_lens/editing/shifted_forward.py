@@ -1,0 +1,540 @@
+"""Logits of a forward in which a shift δ is added to one activation of layer L, one position per row, fast.
+
+ROME's value search and MEMIT's compute_z optimise such a δ for ~20 Adam steps, each a forward and a backward
+over ~22 prompts. Nothing at layers ≤ L depends on δ, and at layers > L nothing at positions before the shifted
+one does. ``full_shifted_forward`` is the reference (the model's whole forward under a hook);
+``fast_shifted_forward`` runs layers 0..L once, without grad, and per call only layers L+1.. on each row's
+positions from the shift to its last read, attending to cached keys/values of the earlier positions, then the
+final norm and unembedding at the read positions alone. Both give the same logits and gradients up to float
+rounding; ``shifted_forward`` picks the fast one when the architecture is supported.
+
+The fast path takes its cache (and, as a guard, checks its own zero-shift logits against the model's) when it is
+built, so build it after editing the weights, not before. It runs the model's own norm, MLP and unembedding
+modules on the suffix but its own attention, so hooks other than the shift do not fire in layers > L.
+
+>>> forward = shifted_forward(model, 4, "mlp_out", tokens, mask, subject_last, read_rows, read_positions)
+>>> logits = forward(shift)        # [read, vocab], differentiable w.r.t. shift
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from kis_lens.errors import KisError
+from kis_lens.models import model_device
+
+Site = Literal["mlp_out", "resid_post"]
+SITE_HOOKS: dict[str, str] = {"mlp_out": "blocks.{layer}.hook_mlp_out", "resid_post": "blocks.{layer}.hook_resid_post"}
+
+# Architectures whose blocks fast_shifted_forward has been checked against (the bridge's native GPT-2/Llama-style
+# model and HF Llama); anything else falls back to the full forward.
+FAST_ARCHITECTURES = ("TransformerLensNative", "LlamaForCausalLM")
+# cfg flags that change the math of a block (or of its hooks) in ways the fast path does not reproduce: each must
+# hold its neutral value. Missing attributes count as neutral (older configs lack the newer flags).
+_NEUTRAL_FLAGS: dict[str, Any] = {
+    "attn_only": False,
+    "parallel_attn_mlp": False,
+    "use_local_attn": False,
+    "window_size": None,
+    "attn_types": None,
+    "use_qk_norm": False,
+    "qk_norm_after_rope": False,
+    "use_normalization_before_and_after": False,
+    "scale_attn_by_inverse_layer_idx": False,
+    "rmsnorm_uses_offset": False,
+    "rotary_adjacent_pairs": False,
+    "rotary_interleaved_cos_sin": False,
+    "use_NTK_by_parts_rope": False,
+    "per_layer_head_dim": None,
+    "per_layer_num_key_value_heads": None,
+    "num_experts": None,
+    "layer_norm_folding": False,
+    "use_split_qkv_input": False,
+    "use_attn_in": False,
+    "use_attn_result": False,
+    "gated_q_proj": False,
+    "attention_dir": "causal",
+}
+_ACTIVATIONS = ("gelu_new", "gelu", "silu", "relu")
+# Relative logit error allowed by the construction-time self-check at zero shift. Not tighter in float64: the
+# bridge's attention softmax runs in float32 whatever the model's dtype.
+_SELF_CHECK_TOLERANCE = 1e-4
+_SELF_CHECK_TOLERANCE_HALF = 5e-2
+READ_ROW_MULTIPLE = 8
+
+
+class ShiftedForward(Protocol):
+    """Logits at the read positions of a forward with shift[b] added to the site at (b, shift_positions[b])."""
+
+    initial: Float[Tensor, "batch d_model"]
+
+    def __call__(self, shift: Float[Tensor, "batch d_model"]) -> Float[Tensor, "read vocab"]: ...
+
+
+def site_hook_name(layer: int, site: Site) -> str:
+    """Return the hook name of a shift site ("mlp_out": ROME's MLP output, "resid_post": MEMIT's z)."""
+    if site not in SITE_HOOKS:
+        raise KisError(f"unknown shift site {site!r}: use one of {', '.join(SITE_HOOKS)}")
+    return SITE_HOOKS[site].format(layer=layer)
+
+
+def _validate(
+    model: Any,
+    layer: int,
+    site: Site,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Int[Tensor, "batch pos"],
+    shift_positions: Int[Tensor, " batch"],
+    read_rows: Int[Tensor, " read"],
+    read_positions: Int[Tensor, " read"],
+) -> None:
+    """Raise KisError for inconsistent inputs (all tensors on one device)."""
+    site_hook_name(layer, site)
+    n_layers = int(model.cfg.n_layers)
+    if not 0 <= layer < n_layers:
+        raise KisError(f"layer {layer} out of range: this model has layers 0..{n_layers - 1}")
+    integers = {"tokens": tokens, "mask": mask, "shift_positions": shift_positions, "read_rows": read_rows}
+    floating = [
+        name for name, tensor in {**integers, "read_positions": read_positions}.items() if tensor.is_floating_point()
+    ]
+    if floating:
+        raise KisError(f"{', '.join(floating)} must be integer tensors (token ids, 0/1 mask, indices)")
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise KisError(f"tokens must be a non-empty [batch, pos] tensor, got shape {tuple(tokens.shape)}")
+    if mask.shape != tokens.shape:
+        raise KisError(f"mask shape {tuple(mask.shape)} differs from tokens shape {tuple(tokens.shape)}")
+    batch = tokens.shape[0]
+    if shift_positions.shape != (batch,):
+        raise KisError(f"shift_positions must have shape ({batch},), one per row, got {tuple(shift_positions.shape)}")
+    if read_rows.ndim != 1 or read_positions.shape != read_rows.shape or len(read_rows) == 0:
+        raise KisError(
+            f"read_rows and read_positions must be equal-length non-empty 1-D tensors, got shapes "
+            f"{tuple(read_rows.shape)} and {tuple(read_positions.shape)}"
+        )
+    if ((mask != 0) & (mask != 1)).any():
+        raise KisError("mask must hold only 0 (padding) and 1 (real token)")
+    lengths = mask.long().sum(dim=1)
+    if (mask != (torch.arange(tokens.shape[1], device=mask.device) < lengths[:, None]).to(mask.dtype)).any():
+        raise KisError("tokens must be right-padded: each mask row must be ones followed by zeros")
+    if ((shift_positions < 0) | (shift_positions >= lengths)).any():
+        raise KisError("every shift position must point at a real (unpadded) token of its row")
+    if ((read_rows < 0) | (read_rows >= batch)).any():
+        raise KisError(f"read_rows must lie in 0..{batch - 1}")
+    if ((read_positions < shift_positions[read_rows]) | (read_positions >= lengths[read_rows])).any():
+        raise KisError(
+            "every read position must be a real token at or after its row's shift position "
+            "(earlier positions do not depend on the shift)"
+        )
+
+
+def _prepare(model: Any, layer: int, site: Site, *tensors: Any) -> tuple[Tensor, ...]:
+    """Return tokens, mask, shift_positions, read_rows, read_positions on the model's device, validated."""
+    names = ("tokens", "mask", "shift_positions", "read_rows", "read_positions")
+    for name, tensor in zip(names, tensors):
+        if not isinstance(tensor, Tensor):
+            raise KisError(f"{name} must be a torch tensor, got {type(tensor).__name__}")
+    device = model_device(model)
+    moved = tuple(tensor.to(device) for tensor in tensors)
+    _validate(model, layer, site, *moved)
+    return moved
+
+
+def _check_shift(shift: Tensor, batch: int, d_model: int) -> None:
+    """Raise KisError unless shift is a floating [batch, d_model] tensor."""
+    if shift.shape != (batch, d_model) or not shift.is_floating_point():
+        raise KisError(f"shift must be a float tensor of shape ({batch}, {d_model}), got {tuple(shift.shape)}")
+
+
+class _FullShiftedForward:
+    """The reference: the model's whole forward, with the shift added by a hook at the site."""
+
+    def __init__(
+        self,
+        model: Any,
+        hook_name: str,
+        tokens: Int[Tensor, "batch pos"],
+        mask: Int[Tensor, "batch pos"],
+        shift_positions: Int[Tensor, " batch"],
+        read_rows: Int[Tensor, " read"],
+        read_positions: Int[Tensor, " read"],
+    ) -> None:
+        self.model, self.hook_name = model, hook_name
+        self.tokens, self.mask = tokens, mask
+        self.rows = torch.arange(tokens.shape[0], device=tokens.device)
+        self.shift_positions, self.read_rows, self.read_positions = shift_positions, read_rows, read_positions
+        captured: dict[str, Tensor] = {}
+
+        def capture(activation: Tensor, hook: Any) -> None:
+            captured["initial"] = activation[self.rows, self.shift_positions].detach().clone()
+
+        with torch.no_grad(), model.hooks(fwd_hooks=[(hook_name, capture)]):
+            model(tokens, attention_mask=mask)
+        self.initial: Float[Tensor, "batch d_model"] = captured["initial"]
+
+    def __call__(self, shift: Float[Tensor, "batch d_model"]) -> Float[Tensor, "read vocab"]:
+        """Return the logits at the read positions with shift[b] added at (b, shift_positions[b])."""
+        _check_shift(shift, *self.initial.shape)
+
+        def add_shift(activation: Tensor, hook: Any) -> Tensor:
+            activation = activation.clone()
+            shifted = activation[self.rows, self.shift_positions] + shift.to(activation.device, activation.dtype)
+            activation[self.rows, self.shift_positions] = shifted
+            return activation
+
+        with self.model.hooks(fwd_hooks=[(self.hook_name, add_shift)]):
+            logits = self.model(self.tokens, attention_mask=self.mask)
+        return logits[self.read_rows, self.read_positions]
+
+
+def full_shifted_forward(
+    model: Any,
+    layer: int,
+    site: Site,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Int[Tensor, "batch pos"],
+    shift_positions: Int[Tensor, " batch"],
+    read_rows: Int[Tensor, " read"],
+    read_positions: Int[Tensor, " read"],
+) -> ShiftedForward:
+    """Return the reference shifted forward: the whole model under a hook (any TransformerLens model)."""
+    tensors = _prepare(model, layer, site, tokens, mask, shift_positions, read_rows, read_positions)
+    return _FullShiftedForward(model, site_hook_name(layer, site), *tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast path: what it needs of the model, then the suffix-only forward
+# ---------------------------------------------------------------------------------------------------------
+
+
+LinearParts = tuple[Tensor, Tensor | None]  # an nn.Linear's live weight [out, in] and bias
+RotaryTables = Callable[[Tensor, Int[Tensor, "batch pos"]], tuple[Tensor, Tensor]]
+Rotate = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _unwrap(module: Any) -> Any:
+    """Return the wrapped module of a bridge component (itself when it wraps nothing)."""
+    original = getattr(module, "original_component", None)
+    return module if original is None else original
+
+
+def _linear_parts(component: Any) -> LinearParts | None:
+    """Return the live (weight, bias) of a bridge LinearBridge around an nn.Linear, else None."""
+    linear = _unwrap(component)
+    if not isinstance(linear, torch.nn.Linear):
+        return None
+    return linear.weight, linear.bias
+
+
+def _native_rotary(rotary: Any, rotary_dim: int) -> tuple[RotaryTables, Rotate]:
+    """Return the NativeModel's rotary tables and its adjacent-pair rotation of the first rotary_dim dims."""
+
+    def tables(like: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return rotary.cos_cached[positions].to(like.dtype), rotary.sin_cached[positions].to(like.dtype)
+
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+        x_rot = x_rot * cos + rotary._rotate_half(x_rot) * sin
+        return torch.cat([x_rot, x_pass], dim=-1) if x_pass.shape[-1] else x_rot
+
+    return tables, rotate
+
+
+def _hf_llama_rotary(rotary_emb: Any) -> tuple[RotaryTables, Rotate]:
+    """Return HF Llama's rotary tables (its own rotary_emb, so rope_theta/scaling are the model's) and rotation."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    def tables(like: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return rotary_emb(like, positions)
+
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return x * cos + rotate_half(x) * sin
+
+    return tables, rotate
+
+
+class _Layer:
+    """One block's modules and attention weights, as the fast path uses them."""
+
+    def __init__(
+        self, block: Any, q: LinearParts, k: LinearParts, v: LinearParts, o: LinearParts, scale: float
+    ) -> None:
+        self.ln1, self.ln2, self.mlp = block.ln1, block.ln2, block.mlp
+        self.q, self.k, self.v, self.o = q, k, v, o
+        self.scale = scale
+
+
+class _Plan:
+    """What the fast path needs of a supported model: per-layer modules, head sizes and the rotary."""
+
+    def __init__(self, layers: list[_Layer], n_heads: int, n_kv_heads: int, d_head: int, rotary: Any) -> None:
+        self.layers, self.n_heads, self.n_kv_heads, self.d_head = layers, n_heads, n_kv_heads, d_head
+        self.rotary: tuple[RotaryTables, Rotate] | None = rotary
+
+
+def _fast_plan(model: Any) -> _Plan | None:
+    """Return how to run the blocks of the model by hand, or None where the fast path does not apply."""
+    try:
+        from transformer_lens import TransformerBridge
+    except ImportError:  # TransformerLens 2.x/3.x has no bridge: only the full forward
+        return None
+    if not isinstance(model, TransformerBridge) or getattr(model, "compatibility_mode", False):
+        return None  # compatibility mode may fold or centre weights, which the hand-written attention ignores
+    if model.training:
+        return None  # dropout would make the two forwards differ
+    cfg = model.cfg
+    architecture = getattr(cfg, "architecture", None)
+    if architecture not in FAST_ARCHITECTURES:
+        return None
+    if any(getattr(cfg, flag, neutral) != neutral for flag, neutral in _NEUTRAL_FLAGS.items()):
+        return None
+    if float(getattr(cfg, "attn_scores_soft_cap", -1.0)) > 0 or float(getattr(cfg, "output_logits_soft_cap", -1.0)) > 0:
+        return None
+    if str(cfg.normalization_type).upper() not in ("LN", "RMS") or cfg.act_fn not in _ACTIVATIONS:
+        return None
+    n_heads, d_head = int(cfg.n_heads), int(cfg.d_head)
+    n_kv_heads = int(cfg.n_key_value_heads or n_heads)
+    if n_heads % n_kv_heads:
+        return None
+    positional = (getattr(cfg, "positional_embedding_type", None) or "standard").lower()
+    original = model.original_model
+    layers = []
+    for block in model.blocks:
+        attention = _unwrap(block.attn)
+        parts = [_linear_parts(getattr(block.attn, name, None)) for name in "qkvo"]
+        if any(part is None for part in parts):
+            return None
+        if architecture == "TransformerLensNative":
+            if type(attention).__name__ != "NativeAttention" or getattr(_unwrap(block.mlp), "ln", None) is not None:
+                return None
+            scale = 1.0 / float(attention.scale)
+        else:
+            extras = ("q_norm", "k_norm", "sinks", "attn_logit_softcapping", "sliding_window")
+            if type(attention).__name__ != "LlamaAttention" or any(
+                getattr(attention, x, None) is not None for x in extras
+            ):
+                return None
+            if int(attention.head_dim) != d_head:
+                return None
+            scale = float(attention.scaling)
+        layers.append(_Layer(block, *parts, scale=scale))
+    rotary = None
+    if positional == "rotary":
+        if architecture == "TransformerLensNative":
+            rotary = _native_rotary(original.rotary, int(original.rotary.rotary_dim))
+        else:
+            rope = getattr(original.config, "rope_parameters", None) or getattr(original.config, "rope_scaling", None)
+            if isinstance(rope, dict) and rope.get("llama_4_scaling_beta") is not None:
+                return None  # Ministral-3's position-dependent query scale
+            rotary = _hf_llama_rotary(_unwrap(original.model.rotary_emb))
+    elif positional != "standard" or architecture != "TransformerLensNative":
+        return None
+    return _Plan(layers, n_heads, n_kv_heads, d_head, rotary)
+
+
+class _ForwardDone(Exception):
+    """Raised from the final norm's hook: the construction forward needs nothing of the unembedding."""
+
+
+class _FastShiftedForward:
+    """Suffix-only forward of layers L+1.., on cached layer-L residuals and prefix keys/values (see module doc)."""
+
+    def __init__(
+        self,
+        model: Any,
+        plan: _Plan,
+        layer: int,
+        hook_name: str,
+        tokens: Int[Tensor, "batch pos"],
+        mask: Int[Tensor, "batch pos"],
+        shift_positions: Int[Tensor, " batch"],
+        read_rows: Int[Tensor, " read"],
+        read_positions: Int[Tensor, " read"],
+    ) -> None:
+        device = tokens.device
+        self.model, self.plan, self.layer = model, plan, layer
+        batch = tokens.shape[0]
+        later = range(layer + 1, int(model.cfg.n_layers))
+        # Only rows with a read matter, and in each only positions from the shift to its last read (causality).
+        last_read = torch.full((batch,), -1, dtype=torch.long, device=device)
+        last_read = last_read.scatter_reduce(0, read_rows, read_positions, reduce="amax")
+        self.active = torch.nonzero(last_read >= 0).squeeze(1)
+        starts = shift_positions[self.active]
+        suffix_lengths = last_read[self.active] - starts + 1
+        suffix, prefix = int(suffix_lengths.max()), int(starts.max())
+        columns = torch.arange(suffix, device=device)
+        # Columns past a row's last read are padding: clamped to a real position, masked as keys, never read.
+        positions = (starts[:, None] + columns[None, :]).clamp(max=tokens.shape[1] - 1)
+
+        captured: dict[str, Tensor] = {}
+
+        def keep(name: str, *index: Any) -> Callable[[Tensor, Any], None]:
+            def hook(activation: Tensor, hook: Any) -> None:
+                captured[name] = activation[index].detach().clone()
+
+            return hook
+
+        def stop(activation: Tensor, hook: Any) -> None:
+            captured["final"] = activation[read_rows, read_positions].detach().clone()
+            raise _ForwardDone  # the unembedding of every position would cost more than the rest of this setup
+
+        rows = torch.arange(batch, device=device)
+        hooks = [
+            (hook_name, keep("initial", rows, shift_positions)),
+            (SITE_HOOKS["resid_post"].format(layer=layer), keep("suffix", self.active[:, None], positions)),
+            *[
+                (f"blocks.{index}.hook_resid_pre", keep(f"prefix{index}", self.active, slice(prefix)))
+                for index in later
+            ],
+            ("ln_final.hook_out", stop),
+        ]
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            try:
+                model(tokens, attention_mask=mask)
+            except _ForwardDone:
+                pass
+        if "final" not in captured:
+            raise RuntimeError("the forward pass finished without reaching hook 'ln_final.hook_out'")
+        self.initial: Float[Tensor, "batch d_model"] = captured["initial"]
+        self.residual: Float[Tensor, "row suffix d_model"] = captured["suffix"]
+
+        # Query i of a row sees its prefix (positions < start) and suffix columns j <= i that are not padding;
+        # every query sees column 0, so no softmax row is empty (an empty one would put NaN into the backward).
+        sees_prefix = torch.arange(prefix, device=device)[None, :] < starts[:, None]
+        sees_suffix = (columns[None, None, :] <= columns[None, :, None]) & (
+            columns[None, None, :] < suffix_lengths[:, None, None]
+        )
+        allowed = torch.cat([sees_prefix[:, None, :].expand(-1, suffix, -1), sees_suffix], dim=2)
+        group = plan.n_heads // plan.n_kv_heads
+        # Queries are grouped per key/value head ([row, kv head, group × suffix, d_head]) so GQA needs no copies.
+        self.blocked = ~allowed[:, None, None].expand(-1, 1, group, -1, -1).reshape(
+            len(self.active), 1, -1, prefix + suffix
+        )
+        slot = torch.full((batch,), -1, dtype=torch.long, device=device)
+        slot[self.active] = torch.arange(len(self.active), device=device)
+        # Reads padded to a multiple of 8 rows with copies of the first: on a CPU, MKL's kernel for the <4-row
+        # remainder of a matmul sums the unembedding's vocab-long backward reduction ~10x less accurately in
+        # float32 than the full forward's blocked one does. The copies' logits are dropped (their gradient is 0).
+        self.n_reads = len(read_rows)
+        padding = -self.n_reads % READ_ROW_MULTIPLE
+        read_rows = torch.cat([read_rows, read_rows[:1].expand(padding)])
+        read_positions = torch.cat([read_positions, read_positions[:1].expand(padding)])
+        self.read_slots = slot[read_rows]
+        self.read_columns = read_positions - shift_positions[read_rows]
+
+        self.rope: tuple[Tensor, Tensor] | None = None
+        prefix_rope: tuple[Tensor, Tensor] | None = None
+        if plan.rotary is not None:
+            tables, _ = plan.rotary
+            like = self.residual
+            self.rope = tuple(t.unsqueeze(1) for t in tables(like, positions))
+            prefix_positions = torch.arange(prefix, device=device)[None, :].expand(len(self.active), -1)
+            prefix_rope = tuple(t.unsqueeze(1) for t in tables(like, prefix_positions))
+        self.prefix_kv: list[tuple[Tensor, Tensor]] = []
+        with torch.no_grad():
+            for index in later:
+                hidden = captured[f"prefix{index}"]
+                weights = plan.layers[index]
+                normed = weights.ln1(hidden)
+                keys = self._heads(F.linear(normed, *weights.k), plan.n_kv_heads)
+                values = self._heads(F.linear(normed, *weights.v), plan.n_kv_heads)
+                if prefix_rope is not None:
+                    keys = plan.rotary[1](keys, *prefix_rope)
+                self.prefix_kv.append((keys, values))
+            fast = self(torch.zeros_like(self.initial))
+            reference = model.unembed(captured["final"][None])[0]  # the model's logits at the read positions
+        # A guard for configurations the flags above do not capture: the fast logits at zero shift must be the
+        # model's own, else the caller gets None and falls back to the full forward.
+        tolerance = (
+            _SELF_CHECK_TOLERANCE if reference.dtype in (torch.float32, torch.float64) else _SELF_CHECK_TOLERANCE_HALF
+        )
+        scale = reference.abs().max().clamp_min(1e-12)
+        self.self_check_error = float((fast - reference).abs().max() / scale)
+        self.verified = self.self_check_error <= tolerance
+
+    def _heads(self, projected: Tensor, heads: int) -> Tensor:
+        """[row, pos, heads × d_head] -> [row, heads, pos, d_head]."""
+        rows, positions, _ = projected.shape
+        return projected.view(rows, positions, heads, self.plan.d_head).transpose(1, 2)
+
+    def _attention(self, weights: _Layer, normed: Tensor, cached: tuple[Tensor, Tensor]) -> Tensor:
+        """Self-attention of the suffix positions over the cached prefix and the suffix so far."""
+        plan = self.plan
+        rows, suffix, _ = normed.shape
+        queries = self._heads(F.linear(normed, *weights.q), plan.n_heads)
+        keys = self._heads(F.linear(normed, *weights.k), plan.n_kv_heads)
+        values = self._heads(F.linear(normed, *weights.v), plan.n_kv_heads)
+        if self.rope is not None and plan.rotary is not None:
+            rotate = plan.rotary[1]
+            queries, keys = rotate(queries, *self.rope), rotate(keys, *self.rope)
+        keys = torch.cat([cached[0], keys], dim=2)
+        values = torch.cat([cached[1], values], dim=2)
+        # Query head h reads key/value head h // group (HF repeat_kv and the native repeat_interleave alike).
+        grouped = queries.reshape(rows, plan.n_kv_heads, -1, plan.d_head)
+        scores = torch.matmul(grouped, keys.transpose(-2, -1)) * weights.scale
+        scores = scores.masked_fill(self.blocked, float("-inf"))
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        mixed = torch.matmul(pattern, values).view(rows, plan.n_heads, suffix, plan.d_head)
+        return F.linear(mixed.transpose(1, 2).reshape(rows, suffix, -1), *weights.o)
+
+    def __call__(self, shift: Float[Tensor, "batch d_model"]) -> Float[Tensor, "read vocab"]:
+        """Return the logits at the read positions with shift[b] added at (b, shift_positions[b])."""
+        _check_shift(shift, *self.initial.shape)
+        residual = self.residual
+        # Column 0 of each row is its shift position; adding δ to mlp_out there adds it to resid_post there.
+        first = residual[:, :1] + shift[self.active].to(residual.device, residual.dtype)[:, None]
+        residual = torch.cat([first, residual[:, 1:]], dim=1)
+        for weights, cached in zip(self.plan.layers[self.layer + 1 :], self.prefix_kv):
+            residual = residual + self._attention(weights, weights.ln1(residual), cached)
+            residual = residual + weights.mlp(weights.ln2(residual))
+        read = residual[self.read_slots, self.read_columns][None]
+        return self.model.unembed(self.model.ln_final(read))[0, : self.n_reads]
+
+
+def fast_shifted_forward(
+    model: Any,
+    layer: int,
+    site: Site,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Int[Tensor, "batch pos"],
+    shift_positions: Int[Tensor, " batch"],
+    read_rows: Int[Tensor, " read"],
+    read_positions: Int[Tensor, " read"],
+) -> ShiftedForward | None:
+    """Return the exact suffix-only shifted forward, or None where the model's architecture is not supported."""
+    tensors = _prepare(model, layer, site, tokens, mask, shift_positions, read_rows, read_positions)
+    plan = _fast_plan(model)
+    if plan is None:
+        return None
+    forward = _FastShiftedForward(model, plan, layer, site_hook_name(layer, site), *tensors)
+    if not forward.verified:
+        warnings.warn(
+            f"fast shifted forward differs from the model's own logits (relative {forward.self_check_error:.2e}) "
+            "on this architecture; using the full forward",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return forward
+
+
+def shifted_forward(
+    model: Any,
+    layer: int,
+    site: Site,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Int[Tensor, "batch pos"],
+    shift_positions: Int[Tensor, " batch"],
+    read_rows: Int[Tensor, " read"],
+    read_positions: Int[Tensor, " read"],
+    fast: bool = True,
+) -> ShiftedForward:
+    """Return the fast shifted forward when asked for and supported, else the full reference."""
+    arguments = (model, layer, site, tokens, mask, shift_positions, read_rows, read_positions)
+    forward = fast_shifted_forward(*arguments) if fast else None
+    return forward if forward is not None else full_shifted_forward(*arguments)

@@ -471,6 +471,40 @@ def markdown_files(results_dir: Path = RESULTS_DIR) -> dict[Path, str]:
     return files
 
 
+def value_search_readme_rows(report: dict[str, Any], forward: dict[str, Any] | None) -> list[str]:
+    """Return the README rows of value_search.json (and shifted_forward.json): the fast search and each editor."""
+    where = f"{display(report['model'])}, layer {report['layer']}, {report['threads']} threads"
+    stop, full = report["with_stopping_rule_summary"], report["all_20_steps_summary"]
+    stopped = sum(row["steps_fast"] < 20 for row in report["with_stopping_rule"])
+    rows = []
+    if forward is not None:
+        rows.append(
+            f"| one value-search step, exact fast forward vs the hooked full forward (`benchmarks/shifted_forward.py`, "
+            f"{where}, {forward['batch']['rows']} prompts) | {forward['fast_step_ms']:,.0f} vs "
+            f"{forward['full_step_ms']:,.0f} ms ({forward['speedup']:.1f}×); logits agree to "
+            f"{forward['max_relative_logits_difference']:.0e}, gradients to "
+            f"{forward['max_relative_gradient_difference']:.0e} |"
+        )
+    rows.append(
+        f"| ROME's compute_v ({report['templates']} templates, 20 steps), fast vs full (`benchmarks/value_search.py`, "
+        f"{where}, {len(report['all_20_steps'])} facts) | all 20 steps: {full['median_fast_seconds']:.1f} vs "
+        f"{full['median_full_seconds']:.1f} s median ({full['median_speedup']:.1f}×); with ROME's stopping rule: "
+        f"{stop['median_fast_seconds']:.1f} vs {stop['median_full_seconds']:.1f} s (it stopped {stopped} of "
+        f"{len(report['with_stopping_rule'])} searches before step 20); δ agrees to "
+        f"{max(full['max_delta_relative_difference'], stop['max_delta_relative_difference']):.0e} |"
+    )
+    editors = report.get("editors") or {}
+    if editors:
+        costs = ", ".join(
+            f"{name} {cost['seconds_per_edit']:.1f} s" + (f" (batch of {cost['facts']})" if cost["facts"] > 1 else "")
+            for name, cost in editors.items()
+        )
+        rows.append(
+            f"| one edit of each editor, value search included (`benchmarks/value_search.py`, {where}) | {costs} |"
+        )
+    return rows
+
+
 def readme_block(results_dir: Path = RESULTS_DIR) -> str:
     """Return the README text between the benchmark markers (the marker lines excluded), ending in a newline."""
     lines = [
@@ -484,6 +518,10 @@ def readme_block(results_dir: Path = RESULTS_DIR) -> str:
     lines += [reproduction_readme_row(load(path)) for path in sorted(results_dir.glob("reproduction_*.json"))]
     lines += [matrices_readme_row(load(path)) for path in sorted(results_dir.glob("matrices_*.json"))]
     lines += lifelong_readme_rows(results_dir / "lifelong")
+    value_search = results_dir / "value_search.json"
+    if value_search.exists():
+        forward = results_dir / "shifted_forward.json"
+        lines += value_search_readme_rows(load(value_search), load(forward) if forward.exists() else None)
     covariance = results_dir / "covariance.json"
     if covariance.exists():
         lines += covariance_readme_lines(load(covariance))

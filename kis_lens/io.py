@@ -18,6 +18,7 @@ from kis_lens.errors import KisError
 # Name pattern of atomic_path's temp files: a killed writer leaves one behind, the next job removes it.
 TEMP_GLOB = ".*.tmp"
 LOCK_NAME = ".kis.lock"
+LOCK_ATTEMPTS = 5  # tries when the lock file vanishes under us (its holder just finished)
 
 
 @contextlib.contextmanager
@@ -103,35 +104,44 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, timeout: float = 0.0) -> Iterator[Path]:
+def folder_lock(
+    folder: str | Path, timeout: float = 0.0, lock_name: str = LOCK_NAME, busy: str | None = None
+) -> Iterator[Path]:
     """Hold an exclusive lock on folder (created if needed) for one writer; KisError if another holds it past timeout.
 
-    Folders this creates and leaves empty are removed again, and so is the lock file, so a job that
-    fails on bad input leaves the output tree as it found it.
+    lock_name picks the lock file, so one folder can hold several independent locks (one per lifelong run);
+    busy is the error message when another process holds it. Folders this creates and leaves empty are removed
+    again, and so is the lock file, so a job that fails on bad input leaves the output tree as it found it.
     """
     folder = Path(folder)
     missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
-    lock_path = folder / LOCK_NAME
+    lock_path = folder / lock_name
     lock = FileLock(str(lock_path), timeout=timeout, thread_local=False)
-    try:
-        while True:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise KisError(f"cannot write to {folder}: {error.strerror}; choose a writable --output_dir") from None
-            try:
-                lock.acquire()
-                break
-            except FileNotFoundError:  # the previous holder removed the empty folder it had made: make it again
-                continue
-    except Timeout:
+    for _ in range(LOCK_ATTEMPTS):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise KisError(f"cannot write to {folder}: {error.strerror}; choose a writable --output_dir") from None
+        try:
+            lock.acquire()
+        except FileNotFoundError:  # the previous holder removed the empty folder it had made: make it again
+            continue
+        except Timeout:
+            _remove_empty(missing)
+            raise KisError(
+                busy
+                or f"{folder} is being written by another kis process (it holds {lock_path}): wait for that job to "
+                "finish, or give this one another --output_dir"
+            ) from None
+        if lock_path.exists():
+            break
+        # We locked the inode a finishing holder had just unlinked; a newcomer would lock a fresh file. Retry.
+        lock.release()
+    else:
         _remove_empty(missing)
-        raise KisError(
-            f"{folder} is being written by another kis process (it holds {lock_path}): wait for that job to finish, "
-            "or give this one another --output_dir"
-        ) from None
+        raise KisError(f"could not lock {lock_path}: it kept disappearing; rerun the command")
     try:
-        yield folder
+        yield lock_path.parent
     finally:
         # Unlinked while still held: a process waiting on this inode sees it gone and locks the new file.
         lock_path.unlink(missing_ok=True)

@@ -110,6 +110,19 @@ def covariance_key(config: RunConfig, model: HookedModel, layer: int) -> CacheKe
     )
 
 
+def editing_run_config(options: Any) -> RunConfig:
+    """Return the RunConfig whose covariance an editing job reads: its model options, corpus and token budget."""
+    return RunConfig(
+        model_name=options.model_name,
+        device=options.device,
+        dtype=options.dtype,
+        output_dir=options.output_dir,
+        corpus=options.corpus,
+        max_tokens=options.max_tokens,
+        progress=options.progress,
+    )
+
+
 def covariance_request(config: RunConfig, **options: Any) -> CovarianceRequest:
     """Return the covariance job a config describes; options set CovarianceRequest's cache-only fields."""
     return CovarianceRequest(

@@ -241,7 +241,7 @@ def test_every_run_holds_the_schema_settings_and_files(run):
         assert settings["facts"] == [case.case_id for case in lifelong._ordered_cases(run["config"], run["model"])]
         assert settings["model"]["fingerprint"] == model_info(run["model"]).fingerprint  # unedited weights
         assert settings["editor"]["name"] == editor and settings["editor"]["value_prompts_used"] == 3
-        assert settings["editor"]["rome_search"]["steps"] == 4 and settings["editor"]["covariance_weight"] == 15000
+        assert settings["editor"]["rome_search"]["steps"] == 4 and settings["config"]["covariance_weight"] is None
         assert len(settings["templates"]["rome"]) == 3 and len(settings["templates"]["memit"]) == 2
     assert not list(folder.glob("*.partial.*"))
     assert (folder / "lifelong_metrics.html").is_file()
@@ -257,11 +257,12 @@ def test_collapse_is_the_first_step_past_a_threshold():
         {"n_edits": 30, "efficacy": 0.4, "perplexity": 15.0},
     ]
     p_matrix = torch.eye(40, dtype=torch.float64)
-    assert lifelong._collapse(config, "rome", steps, p_matrix)["step"] == 20
+    assert lifelong._collapse(config, True, steps, p_matrix)["step"] == 20
+    assert lifelong._collapse(config, False, steps, p_matrix)["step"] is None  # a run that moved no weight
     steps[2]["perplexity"] = 19.0
-    assert lifelong._collapse(config, "rome", steps, p_matrix)["step"] == 30
+    assert lifelong._collapse(config, True, steps, p_matrix)["step"] == 30
     steps[3]["efficacy"] = 0.5
-    assert lifelong._collapse(config, "rome", steps, p_matrix)["step"] is None
+    assert lifelong._collapse(config, True, steps, p_matrix)["step"] is None
 
 
 # ---------------------------------------------------------------------------------------------------------

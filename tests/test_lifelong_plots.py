@@ -741,3 +741,21 @@ def test_write_lifelong_doc_empty_folder(tmp_path):
     with pytest.raises(KisError, match="kis lifelong"):
         sp.write_lifelong_doc(tmp_path, tmp_path / "lifelong.md")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cut_value_search_is_named_in_every_table():
+    """A run with fewer prompts or steps than the originals' value search says "(cut)"; a full one does not."""
+    full = {"settings": {"editor": {"name": "rome", "value_prompts_used": 21, "rome_search": {"steps": 20}}}}
+    cut = {"settings": {"editor": {"name": "rome", "value_prompts_used": 7, "rome_search": {"steps": 20}}}}
+    memit = {
+        "settings": {
+            "editor": {"name": "memit", "memit_search": {"steps": 20}},
+            "templates": {"memit": [["{}"], ["a. {}", "b. {}", "c. {}", "d. {}", "e. {}"]]},
+        }
+    }
+    legacy = {"settings": {"config": {"n_prefixes": 2, "value_steps": 10}}}
+    assert sp.value_search_text(full) == "21 prompts × 20 steps"
+    assert sp.value_search_text(cut) == "7 prompts × 20 steps (cut)"
+    assert sp.value_search_text(memit) == "6 prompts × 20 steps"
+    assert sp.value_search_text(legacy) == "3 prompts × 10 steps (cut)"
+    assert sp.summary_rows({"rome": cut})[0]["value search"] == "7 prompts × 20 steps (cut)"

@@ -488,3 +488,17 @@ def test_run_lock_leaves_a_folder_with_results_and_no_lock_file(tmp_path):
         save_checkpoint(tmp_path, STEM, settings(), example_tensors(), example_state())
     assert not lock_path.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{STEM}.partial.json", f"{STEM}.partial.safetensors"]
+
+
+def test_stale_checkpoints_name_the_runs_a_changed_input_leaves_behind(tmp_path):
+    """A checkpoint with the same readable stem but another identity is listed with the fields that differ."""
+    old = run_identity(settings())
+    new = run_identity(settings(facts_sha256="e" * 64))
+    readable = {"seed": 0, "n": 8, "layer": 1}
+    old_stem, new_stem = run_stem("rome", old, readable), run_stem("rome", new, readable)
+    save_checkpoint(tmp_path, old_stem, old, example_tensors(), example_state())
+    other_seed = run_identity(settings(config={"seed": 1}))
+    save_checkpoint(tmp_path, run_stem("rome", other_seed, {"seed": 1, "n": 8, "layer": 1}), other_seed, {}, {})
+    stale = runs.stale_checkpoints(tmp_path, new_stem, new)
+    assert [(path.name, fields) for path, fields in stale] == [(f"{old_stem}.partial.json", ["facts_sha256"])]
+    assert runs.stale_checkpoints(tmp_path, old_stem, old) == []  # its own checkpoint is not stale

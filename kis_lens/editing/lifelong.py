@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kis_lens._version import __version__
-from kis_lens.config import ModelOptions, RunConfig, at_least, setting
+from kis_lens.config import ModelOptions, at_least, setting
 from kis_lens.corpus import EMBEDDED_CORPUS, open_corpus
 from kis_lens.editing.counterfact import CounterFactCase, load_cases
 from kis_lens.editing.evaluation import (
@@ -70,7 +70,7 @@ from kis_lens.models import (
     output_weight,
     resolve_prepend_bos,
 )
-from kis_lens.runner import ensure_covariances
+from kis_lens.runner import editing_run_config, ensure_covariances
 from kis_lens.tokens import encode
 
 EDITORS: tuple[str, ...] = EDITOR_NAMES
@@ -106,7 +106,9 @@ class LifelongConfig(ModelOptions):
     eval_every: int = setting(100, "every metric (paraphrase, neighborhood, score, fluency) every this many edits")
     probe_every: int = setting(10, "the cheap metrics (efficacy on all edits so far, perplexity, drift) this often")
     batch_size: int = setting(16, "facts per MEMIT/AlphaEdit/emmet batch")
-    covariance_weight: float = setting(15000.0, "MEMIT's mom2_update_weight λ on the mean C (GPT-J 15000)")
+    covariance_weight: float | None = setting(
+        None, "MEMIT's mom2_update_weight λ on the mean C", none="GPT-J's 15000 per 16384 MLP dims × d_mlp"
+    )
     null_threshold: float = setting(2e-2, "AlphaEdit's null space: singular values of C below this")
     null_relative: bool = setting(False, "AlphaEdit's threshold × the largest singular value (not the original)")
     null_l2: float = setting(10.0, "AlphaEdit's L2")
@@ -149,9 +151,9 @@ class LifelongConfig(ModelOptions):
             raise KisError(f"unknown editor(s) {unknown}: choose from {', '.join(EDITORS)}")
         numbers = ("covariance_weight", "null_threshold", "null_l2", "emmet_weight", "ridge", "perplexity_ratio")
         for name in numbers:
-            if not math.isfinite(getattr(self, name)):
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 raise KisError(f"--{name} must be a finite number, got {getattr(self, name)}")
-        if self.covariance_weight < 0 or not self.null_l2 > 0 or not self.null_threshold > 0:
+        if (self.covariance_weight or 0) < 0 or not self.null_l2 > 0 or not self.null_threshold > 0:
             raise KisError("covariance_weight must be >= 0, null_l2 and null_threshold > 0")
         if not self.ridge >= 0 or self.emmet_weight < 0:
             raise KisError(f"ridge and emmet_weight must be zero or positive, got {self.ridge}, {self.emmet_weight}")
@@ -325,15 +327,7 @@ def _prepare(config: LifelongConfig, model: HookedModel) -> _Bench:
 
     layer = config.layer
     cases = _ordered_cases(config, model)
-    run_config = RunConfig(
-        model_name=config.model_name,
-        device=config.device,
-        dtype=config.dtype,
-        output_dir=config.output_dir,
-        corpus=config.corpus,
-        max_tokens=config.max_tokens,
-        progress=config.progress,
-    )
+    run_config = editing_run_config(config)
     info = model_info(model)
     covariances, report = ensure_covariances(run_config, model, list(config.edit_layers))
     texts_for_c = min(int(report.layers[each].texts) for each in config.edit_layers)
@@ -619,22 +613,24 @@ def _scores_of(bench: _Bench, rows: Sequence[int]) -> tuple[Tensor, Tensor, Tens
     return nll[: len(rows)], nll[len(rows) :], scores.greedy[: len(rows)].cpu()
 
 
-def _collapse(config: LifelongConfig, editor: str, steps: list[dict[str, Any]], p_matrix: Tensor) -> dict[str, Any]:
-    """Return the first step where efficacy on all edits so far or held-out perplexity crosses its threshold."""
+def _collapse(config: LifelongConfig, changed: bool, steps: list[dict[str, Any]], p_matrix: Tensor) -> dict[str, Any]:
+    """Return the first step where efficacy on all edits so far or held-out perplexity crosses its threshold.
+
+    A run that moved no weight (the `none` editor) has no collapse: its efficacy is the unedited model's."""
     baseline = steps[0]["perplexity"]
     criterion = (
         f"efficacy on all edits so far < {config.retention_threshold:g}, or held-out perplexity > "
         f"{config.perplexity_ratio:g} × the unedited model's ({baseline:.3g})"
     )
     found = None
-    for step in steps[1:]:
+    for step in steps[1:] if changed else []:
         low = step["efficacy"] is not None and step["efficacy"] < config.retention_threshold
         if low or step["perplexity"] > config.perplexity_ratio * baseline:
             found = step["n_edits"]
             break
     return {
         "step": found,
-        "criterion": criterion,
+        "criterion": criterion if changed else "the run moved no weight: no collapse is defined",
         "retention_threshold": config.retention_threshold,
         "perplexity_ratio": config.perplexity_ratio,
         "accumulated_p2_at_collapse": _accumulated_p2(p_matrix, found) if found is not None else None,
@@ -745,7 +741,7 @@ def _result(
     config = bench.config
     pairs = state.pairs
     summary = {
-        "collapse": _collapse(config, editor, state.steps, bench.p_matrix),
+        "collapse": _collapse(config, state.changed, state.steps, bench.p_matrix),
         "correlations": {
             "predicted_vs_output": correlations(pairs["predicted"], pairs["measured_output"]),
             "predicted_vs_logprob": correlations(pairs["predicted"], pairs["measured_logprob"]),
@@ -765,6 +761,7 @@ def _result(
         "layers": sorted(session.weights),
         "batch_size": config.batch_size if entry.batches else 1,
         **{key: value for key, value in vars(config.editor_settings).items() if not key.endswith("search")},
+        "covariance_weight": session.covariance_weight if entry.name == "memit" else config.covariance_weight,
         "rome_search": vars(config.editor_settings.rome_search),
         "memit_search": vars(config.editor_settings.memit_search),
         "value_prompts_used": len(bench.rome_templates),

@@ -490,6 +490,28 @@ def write_lifelong_figures(results: Mapping[str, Mapping[str, Any]], folder: str
 # ------------------------------------------------------------------------------------------------ report section
 
 
+# The originals' value searches: ROME's compute_v over its 21 templates, MEMIT's compute_z over its 6, 20 steps
+FULL_VALUE_SEARCH: dict[str, tuple[int, int]] = {"rome": (21, 20), "memit": (6, 20)}
+
+
+def value_search_text(result: Mapping[str, Any]) -> str:
+    """Return "<prompts> prompts × <steps> steps" of a run's value search, marked "(cut)" below the originals'."""
+    settings, editor = _settings(result), _settings(result).get("editor") or {}
+    if (editor.get("name") or result.get("editor")) == "none":
+        return "—"
+    if not editor:  # legacy files: the rewrite prompt plus n_prefixes sampled prefixes
+        config = _config(result)
+        prompts, steps, full = 1 + int(config.get("n_prefixes") or 0), config.get("value_steps"), (21, 20)
+    else:
+        multi = editor.get("name") in ("memit", "alphaedit")
+        search = editor.get("memit_search" if multi else "rome_search") or {}
+        templates = (settings.get("templates") or {}).get("memit") or []
+        prompts = sum(len(group) for group in templates) if multi else editor.get("value_prompts_used")
+        steps, full = search.get("steps"), FULL_VALUE_SEARCH["memit" if multi else "rome"]
+    cut = prompts is None or steps is None or int(prompts) < full[0] or int(steps) < full[1]
+    return f"{prompts} prompts × {steps} steps" + (" (cut)" if cut else "")
+
+
 def summary_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Return one row per editor of the report table: collapse, final metrics, correlations and timing."""
     rows, labels = [], _labels(results)
@@ -505,6 +527,7 @@ def summary_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any
             row[f"Pearson, {short}"] = numbers.get("pearson")
             row[f"Spearman, {short}"] = numbers.get("spearman")
             row[f"pairs, {short}"] = numbers.get("n")
+        row["value search"] = value_search_text(result)
         row["wall s"] = summary.get("wall_seconds")
         row["s per edit"] = summary.get("seconds_per_edit")
         rows.append(row)
@@ -818,6 +841,7 @@ def _editor_table(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     rows: list[tuple[str, Callable[[str, Mapping[str, Any]], str]]] = [
         ("run", lambda e, r: f"`{run_names({e: r})[0]}`"),
         ("edits made", lambda e, r: _number(len(r.get("edits") or []))),
+        ("value search (prompts × steps)", lambda e, r: value_search_text(r)),
         ("last measurement at (edits)", lambda e, r: _number(final_n_edits(r))),
         ("collapse", lambda e, r: _collapse_text(r)),
         ("collapse criterion", lambda e, r: ((r.get("summary") or {}).get("collapse") or {}).get("criterion") or "—"),

@@ -58,7 +58,7 @@ class EditorSettings:
     memit_span: int = 5  # MEMIT's layers: this many ending at `layer` (GPT-2 XL: ROME 17, MEMIT 13–17)
     rome_search: ValueSearch = ValueSearch()
     memit_search: ValueSearch = ValueSearch(clamp_norm_factor=0.75)
-    covariance_weight: float = 15000.0  # MEMIT's mom2_update_weight λ on the mean C (GPT-J 15000, GPT-2 XL 20000)
+    covariance_weight: float | None = None  # MEMIT's mom2_update_weight λ on the mean C; None: memit_lambda(d_mlp)
     null_threshold: float = 2e-2  # AlphaEdit's nullspace_threshold on C's singular values
     null_relative: bool = False  # True: the threshold is relative to the largest singular value (not AlphaEdit's)
     null_l2: float = 10.0  # AlphaEdit's L2
@@ -71,6 +71,17 @@ class EditorSettings:
     def memit_layers(self) -> tuple[int, ...]:
         """Return MEMIT's and AlphaEdit's edit layers (clipped at layer 0)."""
         return tuple(range(max(0, self.layer - self.memit_span + 1), self.layer + 1))
+
+
+# MEMIT's λ is 15000 for GPT-J (d_mlp 16384) and 20000 for GPT-2 XL (d_mlp 6400). Corpus keys have
+# E[kᵀC⁻¹k] = tr(C⁻¹C) = d_mlp, so λ/d_mlp is what weighs the preserved keys against a typical edited one;
+# GPT-J's ratio carries the setting to other widths (SmolLM2, d_mlp 1536: λ ≈ 1406).
+MEMIT_LAMBDA_PER_MLP_DIM = 15000 / 16384
+
+
+def memit_lambda(d_mlp: int) -> float:
+    """Return MEMIT's default λ for an MLP width: GPT-J's λ per MLP dimension (15000 / 16384) × d_mlp."""
+    return MEMIT_LAMBDA_PER_MLP_DIM * d_mlp
 
 
 @dataclass
@@ -160,6 +171,12 @@ class EditSession:
     def plain_keys(self, facts: Sequence[Fact], layer: int) -> Float[Tensor, "fact d_mlp"]:
         """Return the plain prompts' keys at a layer on the model as it is now, float64."""
         return compute_keys(self.model, list(facts), [layer]).at_layer(layer).double().cpu()
+
+    @property
+    def covariance_weight(self) -> float:
+        """Return MEMIT's λ: the setting, or the width rule memit_lambda(d_mlp)."""
+        chosen = self.settings.covariance_weight
+        return chosen if chosen is not None else memit_lambda(int(self.model.cfg.d_mlp))
 
     def remember_plain_keys(self, facts: Sequence[Fact], keys: Float[Tensor, "fact d_mlp"]) -> None:
         """Use these plain keys at the edit layer for these facts (the caller's, so every number shares one key)."""
@@ -263,7 +280,8 @@ def _memit_family(session: EditSession, facts: Sequence[Fact], null_space: bool)
                 remaining,
             )
         else:
-            delta = memit_layer_delta(keys, residual, session.covariances[layer], settings.covariance_weight, remaining)
+            weight = session.covariance_weight
+            delta = memit_layer_delta(keys, residual, session.covariances[layer], weight, remaining)
         session.write(layer, delta)
         deltas[layer] = delta
     if null_space:  # AlphaEdit accumulates the keys of this batch, taken with the edited weights

@@ -18,13 +18,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from filelock import FileLock, Timeout
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from kis_lens.errors import KisError
-from kis_lens.io import _remove_empty, atomic_write, save_json
+from kis_lens.io import atomic_write, folder_lock, save_json
 from kis_lens.models import file_sha256
 
 CHECKPOINT_FORMAT = 1
@@ -35,7 +34,6 @@ HASH_LENGTH = 8  # hex digits of identity_hash in a stem: 32 bits, ample for the
 READABLE_LENGTH = 120  # a stem's readable part is cut here so file names stay under common 255-byte limits
 STEM_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-_LOCK_ATTEMPTS = 5
 
 
 def content_sha256(path: str | Path) -> str:
@@ -75,39 +73,13 @@ def run_stem(editor: str, identity: Mapping[str, Any], readable: Mapping[str, An
 def run_lock(folder: str | Path, stem: str) -> Iterator[Path]:
     """Hold an exclusive non-blocking lock on one run stem in folder; KisError if another process holds it."""
     _check_stem(stem)
-    folder = Path(folder)
-    missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
-    lock_path = folder / f".{stem}.lock"  # hidden like kis_lens.io's .kis.lock; one per stem so other runs go on
-    lock = FileLock(str(lock_path), timeout=0, thread_local=False)
-    for _ in range(_LOCK_ATTEMPTS):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise KisError(f"cannot write to {folder}: {error.strerror}; choose a writable --output_dir") from None
-        try:
-            lock.acquire()
-        except FileNotFoundError:  # the previous holder removed the empty folder it had made: make it again
-            continue
-        except Timeout:
-            _remove_empty(missing)
-            raise KisError(
-                f"run {stem} in {folder} is being written by another process (lock {lock_path}): "
-                "wait for it or use another --output_dir"
-            ) from None
-        if lock_path.exists():
-            break
-        # We locked the inode a finishing holder had just unlinked; a newcomer would lock a fresh file. Retry.
-        lock.release()
-    else:
-        _remove_empty(missing)
-        raise KisError(f"could not lock {lock_path}: it kept disappearing; rerun the command")
-    try:
-        yield lock_path
-    finally:
-        # Unlinked while still held (as kis_lens.io.folder_lock does), so a finished run leaves no lock file behind.
-        lock_path.unlink(missing_ok=True)
-        lock.release()
-        _remove_empty(missing)
+    lock_name = f".{stem}.lock"  # hidden like kis_lens.io's .kis.lock; one per stem so other runs go on
+    busy = (
+        f"run {stem} in {folder} is being written by another process (lock {Path(folder) / lock_name}): "
+        "wait for it or use another --output_dir"
+    )
+    with folder_lock(folder, 0.0, lock_name, busy):
+        yield Path(folder) / lock_name
 
 
 def checkpoint_paths(folder: str | Path, stem: str) -> tuple[Path, Path]:

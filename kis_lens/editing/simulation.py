@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kis_lens._version import __version__
-from kis_lens.config import ModelOptions, RunConfig, at_least, setting
+from kis_lens.config import ModelOptions, at_least, setting
 from kis_lens.corpus import EMBEDDED_CORPUS
 from kis_lens.editing.editors import (
     NullSpace,
@@ -57,7 +57,7 @@ from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts, sample_facts
 from kis_lens.hooks import mlp_out_hook_name
 from kis_lens.io import save_json
 from kis_lens.keys import compute_keys
-from kis_lens.matrices import Whitener
+from kis_lens.matrices import Whitener, p_matrix
 from kis_lens.models import (
     HookedModel,
     load_model,
@@ -66,7 +66,7 @@ from kis_lens.models import (
     output_weight,
     resolve_prepend_bos,
 )
-from kis_lens.runner import ensure_covariances
+from kis_lens.runner import editing_run_config, ensure_covariances
 from kis_lens.tokens import pad_batch, pad_token_id
 
 CONDITIONS: tuple[str, ...] = ("rome", "rome_orthogonal", "alphaedit", "memit")
@@ -176,15 +176,7 @@ def _select_facts(config: EditSimConfig) -> list[Fact]:
 def _prepare(config: EditSimConfig, model: HookedModel) -> _Bench:
     facts = _select_facts(config)
     layer = config.layer
-    run_config = RunConfig(
-        model_name=config.model_name,
-        device=config.device,
-        dtype=config.dtype,
-        output_dir=config.output_dir,
-        corpus=config.corpus,
-        max_tokens=config.max_tokens,
-        progress=config.progress,
-    )
+    run_config = editing_run_config(config)
     covariance = ensure_covariances(run_config, model, [layer])[0][layer]
     whitener = Whitener.from_covariance(covariance, ridge=config.ridge)
     prepend_bos = resolve_prepend_bos(model, None)
@@ -234,9 +226,7 @@ def _run_condition(
     batch = config.batch_size if name == "memit" else 1
     n_edits, unedited = bench.n_edits, slice(bench.n_edits, len(bench.facts))
     delta = torch.zeros(keys.shape[1], bench.outputs.shape[1], dtype=torch.float64)
-    whitened = bench.whitener.whiten(keys)
-    gram_rows = whitened[:n_edits] @ whitened.T  # k_iᵀC⁻¹k_f for edited i, every fact f
-    p_to_all = gram_rows / torch.diagonal(gram_rows[:, :n_edits])[:, None]  # P[i, f]
+    p_to_all = p_matrix(keys, bench.whitener)[:n_edits]  # P[i, f] for edited i, every fact f
     residual_history = torch.zeros(n_edits, bench.outputs.shape[1], dtype=torch.float64)
     curves: dict[str, list[Any]] = {
         key: []

@@ -614,6 +614,32 @@ def _lifelong_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_lifelong_command)
 
 
+def _trace_command(args: argparse.Namespace) -> None:
+    from kis_lens.trace import TraceConfig, causal_trace
+
+    config = config_from_args(args, TraceConfig)
+    started = time.perf_counter()
+    result = causal_trace(config)
+    ie = result.mean_indirect_effect
+    print(
+        f"done in {time.perf_counter() - started:.1f} s: {len(result.facts)} facts × {len(result.layers)} layers, "
+        f"p_clean {result.p_clean.mean():.4f}, p_corrupt {result.p_corrupt.mean():.4f}"
+    )
+    print(f"peak layer {result.peak_layer} (mean IE {ie[result.peak_layer]:.4f}, last layer left out)")
+    print(f"early-to-middle peak layer {result.peak_layer_early} (mean IE {ie[result.peak_layer_early]:.4f})")
+    print(f"results: {result.path}")
+
+
+def _trace_parser(sub: argparse._SubParsersAction) -> None:
+    from kis_lens.trace import TraceConfig
+
+    parser = _subcommand(
+        sub, "trace", "ROME's causal trace: indirect effect of restoring each layer's MLP output (to choose the layer)"
+    )
+    add_config_flags(parser, TraceConfig)
+    parser.set_defaults(handler=_trace_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `kis` command."""
     parser = argparse.ArgumentParser(
@@ -641,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     _report_parser(sub)
     _edit_sim_parser(sub)
     _lifelong_parser(sub)
+    _trace_parser(sub)
     return parser
 
 

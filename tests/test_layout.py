@@ -32,7 +32,7 @@ LEVELS: list[tuple[str, ...]] = [
     ("report",),
     ("editing.simulation_plots", "editing.lifelong_plots"),
     ("editing.simulation", "editing.lifelong"),
-    ("reproduce", "editing"),
+    ("reproduce", "editing", "trace"),
     # Entry points and re-export shims kept for old import paths.
     ("cli", "__init__", "lifelong", "plots_editing"),
 ]

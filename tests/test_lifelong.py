@@ -243,6 +243,10 @@ def test_every_run_holds_the_schema_settings_and_files(run):
         assert settings["editor"]["name"] == editor and settings["editor"]["value_prompts_used"] == 3
         assert settings["editor"]["rome_search"]["steps"] == 4 and settings["config"]["covariance_weight"] is None
         assert len(settings["templates"]["rome"]) == 3 and len(settings["templates"]["memit"]) == 2
+        per_edit = ("update", "update_delta_norm", "sigma_max", "condition_number", "accumulated_p2", "edit_perplexity")
+        assert all(set(per_edit) <= set(edit) for edit in saved["edits"])
+        assert all(step["retention_oldest_quarter"] is not None for step in saved["steps"][1:])
+        assert saved["summary"]["disabling_edits"] == [] or editor != "none"
     assert not list(folder.glob("*.partial.*"))
     assert (folder / "lifelong_metrics.html").is_file()
 
@@ -263,6 +267,26 @@ def test_collapse_is_the_first_step_past_a_threshold():
     assert lifelong._collapse(config, True, steps, p_matrix)["step"] == 30
     steps[3]["efficacy"] = 0.5
     assert lifelong._collapse(config, True, steps, p_matrix)["step"] is None
+
+
+def test_a_disabling_edit_is_a_norm_outlier_followed_by_a_perplexity_jump():
+    """The rule flags the update whose ‖ΔW‖ > 10× the running median and after which perplexity jumps ×1.5; each
+    half of the rule alone flags nothing."""
+
+    def edits(norms, perplexities):
+        return [
+            {"case_id": str(i), "update": i, "update_delta_norm": n, "edit_perplexity": p}
+            for i, (n, p) in enumerate(zip(norms, perplexities))
+        ]
+
+    found = lifelong.disabling_edits(edits([1, 2, 1, 30, 2], [10, 10, 11, 20, 21]), 10.0, 10.0, 1.5)
+    assert [(item["n_edits"], item["running_median"], item["perplexity_before"]) for item in found] == [(4, 1.0, 11)]
+    assert lifelong.disabling_edits(edits([1, 2, 1, 30, 2], [10, 10, 11, 16, 21]), 10.0, 10.0, 1.5) == []
+    assert lifelong.disabling_edits(edits([1, 2, 1, 9, 2], [10, 10, 11, 20, 21]), 10.0, 10.0, 1.5) == []
+    batch = [{"update": 0, "update_delta_norm": 1, "edit_perplexity": 10}] * 2 + [
+        {"update": 1, "update_delta_norm": 50, "edit_perplexity": 30, "case_id": "x"}
+    ] * 2
+    assert [item["n_edits"] for item in lifelong.disabling_edits(batch, 10.0, 10.0, 1.5)] == [4]  # last of its batch
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -129,6 +129,9 @@ class LifelongConfig(ModelOptions):
     ridge: float = setting(0.0, "add ridge·mean(diag C)·I to C before solving")
     heldout_texts: int = setting(16, "held-out texts (after those C read) for perplexity")
     heldout_tokens: int = setting(128, "tokens per held-out text")
+    edit_perplexity_texts: int = setting(4, "the first held-out texts scored after every update (0: off)")
+    disabling_norm_ratio: float = setting(10.0, "a disabling edit: its ‖ΔW‖ above this × the running median …")
+    disabling_perplexity_ratio: float = setting(1.5, "… and held-out perplexity right after it above this × before")
     fluency_prompts: int = setting(8, "generation prompts for fluency")
     fluency_tokens: int = setting(32, "greedy tokens generated per fluency prompt")
     retention_threshold: float = setting(0.5, "collapse when efficacy on all edits so far falls below this")
@@ -143,13 +146,22 @@ class LifelongConfig(ModelOptions):
         at_least("value_prompts", self.value_prompts, 1, none_means="all")
         for name in ("eval_every", "probe_every", "batch_size", "value_steps", "n_unedited", "memit_span"):
             at_least(name, getattr(self, name), 1)
-        for name in ("heldout_texts", "fluency_prompts"):
+        for name in ("heldout_texts", "fluency_prompts", "edit_perplexity_texts"):
             at_least(name, getattr(self, name), 0)
         at_least("max_tokens", self.max_tokens, 1, none_means="no limit")
         unknown = [name for name in self.editors if name not in EDITORS]
         if unknown or not self.editors:
             raise KisError(f"unknown editor(s) {unknown}: choose from {', '.join(EDITORS)}")
-        numbers = ("covariance_weight", "null_threshold", "null_l2", "emmet_weight", "ridge", "perplexity_ratio")
+        numbers = (
+            "covariance_weight",
+            "null_threshold",
+            "null_l2",
+            "emmet_weight",
+            "ridge",
+            "perplexity_ratio",
+            "disabling_norm_ratio",
+            "disabling_perplexity_ratio",
+        )
         for name in numbers:
             if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 raise KisError(f"--{name} must be a finite number, got {getattr(self, name)}")
@@ -250,6 +262,7 @@ class _Bench:
     info: ModelInfo  # of the unedited model: the fingerprint read while W_out is edited would be another model's
     unedited_nll0: Tensor = field(default_factory=lambda: torch.empty(0))
     perplexity0: float = float("nan")
+    edit_perplexity0: float | None = None  # the unedited model's perplexity on the per-edit texts
     fluency0: float | None = None
     unedited_scores: dict[str, Any] = field(default_factory=dict)  # the unedited model's scores, computed once
 
@@ -400,6 +413,12 @@ def _perplexity(bench: _Bench) -> float:
     return perplexity(bench.model, bench.heldout) if bench.heldout else float("nan")
 
 
+def _edit_perplexity(bench: _Bench) -> float | None:
+    """Return held-out perplexity on the first edit_perplexity_texts texts (scored after every update), or None."""
+    count = bench.config.edit_perplexity_texts
+    return perplexity(bench.model, bench.heldout[:count]) if count and bench.heldout else None
+
+
 def _prompt_scores(
     bench: _Bench, name: str, upto: int, unedited_model: bool
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -438,6 +457,47 @@ def _case_metrics(
             metrics[name], metrics[f"{name}_magnitude"] = success(new_nll, true_nll, owners)
         metrics["score"] = harmonic_mean([metrics["efficacy"], metrics["paraphrase"], metrics["neighborhood"]])
     return metrics
+
+
+def _oldest_quarter_retention(rewrite: tuple[Tensor, Tensor, Tensor], upto: int) -> float | None:
+    """Return rewrite success on the oldest quarter of the edits so far (recent edits prop up efficacy on all)."""
+    if upto == 0:
+        return None
+    oldest = max(1, upto // 4)
+    new, true, _ = rewrite
+    return rewrite_success(new[:oldest].numpy(), true[:oldest].numpy(), list(range(oldest)))[0]
+
+
+def disabling_edits(
+    edits: Sequence[dict[str, Any]], perplexity0: float | None, norm_ratio: float, perplexity_ratio: float
+) -> list[dict[str, Any]]:
+    """Return the updates whose ‖ΔW‖ exceeds norm_ratio × the running median of earlier updates' and after which
+    held-out perplexity (on the per-edit texts) rises above perplexity_ratio × its value just before (Gupta et al.)."""
+    updates: dict[int, dict[str, Any]] = {}
+    for index, edit in enumerate(edits):
+        updates.setdefault(edit.get("update", index), {**edit, "n_edits": index + 1})["n_edits"] = index + 1
+    found, norms, before = [], [], perplexity0
+    for update in updates.values():
+        norm, after = update.get("update_delta_norm"), update.get("edit_perplexity")
+        if norm is None:
+            continue
+        median = float(np.median(norms)) if norms else None
+        big = median is not None and median > 0 and norm > norm_ratio * median
+        jump = before is not None and after is not None and before > 0 and after > perplexity_ratio * before
+        if big and jump:
+            found.append(
+                {
+                    "n_edits": update["n_edits"],
+                    "case_id": update.get("case_id"),
+                    "update_delta_norm": norm,
+                    "running_median": median,
+                    "perplexity_before": before,
+                    "perplexity_after": after,
+                }
+            )
+        norms.append(norm)
+        before = after if after is not None else before
+    return found
 
 
 def _weight_stats(weight: Tensor, weight0: Tensor) -> dict[str, float]:
@@ -514,6 +574,7 @@ def _measure(bench: _Bench, state: _State, kind: str, clock: float) -> None:
     unchanged = not state.changed  # a run that has moved no weight measures the unedited model: reuse its scores
     rewrite = _baseline_rewrite(bench, t) if unchanged else _scores_of(bench, range(t))
     step: dict[str, Any] = {"n_edits": t, "kind": kind, **_case_metrics(bench, t, full, rewrite, unchanged)}
+    step["retention_oldest_quarter"] = _oldest_quarter_retention(rewrite, t)
     if unchanged:
         step["fluency"] = bench.fluency0 if full else None
         step["perplexity"] = bench.perplexity0
@@ -575,9 +636,18 @@ def _edit(bench: _Bench, editor: str, session: EditSession, state: _State, rows:
     state.earlier_keys_outer = dict(session.earlier_keys_outer)
     state.changed = state.changed or any(bool(delta.abs().max() > 0) for delta in record.deltas.values())
     keys = bench.keys[rows]
-    after = keys @ state.weights[bench.config.layer] + bench.bias
+    weight = state.weights[bench.config.layer]
+    after = keys @ weight + bench.bias
     new, true, _ = _scores_of(bench, rows) if state.changed else _baseline_rewrite_rows(bench, rows)
     seconds = time.perf_counter() - started
+    # per update, not only per probe: what an alarm for a disabling edit would watch
+    update = {
+        "update": update_index,
+        "update_delta_norm": float(record.deltas[bench.config.layer].norm()),
+        **{key: value for key, value in _weight_stats(weight, bench.weight0).items() if key != "weight_change_norm"},
+        "accumulated_p2": _accumulated_p2(bench.p_matrix, rows[-1] + 1),
+        "edit_perplexity": _edit_perplexity(bench) if state.changed else bench.edit_perplexity0,
+    }
     for position, row in enumerate(rows):
         target = record.targets[position]
         state.update_of.append(update_index)
@@ -592,6 +662,7 @@ def _edit(bench: _Bench, editor: str, session: EditSession, state: _State, rows:
                 "residual_norm": float(record.output_change[position].norm()),
                 "newest_efficacy": bool(new[position] < true[position]),
                 "seconds": round(seconds / len(rows), 3),
+                **update,
                 **record.details[position],
             }
         )
@@ -742,6 +813,14 @@ def _result(
     pairs = state.pairs
     summary = {
         "collapse": _collapse(config, state.changed, state.steps, bench.p_matrix),
+        "disabling_edits": disabling_edits(
+            state.edits, bench.edit_perplexity0, config.disabling_norm_ratio, config.disabling_perplexity_ratio
+        ),
+        "disabling_rule": (
+            f"‖ΔW‖ of an update > {config.disabling_norm_ratio:g} × the running median of earlier updates', and "
+            f"held-out perplexity on {min(config.edit_perplexity_texts, len(bench.heldout))} texts right after it > "
+            f"{config.disabling_perplexity_ratio:g} × just before"
+        ),
         "correlations": {
             "predicted_vs_output": correlations(pairs["predicted"], pairs["measured_output"]),
             "predicted_vs_logprob": correlations(pairs["predicted"], pairs["measured_logprob"]),
@@ -810,6 +889,7 @@ def run_lifelong(
         bench = _prepare(config, model)
         bench.unedited_nll0 = score_continuations(model, bench.unedited).nll.double().cpu()
         bench.perplexity0 = _perplexity(bench)
+        bench.edit_perplexity0 = _edit_perplexity(bench)
         bench.fluency0 = _fluency(bench)
         folder = lifelong_dir(config.output_dir, bench.info.name, config.layer)
         folder.mkdir(parents=True, exist_ok=True)

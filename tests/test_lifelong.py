@@ -211,6 +211,20 @@ def test_p_bookkeeping_for_p_rome_is_an_identity(run):
     assert set(memit["n_edits"]) <= {3, 6}
 
 
+def test_the_controls_of_each_pair_are_what_they_say(run):
+    """Each pair (u, t) carries the count of later edits, √Σ‖r_i‖² over them and P's prediction with P's columns
+    permuted, checked against the per-edit records directly; the shuffled prediction is not P's."""
+    result = run["results"]["p-rome"]
+    pairs, norms = result.pairs, [edit["residual_norm"] for edit in result.edits]
+    for t, u, count, size in zip(
+        pairs["n_edits"], pairs["edit_index"], pairs["later_count"], pairs["later_residual_norm"]
+    ):
+        assert count == t - 1 - u  # one edit per update: every edit after u up to t
+        assert size == pytest.approx(float(np.sqrt(np.sum(np.square(norms[u + 1 : t])))), rel=1e-9)
+    assert not np.allclose(pairs["predicted_shuffled"], pairs["predicted"])
+    assert set(pairs) == set(lifelong.PAIR_FIELDS) and len({len(column) for column in pairs.values()}) == 1
+
+
 def test_rome_variants_record_rho_and_differ(run):
     """Every ROME-family edit records ρ, ‖ΔW‖ and the clamp; the three variants write different weights."""
     norms = {}

@@ -89,6 +89,19 @@ STEP_METRICS: tuple[str, ...] = (
     "score",
     "fluency",
 )
+# One row per earlier edit u at each probe t: P's prediction, the controls a verdict needs (the count of later edits,
+# √Σ‖r_i‖² over them, P with its columns permuted across facts), and the drift measured with the edited weights.
+PAIR_FIELDS: tuple[str, ...] = (
+    "n_edits",
+    "case_id",
+    "edit_index",
+    "predicted",
+    "later_count",
+    "later_residual_norm",
+    "predicted_shuffled",
+    "measured_output",
+    "measured_logprob",
+)
 # Settings that change how a run is shown or where it runs, not what it computes: left out of its identity.
 PRESENTATION_FIELDS: tuple[str, ...] = ("editors", "progress", "resume", "device", "output_dir")
 
@@ -244,6 +257,7 @@ class _Bench:
     keys: Tensor  # [n, d_mlp] float64 plain keys at the edit layer, edit order
     covariances: dict[int, Tensor]
     p_matrix: Tensor  # [n, n] float64: P[i, j] = k_iᵀC⁻¹k_j / k_iᵀC⁻¹k_i
+    p_permutation: Tensor  # a seeded permutation of the facts: the shuffled-P null's column order
     rewrite_new: list[Continuation]
     rewrite_true: list[Continuation]
     paraphrase: tuple[list[Continuation], list[Continuation], list[int]]  # new, true, case index per prompt
@@ -374,6 +388,7 @@ def _prepare(config: LifelongConfig, model: HookedModel) -> _Bench:
         keys=keys,
         covariances=covariances,
         p_matrix=p_matrix(keys, covariances[layer], ridge=config.ridge).cpu(),
+        p_permutation=torch.from_numpy(np.random.default_rng(config.seed + 2).permutation(len(cases))),
         rewrite_new=prompt_continuations(model, [f.text for f in facts], [f.target_new for f in facts]),
         rewrite_true=prompt_continuations(model, [f.text for f in facts], [f.target_true for f in facts]),
         paraphrase=_paired(model, cases, "paraphrase_prompts"),
@@ -533,11 +548,7 @@ class _State:
     changed: bool = False  # whether any update so far moved a weight
     steps: list[dict[str, Any]] = field(default_factory=list)
     edits: list[dict[str, Any]] = field(default_factory=list)
-    pairs: dict[str, list[Any]] = field(
-        default_factory=lambda: {
-            k: [] for k in ("n_edits", "case_id", "predicted", "measured_output", "measured_logprob")
-        }
-    )
+    pairs: dict[str, list[Any]] = field(default_factory=lambda: {k: [] for k in PAIR_FIELDS})
     seconds: float = 0.0
     probe_seconds: list[float] = field(default_factory=list)
     eval_seconds: list[float] = field(default_factory=list)
@@ -606,15 +617,25 @@ def _interference(bench: _Bench, state: _State, step: dict[str, Any], nll_now: T
     earlier = later.any(dim=1)
     # absolute norms in the layer output's units: a ratio to ‖r_u‖ explodes for an edit that needed no change
     predicted = (mixing @ residuals).norm(dim=1)[earlier]
+    # controls that know nothing of P: how many edits came later, and how large they were
+    later_count = later.sum(dim=1)[earlier]
+    later_residual_norm = (later.double() @ residuals.norm(dim=1).pow(2)).sqrt()[earlier]
+    shuffled = bench.p_matrix[:, bench.p_permutation][:t, :t].T * later  # P's columns permuted across facts
+    predicted_shuffled = (shuffled @ residuals).norm(dim=1)[earlier]
     outputs = bench.keys[:t] @ state.weights[bench.config.layer] + bench.bias
     measured = (outputs - torch.stack(state.after)).norm(dim=1)[earlier]
     logprob = (nll_now - torch.tensor(state.nll_after, dtype=torch.float64))[earlier]
     step["predicted_interference"] = float(predicted.mean())
     step["measured_interference"] = float(measured.mean())
-    ids = [bench.cases[u].case_id for u in torch.nonzero(earlier).flatten().tolist()]
+    indices = torch.nonzero(earlier).flatten().tolist()
+    ids = [bench.cases[u].case_id for u in indices]
     state.pairs["n_edits"].extend([t] * len(ids))
     state.pairs["case_id"].extend(ids)
+    state.pairs["edit_index"].extend(indices)
     state.pairs["predicted"].extend(predicted.tolist())
+    state.pairs["later_count"].extend(later_count.tolist())
+    state.pairs["later_residual_norm"].extend(later_residual_norm.tolist())
+    state.pairs["predicted_shuffled"].extend(predicted_shuffled.tolist())
     state.pairs["measured_output"].extend(measured.tolist())
     state.pairs["measured_logprob"].extend(logprob.tolist())
 

@@ -26,6 +26,7 @@ LEVELS: list[tuple[str, ...]] = [
         "editing.counterfact",
         "editing.evaluation",
         "editing.metrics",
+        "editing.verdicts",
         "editing.results",
     ),
     ("plots", "editing.registry"),

@@ -1,0 +1,215 @@
+"""Verdicts on the lifelong-editing prediction: rank statistics with intervals from a bootstrap clustered by edit."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from kis_lens.errors import KisError
+
+PREDICTORS = ("predicted", "later_count", "later_residual_norm", "predicted_shuffled")
+CONTROLS = PREDICTORS[1:]
+CONTROL_NAMES = {
+    "later_count": "later_count (the number of later edits)",
+    "later_residual_norm": "later_residual_norm (the size of the later residuals)",
+    "predicted_shuffled": "predicted_shuffled (the shuffled null: P's columns permuted across facts)",
+}
+RULE = (
+    "reproduced only where P's Spearman with the target beats every control (later_count, later_residual_norm, "
+    "predicted_shuffled) with the clustered CI of the difference above 0, and the partial Spearman of P with the "
+    "target given later_count has a clustered CI above 0"
+)
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Return the ranks of a 1-D sample, ties given their average rank (as scipy.stats.rankdata does)."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    average = (starts + ends + 1) / 2.0
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.repeat(average, ends - starts)
+    return ranks
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Return the Pearson correlation, or None for fewer than 3 points or a constant sample."""
+    if len(a) < 3:
+        return None
+    tolerance = 1e-9 * np.sqrt(len(a))
+    a, b = a - a.mean(), b - b.mean()
+    norm_a, norm_b = np.sqrt(a @ a), np.sqrt(b @ b)
+    if norm_a <= tolerance * max(1.0, np.abs(a).max()) or norm_b <= tolerance * max(1.0, np.abs(b).max()):
+        return None
+    return float(np.clip((a @ b) / (norm_a * norm_b), -1.0, 1.0))
+
+
+def _finite(*columns: Sequence[float]) -> list[np.ndarray]:
+    """Return the columns as float arrays, keeping only rows finite in all of them; lengths must agree."""
+    arrays = [np.asarray(column, dtype=np.float64).ravel() for column in columns]
+    if len({len(a) for a in arrays}) > 1:
+        lengths = ", ".join(str(len(a)) for a in arrays)
+        raise KisError(f"samples have different lengths ({lengths}); pass one value per pair in each")
+    keep = np.logical_and.reduce([np.isfinite(a) for a in arrays])
+    return [a[keep] for a in arrays]
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Return Spearman's rank correlation (ties averaged, non-finite rows dropped), or None when undefined."""
+    a, b = _finite(x, y)
+    return _pearson(_ranks(a), _ranks(b)) if len(a) >= 3 else None
+
+
+def partial_spearman(x: Sequence[float], y: Sequence[float], control: Sequence[float]) -> float | None:
+    """Return the Spearman correlation of x and y given control: Pearson of rank residuals on rank(control)."""
+    a, b, c = _finite(x, y, control)
+    if len(a) < 4:
+        return None
+    design = np.column_stack([np.ones(len(c)), _ranks(c)])
+    residual = lambda v: v - design @ np.linalg.lstsq(design, v, rcond=None)[0]  # noqa: E731
+    return _pearson(residual(_ranks(a)), residual(_ranks(b)))
+
+
+def _columns(pairs: Mapping[str, Sequence], required: Sequence[str]) -> dict[str, np.ndarray]:
+    """Return every column of pairs as an array, checking the required ones exist and all lengths agree."""
+    missing = [name for name in required if name not in pairs]
+    if missing:
+        raise KisError(
+            f"pairs lack the column(s) {', '.join(missing)}; pass the 'pairs' dict of a `kis lifelong` results JSON "
+            f"(it has {', '.join(sorted(pairs)) or 'no columns'})"
+        )
+    columns = {name: np.asarray(values) for name, values in pairs.items()}
+    reference = required[0] if required else next(iter(columns), None)
+    if reference is None:
+        return columns
+    expected = len(columns[reference])
+    for name, values in columns.items():
+        if values.ndim != 1 or len(values) != expected:
+            raise KisError(
+                f"pairs column {name!r} has {len(values)} rows but {reference!r} has {expected}; every column of "
+                "pairs needs one value per (probe, earlier edit) row: rewrite the file with `kis lifelong`"
+            )
+    return columns
+
+
+def clustered_bootstrap(
+    pairs: Mapping[str, Sequence],
+    statistic: Callable[[dict[str, np.ndarray]], float | None],
+    cluster: str = "edit_index",
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
+    """Return the statistic with a percentile interval from resampling whole clusters (edits) with replacement."""
+    if not 0.0 < level < 1.0:
+        raise KisError(f"level {level} is not a coverage; pass a number between 0 and 1 such as 0.95")
+    if n_boot < 1:
+        raise KisError(f"n_boot {n_boot} must be at least 1; pass e.g. 1000")
+    columns = _columns(pairs, [cluster])
+    labels, members = np.unique(columns[cluster], return_inverse=True)
+    order = np.argsort(members, kind="mergesort")
+    groups = np.split(order, np.cumsum(np.bincount(members, minlength=len(labels)))[:-1]) if len(labels) else []
+    value = statistic(columns)
+    rng = np.random.default_rng(seed)
+    draws, skipped = [], 0
+    for _ in range(n_boot):
+        chosen = rng.integers(0, len(groups), size=len(groups)) if groups else np.zeros(0, dtype=np.int64)
+        rows = np.concatenate([groups[i] for i in chosen]) if len(chosen) else np.zeros(0, dtype=np.int64)
+        result = statistic({name: values[rows] for name, values in columns.items()})
+        if result is None or not np.isfinite(result):
+            skipped += 1
+        else:
+            draws.append(float(result))
+    tail = (1.0 - level) / 2.0
+    low, high = (float(q) for q in np.quantile(draws, [tail, 1.0 - tail])) if draws else (None, None)
+    return {
+        "value": None if value is None else float(value),
+        "low": low,
+        "high": high,
+        "level": level,
+        "n_clusters": int(len(labels)),
+        "n_pairs": int(len(columns[cluster])),
+        "n_boot": n_boot,
+        "n_skipped": skipped,
+    }
+
+
+def prediction_controls(
+    pairs: Mapping[str, Sequence], target: str = "measured_logprob", n_boot: int = 1000, seed: int = 0
+) -> dict:
+    """Return Spearman of each predictor with the target, P minus each control and the partial given the count."""
+    columns = _columns(pairs, ["edit_index", target, *PREDICTORS])
+    boot = lambda statistic: clustered_bootstrap(columns, statistic, "edit_index", n_boot, seed)  # noqa: E731
+
+    def correlation(name: str) -> Callable[[dict[str, np.ndarray]], float | None]:
+        """Return the statistic: Spearman of one predictor with the target."""
+        return lambda c: spearman(c[name], c[target])
+
+    def difference(control: str) -> Callable[[dict[str, np.ndarray]], float | None]:
+        """Return the statistic: Spearman of P minus that of a control, on the same resample."""
+
+        def statistic(c: dict[str, np.ndarray]) -> float | None:
+            ours, theirs = spearman(c["predicted"], c[target]), spearman(c[control], c[target])
+            return None if ours is None or theirs is None else ours - theirs
+
+        return statistic
+
+    return {
+        "target": target,
+        "n_boot": n_boot,
+        "seed": seed,
+        "spearman": {name: boot(correlation(name)) for name in PREDICTORS},
+        "difference": {control: boot(difference(control)) for control in CONTROLS},
+        "partial_given_count": boot(lambda c: partial_spearman(c["predicted"], c[target], c["later_count"])),
+    }
+
+
+def judge_prediction_with_controls(controls: dict) -> dict:
+    """Return {"verdict", "rule", "reasons"}: reproduced only where P beats every control and the partial is > 0."""
+    reasons = []
+    for control in CONTROLS:
+        interval = controls.get("difference", {}).get(control)
+        if interval is None:
+            reasons.append(f"no comparison with {CONTROL_NAMES[control]} was computed")
+        elif interval["low"] is None or not interval["low"] > 0:
+            reasons.append(
+                f"P does not beat {CONTROL_NAMES[control]}: Spearman difference {_fmt(interval['value'])}, "
+                f"CI [{_fmt(interval['low'])}, {_fmt(interval['high'])}] does not lie above 0"
+            )
+    partial = controls.get("partial_given_count")
+    if partial is None:
+        reasons.append("no partial Spearman given later_count was computed")
+    elif partial["low"] is None or not partial["low"] > 0:
+        reasons.append(
+            f"the partial Spearman of P with the target given later_count is {_fmt(partial['value'])}, "
+            f"CI [{_fmt(partial['low'])}, {_fmt(partial['high'])}] does not lie above 0"
+        )
+    return {"verdict": "not reproduced" if reasons else "reproduced", "rule": RULE, "reasons": reasons}
+
+
+def _fmt(value: float | None) -> str:
+    """Return a number with three decimals, or 'undefined'."""
+    return "undefined" if value is None else f"{value:.3f}"
+
+
+def forgetting_auroc(pairs: Mapping[str, Sequence], score: str = "predicted", *, lost: Sequence[bool]) -> float | None:
+    """Return the AUROC of a score for a boolean outcome per pair (Mann-Whitney, ties counted half), or None."""
+    columns = _columns(pairs, [score])
+    outcome = np.asarray(lost)
+    if outcome.ndim != 1 or len(outcome) != len(columns[score]):
+        raise KisError(
+            f"lost has {len(outcome)} values but pairs column {score!r} has {len(columns[score])}; "
+            "pass one boolean per pair row"
+        )
+    if outcome.dtype != np.bool_ and not np.isin(outcome, [0, 1]).all():
+        raise KisError("lost must hold booleans (True where the edit was lost); pass one per pair row")
+    values = np.asarray(columns[score], dtype=np.float64)
+    keep = np.isfinite(values)
+    values, positive = values[keep], outcome[keep].astype(bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    rank_sum = _ranks(values)[positive].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

@@ -43,6 +43,7 @@ SMALL: dict[str, Any] = dict(
     heldout_tokens=24,
     fluency_prompts=2,
     fluency_tokens=6,
+    bootstrap=200,
     progress=False,
 )
 
@@ -223,6 +224,22 @@ def test_the_controls_of_each_pair_are_what_they_say(run):
         assert size == pytest.approx(float(np.sqrt(np.sum(np.square(norms[u + 1 : t])))), rel=1e-9)
     assert not np.allclose(pairs["predicted_shuffled"], pairs["predicted"])
     assert set(pairs) == set(lifelong.PAIR_FIELDS) and len({len(column) for column in pairs.values()}) == 1
+
+
+def test_every_run_carries_its_verdict_inputs(run):
+    """Each run's summary holds the collapse sensitivity, the ρ alarm and the controlled P verdict (or why not)."""
+    for editor, result in run["results"].items():
+        summary = result.summary
+        assert set(summary) >= {"collapse_sensitivity", "rho_alarm", "prediction_verdict", "disabling_edits"}
+        if editor == "none":
+            assert summary["collapse_sensitivity"] is None and summary["prediction_verdict"]["verdict"] == "not judged"
+            continue
+        assert len(summary["collapse_sensitivity"]) == 6
+        if not registry.EDITORS[editor].batches:  # 5 edits with later edits: judged, with clustered intervals
+            controls = summary["prediction_controls"]
+            assert summary["prediction_verdict"]["verdict"] in ("reproduced", "not reproduced")
+            assert controls["spearman"]["predicted"]["n_clusters"] == 5 and controls["n_boot"] == 200
+    assert run["results"]["rome"].summary["rho_alarm"]["n_edits"] == DEEP["n_edits"]
 
 
 def test_rome_variants_record_rho_and_differ(run):

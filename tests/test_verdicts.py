@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from kis_lens.editing import verdicts
 from kis_lens.editing.verdicts import (
     clustered_bootstrap,
     forgetting_auroc,
@@ -157,3 +158,34 @@ def test_forgetting_auroc_against_a_pairwise_count():
     assert forgetting_auroc({"s": [1, 2, 3, 4]}, "s", lost=[False, False, True, True]) == 1.0
     assert forgetting_auroc({"s": [7, 7, 7, 7]}, "s", lost=[False, True, False, True]) == 0.5
     assert forgetting_auroc({"s": [1, 2, 3]}, "s", lost=[False, False, False]) is None
+
+
+def test_collapse_sensitivity_names_the_first_step_each_criterion_holds():
+    """Each perplexity ratio and each retention criterion gets its own first crossing (None: never)."""
+    steps = [
+        {"n_edits": 0, "perplexity": 10.0, "efficacy": None, "retention_oldest_quarter": None},
+        {"n_edits": 10, "perplexity": 16.0, "efficacy": 0.9, "retention_oldest_quarter": 0.4},
+        {"n_edits": 20, "perplexity": 21.0, "efficacy": 0.6, "retention_oldest_quarter": 0.3},
+        {"n_edits": 30, "perplexity": 55.0, "efficacy": 0.45, "retention_oldest_quarter": 0.2},
+    ]
+    found = verdicts.collapse_sensitivity(steps)
+    assert found == {
+        "perplexity > 1.5× unedited": 10,
+        "perplexity > 2× unedited": 20,
+        "perplexity > 5× unedited": 30,
+        "perplexity > 10× unedited": None,
+        "efficacy on all edits < 0.5": 30,
+        "oldest-quarter retention < 0.5": 10,
+    }
+
+
+def test_rho_alarm_scores_low_rho_against_the_other_alarms():
+    """Low ρ before the disabling edits gives AUROC 1; a ρ that says nothing gives 0.5; no ρ, no AUROC."""
+    edits = [{"rho": rho, "residual_norm": 1.0} for rho in (1.0, 0.9, 0.2, 1.1, 0.95)]
+    steps = [{"n_edits": 0, "perplexity": 10.0}, {"n_edits": 3, "perplexity": 12.0}]
+    alarm = verdicts.rho_alarm(edits, [{"n_edits": 3}], steps)
+    assert alarm["low_rho"] == 1.0 and alarm["residual_norm"] == 0.5 and alarm["n_disabling"] == 1
+    assert verdicts.rho_alarm(edits, [], steps)["low_rho"] is None  # no disabling edit: one class only
+    flat = [{"rho": 1.0, "residual_norm": 1.0}] * 5
+    assert verdicts.rho_alarm(flat, [{"n_edits": 3}], steps)["low_rho"] == 0.5
+    assert "ROME-family" in verdicts.rho_alarm([{"rho": None}], [], steps)["note"]

@@ -56,6 +56,12 @@ from kis_lens.editing.runs import (
     stale_checkpoints,
 )
 from kis_lens.editing.values import ValueSearch
+from kis_lens.editing.verdicts import (
+    collapse_sensitivity,
+    judge_prediction_with_controls,
+    prediction_controls,
+    rho_alarm,
+)
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, Fact, facts_path, load_facts
 from kis_lens.io import save_json
@@ -147,6 +153,7 @@ class LifelongConfig(ModelOptions):
     disabling_perplexity_ratio: float = setting(1.5, "… and held-out perplexity right after it above this × before")
     fluency_prompts: int = setting(8, "generation prompts for fluency")
     fluency_tokens: int = setting(32, "greedy tokens generated per fluency prompt")
+    bootstrap: int = setting(1000, "resamples of the bootstrap (clustered by edit) behind the P-prediction verdict")
     retention_threshold: float = setting(0.5, "collapse when efficacy on all edits so far falls below this")
     perplexity_ratio: float = setting(2.0, "… or when held-out perplexity exceeds this × the unedited model's")
     resume: bool = setting(True, "continue an interrupted run from its checkpoint")
@@ -157,7 +164,7 @@ class LifelongConfig(ModelOptions):
             raise KisError("lifelong follows the model's own BOS convention: leave prepend_bos as None (auto)")
         at_least("n_edits", self.n_edits, 1, none_means="all")
         at_least("value_prompts", self.value_prompts, 1, none_means="all")
-        for name in ("eval_every", "probe_every", "batch_size", "value_steps", "n_unedited", "memit_span"):
+        for name in ("eval_every", "probe_every", "batch_size", "value_steps", "n_unedited", "memit_span", "bootstrap"):
             at_least(name, getattr(self, name), 1)
         for name in ("heldout_texts", "fluency_prompts", "edit_perplexity_texts"):
             at_least(name, getattr(self, name), 0)
@@ -729,6 +736,26 @@ def _collapse(config: LifelongConfig, changed: bool, steps: list[dict[str, Any]]
     }
 
 
+MIN_PREDICTION_EDITS = 5  # edits with later edits before the P-prediction verdict is computed at all
+
+
+def _verdict_inputs(config: LifelongConfig, state: _State) -> dict[str, Any]:
+    """Return the collapse sensitivity and the controlled P-prediction verdict of a finished run."""
+    pairs = state.pairs
+    n_edits_judged = len(set(pairs["edit_index"]))
+    controls, too_few = None, f"{n_edits_judged} edits with later edits (< {MIN_PREDICTION_EDITS})"
+    verdict: dict[str, Any] = {"verdict": "not judged", "reasons": [too_few if state.changed else "no weight moved"]}
+    if state.changed and n_edits_judged >= MIN_PREDICTION_EDITS:
+        controls = prediction_controls(pairs, "measured_logprob", config.bootstrap, config.seed)
+        verdict = judge_prediction_with_controls(controls)
+    sensitivity = collapse_sensitivity(state.steps, retention_threshold=config.retention_threshold)
+    return {
+        "collapse_sensitivity": sensitivity if state.changed else None,
+        "prediction_controls": controls,
+        "prediction_verdict": verdict,
+    }
+
+
 def _identity(bench: _Bench, editor: str) -> dict[str, Any]:
     config = {k: v for k, v in bench.config.to_dict().items() if k not in PRESENTATION_FIELDS}
     return run_identity(
@@ -837,6 +864,7 @@ def _result(
         "disabling_edits": disabling_edits(
             state.edits, bench.edit_perplexity0, config.disabling_norm_ratio, config.disabling_perplexity_ratio
         ),
+        **_verdict_inputs(config, state),
         "disabling_rule": (
             f"‖ΔW‖ of an update > {config.disabling_norm_ratio:g} × the running median of earlier updates', and "
             f"held-out perplexity on {min(config.edit_perplexity_texts, len(bench.heldout))} texts right after it > "
@@ -852,6 +880,7 @@ def _result(
         "seconds_per_probe": float(np.mean(state.probe_seconds)) if state.probe_seconds else None,
         "seconds_per_eval": float(np.mean(state.eval_seconds)) if state.eval_seconds else None,
     }
+    summary["rho_alarm"] = rho_alarm(state.edits, summary["disabling_edits"], state.steps)
     entry = get_editor(editor)
     editor_settings = {
         "name": editor,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -194,6 +194,23 @@ def _fmt(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.3f}"
 
 
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """Return the AUROC of scores for a boolean outcome (Mann-Whitney, ties counted half), or None for one class."""
+    values = np.asarray(scores, dtype=np.float64)
+    outcome = np.asarray(positive)
+    if outcome.ndim != 1 or len(outcome) != len(values):
+        raise KisError(f"{len(outcome)} outcomes for {len(values)} scores: pass one boolean per score")
+    if outcome.dtype != np.bool_ and not np.isin(outcome, [0, 1]).all():
+        raise KisError("outcomes must be booleans (True for the positive class)")
+    keep = np.isfinite(values)
+    values, labels = values[keep], outcome[keep].astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    rank_sum = _ranks(values)[labels].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def forgetting_auroc(pairs: Mapping[str, Sequence], score: str = "predicted", *, lost: Sequence[bool]) -> float | None:
     """Return the AUROC of a score for a boolean outcome per pair (Mann-Whitney, ties counted half), or None."""
     columns = _columns(pairs, [score])
@@ -205,11 +222,67 @@ def forgetting_auroc(pairs: Mapping[str, Sequence], score: str = "predicted", *,
         )
     if outcome.dtype != np.bool_ and not np.isin(outcome, [0, 1]).all():
         raise KisError("lost must hold booleans (True where the edit was lost); pass one per pair row")
-    values = np.asarray(columns[score], dtype=np.float64)
-    keep = np.isfinite(values)
-    values, positive = values[keep], outcome[keep].astype(bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    rank_sum = _ranks(values)[positive].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return auroc(columns[score], outcome)
+
+
+SENSITIVITY_PERPLEXITY_RATIOS: tuple[float, ...] = (1.5, 2.0, 5.0, 10.0)
+
+
+def collapse_sensitivity(
+    steps: Sequence[Mapping[str, Any]],
+    perplexity_ratios: Sequence[float] = SENSITIVITY_PERPLEXITY_RATIOS,
+    retention_threshold: float = 0.5,
+) -> dict[str, int | None]:
+    """Return the first n_edits at which each collapse criterion holds (None: never within the run).
+
+    Criteria: held-out perplexity above each ratio × the unedited model's (steps[0]); efficacy on all edits so far
+    below retention_threshold; retention on the oldest quarter of edits below it."""
+    if not steps:
+        raise KisError("no measurement steps: the run recorded nothing to judge")
+    baseline = steps[0].get("perplexity")
+    found: dict[str, int | None] = {}
+
+    def first(holds: Callable[[Mapping[str, Any]], bool]) -> int | None:
+        return next((int(step["n_edits"]) for step in steps[1:] if holds(step)), None)
+
+    for ratio in perplexity_ratios:
+        found[f"perplexity > {ratio:g}× unedited"] = first(
+            lambda step, ratio=ratio: baseline is not None and (step.get("perplexity") or 0) > ratio * baseline
+        )
+    for name, label in (
+        ("efficacy", "efficacy on all edits"),
+        ("retention_oldest_quarter", "oldest-quarter retention"),
+    ):
+        found[f"{label} < {retention_threshold:g}"] = first(
+            lambda step, name=name: step.get(name) is not None and step[name] < retention_threshold
+        )
+    return found
+
+
+def rho_alarm(
+    edits: Sequence[Mapping[str, Any]], disabling: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Return the AUROC of low ρ for the disabling edits, against ‖v* − Wk‖ and the previous probe's perplexity.
+
+    ρ = (C⁻¹k̄)ᵀk / (C⁻¹k̄)ᵀk̄ is known before an edit is applied; an AUROC is None without both classes."""
+    if not edits or any(edit.get("rho") is None for edit in edits):
+        return {
+            "n_edits": len(edits),
+            "n_disabling": len(disabling),
+            "note": "ρ is recorded for ROME-family edits only",
+        }
+    flagged = {int(item["n_edits"]) for item in disabling}
+    positive = [index + 1 in flagged for index in range(len(edits))]
+    probes = [(int(step["n_edits"]), step.get("perplexity")) for step in steps]
+
+    def previous_perplexity(n: int) -> float:
+        earlier = [value for at, value in probes if at < n and value is not None]
+        return float(earlier[-1]) if earlier else float("nan")
+
+    return {
+        "n_edits": len(edits),
+        "n_disabling": len(flagged),
+        "low_rho": auroc([-float(edit["rho"]) for edit in edits], positive),
+        "residual_norm": auroc([float(edit.get("residual_norm") or 0.0) for edit in edits], positive),
+        "previous_probe_perplexity": auroc([previous_perplexity(index + 1) for index in range(len(edits))], positive),
+    }

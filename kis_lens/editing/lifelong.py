@@ -42,7 +42,7 @@ from kis_lens.editing.evaluation import (
     score_continuations,
 )
 from kis_lens.editing.metrics import correlations
-from kis_lens.editing.registry import EDITOR_NAMES, EditorSettings, EditSession, get_editor
+from kis_lens.editing.registry import EDITOR_NAMES, EditorSettings, EditSession, check_edit_layer, get_editor
 from kis_lens.editing.results import lifelong_dir
 from kis_lens.editing.runs import (
     content_sha256,
@@ -921,12 +921,7 @@ def run_lifelong(
 ) -> dict[str, LifelongResult]:
     """Run every editor's sequence of real edits, save one <stem>.json per run and the figures; return them."""
     model = load_model(model if model is not None else config.model_name, device=config.device, dtype=config.dtype)
-    n_layers = int(model.cfg.n_layers)
-    if not 0 <= config.layer < n_layers - 1:
-        raise KisError(
-            f"layer {config.layer} cannot be edited here: an edit at the subject token reaches the prediction "
-            f"only through later layers; choose a layer between 0 and {n_layers - 2}"
-        )
+    check_edit_layer(model, config.layer)
     handles = {layer: output_weight(model, layer) for layer in config.edit_layers}
     saved = {layer: handle.weight.detach().clone() for layer, handle in handles.items()}  # exact bits, restored
 

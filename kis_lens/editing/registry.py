@@ -204,6 +204,16 @@ class EditSession:
             output_weight(self.model, layer).write(self.weights[layer].to(model_device(self.model)))
 
 
+def check_edit_layer(model: HookedModel, layer: int) -> None:
+    """Raise KisError unless an edit at the layer can reach the prediction (some later layer reads it)."""
+    n_layers = int(model.cfg.n_layers)
+    if not 0 <= layer < n_layers - 1:
+        raise KisError(
+            f"layer {layer} cannot be edited here: an edit at the subject token reaches the prediction only through "
+            f"later layers' attention; choose a layer between 0 and {n_layers - 2}"
+        )
+
+
 def _cut(templates: list[str], count: int | None) -> list[str]:
     if count is None:
         return templates

@@ -40,6 +40,7 @@ from kis_lens.editing.editors import (
     whitened_orthogonal_keys,
 )
 from kis_lens.editing.metrics import correlations, fraction
+from kis_lens.editing.registry import check_edit_layer
 from kis_lens.editing.results import (  # noqa: F401 (re-exported: the layout's old home)
     EDIT_SIM_FILE,
     EDIT_SIM_FOLDER,
@@ -333,12 +334,7 @@ def run_edit_simulation(config: EditSimConfig = EditSimConfig(), model: HookedMo
     config.check()
     started = time.perf_counter()
     model = load_model(model if model is not None else config.model_name, device=config.device, dtype=config.dtype)
-    n_layers = int(model.cfg.n_layers)
-    if not 0 <= config.layer < n_layers - 1:
-        raise KisError(
-            f"layer {config.layer} cannot be edited here: an edit at the subject token only reaches the prediction "
-            f"through later layers' attention; choose a layer between 0 and {n_layers - 2}"
-        )
+    check_edit_layer(model, config.layer)
     bench = _prepare(config, model)
     projector = (
         null_space_projector(bench.covariance, threshold=config.null_threshold, relative=True)

@@ -20,6 +20,7 @@ from kis_lens.models import HookedModel
 
 MLP_IN_HOOK_TEMPLATE = "blocks.{layer}.mlp.hook_post"
 MLP_OUT_HOOK_TEMPLATE = "blocks.{layer}.hook_mlp_out"
+RESID_POST_HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
 
 ActivationCallback = Callable[[int, Float[Tensor, "batch pos d_mlp"]], None]
 
@@ -112,3 +113,27 @@ def gather_positions(
     """Return, for each sequence, the activation row at its given token position."""
     index = positions.to(activation.device).view(-1, 1, 1).expand(-1, 1, activation.shape[-1])
     return activation.gather(1, index).squeeze(1)
+
+
+def capture_rows(
+    model: HookedModel,
+    tokens: Int[Tensor, "batch pos"],
+    hook_name: str,
+    positions: Int[Tensor, " batch"],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, "batch d"]:
+    """Return each sequence's activation at its position from a named hook, in a forward that stops there."""
+    captured: dict[str, Tensor] = {}
+
+    def hook_fn(activation: Tensor, hook: Any) -> Tensor:
+        captured["rows"] = gather_positions(activation, positions).detach().clone()
+        raise _ForwardDone  # nothing after this hook is read: no later block, no unembedding
+
+    device = next(model.parameters()).device
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
+    with torch.no_grad(), model.hooks(fwd_hooks=[(hook_name, hook_fn)]):
+        try:
+            model(tokens.to(device), return_type=None, **kwargs)
+        except _ForwardDone:
+            return captured["rows"]
+    raise RuntimeError(f"the forward pass finished without reaching hook {hook_name!r}")

@@ -141,7 +141,7 @@ def folder_lock(
         _remove_empty(missing)
         raise KisError(f"could not lock {lock_path}: it kept disappearing; rerun the command")
     try:
-        yield lock_path.parent
+        yield folder
     finally:
         # Unlinked while still held: a process waiting on this inode sees it gone and locks the new file.
         lock_path.unlink(missing_ok=True)

@@ -55,6 +55,7 @@ from kis_lens.editing.runs import (
     save_checkpoint,
     stale_checkpoints,
 )
+from kis_lens.editing.templates import memit_context_templates, rome_context_templates
 from kis_lens.editing.values import ValueSearch
 from kis_lens.editing.verdicts import (
     collapse_sensitivity,
@@ -357,8 +358,6 @@ def _heldout_rows(config: LifelongConfig, model: HookedModel, texts_for_c: int) 
 
 
 def _prepare(config: LifelongConfig, model: HookedModel) -> _Bench:
-    from kis_lens.editing.templates import memit_context_templates, rome_context_templates
-
     layer = config.layer
     cases = _ordered_cases(config, model)
     run_config = editing_run_config(config)
@@ -495,11 +494,12 @@ def disabling_edits(
 ) -> list[dict[str, Any]]:
     """Return the updates whose ‖ΔW‖ exceeds norm_ratio × the running median of earlier updates' and after which
     held-out perplexity (on the per-edit texts) rises above perplexity_ratio × its value just before (Gupta et al.)."""
-    updates: dict[int, dict[str, Any]] = {}
+    members: dict[int, list[int]] = {}  # update → the indices of its edits (a batch shares one update's numbers)
     for index, edit in enumerate(edits):
-        updates.setdefault(edit.get("update", index), {**edit, "n_edits": index + 1})["n_edits"] = index + 1
+        members.setdefault(edit.get("update", index), []).append(index)
     found, norms, before = [], [], perplexity0
-    for update in updates.values():
+    for indices in members.values():
+        update, n_edits = edits[indices[0]], indices[-1] + 1
         norm, after = update.get("update_delta_norm"), update.get("edit_perplexity")
         if norm is None:
             continue
@@ -509,7 +509,7 @@ def disabling_edits(
         if big and jump:
             found.append(
                 {
-                    "n_edits": update["n_edits"],
+                    "n_edits": n_edits,
                     "case_id": update.get("case_id"),
                     "update_delta_norm": norm,
                     "running_median": median,

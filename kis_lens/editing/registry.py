@@ -194,14 +194,16 @@ class EditSession:
 
     def write(self, layer: int, delta: Float[Tensor, "d_mlp d_model"]) -> None:
         """Add ΔW to the layer's master weight and write it into the model."""
-        self.weights[layer] = self.weights[layer] + delta.double().cpu()
-        output_weight(self.model, layer).write(self.weights[layer].to(model_device(self.model)))
+        self._set(layer, self.weights[layer] + delta.double().cpu())
 
     def restore(self, weights: dict[int, Tensor]) -> None:
         """Set the edited layers' weights (a resumed run's state) in the master copies and the model."""
         for layer, weight in weights.items():
-            self.weights[layer] = weight.double().cpu().clone()
-            output_weight(self.model, layer).write(self.weights[layer].to(model_device(self.model)))
+            self._set(layer, weight.double().cpu().clone())
+
+    def _set(self, layer: int, weight: Float[Tensor, "d_mlp d_model"]) -> None:
+        self.weights[layer] = weight
+        output_weight(self.model, layer).write(weight.to(model_device(self.model)))
 
 
 def check_edit_layer(model: HookedModel, layer: int) -> None:

@@ -27,10 +27,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from kis_lens.errors import KisError
+from kis_lens.hooks import MLP_OUT_HOOK_TEMPLATE, RESID_POST_HOOK_TEMPLATE
 from kis_lens.models import model_device
 
 Site = Literal["mlp_out", "resid_post"]
-SITE_HOOKS: dict[str, str] = {"mlp_out": "blocks.{layer}.hook_mlp_out", "resid_post": "blocks.{layer}.hook_resid_post"}
+SITE_HOOKS: dict[str, str] = {"mlp_out": MLP_OUT_HOOK_TEMPLATE, "resid_post": RESID_POST_HOOK_TEMPLATE}
 
 # Architectures whose blocks fast_shifted_forward has been checked against (the bridge's native GPT-2/Llama-style
 # model and HF Llama); anything else falls back to the full forward.
@@ -386,7 +387,7 @@ class _FastShiftedForward:
         rows = torch.arange(batch, device=device)
         hooks = [
             (hook_name, keep("initial", rows, shift_positions)),
-            (SITE_HOOKS["resid_post"].format(layer=layer), keep("suffix", self.active[:, None], positions)),
+            (site_hook_name(layer, "resid_post"), keep("suffix", self.active[:, None], positions)),
             *[
                 (f"blocks.{index}.hook_resid_pre", keep(f"prefix{index}", self.active, slice(prefix)))
                 for index in later

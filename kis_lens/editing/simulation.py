@@ -55,7 +55,7 @@ from kis_lens.editing.values import EditPrompt, ValueSearch, compute_target, edi
 from kis_lens.editing.weights import applied_delta
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts, sample_facts
-from kis_lens.hooks import mlp_out_hook_name
+from kis_lens.hooks import capture_rows, mlp_out_hook_name
 from kis_lens.io import save_json
 from kis_lens.keys import compute_keys
 from kis_lens.matrices import Whitener, p_matrix
@@ -306,21 +306,14 @@ def _weights_check(bench: _Bench, delta: torch.Tensor) -> dict[str, float | None
     prompts = bench.true_prompts
     tokens, mask = pad_batch([p.ids[: p.target_start] for p in prompts], pad_token_id(model.tokenizer))
     subject = torch.tensor([p.subject_last for p in prompts])
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-        captured["out"] = activation[torch.arange(len(subject)), subject.to(activation.device)].detach().double().cpu()
-        return activation
-
     device = model_device(model)
     with applied_delta(model, layer, delta.to(device)):
-        with torch.no_grad(), model.hooks(fwd_hooks=[(mlp_out_hook_name(layer), keep)]):
-            model(tokens.to(device), attention_mask=mask.to(device))
+        output = capture_rows(model, tokens, mlp_out_hook_name(layer), subject, mask).double().cpu()
         new = target_logprobs(model, layer, bench.new_prompts[: bench.n_edits])
         true = target_logprobs(model, layer, bench.true_prompts)
     expected = bench.outputs + bench.keys @ delta
     scale = (bench.keys @ delta).norm(dim=1).clamp_min(1e-12 * float(bench.outputs.norm(dim=1).mean()))
-    error = ((captured["out"] - expected).norm(dim=1) / scale).max()
+    error = ((output - expected).norm(dim=1) / scale).max()
     unedited = slice(bench.n_edits, len(bench.facts))
     return {
         "max_relative_error_of_output_change": float(error),

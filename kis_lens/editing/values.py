@@ -16,9 +16,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from kis_lens.editing.shifted_forward import shifted_forward, site_hook_name
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
-from kis_lens.hooks import mlp_out_hook_name
+from kis_lens.hooks import capture_rows, mlp_out_hook_name
 from kis_lens.keys import FactTokens, locate_subject
 from kis_lens.models import HookedModel, model_device, resolve_prepend_bos
 from kis_lens.tokens import encode, pad_batch, pad_token_id
@@ -123,8 +124,6 @@ def frozen_parameters(model: HookedModel) -> Iterator[HookedModel]:
 # ---------------------------------------------------------------------------------------------------------
 # The one value search: ROME's compute_v (site mlp_out) and MEMIT's compute_z (site resid_post)
 # ---------------------------------------------------------------------------------------------------------
-
-SITE_HOOKS: dict[str, str] = {"mlp_out": "blocks.{layer}.hook_mlp_out", "resid_post": "blocks.{layer}.hook_resid_post"}
 
 
 @dataclass(frozen=True)
@@ -238,10 +237,7 @@ def compute_target(
     prepend_bos: bool | None = None,
 ) -> TargetValue:
     """Return v* (site mlp_out: ROME's compute_v) or z (resid_post: MEMIT's compute_z) on the model as it is now."""
-    from kis_lens.editing.shifted_forward import shifted_forward
-
-    if site not in SITE_HOOKS:
-        raise KisError(f"unknown value site {site!r}: use one of {', '.join(SITE_HOOKS)}")
+    site_hook_name(layer, site)  # refuses an unknown site before any work
     prompts = search_prompts(model, fact, templates, prepend_bos)
     with frozen_parameters(model):
         forward = shifted_forward(
@@ -295,19 +291,9 @@ def site_activations(
     model: HookedModel, layer: int, site: str, facts: Sequence[Fact], prepend_bos: bool | None = None
 ) -> Float[Tensor, "fact d_model"]:
     """Return the site activation (mlp_out or resid_post of a layer) at each fact prompt's subject-last token."""
-    if site not in SITE_HOOKS:
-        raise KisError(f"unknown value site {site!r}: use one of {', '.join(SITE_HOOKS)}")
+    hook_name = site_hook_name(layer, site)
     prepend_bos = resolve_prepend_bos(model, prepend_bos)
     located = [locate_subject(model.tokenizer, fact, prepend_bos) for fact in facts]
-    device = model_device(model)
     tokens, mask = pad_batch([item.ids for item in located], pad_token_id(model.tokenizer))
-    positions = torch.tensor([item.subject_last for item in located], device=device)
-    captured: dict[str, Tensor] = {}
-
-    def keep(activation: Tensor, hook: Any) -> Tensor:
-        captured["rows"] = activation[torch.arange(len(located), device=device), positions].detach().double().cpu()
-        return activation
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(SITE_HOOKS[site].format(layer=layer), keep)]):
-        model(tokens.to(device), attention_mask=mask.to(device))
-    return captured["rows"]
+    positions = torch.tensor([item.subject_last for item in located])
+    return capture_rows(model, tokens, hook_name, positions, mask).double().cpu()

@@ -505,3 +505,43 @@ def test_cli_lifelong_runs_every_editor_as_typed(tmp_path, capsys):
     for editor in ("rome", "r-rome", "p-rome", "memit", "alphaedit", "none"):
         assert f"  {editor} " in out
         assert len(list(tmp_path.rglob(f"lifelong_{editor}_seed0_n3_layer0_*.json"))) == 1
+
+
+def test_a_finished_run_is_returned_not_run_again(tiny_model, tmp_path, monkeypatch, capsys):
+    """Rerunning a finished run (a queue restarted after a session ends) loads it; --no_resume runs it again."""
+    config = LifelongConfig(**RESUMABLE, output_dir=str(tmp_path))
+    first = run_lifelong(config, model=tiny_model)["p-rome"]
+    searched = _count_searches(monkeypatch)
+    again = run_lifelong(config, model=tiny_model)["p-rome"]
+    assert searched == [] and "finished already" in capsys.readouterr().out
+    assert again.path == first.path and again.steps == json.loads(first.path.read_text())["steps"]
+    run_lifelong(LifelongConfig(**RESUMABLE, output_dir=str(tmp_path), resume=False), model=tiny_model)
+    assert len(searched) == RESUMABLE["n_edits"]
+
+
+def test_a_subject_edited_twice_is_flagged_and_left_out_of_the_verdict(tiny_model, tmp_path):
+    """Two records of one subject share a key: the second edit names the first, the pairs count the later edit of
+    the same subject, and the P-prediction verdict leaves exactly those pairs out."""
+    records = json.loads(facts_path("counterfact-known").read_text())[:6]
+    twin = json.loads(json.dumps(records[0]))
+    twin["case_id"] = 10**6
+    twin["requested_rewrite"]["target_new"] = records[1]["requested_rewrite"]["target_new"]
+    records.append(twin)
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps(records))
+    config = {**RESUMABLE, "n_edits": 7, "probe_every": 1, "eval_every": 7}
+    result = run_lifelong(LifelongConfig(**config, facts=str(facts), output_dir=str(tmp_path)), model=tiny_model)
+    result = result["p-rome"]
+    order = [str(edit["case_id"]) for edit in result.edits]
+    first, second = order.index(str(records[0]["case_id"])), order.index(str(10**6))
+    earlier, later = min(first, second), max(first, second)
+    assert result.edits[later]["repeats_edit"] == earlier
+    assert [e["repeats_edit"] for i, e in enumerate(result.edits) if i != later] == [None] * 6
+    pairs = result.pairs
+    flagged = [i for i, u in enumerate(pairs["edit_index"]) if u == earlier and pairs["n_edits"][i] > later]
+    assert flagged and all(pairs["later_same_subject"][i] == 1 for i in flagged)
+    assert sum(count > 0 for count in pairs["later_same_subject"]) == len(flagged)
+    repeated = result.summary["repeated_subjects"]
+    assert repeated["edits"] == [later] and repeated["pairs_left_out"] == len(flagged)
+    kept = lifelong.judged_pairs(pairs)
+    assert len(kept["edit_index"]) == len(pairs["edit_index"]) - len(flagged)

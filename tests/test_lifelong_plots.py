@@ -47,7 +47,7 @@ def make_result(
             "kind": kind,
             "efficacy": None if n == 0 else round(1.0 - 0.05 * index * scale, 4),
             "efficacy_magnitude": None if n == 0 else 0.5 - 0.01 * index,
-            "generation_efficacy": None if n == 0 else 0.9 - 0.02 * index * scale,
+            "argmax_efficacy": None if n == 0 else 0.9 - 0.02 * index * scale,
             "paraphrase": 0.6 - 0.03 * index * scale,
             "paraphrase_magnitude": 0.2,
             "neighborhood": 0.95 - 0.01 * index * scale,

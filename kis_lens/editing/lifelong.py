@@ -14,6 +14,7 @@ C it used, the model and the version are all the same. The model's own weights a
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -88,7 +89,7 @@ INTERFERENCE_UNITS = "layer output"
 STEP_METRICS: tuple[str, ...] = (
     "efficacy",
     "efficacy_magnitude",
-    "generation_efficacy",
+    "argmax_efficacy",
     "paraphrase",
     "paraphrase_magnitude",
     "neighborhood",
@@ -106,6 +107,7 @@ PAIR_FIELDS: tuple[str, ...] = (
     "later_count",
     "later_residual_norm",
     "predicted_shuffled",
+    "later_same_subject",
     "measured_output",
     "measured_logprob",
 )
@@ -266,6 +268,7 @@ class _Bench:
     covariances: dict[int, Tensor]
     p_matrix: Tensor  # [n, n] float64: P[i, j] = k_iᵀC⁻¹k_j / k_iᵀC⁻¹k_i
     p_permutation: Tensor  # a seeded permutation of the facts: the shuffled-P null's column order
+    subject_ids: Tensor  # [n] int: facts with equal subjects share an id (their keys are identical)
     rewrite_new: list[Continuation]
     rewrite_true: list[Continuation]
     paraphrase: tuple[list[Continuation], list[Continuation], list[int]]  # new, true, case index per prompt
@@ -339,6 +342,12 @@ def _unedited_facts(config: LifelongConfig, edited: Sequence[CounterFactCase]) -
     return [pool[i] for i in order]
 
 
+def _subject_ids(facts: Sequence[Fact]) -> Tensor:
+    """Return one id per fact, equal for facts that share a subject (in order of first appearance)."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(fact.subject, len(ids)) for fact in facts], dtype=torch.long)
+
+
 def _heldout_rows(config: LifelongConfig, model: HookedModel, texts_for_c: int) -> list[list[int]]:
     """Return token rows of the texts right after those C read: text the covariance never saw."""
     corpus = open_corpus(config.corpus)
@@ -395,6 +404,7 @@ def _prepare(config: LifelongConfig, model: HookedModel) -> _Bench:
         covariances=covariances,
         p_matrix=p_matrix(keys, covariances[layer], ridge=config.ridge).cpu(),
         p_permutation=torch.from_numpy(np.random.default_rng(config.seed + 2).permutation(len(cases))),
+        subject_ids=_subject_ids(facts),
         rewrite_new=prompt_continuations(model, [f.text for f in facts], [f.target_new for f in facts]),
         rewrite_true=prompt_continuations(model, [f.text for f in facts], [f.target_true for f in facts]),
         paraphrase=_paired(model, cases, "paraphrase_prompts"),
@@ -471,7 +481,7 @@ def _case_metrics(
     new, true, greedy = rewrite
     groups = list(range(upto))
     metrics["efficacy"], metrics["efficacy_magnitude"] = rewrite_success(new.numpy(), true.numpy(), groups)
-    metrics["generation_efficacy"] = float(greedy.double().mean())
+    metrics["argmax_efficacy"] = float(greedy.double().mean())  # teacher-forced: no text is generated
     if full:
         for name, success in (("paraphrase", rewrite_success), ("neighborhood", neighborhood_success)):
             new_nll, true_nll, owners = _prompt_scores(bench, name, upto, unedited_model)
@@ -629,6 +639,10 @@ def _interference(bench: _Bench, state: _State, step: dict[str, Any], nll_now: T
     later_residual_norm = (later.double() @ residuals.norm(dim=1).pow(2)).sqrt()[earlier]
     shuffled = bench.p_matrix[:, bench.p_permutation][:t, :t].T * later  # P's columns permuted across facts
     predicted_shuffled = (shuffled @ residuals).norm(dim=1)[earlier]
+    # a later edit of the same subject rewrites u's very key (P = 1): counted, and kept out of the verdicts
+    subjects = bench.subject_ids[:t]
+    same_subject = (subjects[None, :] == subjects[:, None]) & later
+    later_same_subject = same_subject.sum(dim=1)[earlier]
     outputs = bench.keys[:t] @ state.weights[bench.config.layer] + bench.bias
     measured = (outputs - torch.stack(state.after)).norm(dim=1)[earlier]
     logprob = (nll_now - torch.tensor(state.nll_after, dtype=torch.float64))[earlier]
@@ -643,6 +657,7 @@ def _interference(bench: _Bench, state: _State, step: dict[str, Any], nll_now: T
     state.pairs["later_count"].extend(later_count.tolist())
     state.pairs["later_residual_norm"].extend(later_residual_norm.tolist())
     state.pairs["predicted_shuffled"].extend(predicted_shuffled.tolist())
+    state.pairs["later_same_subject"].extend(later_same_subject.tolist())
     state.pairs["measured_output"].extend(measured.tolist())
     state.pairs["measured_logprob"].extend(logprob.tolist())
 
@@ -685,6 +700,7 @@ def _edit(bench: _Bench, editor: str, session: EditSession, state: _State, rows:
         state.edits.append(
             {
                 "case_id": bench.cases[row].case_id,
+                "repeats_edit": _first_edit_of_subject(bench, row),
                 "value_steps": target.steps if target is not None else None,
                 "value_nll": target.nll if target is not None else None,
                 "residual_norm": float(record.output_change[position].norm()),
@@ -695,6 +711,12 @@ def _edit(bench: _Bench, editor: str, session: EditSession, state: _State, rows:
             }
         )
     state.done = rows[-1] + 1
+
+
+def _first_edit_of_subject(bench: _Bench, row: int) -> int | None:
+    """Return the index of an earlier edit of the same subject (its key is this edit's), or None."""
+    earlier = torch.nonzero(bench.subject_ids[:row] == bench.subject_ids[row]).flatten()
+    return int(earlier[0]) if len(earlier) else None
 
 
 def _baseline_rewrite_rows(bench: _Bench, rows: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -736,12 +758,20 @@ def _collapse(config: LifelongConfig, changed: bool, steps: list[dict[str, Any]]
     }
 
 
+def judged_pairs(pairs: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Return the pairs whose earlier edit's subject is never edited again (runs before the column: all pairs)."""
+    if "later_same_subject" not in pairs:
+        return pairs
+    keep = [index for index, count in enumerate(pairs["later_same_subject"]) if count == 0]
+    return {name: [column[index] for index in keep] for name, column in pairs.items()}
+
+
 MIN_PREDICTION_EDITS = 5  # edits with later edits before the P-prediction verdict is computed at all
 
 
 def _verdict_inputs(config: LifelongConfig, state: _State) -> dict[str, Any]:
     """Return the collapse sensitivity and the controlled P-prediction verdict of a finished run."""
-    pairs = state.pairs
+    pairs = judged_pairs(state.pairs)
     n_edits_judged = len(set(pairs["edit_index"]))
     controls, too_few = None, f"{n_edits_judged} edits with later edits (< {MIN_PREDICTION_EDITS})"
     verdict: dict[str, Any] = {"verdict": "not judged", "reasons": [too_few if state.changed else "no weight moved"]}
@@ -749,7 +779,14 @@ def _verdict_inputs(config: LifelongConfig, state: _State) -> dict[str, Any]:
         controls = prediction_controls(pairs, "measured_logprob", config.bootstrap, config.seed)
         verdict = judge_prediction_with_controls(controls)
     sensitivity = collapse_sensitivity(state.steps, retention_threshold=config.retention_threshold)
+    repeats = [index for index, edit in enumerate(state.edits) if edit.get("repeats_edit") is not None]
     return {
+        "repeated_subjects": {
+            "edits": repeats,
+            "pairs_left_out": len(state.pairs["edit_index"]) - len(pairs["edit_index"]),
+            "why": "a later edit of the same subject rewrites the earlier edit's very key (P = 1): left out of the "
+            "P-prediction verdict",
+        },
         "collapse_sensitivity": sensitivity if state.changed else None,
         "prediction_controls": controls,
         "prediction_verdict": verdict,
@@ -796,11 +833,27 @@ def _session(bench: _Bench, editor: str) -> EditSession:
     return session
 
 
+def _finished_run(folder: Path, stem: str, identity: dict[str, Any]) -> LifelongResult | None:
+    """Return the run already finished under this identity (a rerun of a queue skips it), else None."""
+    path = folder / f"{stem}.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if run_identity(saved.get("settings", {}).get("identity", {})) != run_identity(identity):
+        return None  # same hash prefix, other identity: rerun (its write replaces the file)
+    print(f"kis lifelong: {path.name} is finished already (delete it, or pass --no_resume, to run it again)")
+    fields = ("editor", "steps", "edits", "pairs", "summary", "settings")
+    return LifelongResult(**{name: saved[name] for name in fields}, path=path)
+
+
 def _run_editor(bench: _Bench, editor: str, folder: Path, command: str | None = None) -> LifelongResult:
     config = bench.config
     identity = _identity(bench, editor)
     stem = _stem(bench, editor, identity)
     with run_lock(folder, stem):
+        finished = _finished_run(folder, stem, identity) if config.resume else None
+        if finished is not None:
+            return finished
         session = _session(bench, editor)
         for stale, fields in stale_checkpoints(folder, stem, identity):
             warnings.warn(

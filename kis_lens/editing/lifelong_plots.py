@@ -59,14 +59,20 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
     ("efficacy", "efficacy: rewrite success on all edits so far", False),
     ("paraphrase", "paraphrase success", False),
     ("neighborhood", "neighborhood success", False),
-    ("generation_efficacy", "generation efficacy (greedy continuation = new target)", False),
-    ("fluency", "fluency (n-gram entropy)", False),
+    (
+        "argmax_efficacy",
+        "argmax efficacy (teacher-forced: every new-target token the argmax; nothing generated)",
+        False,
+    ),
+    ("fluency", "fluency (n-gram entropy of greedy text: not ROME's sampled protocol)", False),
     ("perplexity", "held-out perplexity", True),
     ("weight_change_norm", "‖W_t − W_0‖_F", False),
     ("condition_number", "condition number of W_t", True),
     ("unedited_nll_drift", "unedited facts: mean |ΔNLL(true)|", False),
 )
-UNIT_METRICS = ("score", "efficacy", "paraphrase", "neighborhood", "generation_efficacy")
+UNIT_METRICS = ("score", "efficacy", "paraphrase", "neighborhood", "argmax_efficacy")
+# Step keys renamed since a run was written: old → new (the metric is the same number).
+RENAMED_STEP_KEYS: dict[str, str] = {"generation_efficacy": "argmax_efficacy"}
 MAX_SCATTER_POINTS = 5_000  # pairs drawn per editor in the interference scatter (seeded subsample)
 SCATTER_SEED = 0
 # Verdict rules, stated in the document next to the verdicts.
@@ -216,6 +222,10 @@ def load_lifelong_results(folder: str | Path, stems: Sequence[str] | None = None
                 "one run per editor"
             )
         result["_source"], result["_legacy"] = path.name, is_legacy(result)
+        for step in result.get("steps") or []:
+            for old, new in RENAMED_STEP_KEYS.items():
+                if old in step:
+                    step.setdefault(new, step.pop(old))
         paths[editor], loaded[editor] = path, result
     return {editor: loaded[editor] for editor in _editor_order(list(loaded))}
 
@@ -846,7 +856,7 @@ def _editor_table(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
         ("collapse", lambda e, r: _collapse_text(r)),
         ("collapse criterion", lambda e, r: ((r.get("summary") or {}).get("collapse") or {}).get("criterion") or "—"),
         ("efficacy (all edits so far)", lambda e, r: _at(r, "efficacy")),
-        ("generation efficacy", lambda e, r: _at(r, "generation_efficacy")),
+        ("argmax efficacy (teacher-forced)", lambda e, r: _at(r, "argmax_efficacy")),
         ("paraphrase", lambda e, r: _at(r, "paraphrase")),
         ("neighborhood", lambda e, r: _at(r, "neighborhood")),
         ("score", lambda e, r: _at(r, "score")),

@@ -223,6 +223,11 @@ def test_the_controls_of_each_pair_are_what_they_say(run):
         assert count == t - 1 - u  # one edit per update: every edit after u up to t
         assert size == pytest.approx(float(np.sqrt(np.sum(np.square(norms[u + 1 : t])))), rel=1e-9)
     assert not np.allclose(pairs["predicted_shuffled"], pairs["predicted"])
+    for step in result.steps[1:]:  # success_now of the earlier edits and the newest edit's make the step's efficacy
+        t = step["n_edits"]
+        now = [ok for n, ok in zip(pairs["n_edits"], pairs["success_now"]) if n == t]
+        assert len(now) == t - 1
+        assert step["efficacy"] == pytest.approx((sum(now) + result.edits[t - 1]["newest_efficacy"]) / t)
     assert set(pairs) == set(lifelong.PAIR_FIELDS) and len({len(column) for column in pairs.values()}) == 1
 
 

@@ -110,6 +110,7 @@ PAIR_FIELDS: tuple[str, ...] = (
     "later_same_subject",
     "measured_output",
     "measured_logprob",
+    "success_now",
 )
 # Settings that change how a run is shown or where it runs, not what it computes: left out of its identity.
 PRESENTATION_FIELDS: tuple[str, ...] = ("editors", "progress", "resume", "device", "output_dir")
@@ -615,14 +616,14 @@ def _measure(bench: _Bench, state: _State, kind: str, clock: float) -> None:
     step.update(_weight_stats(state.weights[bench.config.layer], bench.weight0))
     step["predicted_interference"], step["measured_interference"] = None, None
     if t > 0:
-        _interference(bench, state, step, rewrite[0])
+        _interference(bench, state, step, rewrite)
     step["accumulated_p2"] = _accumulated_p2(bench.p_matrix, t)
     step["seconds"] = round(state.seconds + time.perf_counter() - clock, 2)
     state.steps.append(step)
     (state.eval_seconds if full else state.probe_seconds).append(time.perf_counter() - started)
 
 
-def _interference(bench: _Bench, state: _State, step: dict[str, Any], nll_now: Tensor) -> None:
+def _interference(bench: _Bench, state: _State, step: dict[str, Any], rewrite: tuple[Tensor, Tensor, Tensor]) -> None:
     """Fill the predicted and measured interference on earlier edits, and add their fact–step pairs."""
     t = state.done
     update = torch.tensor(state.update_of)
@@ -645,7 +646,9 @@ def _interference(bench: _Bench, state: _State, step: dict[str, Any], nll_now: T
     later_same_subject = same_subject.sum(dim=1)[earlier]
     outputs = bench.keys[:t] @ state.weights[bench.config.layer] + bench.bias
     measured = (outputs - torch.stack(state.after)).norm(dim=1)[earlier]
-    logprob = (nll_now - torch.tensor(state.nll_after, dtype=torch.float64))[earlier]
+    nll_new, nll_true, _ = rewrite
+    logprob = (nll_new - torch.tensor(state.nll_after, dtype=torch.float64))[earlier]
+    success_now = (nll_new < nll_true)[earlier]  # with the edit's newest_efficacy: was it lost since?
     step["predicted_interference"] = float(predicted.mean())
     step["measured_interference"] = float(measured.mean())
     indices = torch.nonzero(earlier).flatten().tolist()
@@ -660,6 +663,7 @@ def _interference(bench: _Bench, state: _State, step: dict[str, Any], nll_now: T
     state.pairs["later_same_subject"].extend(later_same_subject.tolist())
     state.pairs["measured_output"].extend(measured.tolist())
     state.pairs["measured_logprob"].extend(logprob.tolist())
+    state.pairs["success_now"].extend(success_now.tolist())
 
 
 def _baseline_rewrite(bench: _Bench, upto: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,6 +15,7 @@ from kis_lens.errors import KisError
 PACKAGED_FACTS: dict[str, str] = {
     "counterfact-known": "counterfact_known_436.json",
     "known-1000": "known_1000.json",
+    "counterfact-extended": "counterfact_extended.jsonl",  # kis_lens.editing.counterfact.extended_records()
 }
 DEFAULT_FACTS = "counterfact-known"
 DEFAULT_RECORD_SIZE = 128

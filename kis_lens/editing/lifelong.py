@@ -144,7 +144,9 @@ class LifelongConfig(ModelOptions):
     memit_clamp_norm_factor: float = setting(0.75, "MEMIT/AlphaEdit: ‖δ‖ ≤ this × ‖z‖")
     value_prompts: int | None = setting(None, "use only the first N of ROME's 21 templates", none="all 21")
     fast_values: bool = setting(True, "the exact fast forward in the value search where the architecture allows")
-    facts: str = setting(DEFAULT_FACTS, "CounterFact records to edit: counterfact-known or a path")
+    facts: str = setting(
+        DEFAULT_FACTS, "CounterFact records to edit: counterfact-known, counterfact-extended (1,599) or a path"
+    )
     unedited_facts: str = setting("known-1000", "facts never edited, watched for drift: known-1000 or a path")
     n_unedited: int = setting(64, "how many never-edited facts to watch")
     corpus: str = setting(EMBEDDED_CORPUS, f"corpus for C and held-out text: {EMBEDDED_CORPUS} or a file")

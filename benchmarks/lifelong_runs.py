@@ -4,6 +4,9 @@
     .venv/bin/python benchmarks/lifelong_runs.py --lane b &   # none, the causal traces, MEMIT, AlphaEdit
     .venv/bin/python benchmarks/lifelong_runs.py --plan       # every job and whether it has finished
 
+    git worktree add results/code <commit>; add --code results/code to each lane to run that commit's kis while
+    this tree is edited (PYTHONPATH puts the checkout first).
+
 Two 1-thread lanes are what two cores hold. Each job is one `kis lifelong` (or `kis trace`) process; a job that
 finished is skipped (kis lifelong returns the finished run), one that was cut off resumes from its checkpoint, so
 rerunning a lane after a session ends picks up where it stopped. Every job appends a line to
@@ -35,6 +38,34 @@ def _lifelong(editor: str, seed: int, layer: int = LAYER) -> tuple[str, list[str
 
 def _trace(window: int, n_facts: int = 100) -> tuple[str, list[str]]:
     return f"trace-w{window}", ["trace", "--n_facts", str(n_facts), "--window", str(window)]
+
+
+def _written(name: str) -> bool:
+    """Return whether a job's result is on disk already (a trace is not resumable: never run it twice)."""
+    if name.startswith("trace-w"):
+        window = name.removeprefix("trace-w")
+        return (ROOT / OUTPUT / "smollm2-135m" / "trace" / f"causal_trace_mlp_w{window}.json").is_file()
+    return False
+
+
+def _running(name: str, arguments: list[str]) -> list[int]:
+    """Return the pids of `kis` processes running this job already (e.g. left by a lane driver that was stopped)."""
+    wanted = " ".join(arguments)
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "kis_lens.cli" in command and wanted in command:
+                found.append(int(proc.name))
+    return found
+
+
+def _commit(code: Path) -> str:
+    """Return the commit a checkout is at (the runs record which committed code made them)."""
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=code, capture_output=True, text=True).stdout.strip()
 
 
 LANES: dict[str, list[tuple[str, list[str]]]] = {
@@ -80,20 +111,32 @@ def _other_lanes_running(lane: str) -> int:
     return sum((ROOT / OUTPUT / f"lane_{other}.running").exists() for other in LANES if other != lane)
 
 
-def run_lane(lane: str) -> int:
-    """Run the lane's jobs in order, one thread each; return the first non-zero exit status, else 0."""
+def run_lane(lane: str, code: Path | None = None) -> int:
+    """Run the lane's jobs in order, one thread each; a failed job is logged and the lane goes on; return the
+    number of failed jobs.
+
+    With code, kis runs from that checkout (a `git worktree` at a commit), so edits to this tree while a lane runs
+    never reach a job that starts later."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if code is not None:
+        env["PYTHONPATH"] = str(code.resolve())
+        env["PYTHONSAFEPATH"] = "1"  # else `python -m` puts the working directory (this tree) first
     (ROOT / OUTPUT / "logs").mkdir(parents=True, exist_ok=True)
     marker = ROOT / OUTPUT / f"lane_{lane}.running"
     marker.touch()
     try:
+        failed = 0
         for name, arguments in LANES[lane]:
             if name in finished_jobs():
+                continue
+            while _running(name, arguments):  # a job left running by a stopped driver: wait, then rerun = resume
+                time.sleep(30)
+            if _written(name):
                 continue
             command = ["kis", *arguments, "--output_dir", str(OUTPUT)]
             started, beside = time.time(), _other_lanes_running(lane)
             with open(ROOT / OUTPUT / "logs" / f"{name}.log", "a") as log:
-                code = subprocess.call(
+                returncode = subprocess.call(
                     [sys.executable, "-m", "kis_lens.cli", *command[1:]], cwd=ROOT, env=env, stdout=log, stderr=log
                 )
             entry = {
@@ -103,15 +146,15 @@ def run_lane(lane: str) -> int:
                 "lanes_beside": max(beside, _other_lanes_running(lane)),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 "wall_seconds": round(time.time() - started, 1),
-                "returncode": code,
+                "returncode": returncode,
+                "commit": _commit(code or ROOT),
             }
             with open(ROOT / LOG, "a") as out:
                 out.write(json.dumps(entry) + "\n")
-            if code != 0:
-                return code
+            failed += returncode != 0
     finally:
         marker.unlink(missing_ok=True)
-    return 0
+    return failed
 
 
 def main() -> int:
@@ -119,6 +162,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lane", choices=sorted(LANES))
     parser.add_argument("--plan", action="store_true", help="list every job and whether it has finished")
+    parser.add_argument("--code", type=Path, help="run kis from this checkout (a git worktree at a commit)")
     args = parser.parse_args()
     if args.plan or not args.lane:
         done = finished_jobs()
@@ -128,7 +172,7 @@ def main() -> int:
                 state = f"done in {entry['wall_seconds'] / 3600:.2f} h" if entry else "to do"
                 print(f"lane {lane}  {name:28s} {state:18s} kis {' '.join(arguments)}")
         return 0
-    return run_lane(args.lane)
+    return min(run_lane(args.lane, args.code), 1)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,15 @@ from kis_lens.distributed import all_reduce_ints, all_reduce_moments, barrier, r
 from kis_lens.errors import KisError
 from kis_lens.hooks import validate_layers
 from kis_lens.io import check_writable, folder_lock, remove_stale_temp_files
-from kis_lens.models import HookedModel, ModelInfo, model_info, resolve_prepend_bos
+from kis_lens.models import (
+    HookedModel,
+    ModelInfo,
+    file_sha256,
+    is_legacy_fingerprint,
+    legacy_fingerprint,
+    model_info,
+    resolve_prepend_bos,
+)
 from kis_lens.stats import SecondMoment
 from kis_lens.storage import (
     DEFAULT_STATS_DTYPE,
@@ -151,6 +159,12 @@ class JobSetting:
     corpus: Corpus
     prepend_bos: bool
     stop: int | None  # index after the last corpus text the request may read (None: to the end)
+    legacy_fingerprint: str | None = None  # the model's sampled W_out fingerprint of older kis: caches keyed on it
+
+    def rekeyable(self, metadata: dict[str, Any]) -> bool:
+        """Return whether a cache was keyed on this model's legacy fingerprint (re-keyed, not recomputed)."""
+        recorded = metadata.get("model_fingerprint")
+        return is_legacy_fingerprint(recorded) and recorded == self.legacy_fingerprint
 
     def key(self, layer: int) -> CacheKey:
         """Return the identity of this job's cache for a layer."""
@@ -232,14 +246,22 @@ def cache_second_moments(model: HookedModel, layers: Sequence[int], request: Cov
         snapshot=request.wikipedia_snapshot,
     )
     setting = JobSetting(
-        request, info, corpus, resolve_prepend_bos(model, request.prepend_bos), corpus.stop_for(request.sample_size)
+        request,
+        info,
+        corpus,
+        resolve_prepend_bos(model, request.prepend_bos),
+        corpus.stop_for(request.sample_size),
+        legacy_fingerprint(model),
     )
     setting.key(layers[0])  # checks the stats dtype before anything is written
     # Everything checkable is checked before the first byte is written (or the lock is taken).
     check_writable(setting.folder)
     for layer in layers:
         if setting.path(layer).is_file():
-            setting.key(layer).check(setting.path(layer), read_metadata(setting.path(layer)))
+            found = read_metadata(setting.path(layer))
+            if setting.rekeyable(found):  # re-keyed under the lock below
+                found = {**found, "model_fingerprint": info.fingerprint}
+            setting.key(layer).check(setting.path(layer), found)
     rank, _ = rank_and_world()
     with folder_lock(setting.folder) if rank == 0 else contextlib.nullcontext(setting.folder):
         if rank == 0:  # a killed writer's leftovers; safe to remove now that no other job writes here
@@ -301,6 +323,8 @@ def _run_job(model: HookedModel, layers: list[int], setting: JobSetting) -> Cach
             found = read_metadata(path)
             if found.get("model_fingerprint") is None and "imported_from" in found and rank == 0:
                 found = _record_fingerprint(path, info, report)
+            if setting.rekeyable(found) and rank == 0:
+                found = _rekey_legacy_fingerprint(path, info, report)
             if _covers(found, request, setting.stop):
                 report.reused.append(layer)
                 report.layers[layer] = LayerCache(path, int(found["count"]), int(found.get("texts", 0)))
@@ -363,6 +387,21 @@ def _record_fingerprint(path: Path, info: ModelInfo, report: CacheReport) -> dic
     report.notes.append(
         f"imported cache {path.name} first used with {info.name}: its weight fingerprint {info.fingerprint} is now "
         "recorded, and another model of that name will be refused"
+    )
+    return read_metadata(path)
+
+
+def _rekey_legacy_fingerprint(path: Path, info: ModelInfo, report: CacheReport) -> dict[str, Any]:
+    """Record the full-weight fingerprint in a cache keyed on the older sampled one; return the new metadata."""
+    old, old_sha256 = read_metadata(path)["model_fingerprint"], file_sha256(path)
+    # what it was keyed and hashed as before: runs keyed on this cache's old file hash can be re-keyed too
+    rewrite_metadata(
+        path,
+        {"model_fingerprint": info.fingerprint, "rekeyed_from_fingerprint": old, "rekeyed_from_sha256": old_sha256},
+    )
+    report.notes.append(
+        f"{path.name} was keyed on the older sampled W_out fingerprint {old}, which this model matches: re-keyed to "
+        f"its full-weight fingerprint {info.fingerprint}"
     )
     return read_metadata(path)
 

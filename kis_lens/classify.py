@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +27,14 @@ from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts
 from kis_lens.hooks import gather_positions
 from kis_lens.io import save_json
-from kis_lens.models import HookedModel, model_device, model_fingerprint, model_info, resolve_prepend_bos
+from kis_lens.models import (
+    HookedModel,
+    fingerprint_matches,
+    model_device,
+    model_fingerprint,
+    model_info,
+    resolve_prepend_bos,
+)
 from kis_lens.tokens import encode, pad_batch, pad_token_id
 
 SPLIT_FORMAT_VERSION = 1
@@ -246,11 +253,15 @@ def ensure_split(
     if path.is_file() and not recompute:
         saved = load_split(path)
         matches = (
-            saved.model_fingerprint == model_fingerprint(model)
+            fingerprint_matches(saved.model_fingerprint, model)
             and saved.facts_digest == facts_digest(facts)
             and saved.prepend_bos == prepend_bos
             and (top_k is None or saved.top_k == top_k)
         )
+        if matches and saved.model_fingerprint != model_fingerprint(model):
+            # saved under the older sampled fingerprint, which this model matches: re-keyed, not reclassified
+            saved = replace(saved, model_fingerprint=model_fingerprint(model))
+            return saved, save_split(saved, path)
         if matches:
             return saved, path
     split = classify_facts(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import shlex
 import sys
 import time
@@ -16,8 +17,9 @@ import typing
 from dataclasses import MISSING, Field, fields, is_dataclass, replace
 from typing import Any, Callable, Sequence
 
-from kis_lens.config import ModelOptions, RunConfig, ValueAlias
+from kis_lens.config import ModelOptions, RunConfig, ValueAlias, check_outputs
 from kis_lens.errors import KisError
+from kis_lens.io import NO_SPACE_ERRNOS, NO_SPACE_WORDS, is_file_failure
 from kis_lens.matrices import MATRIX_NAMES
 from kis_lens.runner import run_matrices
 
@@ -209,7 +211,10 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
 
 
 def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, **overrides: Any) -> Any:
-    """Return the config (RunConfig by default) the parsed flags describe; unset fields keep the dataclass defaults."""
+    """Return the config (RunConfig by default) the parsed flags describe; unset fields keep the dataclass defaults.
+
+    Settings no job can run (a NaN, a folder that cannot be written) raise KisError here, before any model loads.
+    """
     given = vars(args)
     hints = typing.get_type_hints(config_class)
     values: dict[str, Any] = {}
@@ -223,7 +228,9 @@ def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, *
         elif kind is tuple and isinstance(value, str):
             value = tuple(part.strip() for part in value.split(",") if part.strip())
         values[item.name] = value
-    return config_class(**{**values, **overrides})
+    config = config_class(**{**values, **overrides})
+    check_outputs({item.name: getattr(config, item.name) for item in fields(config)})
+    return config
 
 
 def _subcommand(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -289,6 +296,7 @@ def _cache_cov_command(args: argparse.Namespace) -> None:
 def _merge_stats_command(args: argparse.Namespace) -> None:
     from kis_lens.storage import merge_caches
 
+    check_outputs({"output_dir": args.output_dir})
     for path in merge_caches(args.inputs, args.output_dir, dtype=args.stats_dtype):
         print(f"merged: {path}")
 
@@ -296,6 +304,7 @@ def _merge_stats_command(args: argparse.Namespace) -> None:
 def _import_stats_command(args: argparse.Namespace) -> None:
     from kis_lens.storage import import_layer_stats
 
+    check_outputs({"output_dir": args.output_dir})
     prepend_bos = None if args.prepend_bos is None else args.prepend_bos == "true"
     path = import_layer_stats(
         args.npz,
@@ -316,6 +325,7 @@ def _export_stats_command(args: argparse.Namespace) -> None:
 
     from kis_lens.storage import export_npz
 
+    check_outputs({"output": args.output})
     path = export_npz(args.cache, args.output, precision=args.precision, sample_size=args.sample_size)
     with np.load(path, allow_pickle=False) as data:
         sample_size = int(data["sample_size"])
@@ -491,6 +501,7 @@ def _report_command(args: argparse.Namespace) -> None:
     from kis_lens.report import report_from_results
 
     sections = [edit_simulation_sections, lifelong_report_sections]
+    check_outputs({"output": args.output})
     report, table = report_from_results(
         args.results, args.output, top_k=args.top_k, threshold=args.threshold, sections=sections
     )
@@ -692,7 +703,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"kis: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        # The boundary's narrow net: a file read or write that failed where no KisError was raised at the source.
+        # Anything else is a bug and keeps its traceback.
+        message = file_failure_message(error)
+        if message is None or args.debug:
+            raise
+        print(f"kis: error: {message}", file=sys.stderr)
+        return 2
     return 0
+
+
+# Names under which the frames of a failed read or write hold the file's path (innermost frame first).
+_PATH_NAMES = ("filename", "path", "temp", "target", "file", "source")
+
+
+def _path_in_traceback(error: BaseException) -> str | None:
+    """Return the file path a failed read or write was working on, read from its innermost frames' locals."""
+    frames = []
+    trace = error.__traceback__
+    while trace is not None:
+        frames.append(trace.tb_frame)
+        trace = trace.tb_next
+    for frame in reversed(frames):
+        for name in _PATH_NAMES:
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and str(value):
+                return str(value)
+    return None
+
+
+def file_failure_message(error: BaseException) -> str | None:
+    """Return the `kis: error:` text of a file read or write that failed outside kis's checks; None for other errors."""
+    if not is_file_failure(error):
+        return None
+    path = getattr(error, "filename", None) or _path_in_traceback(error)
+    where = str(path) if path else "a file"
+    text = str(error).lower()
+    if getattr(error, "errno", None) in NO_SPACE_ERRNOS or any(word in text for word in NO_SPACE_WORDS):
+        return f"no space left writing {where} ({error}): free space or choose another --output_dir, then rerun"
+    if isinstance(error, OSError):
+        return (
+            f"cannot read or write {where}: {error.strerror or error}; check that it exists and that its folder is "
+            "writable, then rerun (--debug shows where it failed)"
+        )
+    return (
+        f"cannot read or write {where} ({type(error).__name__}: {error}); if it is corrupt or truncated, delete it "
+        "and rerun the command that wrote it (--debug shows where it failed)"
+    )
 
 
 if __name__ == "__main__":

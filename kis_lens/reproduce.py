@@ -11,7 +11,6 @@ most superposed pairs, the figures (HTML) and the verdicts.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,10 +29,11 @@ from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_RECORD_SIZE, Fact, load_facts, sample_facts
 from kis_lens.hooks import layer_range
-from kis_lens.io import atomic_write, save_json
+from kis_lens.io import atomic_write, load_json_object, save_json
 from kis_lens.keys import compute_keys
 from kis_lens.matrices import MATRIX_NAMES, Whitener, all_matrices
 from kis_lens.models import PACKAGED_GGUF_MODELS, HookedModel, model_info, random_init_twin
+from kis_lens.plots import write_figure_files
 from kis_lens.results import RunResult, save_result
 from kis_lens.runner import covariance_key, layer_matrices, run_settings
 from kis_lens.stats import SecondMoment
@@ -312,17 +312,6 @@ def judge(report: Reproduction) -> list[dict[str, str]]:
     ]
 
 
-def _write_figure(figure: Any, html: Path) -> dict[str, str | None]:
-    """Write a figure as interactive HTML and, when Plotly's static export (kaleido) works, a PNG beside it."""
-    atomic_write(html, lambda temp: figure.write_html(str(temp), include_plotlyjs="cdn"))
-    png: str | None = str(html.with_suffix(".png"))
-    try:
-        atomic_write(png, lambda temp: figure.write_image(str(temp), format="png", width=1000, scale=1))
-    except Exception:  # noqa: BLE001 - kaleido or its browser missing: the HTML is still there
-        png = None
-    return {"html": str(html), "png": png}
-
-
 def write_figures(result: RunResult, report: Reproduction, folder: Path) -> list[dict[str, str | None]]:
     """Write the reproduction's figures (HTML, plus PNG when possible); return their paths."""
     from kis_lens.plots import Band, band_figure, histogram_figure, layer_trends_figure, orthogonality_figure
@@ -374,7 +363,7 @@ def write_figures(result: RunResult, report: Reproduction, folder: Path) -> list
         "orthogonality": orthogonality_figure(result),
         "p_histogram": histogram_figure(result, "p_matrix"),
     }
-    return [_write_figure(figure, folder / f"{name}.html") for name, figure in figures.items()]
+    return [write_figure_files(figure, folder / f"{name}.html") for name, figure in figures.items()]
 
 
 def _null_and_quarters(
@@ -432,7 +421,7 @@ def model_size_rows(report: Reproduction, numbers_dir: Path) -> list[dict[str, A
             _size_row(report.null_model["name"], report.null_model["d_mlp"], report.null_model["layers"], "random init")
         )
     for path in sorted(numbers_dir.glob("reproduction_*.json")):
-        other = json.loads(path.read_text(encoding="utf-8"))
+        other = load_json_object(path, "rerun `kis reproduce` for that model, or delete the file")
         if (
             other.get("model", {}).get("name") != report.model["name"]
             and other.get("layers")

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -160,7 +161,11 @@ def find_results(path: str | Path) -> Path:
 
 
 def load_result(path: str | Path) -> RunResult:
-    """Return a run's results from its results.safetensors (or the folder holding it)."""
+    """Return a run's results from its results.safetensors (or the folder holding it).
+
+    A file that cannot be parsed, or whose metadata or matrices do not fit together, raises KisError naming it
+    and the command that writes it again (a truncated copy, a killed disk, a hand edit).
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -168,8 +173,43 @@ def load_result(path: str | Path) -> RunResult:
         path = path / RESULTS_FILE
     if not path.is_file():
         raise KisError(f"no results at {path}: run `kis all` first or give the run folder")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    facts = [Fact(**record) for record in json.loads(metadata["facts"])]
-    matrices: dict[str, torch.Tensor] = load_file(str(path))
-    return RunResult(matrices, json.loads(metadata["layers"]), facts, json.loads(metadata["settings"]), path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        missing = [key for key in ("layers", "facts", "settings") if key not in metadata]
+        if missing:
+            raise ValueError(f"its metadata lacks {', '.join(missing)}")
+        facts = [Fact(**record) for record in json.loads(metadata["facts"])]
+        layers, settings = json.loads(metadata["layers"]), json.loads(metadata["settings"])
+        matrices: dict[str, torch.Tensor] = load_file(str(path))
+        _check_shapes(matrices, layers, len(facts))
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as error:
+        # KeyError/TypeError: a facts record with other fields; ValueError covers json's decode errors.
+        raise KisError(
+            f"results file {path} is corrupt or truncated ({type(error).__name__}: {error}): {_rewrite_hint(path)}"
+        ) from None
+    return RunResult(matrices, layers, facts, settings, path)
+
+
+def _check_shapes(matrices: dict[str, Tensor], layers: Any, n_facts: int) -> None:
+    """Raise ValueError unless every matrix is [layer, fact, fact] for the recorded layers and facts."""
+    if not isinstance(layers, list) or not all(isinstance(layer, int) for layer in layers):
+        raise ValueError(f"its layers are {layers!r}, not a list of layer numbers")
+    for name, stacked in matrices.items():
+        if tuple(stacked.shape) != (len(layers), n_facts, n_facts):
+            raise ValueError(
+                f"{name} is {tuple(stacked.shape)}, not ({len(layers)}, {n_facts}, {n_facts}) for its layers and facts"
+            )
+
+
+def _rewrite_hint(path: Path) -> str:
+    """Return how to write a results file again: its `kis all` rerun, with the --output_dir it sits under."""
+    parts = path.parts
+    # <output_dir>/runs/<model>/<knowledge_type>_sample_size_<n>/<token_position>/results.safetensors
+    if len(parts) >= 5 and parts[-5] == "runs":
+        output_dir = Path(*parts[:-5]) if len(parts) > 5 else Path(".")
+        return (
+            f"rerun `kis all --output_dir {output_dir}` with the settings that wrote it (model {parts[-4]}, "
+            f"{parts[-3]}, --token_position {parts[-2]}) to write it again"
+        )
+    return "rerun `kis all` with the settings that wrote it to write it again, and give --results that run's folder"

@@ -10,13 +10,14 @@ ROME/MEMIT/AlphaEdit ``layer_stats`` ``.npz`` files (``mom2.mom2`` = Σ k kᵀ, 
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from kis_lens._version import __version__
@@ -150,8 +151,6 @@ def save_second_moment(
 
 def rewrite_metadata(path: str | Path, updates: dict[str, Any]) -> Path:
     """Rewrite a cache with some metadata entries replaced (tensors unchanged), atomically; return the path."""
-    from safetensors import safe_open
-
     metadata = {**read_metadata(path), **updates}
     with safe_open(str(path), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
@@ -160,8 +159,6 @@ def rewrite_metadata(path: str | Path, updates: dict[str, Any]) -> Path:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Return a cache's parsed metadata; KisError when the file is missing, truncated or corrupt."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise KisError(f"no covariance cache at {path}: run `kis cache-cov` first")
@@ -238,21 +235,52 @@ def save_checkpoint(path: str | Path, moments: dict[int, SecondMoment], state: d
     return atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=meta))
 
 
+# The job state a checkpoint must hold for kis_lens.cache_job to resume from it (its _Progress), with their types.
+CHECKPOINT_STATE: dict[str, tuple[type, ...]] = {
+    "window_start": (int,),
+    "batches_done": (int,),
+    "tokens": (int,),
+    "texts": (int,),
+    "done": (bool,),
+}
+
+
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[dict[int, SecondMoment], dict[str, Any]]:
-    """Return the layers' accumulators and the job state from a checkpoint."""
-    state = read_metadata(path)
+    """Return the layers' accumulators and the job state from a checkpoint.
+
+    A checkpoint that cannot be read, or lacks a layer's sums or the corpus position, stops the job with a KisError
+    naming it and the fix (delete it, then rerun): it is not set aside and restarted here, because the caller chose
+    to resume this pass before reading it, and a silent restart would throw away the tokens already counted.
+    """
+    path = Path(path)
+    fix = (
+        "delete it and rerun the same `kis cache-cov` command: that pass starts afresh, the finished layer caches "
+        "are kept"
+    )
     try:
-        tensors = load_file(str(path), device=str(device))
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            raw = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        state = {key: json.loads(value) for key, value in raw.items()}
         counts = state.pop("counts")
+        for key, kinds in CHECKPOINT_STATE.items():
+            if key not in state:
+                raise KeyError(key)
+            if not isinstance(state[key], kinds) or (bool not in kinds and isinstance(state[key], bool)):
+                raise ValueError(f"{key} is {state[key]!r}")
         moments = {
-            int(layer): SecondMoment.from_state(tensors[f"upper_{layer}"], count) for layer, count in counts.items()
+            int(layer): SecondMoment.from_state(tensors[f"upper_{layer}"], int(count))
+            for layer, count in counts.items()
         }
-    except (SafetensorError, OSError, KeyError, ValueError, AttributeError) as error:
-        raise KisError(f"checkpoint {path} is corrupt ({error}); delete it to start the job afresh") from None
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, AttributeError) as error:
+        # KeyError: a missing entry (counts, a layer's upper_<L>, a progress field); ValueError: also a tensor
+        # whose shape is no layer's sums. Not RuntimeError: that is the device (out of memory), not the file.
+        why = f"no {error}" if isinstance(error, KeyError) else str(error)
+        raise KisError(f"checkpoint {path} is corrupt ({why}); {fix}") from None
     if not all(torch.isfinite(moment.state_dict()["upper"]).all() for moment in moments.values()):
-        raise KisError(f"checkpoint {path} contains NaN or inf; delete it to start the job afresh")
+        raise KisError(f"checkpoint {path} contains NaN or inf; {fix}")
     return moments, state
 
 
@@ -317,7 +345,7 @@ def import_npz(source: str | Path) -> tuple[SecondMoment, int | None]:
             total = torch.from_numpy(np.asarray(data["mom2.mom2"], dtype=np.float64))
             count = int(np.asarray(data["mom2.count"]).reshape(-1)[0])
             sample_size = int(np.asarray(data["sample_size"]).reshape(-1)[0]) if "sample_size" in data else None
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as error:  # BadZipFile: a truncated .npz
         raise KisError(f"cannot read {source} as .npz without pickle ({error})") from None
     if total.ndim != 2 or total.shape[0] != total.shape[1] or count < 1:
         raise KisError(f"{source} holds no square mom2 with a positive count")

@@ -34,9 +34,10 @@ from torch import Tensor
 from kis_lens.config import ModelOptions, at_least, setting
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts
-from kis_lens.io import atomic_write, save_json
+from kis_lens.io import save_json
 from kis_lens.keys import locate_subject
 from kis_lens.models import HookedModel, load_model, model_device, model_name, resolve_prepend_bos
+from kis_lens.plots import write_figure_files
 from kis_lens.tokens import encode, pad_batch, pad_token_id
 
 EMBED_HOOK = "hook_embed"  # token embedding only (GPT-2's wte, before positions), as ROME noises ``wte``
@@ -277,17 +278,6 @@ def trace_figure(result: TraceResult) -> Any:
     return figure
 
 
-def _write_figure(figure: Any, html: Path) -> dict[str, str | None]:
-    """Write a figure as HTML and, when Plotly's static export (kaleido) works, a PNG beside it."""
-    atomic_write(html, lambda temp: temp.write_text(figure.to_html(include_plotlyjs="cdn"), encoding="utf-8"))
-    png: str | None = str(html.with_suffix(".png"))
-    try:
-        atomic_write(png, lambda temp: figure.write_image(str(temp), format="png", width=1000, scale=1))
-    except Exception:  # noqa: BLE001 - kaleido or its browser missing: the HTML is still there
-        png = None
-    return {"html": str(html), "png": png}
-
-
 def causal_trace(config: TraceConfig, model: HookedModel | None = None) -> TraceResult:
     """Trace the first n_facts (known) facts, average the indirect effects and write JSON and a figure."""
     started = time.perf_counter()
@@ -365,6 +355,6 @@ def causal_trace(config: TraceConfig, model: HookedModel | None = None) -> Trace
     )
     path = trace_path(config, model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    result.figures = _write_figure(trace_figure(result), path.with_suffix(".html"))
+    result.figures = write_figure_files(trace_figure(result), path.with_suffix(".html"))
     result.path = save_json(path, result.to_dict())
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -14,6 +15,7 @@ from kis_lens.classify import (
     ensure_split,
     load_split,
     next_token_logits,
+    save_split,
     split_path,
     target_first_token,
 )
@@ -187,3 +189,23 @@ def test_smollm2_knows_about_half_of_the_shipped_facts(smollm2):
     assert 190 <= len(split.known) <= 232
     first = split.predictions[0]
     assert facts[0].subject == "United Kingdom" and first["target_token"] == " English" and first["target_rank"] == 0
+
+
+def test_a_split_saved_under_the_legacy_fingerprint_is_re_keyed_not_reclassified(tiny_gpt2, tmp_path, monkeypatch):
+    """A split an older kis saved (keyed on the sampled W_out fingerprint this model matches) is reused and saved
+    again under the full-weight fingerprint; one of another model's legacy fingerprint is reclassified."""
+    import kis_lens.classify as classify
+    from kis_lens.models import legacy_fingerprint, model_fingerprint
+
+    facts_file = write_facts(tmp_path / "facts.json", HAND_FACTS)
+    split, path = ensure_split(tiny_gpt2, facts_file, tmp_path, top_k=2, prepend_bos=False)
+    save_split(dataclasses.replace(split, model_fingerprint=legacy_fingerprint(tiny_gpt2)), path)
+    calls = []
+    real = classify.classify_facts
+    monkeypatch.setattr(classify, "classify_facts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again, _ = ensure_split(tiny_gpt2, facts_file, tmp_path, top_k=2, prepend_bos=False)
+    assert calls == [] and again.known == split.known
+    assert load_split(path).model_fingerprint == model_fingerprint(tiny_gpt2)
+    save_split(dataclasses.replace(split, model_fingerprint="0123456789abcdef"), path)
+    ensure_split(tiny_gpt2, facts_file, tmp_path, top_k=2, prepend_bos=False)
+    assert calls == [1]

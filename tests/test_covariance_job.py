@@ -345,3 +345,24 @@ def test_a_run_records_what_its_c_holds_not_what_was_asked(tmp_path, tiny_cli_mo
         assert held["tokens"] == meta["count"] >= 3000 and held["texts"] == meta["texts"]
         assert first.settings["covariance"][str(layer)]["tokens"] == held["tokens"]
     assert second.settings["config"]["max_tokens"] == 1000
+
+
+def test_a_cache_keyed_on_the_legacy_fingerprint_is_re_keyed_not_recomputed(tiny_cli_model, tmp_path):
+    """A cache written by an older kis (keyed on the sampled W_out fingerprint) is read, re-keyed to the full-weight
+    fingerprint with a line in the summary, and its statistics are kept bit for bit; one whose legacy fingerprint
+    is another model's is refused."""
+    from kis_lens.models import legacy_fingerprint, model_fingerprint
+    from kis_lens.storage import read_metadata, rewrite_metadata
+
+    first = cache_second_moments(tiny_cli_model, [1], _request(tmp_path))
+    path = first.layers[1].path
+    before = load_second_moment(path)[0].sum.clone()
+    rewrite_metadata(path, {"model_fingerprint": legacy_fingerprint(tiny_cli_model)})
+    again = cache_second_moments(tiny_cli_model, [1], _request(tmp_path))
+    assert again.reused == [1] and again.computed_tokens == 0
+    assert any("re-keyed" in note for note in again.notes) and "re-keyed" in again.summary()
+    assert read_metadata(path)["model_fingerprint"] == model_fingerprint(tiny_cli_model)
+    assert torch.equal(load_second_moment(path)[0].sum, before)
+    rewrite_metadata(path, {"model_fingerprint": "0123456789abcdef"})  # a legacy key of some other model
+    with pytest.raises(KisError, match="model_fingerprint"):
+        cache_second_moments(tiny_cli_model, [1], _request(tmp_path))

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kis_lens"
 # Bottom to top. A module may import from any earlier level, never from its own level or a later one.
 LEVELS: list[tuple[str, ...]] = [
     ("errors", "_version", "tiny"),
-    ("io", "facts", "tokens", "stats", "matrices"),
+    ("io", "facts", "tokens", "stats", "matrices", "gguf"),
     ("models",),
     ("hooks", "corpus", "distributed"),
     ("keys", "covariance", "storage", "editing.shifted_forward", "editing.runs"),
@@ -33,6 +33,8 @@ LEVELS: list[tuple[str, ...]] = [
     ("report",),
     ("editing.simulation_plots", "editing.lifelong_plots"),
     ("editing.simulation", "editing.lifelong"),
+    ("editing.lifelong_study",),
+    ("editing.lifelong_doc",),
     ("reproduce", "editing", "trace"),
     # Entry points and re-export shims kept for old import paths.
     ("cli", "__init__", "lifelong", "plots_editing"),

@@ -435,7 +435,9 @@ def test_a_crafted_checkpoint_is_never_executed(tiny_model, tmp_path):
     # a checkpoint whose JSON is genuine but whose tensors are a pickle: refused with the fix, nothing runs
     from kis_lens.editing.runs import save_checkpoint
 
-    identity = json.loads(next(folder.glob("lifelong_p-rome_*.json")).read_text())["settings"]["identity"]
+    finished = next(folder.glob("lifelong_p-rome_*.json"))
+    identity = json.loads(finished.read_text())["settings"]["identity"]
+    finished.unlink()  # else the finished run is returned and no checkpoint is even looked at
     save_checkpoint(folder, stem, identity, {"x": torch.zeros(1)}, {"done": 0})
     with open(folder / f"{stem}.partial.safetensors", "wb") as handle:
         pickle.dump(_Payload(marker), handle)
@@ -550,3 +552,74 @@ def test_a_subject_edited_twice_is_flagged_and_left_out_of_the_verdict(tiny_mode
     assert repeated["edits"] == [later] and repeated["pairs_left_out"] == len(flagged)
     kept = lifelong.judged_pairs(pairs)
     assert len(kept["edit_index"]) == len(pairs["edit_index"]) - len(flagged)
+
+
+def _as_written_by_an_older_kis(folder: Path, model, path: Path, partial: bool) -> Path:
+    """Rewrite a run (finished JSON or checkpoint) and its C cache as an older kis keyed them: on the sampled W_out
+    fingerprint, the C file's hash taken before its re-key; return the run's old-style path."""
+    from kis_lens.editing.runs import content_sha256, load_checkpoint, remove_checkpoint, run_stem, save_checkpoint
+    from kis_lens.models import legacy_fingerprint
+    from kis_lens.storage import rewrite_metadata
+
+    legacy = legacy_fingerprint(model)
+    (cache,) = Path(folder).rglob("layer_0_mom2.safetensors")
+    rewrite_metadata(cache, {"model_fingerprint": legacy})
+    saved = json.loads(path.read_text())
+    identity = saved["identity"] if partial else saved["settings"]["identity"]
+    stem = path.name.removesuffix(".partial.json").removesuffix(".json")
+    old = {**identity, "model_fingerprint": legacy}
+    old["covariance"] = {"0": {**identity["covariance"]["0"], "sha256": content_sha256(cache)}}
+    readable = dict(
+        zip(
+            ("seed", "n", "layer"),
+            (int(p.removeprefix(k)) for p, k in zip(stem.split("_")[2:5], ("seed", "n", "layer"))),
+        )
+    )
+    old_stem = "lifelong_" + run_stem("p-rome", old, readable)
+    if partial:
+        loaded = load_checkpoint(path.parent, stem, identity)
+        save_checkpoint(path.parent, old_stem, old, *loaded)
+        remove_checkpoint(path.parent, stem)
+        return path.parent / f"{old_stem}.partial.json"
+    saved["settings"]["identity"], saved["settings"]["run_stem"] = old, old_stem
+    (path.parent / f"{old_stem}.json").write_text(json.dumps(saved))
+    path.unlink()
+    return path.parent / f"{old_stem}.json"
+
+
+def test_runs_keyed_on_the_legacy_fingerprint_are_re_keyed_not_rerun(tiny_model, tmp_path, monkeypatch, capsys):
+    """A finished run and a checkpoint an older kis keyed on the sampled fingerprint (its C cache too) are moved to
+    the new stems with a line saying so: the finished run is not rerun, the checkpoint resumes where it stopped."""
+    finished = run_lifelong(LifelongConfig(**RESUMABLE, output_dir=str(tmp_path / "a")), model=tiny_model)["p-rome"]
+    old_path = _as_written_by_an_older_kis(tmp_path / "a", tiny_model, finished.path, partial=False)
+    searched = _count_searches(monkeypatch)
+    again = run_lifelong(LifelongConfig(**RESUMABLE, output_dir=str(tmp_path / "a")), model=tiny_model)["p-rome"]
+    out = capsys.readouterr().out
+    assert searched == [] and "re-keyed" in out and "finished already" in out
+    assert again.path.is_file() and again.path != old_path and not old_path.exists()
+    assert again.steps == finished.steps and again.settings["rekeyed_from"]["run_stem"] == old_path.stem
+
+    interrupted = LifelongConfig(**RESUMABLE, output_dir=str(tmp_path / "b"))
+    folder = _interrupt(monkeypatch, interrupted, tiny_model)
+    (checkpoint,) = folder.glob("*.partial.json")
+    old_checkpoint = _as_written_by_an_older_kis(tmp_path / "b", tiny_model, checkpoint, partial=True)
+    searched = _count_searches(monkeypatch)
+    resumed = run_lifelong(interrupted, model=tiny_model)["p-rome"]
+    assert len(searched) == 2 and not old_checkpoint.exists() and "re-keyed" in capsys.readouterr().out
+    assert [s["efficacy"] for s in resumed.steps] == [s["efficacy"] for s in finished.steps]
+
+
+def test_a_run_whose_inputs_changed_is_not_re_keyed(tiny_model, tmp_path, monkeypatch):
+    """Only the keys may differ: an old run whose C was not re-keyed from the legacy fingerprint (its hash differs
+    for another reason) starts afresh."""
+    from kis_lens.models import legacy_fingerprint
+    from kis_lens.storage import rewrite_metadata
+
+    first = run_lifelong(LifelongConfig(**RESUMABLE, output_dir=str(tmp_path)), model=tiny_model)["p-rome"]
+    _as_written_by_an_older_kis(tmp_path, tiny_model, first.path, partial=False)
+    (cache,) = tmp_path.rglob("layer_0_mom2.safetensors")
+    rewrite_metadata(cache, {"model_fingerprint": legacy_fingerprint(tiny_model), "note": "another C"})
+    old_runs = set(tmp_path.rglob("lifelong_p-rome_*.json"))
+    searched = _count_searches(monkeypatch)
+    run_lifelong(LifelongConfig(**RESUMABLE, output_dir=str(tmp_path)), model=tiny_model)
+    assert len(searched) == RESUMABLE["n_edits"] and all(path.exists() for path in old_runs)

@@ -68,21 +68,21 @@ def test_smollm2_is_a_real_pretrained_model(smollm2):
 @pytest.mark.smollm2
 def test_packaged_gguf_is_converted_once_and_reloads_identically(smollm2, tmp_path, monkeypatch):
     """The first load dequantises the GGUF to a hash-named safetensors folder; later loads read it and match bitwise."""
-    from kis_lens import models
+    from kis_lens import gguf as gguf_module
     from kis_lens.models import _packaged_gguf_path, converted_gguf_dir, file_sha256, output_weight
 
     monkeypatch.setenv("KIS_LENS_CACHE", str(tmp_path))
     gguf = _packaged_gguf_path("smollm2-135m")
     folder = converted_gguf_dir("smollm2-135m", gguf)
     assert folder.parent == tmp_path / "converted" and folder.name.endswith(file_sha256(gguf)[:16])
-    read_gguf, gguf_tokenizers = models._read_gguf, []
+    read_gguf, gguf_tokenizers = gguf_module._read_gguf, []
 
     def recording_read_gguf(*args):
         tokenizer, hf_model = read_gguf(*args)
         gguf_tokenizers.append(tokenizer)  # the GGUF's own tokenizer, what the converting load used to boot with
         return tokenizer, hf_model
 
-    monkeypatch.setattr(models, "_read_gguf", recording_read_gguf)
+    monkeypatch.setattr(gguf_module, "_read_gguf", recording_read_gguf)
     first = load_model("smollm2-135m", device="cpu")  # reads the GGUF itself, then writes the folder
     assert len(gguf_tokenizers) == 1
     assert (folder / "model.safetensors").is_file() and not list(folder.parent.glob(".*.tmp"))
@@ -138,16 +138,59 @@ def test_fingerprint_is_computed_once_and_again_after_a_weight_changes(monkeypat
     assert model_fingerprint(model) != first[0] and len(calls) == 2
 
 
-def test_fingerprint_equals_the_stacked_w_out_hash():
-    """The per-layer gather hashes exactly the entries the stacked [n_layers, d_mlp, d_model] W_out sampling did."""
+def test_legacy_fingerprint_equals_the_stacked_w_out_hash():
+    """The legacy (sampled W_out) fingerprint, kept to re-key old caches, hashes exactly the entries the stacked
+    [n_layers, d_mlp, d_model] W_out sampling did."""
     import hashlib
+
+    from kis_lens.models import is_legacy_fingerprint, legacy_fingerprint
 
     model = tiny_model("llama", seed=2, n_layers=3)
     flat = model.W_out.detach().reshape(-1)
     step = max(1, flat.numel() // 4096)
     digest = hashlib.sha256(f"3/64/256/{model.cfg.d_vocab}".encode())
     digest.update(flat[::step][:4096].float().half().numpy().tobytes())
-    assert model_fingerprint(model) == digest.hexdigest()[:16]
+    assert legacy_fingerprint(model) == digest.hexdigest()[:16]
+    assert is_legacy_fingerprint(legacy_fingerprint(model)) and not is_legacy_fingerprint(model_fingerprint(model))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_the_fingerprint_changes_when_any_single_weight_changes(kind):
+    """Flipping one value of any parameter (attention, W_in, W_out, embeddings, norms: every one the model has),
+    even by one ulp, changes the fingerprint; restoring it gives the old one back. The sampled legacy fingerprint
+    missed all of these but W_out."""
+    from kis_lens.models import legacy_fingerprint
+
+    model = tiny_model(kind, seed=4)
+    clean, clean_legacy = model_fingerprint(model), legacy_fingerprint(model)
+    names = [name.replace("._original_component", "") for name, _ in model.named_parameters()]
+    for kind_of_weight in ("tok_embed", "attn.q", "attn.k", "attn.v", "attn.o", "ln1", "ln2", "mlp.", "ln_out"):
+        assert any(kind_of_weight in name for name in names), kind_of_weight
+    missed_by_legacy = 0
+    for name, parameter in model.named_parameters():
+        with torch.no_grad():
+            flat = parameter.view(-1)
+            index = flat.numel() // 2
+            old = flat[index].clone()
+            flat[index] = torch.nextafter(old, old + 1)  # the smallest change a float32 can make
+            changed = model_fingerprint(model)
+            missed_by_legacy += legacy_fingerprint(model) == clean_legacy
+            flat[index] = old
+        assert changed != clean, f"{name}: a changed value left the fingerprint as it was"
+        assert model_fingerprint(model) == clean
+    assert missed_by_legacy >= len(names) - model.cfg.n_layers  # the old fingerprint read W_out samples only
+
+
+def test_the_fingerprint_tells_a_dtype_and_a_lora_on_attention_apart():
+    """A model in bfloat16, and one fine-tuned on its attention's query and value weights only (a LoRA's usual
+    targets), each get their own fingerprint: their covariance caches never mix with the base model's."""
+    base = tiny_model("llama", seed=5)
+    tuned = tiny_model("llama", seed=5)
+    with torch.no_grad():
+        for name, parameter in tuned.named_parameters():
+            if ".attn." in name and (".q." in name or ".v." in name) and name.endswith("weight"):
+                parameter.add_(1e-3 * torch.randn_like(parameter))
+    assert len({model_fingerprint(base), model_fingerprint(tuned), model_fingerprint(base.to(torch.bfloat16))}) == 3
 
 
 def test_a_model_object_is_recorded_as_it_is_and_ignored_arguments_warn(tmp_path):

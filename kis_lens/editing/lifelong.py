@@ -46,6 +46,7 @@ from kis_lens.editing.metrics import correlations
 from kis_lens.editing.registry import EDITOR_NAMES, EditorSettings, EditSession, check_edit_layer, get_editor
 from kis_lens.editing.results import lifelong_dir
 from kis_lens.editing.runs import (
+    checkpoint_paths,
     content_sha256,
     find_pickle_checkpoints,
     load_checkpoint,
@@ -66,12 +67,14 @@ from kis_lens.editing.verdicts import (
 )
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, Fact, facts_path, load_facts
-from kis_lens.io import save_json
+from kis_lens.io import load_json_object, save_json
 from kis_lens.keys import compute_keys
 from kis_lens.matrices import p_matrix
 from kis_lens.models import (
     HookedModel,
     ModelInfo,
+    is_legacy_fingerprint,
+    legacy_fingerprint,
     load_model,
     model_device,
     model_info,
@@ -79,6 +82,7 @@ from kis_lens.models import (
     resolve_prepend_bos,
 )
 from kis_lens.runner import editing_run_config, ensure_covariances
+from kis_lens.storage import read_metadata
 from kis_lens.tokens import encode
 
 EDITORS: tuple[str, ...] = EDITOR_NAMES
@@ -288,6 +292,8 @@ class _Bench:
     facts_sha256: str
     unedited_facts_sha256: str
     info: ModelInfo  # of the unedited model: the fingerprint read while W_out is edited would be another model's
+    legacy_fingerprint: str = ""  # the unedited model's sampled W_out fingerprint of older kis (to re-key its runs)
+    covariance_rekeyed_from: dict[str, tuple[str, str]] = field(default_factory=dict)  # layer → (legacy key, sha)
     unedited_nll0: Tensor = field(default_factory=lambda: torch.empty(0))
     perplexity0: float = float("nan")
     edit_perplexity0: float | None = None  # the unedited model's perplexity on the per-edit texts
@@ -424,6 +430,10 @@ def _prepare(config: LifelongConfig, model: HookedModel) -> _Bench:
         facts_sha256=content_sha256(facts_path(config.facts)),
         unedited_facts_sha256=content_sha256(facts_path(config.unedited_facts)),
         info=info,
+        legacy_fingerprint=legacy_fingerprint(model),
+        covariance_rekeyed_from={
+            str(each): _rekeyed_from(read_metadata(report.layers[each].path)) for each in config.edit_layers
+        },
     )
 
 
@@ -839,12 +849,85 @@ def _session(bench: _Bench, editor: str) -> EditSession:
     return session
 
 
+def _rekeyed_from(metadata: dict[str, Any]) -> tuple[str, str]:
+    """Return (legacy fingerprint, file sha256) a C cache had before it was re-keyed, or empty strings."""
+    return str(metadata.get("rekeyed_from_fingerprint", "")), str(metadata.get("rekeyed_from_sha256", ""))
+
+
+def _same_run_under_legacy_keys(bench: _Bench, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Return whether a run's identity differs from new only by keys an older kis used for the same model and C.
+
+    The model: the older sampled W_out fingerprint, which this model matches. Each C: the file hash changed only
+    because its cache was re-keyed from that fingerprint (its metadata says so); file, tokens and texts agree."""
+    if old == new or set(old) != set(new) or old["model_fingerprint"] == new["model_fingerprint"]:
+        return False
+    recorded = old["model_fingerprint"]
+    if not (is_legacy_fingerprint(recorded) and recorded == bench.legacy_fingerprint):
+        return False
+    for name in old:
+        if name == "covariance":
+            if set(old[name]) != set(new[name]):
+                return False
+            for layer, entry in old[name].items():
+                now = new[name][layer]
+                if {k: v for k, v in entry.items() if k != "sha256"} != {k: v for k, v in now.items() if k != "sha256"}:
+                    return False
+                if entry["sha256"] != now["sha256"] and bench.covariance_rekeyed_from.get(layer) != (
+                    recorded,
+                    entry["sha256"],
+                ):
+                    return False
+        elif name != "model_fingerprint" and old[name] != new[name]:
+            return False
+    return True
+
+
+def _rekey_legacy_runs(bench: _Bench, editor: str, folder: Path, identity: dict[str, Any], stem: str) -> list[str]:
+    """Move a finished run or a checkpoint keyed on an older kis's fingerprint to this stem; return what was done.
+
+    Hours of a run are kept rather than recomputed when only the keys changed, never when anything it computed
+    from did (see _same_run_under_legacy_keys)."""
+    notes: list[str] = []
+    readable = stem.rsplit("_", 1)[0]
+    wanted = run_identity(identity)
+    for path in sorted(folder.glob(f"{readable}_*.json")):
+        other = path.name.removesuffix(".partial.json").removesuffix(".json")
+        if other == stem or other.rsplit("_", 1)[0] != readable:
+            continue
+        partial = path.name.endswith(".partial.json")
+        try:
+            saved = json.loads(path.read_text())
+            old = run_identity(saved["identity"] if partial else saved["settings"]["identity"])
+        except (OSError, ValueError, KeyError, TypeError, KisError):
+            continue  # not a run of this kind, or unreadable: left for stale_checkpoints to name
+        if not _same_run_under_legacy_keys(bench, old, wanted):
+            continue
+        if partial:
+            loaded = load_checkpoint(folder, other, old)
+            if loaded is None or checkpoint_paths(folder, stem)[1].exists():
+                continue
+            save_checkpoint(folder, stem, wanted, *loaded)
+            remove_checkpoint(folder, other)
+        elif not (folder / f"{stem}.json").exists():
+            saved["settings"]["identity"], saved["settings"]["run_stem"] = wanted, stem
+            saved["settings"]["rekeyed_from"] = {"run_stem": other, "model_fingerprint": old["model_fingerprint"]}
+            save_json(folder / f"{stem}.json", saved)
+            path.unlink()
+        else:
+            continue
+        notes.append(
+            f"{path.name} was keyed on the older sampled fingerprint {old['model_fingerprint']}, which this model "
+            f"matches: re-keyed as {stem} ({'checkpoint' if partial else 'finished run'}, nothing recomputed)"
+        )
+    return notes
+
+
 def _finished_run(folder: Path, stem: str, identity: dict[str, Any]) -> LifelongResult | None:
     """Return the run already finished under this identity (a rerun of a queue skips it), else None."""
     path = folder / f"{stem}.json"
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
+    saved = load_json_object(path, "delete it to rerun the run, or pass --no_resume")
     if run_identity(saved.get("settings", {}).get("identity", {})) != run_identity(identity):
         return None  # same hash prefix, other identity: rerun (its write replaces the file)
     print(f"kis lifelong: {path.name} is finished already (delete it, or pass --no_resume, to run it again)")
@@ -857,6 +940,8 @@ def _run_editor(bench: _Bench, editor: str, folder: Path, command: str | None = 
     identity = _identity(bench, editor)
     stem = _stem(bench, editor, identity)
     with run_lock(folder, stem):
+        for note in _rekey_legacy_runs(bench, editor, folder, identity, stem):
+            print(f"kis lifelong: {note}")
         finished = _finished_run(folder, stem, identity) if config.resume else None
         if finished is not None:
             return finished

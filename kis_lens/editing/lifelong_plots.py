@@ -36,7 +36,7 @@ from kis_lens.editing.results import (  # noqa: F401 (lifelong_dir, lifelong_fil
     lifelong_result_files,
 )
 from kis_lens.errors import KisError
-from kis_lens.io import atomic_write
+from kis_lens.io import atomic_write, load_json_object
 from kis_lens.plots import write_html_figures
 from kis_lens.report import ReportSection, html_table
 from kis_lens.results import RunResult
@@ -134,13 +134,7 @@ def is_legacy(result: Mapping[str, Any]) -> bool:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise KisError(f"cannot read {path}: {error}; rerun `kis lifelong` for that run or delete the file") from None
-    if not isinstance(result, dict):
-        raise KisError(f"{path} is not a lifelong result (a JSON object): delete it or rerun `kis lifelong`")
-    return result
+    return load_json_object(path, "rerun `kis lifelong` for that run or delete the file")
 
 
 def _editor_of(result: Mapping[str, Any], path: Path) -> str:
@@ -1050,3 +1044,131 @@ def write_lifelong_doc(
     links = {name: os.path.relpath(Path(path).resolve(), doc_path.resolve().parent) for name, path in figures.items()}
     text = render_lifelong_markdown(results, links, command, source=folder)
     return atomic_write(doc_path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A study: several editors × edit orders (× layers), one line per run
+# ---------------------------------------------------------------------------------------------------------
+
+# (step key, panel title, log y) of the study figure: what collapses, and what might predict it.
+STUDY_METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("efficacy", "efficacy on all edits so far", False),
+    ("retention_oldest_quarter", "retention of the oldest quarter of edits", False),
+    ("perplexity", "held-out perplexity", True),
+    ("weight_change_norm", "‖W_t − W_0‖_F (edit layer)", False),
+    ("accumulated_p2", "ΣP² over the edits so far", True),
+    ("condition_number", "κ(W_t)", True),
+)
+ORDER_DASHES: tuple[str, ...] = ("solid", "dash", "dot", "dashdot", "longdash")
+
+
+def _run_name(run: Mapping[str, Any]) -> str:
+    config = _config(run)
+    return f"{editor_label(run['editor'])} · order {config.get('seed')} · layer {config.get('layer')}"
+
+
+def study_figure(runs: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Return the study's metrics against the number of edits: one line per run (colour: editor, dash: order)."""
+    if not runs:
+        raise KisError("no runs to draw: pass the runs of a study (kis_lens.editing.lifelong_study.load_study)")
+    figure = make_subplots(
+        rows=(len(STUDY_METRICS) + 1) // 2,
+        cols=2,
+        subplot_titles=[t for _, t, _ in STUDY_METRICS],
+        vertical_spacing=0.09,
+    )
+    panels = [(index // 2 + 1, index % 2 + 1) for index in range(len(STUDY_METRICS))]
+    seeds = sorted({int(_config(run).get("seed", 0)) for run in runs})
+    layers = sorted({int(_config(run).get("layer", 0)) for run in runs})
+    for run in runs:
+        editor, config = run["editor"], _config(run)
+        dash = ORDER_DASHES[seeds.index(int(config.get("seed", 0))) % len(ORDER_DASHES)]
+        width = 2.0 if int(config.get("layer", 0)) == layers[0] else 1.0  # a second layer: thinner lines
+        for (metric, _, _), (row, col) in zip(STUDY_METRICS, panels):
+            x, y = metric_points(run, metric)
+            figure.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=y,
+                    mode="lines",
+                    name=_run_name(run),
+                    legendgroup=_run_name(run),
+                    showlegend=metric == STUDY_METRICS[0][0],
+                    line={"color": editor_colour(editor), "dash": dash, "width": width},
+                    meta={"editor": editor, "seed": config.get("seed"), "layer": config.get("layer"), "metric": metric},
+                ),
+                row=row,
+                col=col,
+            )
+        step = collapse_step(run)
+        if step is not None:
+            figure.add_trace(
+                go.Scatter(
+                    x=[step],
+                    y=[0.0],
+                    mode="markers",
+                    name=f"{_run_name(run)}: collapse at {step}",
+                    legendgroup=_run_name(run),
+                    showlegend=False,
+                    marker={"color": editor_colour(editor), "symbol": "x", "size": 9},
+                    meta={"editor": editor, "seed": config.get("seed"), "metric": "collapse"},
+                ),
+                row=1,
+                col=1,
+            )
+    for (metric, _, log), (row, col) in zip(STUDY_METRICS, panels):
+        figure.update_xaxes(title_text="number of edits", row=row, col=col)
+        if log:
+            figure.update_yaxes(type="log", row=row, col=col)
+        elif metric in ("efficacy", "retention_oldest_quarter"):
+            figure.update_yaxes(range=[-0.05, 1.05], row=row, col=col)
+    model = _shared_text({str(i): run for i, run in enumerate(runs)}, _model_name)
+    figure.update_layout(
+        title=f"Lifelong editing on {model}: {len(runs)} runs (colour: editor; dash: edit order; × collapse)",
+        height=320 * ((len(STUDY_METRICS) + 1) // 2) + 120,
+        legend={"orientation": "h", "y": -0.08},
+        template="plotly_white",
+    )
+    return figure
+
+
+def update_norm_figure(runs: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Return ‖ΔW‖ of every update against the edit it ends at (log), disabling edits circled, one line per run."""
+    figure = go.Figure()
+    seeds = sorted({int(_config(run).get("seed", 0)) for run in runs})
+    for run in runs:
+        edits = run.get("edits") or []
+        seen: dict[int, tuple[int, float]] = {}
+        for index, edit in enumerate(edits):
+            if edit.get("update_delta_norm") is not None:
+                seen[int(edit.get("update", index))] = (index + 1, float(edit["update_delta_norm"]))
+        if not seen or not any(norm > 0 for _, norm in seen.values()):
+            continue
+        x, y = zip(*sorted(seen.values()))
+        dash = ORDER_DASHES[seeds.index(int(_config(run).get("seed", 0))) % len(ORDER_DASHES)]
+        colour = editor_colour(run["editor"])
+        figure.add_trace(
+            go.Scatter(x=x, y=y, mode="lines", name=_run_name(run), line={"color": colour, "dash": dash, "width": 1})
+        )
+        disabling = [int(item["n_edits"]) for item in (run.get("summary") or {}).get("disabling_edits") or []]
+        if disabling:
+            at = dict(zip(x, y))
+            figure.add_trace(
+                go.Scatter(
+                    x=disabling,
+                    y=[at.get(n) for n in disabling],
+                    mode="markers",
+                    name=f"{_run_name(run)}: disabling edits",
+                    marker={"color": colour, "symbol": "circle-open", "size": 12},
+                )
+            )
+    figure.update_layout(
+        title="‖ΔW‖_F of each update (edit layer); circles: disabling edits (‖ΔW‖ > 10× running median, then a "
+        "perplexity jump)",
+        xaxis_title="edit",
+        yaxis_title="‖ΔW‖_F",
+        yaxis_type="log",
+        template="plotly_white",
+        height=500,
+    )
+    return figure

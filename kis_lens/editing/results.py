@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from kis_lens.io import load_json_object
 
 # Where a simulation's results go, the only definition of that layout: <output_dir>/edit_sim/<model>/layer_L_nT/.
 EDIT_SIM_FOLDER = "edit_sim"
@@ -46,7 +47,7 @@ def edit_sims_of_run(run_settings: dict[str, Any]) -> list[tuple[Path, dict[str,
     output_dir = (run_settings.get("config") or {}).get("output_dir", "")
     found = []
     for path in find_edit_sims(output_dir, model):
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = load_json_object(path, "rerun `kis edit-sim` with the settings that wrote it, or delete it")
         if belongs_to_run(saved.get("settings") or {}, run_settings):
             found.append((path, saved))
     return found

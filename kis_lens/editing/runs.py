@@ -117,7 +117,13 @@ def save_checkpoint(
 def load_checkpoint(
     folder: str | Path, stem: str, identity: Mapping[str, Any]
 ) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-    """Return (tensors, state) of the checkpoint made under identity; None if absent or made under another."""
+    """Return (tensors, state) of the checkpoint made under identity; None if absent or made under another.
+
+    A checkpoint that cannot be read (truncated, garbage, edited, its tensors missing or another run's) raises
+    KisError naming the file and both ways on: delete it, or rerun with --no_resume (which starts afresh and replaces
+    it at the first save). It is not set aside automatically: it may hold hours of edits, and a damaged copy is worth
+    a look before it goes, whereas an interrupted save (detected by its save_id) is safe to restart from scratch.
+    """
     tensors_path, state_path = checkpoint_paths(folder, stem)
     if not state_path.is_file():
         return None
@@ -227,7 +233,7 @@ def _plain_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _unreadable(path: Path, why: str) -> KisError:
-    return KisError(f"checkpoint {path} is unreadable ({why}): delete it to start afresh")
+    return KisError(f"checkpoint {path} is unreadable ({why}): delete it to start afresh, or rerun with --no_resume")
 
 
 def _read_state(path: Path) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""The full-weight fingerprint's cost beside `kis all` on the cached path, in one process (issue 21).
+
+    .venv/bin/python benchmarks/fingerprint.py     # ~3 min on 2 cores; writes benchmarks/results/fingerprint.json
+
+For SmolLM2-135M and a GPT-2-small-sized model (12 layers, d_model 768, d_mlp 3072; random weights, the tiny
+tokenizer's vocabulary): the seconds of model_fingerprint (every byte of every parameter, SHA-256), of the older
+sampled fingerprint, and of `kis all` on layers 0–4 with C already cached (run_matrices, the fingerprint computed
+inside it as a user's run computes it). Fewer layers than a default `kis all` make the fingerprint's share larger,
+so the ratio is an upper bound of its share of the whole job. Each timing is the median of three, side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "fingerprint.json"
+LAYERS = (0, 4)
+REPEATS = 3
+
+
+def _median_seconds(work: Callable[[], Any], before: Callable[[], Any] = lambda: None) -> float:
+    """Return the median wall seconds of REPEATS calls of work (before runs untimed ahead of each)."""
+    times = []
+    for _ in range(REPEATS):
+        before()
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure(name: str, model: Any, max_tokens: int) -> dict[str, Any]:
+    """Return the fingerprint's and the cached `kis all`'s seconds for one model."""
+    from kis_lens import models
+    from kis_lens.config import RunConfig
+    from kis_lens.runner import run_matrices
+
+    forget = models._FINGERPRINTS.clear  # each timing hashes afresh, as a new process would
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as folder:
+        config = RunConfig(
+            model_name=name,
+            output_dir=folder,
+            start_layer=LAYERS[0],
+            end_layer=LAYERS[1],
+            max_tokens=max_tokens,
+            progress=False,
+        )
+        run_matrices(config, model=model)  # estimates C once: the timed runs below read it from the cache
+        kis_all = _median_seconds(lambda: run_matrices(config, model=model), forget)
+    full = _median_seconds(lambda: models.model_fingerprint(model), forget)
+    legacy = _median_seconds(lambda: models.legacy_fingerprint(model))
+    return {
+        "model": name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameter_bytes": n_bytes,
+        "fingerprint_s": round(full, 3),
+        "legacy_fingerprint_s": round(legacy, 4),
+        "kis_all_cached_layers_0_4_s": round(kis_all, 2),
+        "fingerprint_share_of_kis_all": round(full / kis_all, 4),
+        "hash_throughput_gb_s": round(n_bytes / full / 1e9, 2),
+    }
+
+
+def main() -> int:
+    """Measure both models and write the results file."""
+    import torch
+
+    from kis_lens.models import load_model
+    from kis_lens.tiny import tiny_model
+
+    torch.manual_seed(0)
+    rows = [measure("smollm2-135m", load_model("smollm2-135m", device="cpu"), 20_000)]
+    gpt2_small = tiny_model("gpt2", n_layers=12, d_model=768, d_mlp=3072, n_ctx=1024, seed=0)
+    rows.append(measure("gpt2-small-sized (random, tiny vocabulary)", gpt2_small, 20_000))
+    result = {
+        "what": __doc__.splitlines()[0],
+        "threads": torch.get_num_threads(),
+        "note": "kis all on layers 0-4 only: the fingerprint's share of a default kis all (30 layers) is smaller",
+        "rows": rows,
+    }
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    for row in rows:
+        print(
+            f"{row['model']}: fingerprint {row['fingerprint_s']} s ({row['hash_throughput_gb_s']} GB/s), "
+            f"kis all cached {row['kis_all_cached_layers_0_4_s']} s: {100 * row['fingerprint_share_of_kis_all']:.1f}%"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,80 @@ def committed_results() -> dict[str, dict[str, Any]]:
     return load_lifelong_results(ROOT / RESULTS, stems=groups[0] if groups else None)
 
 
+FIGURES = Path("docs") / "figures" / "lifelong"
+STUDY_FIGURES = ("lifelong_study", "lifelong_update_norms")
+
+
+def is_study() -> bool:
+    """Return whether the committed set is a study (runs of the current kis in layer_<L>/ folders)."""
+    return any((ROOT / RESULTS).glob("layer_*/lifelong_*.json"))
+
+
+def _study_inputs() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Return the committed study's runs, causal traces and compute log."""
+    from kis_lens.editing.lifelong_study import load_study
+
+    runs = load_study(ROOT / RESULTS)
+    traces = [json.loads(p.read_text()) for p in sorted((ROOT / RESULTS / "trace").glob("causal_trace_*.json"))]
+    log = ROOT / RESULTS / "compute.jsonl"
+    compute = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return runs, traces, compute
+
+
+def _study_figure_links(traces: list[dict[str, Any]]) -> dict[str, str]:
+    """Return each figure's PNG link relative to docs/ (the traces' PNGs, then the study's own)."""
+    names = [f"causal_trace_mlp_w{(t.get('settings') or {}).get('window')}" for t in traces] + list(STUDY_FIGURES)
+    return {name: os.path.relpath(FIGURES / f"{name}.png", DOC.parent) for name in names}
+
+
+def render_study() -> str:
+    """Return docs/lifelong.md of the committed study."""
+    from kis_lens.editing.lifelong_doc import render_study_markdown
+
+    runs, traces, compute = _study_inputs()
+    return render_study_markdown(runs, traces, _study_figure_links(traces), compute, source=str(RESULTS))
+
+
+def copy_study(source: Path, traces: Path, log: Path | None) -> None:
+    """Replace the committed set with every finished run under source, the causal traces and the compute log."""
+    from kis_lens.editing.lifelong_study import load_study
+    from kis_lens.editing.results import lifelong_result_files
+    from kis_lens.io import save_json
+
+    runs = load_study(source)  # finished runs only, one per (editor, order, layer), one setting
+    target = ROOT / RESULTS
+    for old in [*lifelong_result_files(target), *target.glob("layer_*/lifelong_*.json"), *target.glob("*.html")]:
+        old.unlink()
+    for run in runs:
+        relative = Path(run.pop("_source"))
+        save_json(target / relative, json.loads((Path(source) / relative).read_text(encoding="utf-8")))
+    (target / "trace").mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(traces).glob("causal_trace_*.json")):
+        save_json(target / "trace" / path.name, json.loads(path.read_text(encoding="utf-8")))
+        if path.with_suffix(".png").is_file():
+            (ROOT / FIGURES).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path.with_suffix(".png"), ROOT / FIGURES / path.with_suffix(".png").name)
+    if log is not None and log.is_file():
+        kept = [line for line in log.read_text().splitlines() if json.loads(line).get("returncode") == 0]
+        (target / "compute.jsonl").write_text("\n".join(kept) + "\n", encoding="utf-8")
+
+
+def write_study_figures() -> None:
+    """Write the study's figures as PNG (embedded in the doc) and HTML, into docs/figures/lifelong."""
+    from kis_lens.editing.lifelong_plots import study_figure, update_norm_figure
+    from kis_lens.plots import write_figure_files
+
+    runs, _, _ = _study_inputs()
+    for name, figure in zip(STUDY_FIGURES, (study_figure(runs), update_norm_figure(runs))):
+        write_figure_files(figure, ROOT / FIGURES / f"{name}.html")
+
+
 def render() -> str:
     """Return docs/lifelong.md as the committed results make it (figure links relative to docs/)."""
     from kis_lens.editing.lifelong_plots import lifelong_figure_names, render_lifelong_markdown
 
+    if is_study():
+        return render_study()
     results = committed_results()
     links = {name: os.path.relpath(RESULTS / f"{name}.html", DOC.parent) for name in lifelong_figure_names(results)}
     return render_lifelong_markdown(results, links, source=RESULTS)
@@ -88,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="source", help="a lifelong run folder (layer_<L>) of `kis lifelong`")
     parser.add_argument("--stems", help="comma-separated run stems to copy (default: the newest set of runs)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when the doc differs")
+    parser.add_argument("--study", type=Path, help="a folder of `kis lifelong` runs (layer_<L>/ inside): a study")
+    parser.add_argument("--traces", type=Path, default=Path("results/smollm2-135m/trace"), help="kis trace outputs")
+    parser.add_argument("--log", type=Path, default=Path("results/lifelong_runs.jsonl"), help="the queue's log")
     args = parser.parse_args(argv)
     from kis_lens.editing.lifelong_plots import load_lifelong_results, write_lifelong_figures
     from kis_lens.editing.results import lifelong_result_files
@@ -97,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         same = (ROOT / DOC).is_file() and (ROOT / DOC).read_text(encoding="utf-8") == render()
         print("docs/lifelong.md is up to date" if same else "docs/lifelong.md differs: run benchmarks/lifelong.py")
         return 0 if same else 1
+    if args.study:
+        copy_study(args.study, args.traces, args.log)
+    if args.study or (is_study() and not args.source):
+        write_study_figures()
+        text = render_study()
+        atomic_write(ROOT / DOC, lambda temp: temp.write_text(text, encoding="utf-8"))
+        print(f"wrote {DOC} and the figures in {FIGURES}")
+        return 0
     if args.source:
         stems = args.stems.split(",") if args.stems else None
         chosen = load_lifelong_results(args.source, stems=stems)  # validates: one run per editor, no partials

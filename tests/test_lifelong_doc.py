@@ -1,0 +1,63 @@
+"""docs/lifelong.md of a study: every table well formed, each verdict the study module's, nothing machine-bound."""
+
+from __future__ import annotations
+
+import re
+
+from test_lifelong_study import paired_run
+
+from kis_lens.editing.lifelong_doc import render_study_markdown
+from kis_lens.editing.lifelong_plots import study_figure, update_norm_figure
+from kis_lens.editing.lifelong_study import study
+
+
+def _study_runs() -> list[dict]:
+    rome = [paired_run("rome", seed, step) for seed, step in enumerate((10, 20, 30))]
+    alphaedit = [paired_run("alphaedit", 0, 15), paired_run("alphaedit", 1, None), paired_run("alphaedit", 2, 25)]
+    return rome + alphaedit + [paired_run("none", 0, None)]
+
+
+def _tables(text: str) -> list[list[str]]:
+    tables, current = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_every_table_row_has_as_many_cells_as_its_header():
+    """A stray '|' in a header or cell breaks a Markdown table: count unescaped pipes row by row."""
+    text = render_study_markdown(_study_runs(), n_boot=50)
+    tables = _tables(text)
+    assert len(tables) >= 8
+    for table in tables:
+        counts = {len(re.findall(r"(?<!\\)\|", row)) for row in table}
+        assert len(counts) == 1, table[:2]
+
+
+def test_the_doc_carries_the_study_verdicts_and_rules():
+    """Each verdict the study module computes is printed, next to its rule; interim studies say so."""
+    runs = _study_runs()
+    numbers = study(runs, n_boot=50)
+    text = render_study_markdown(runs, n_boot=50)
+    for row in numbers["collapse_by_editor"]:
+        assert f"**{row['verdict']}**" in text
+    assert "**mixed: 2 of 3 orders**" in text  # AlphaEdit vs ROME: one order collapses earlier
+    for rule in numbers["rules"].values():
+        assert rule.split(":")[0] in text
+    assert "Interim" not in text  # three orders each
+    assert "Interim" in render_study_markdown(runs[:2] + runs[3:4], n_boot=50)
+    assert "/tmp/" not in text
+
+
+def test_the_study_figures_draw_one_line_per_run():
+    """The metrics figure has a line per run and panel; the update-norm figure one per run that moved weights."""
+    runs = _study_runs()
+    figure = study_figure(runs)
+    efficacy = [t for t in figure.data if (t.meta or {}).get("metric") == "efficacy"]
+    assert len(efficacy) == len(runs)
+    assert {t.line.dash for t in efficacy} == {"solid", "dash", "dot"}
+    update_norm_figure(runs)

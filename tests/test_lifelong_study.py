@@ -1,0 +1,558 @@
+"""kis_lens.editing.lifelong_study: numbers and verdicts across lifelong runs, on synthetic runs shaped like the
+<stem>.json files `kis lifelong` writes, each verdict rule flipped by a planted case and the numbers checked
+against plain slow references."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kis_lens.editing import lifelong_study as ls
+from kis_lens.errors import KisError
+
+N_BOOT = 200
+
+
+# ------------------------------------------------------------------------------------------------- synthetic runs
+def make_identity(editor: str, seed: int, layer: int, n_edits: int, **config: Any) -> dict[str, Any]:
+    """Return a run identity shaped like lifelong._identity's (config without the presentation fields)."""
+    return {
+        "editor": editor,
+        "config": {"seed": seed, "layer": layer, "n_edits": n_edits, "probe_every": 10, "value_steps": 4, **config},
+        "model_fingerprint": "9928420eb6f4262c",
+        "facts_sha256": "facts",
+        "unedited_facts_sha256": "unedited",
+        "covariance": {str(layer): {"file": f"layer_{layer}_mom2.safetensors", "sha256": f"cov{layer}"}},
+        "templates": {"rome": ["{}", f"drawn with seed {seed}. {{}}"]},
+        "kis_lens_version": "0.2.0",
+    }
+
+
+def make_steps(n_edits: int, every: int = 10, **columns: Any) -> list[dict[str, Any]]:
+    """Return steps at 0, every, 2·every, …, n_edits; a column is a constant or a function of n_edits."""
+    counts = sorted({*range(0, n_edits + 1, every), n_edits})
+    steps = []
+    for n in counts:
+        step = {
+            "n_edits": n,
+            "kind": "eval" if n % (2 * every) == 0 else "probe",
+            "efficacy": None if n == 0 else 0.9,
+            "retention_oldest_quarter": None if n == 0 else 0.8,
+            "perplexity": 20.0 + n,
+            "weight_change_norm": 0.1 * n,
+            "condition_number": 3.0 + 0.01 * n,
+            "sigma_max": 1.0,
+            "accumulated_p2": 0.01 * n,
+        }
+        for name, value in columns.items():
+            step[name] = value(n) if callable(value) else value
+        steps.append(step)
+    return steps
+
+
+def make_edits(n_edits: int, batch: int = 1, norm: Any = 1.0, succeeded: Any = True) -> list[dict[str, Any]]:
+    """Return edits; a batch of edits shares one update and repeats its ‖ΔW‖ (norm: constant or f(update))."""
+    edits = []
+    for index in range(n_edits):
+        update = index // batch
+        edits.append(
+            {
+                "case_id": str(1000 + index),
+                "update": update,
+                "update_delta_norm": norm(update) if callable(norm) else norm,
+                "newest_efficacy": succeeded(index) if callable(succeeded) else succeeded,
+                "repeats_edit": None,
+                "residual_norm": 1.0,
+                "edit_perplexity": 20.0,
+            }
+        )
+    return edits
+
+
+def make_run(
+    editor: str = "rome",
+    seed: int = 0,
+    layer: int = 4,
+    n_edits: int = 40,
+    collapse: int | None = None,
+    steps: list[dict[str, Any]] | None = None,
+    edits: list[dict[str, Any]] | None = None,
+    pairs: dict[str, list[Any]] | None = None,
+    summary: dict[str, Any] | None = None,
+    **config: Any,
+) -> dict[str, Any]:
+    """Return one run's results dict with the schema's top-level keys; the summary's collapse step is `collapse`."""
+    base_summary = {
+        "collapse": {"step": collapse, "criterion": "efficacy on all edits so far < 0.5"},
+        "collapse_sensitivity": {"perplexity > 2× unedited": collapse, "efficacy on all edits < 0.5": None},
+        "disabling_edits": [],
+        "rho_alarm": {"n_edits": n_edits, "n_disabling": 0, "note": "ρ is recorded for ROME-family edits only"},
+        "prediction_controls": None,
+        "prediction_verdict": {"verdict": "not judged", "reasons": ["too few"]},
+        "repeated_subjects": {"edits": [], "pairs_left_out": 0},
+        "correlations": {"predicted_vs_output": {"n": 3, "pearson": 0.99, "spearman": 0.98}},
+        "wall_seconds": 7200.0,
+    }
+    identity = make_identity(editor, seed, layer, n_edits, **config)
+    return {
+        "editor": editor,
+        "steps": steps if steps is not None else make_steps(n_edits),
+        "edits": edits if edits is not None else make_edits(n_edits),
+        "pairs": pairs if pairs is not None else {},
+        "summary": {**base_summary, **(summary or {})},
+        "settings": {
+            "config": {**identity["config"], "device": "cpu", "output_dir": "/tmp/x"},
+            "identity": identity,
+            "run_stem": f"lifelong_{editor}_seed{seed}_n{n_edits}_layer{layer}_0000abcd",
+        },
+    }
+
+
+def write_run(folder: Path, run: dict[str, Any], name: str | None = None) -> Path:
+    """Write a run as <folder>/layer_<L>/<stem>.json (or name) and return the path."""
+    path = folder / f"layer_{run['settings']['config']['layer']}" / (name or f"{run['settings']['run_stem']}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+def test_load_study_reads_every_layer_and_skips_checkpoints_and_legacy(tmp_path):
+    runs = [make_run("alphaedit", 1, 8), make_run("rome", 1, 4), make_run("rome", 0, 4, n_edits=30)]
+    for run in runs:
+        write_run(tmp_path, run)
+    write_run(tmp_path, make_run("memit", 0, 4), "lifelong_memit_seed0_n40_layer4_0000abcd.partial.json")
+    legacy = make_run("p-rome", 0, 4)
+    del legacy["settings"]["identity"]
+    write_run(tmp_path, legacy, "lifelong_rome.json")
+    (tmp_path / "notes.json").write_text("{}", encoding="utf-8")
+
+    with pytest.warns(UserWarning, match="legacy"):
+        loaded = ls.load_study(tmp_path)
+
+    assert [ls.run_key(run) for run in loaded] == [("rome", 0, 4), ("rome", 1, 4), ("alphaedit", 1, 8)]
+    assert loaded[0]["_source"] == "layer_4/lifelong_rome_seed0_n30_layer4_0000abcd.json"
+    assert all(not Path(run["_source"]).is_absolute() for run in loaded)
+
+
+def test_load_study_refuses_an_empty_folder_and_a_missing_one(tmp_path):
+    with pytest.raises(KisError, match="no finished lifelong runs"):
+        ls.load_study(tmp_path)
+    with pytest.raises(KisError, match="not a folder"):
+        ls.load_study(tmp_path / "absent")
+
+
+def test_two_runs_with_one_key_are_refused_naming_both_files(tmp_path):
+    write_run(tmp_path, make_run("rome", 3, 4), "lifelong_rome_seed3_n40_layer4_aaaaaaaa.json")
+    write_run(tmp_path, make_run("rome", 3, 4, n_edits=50), "lifelong_rome_seed3_n50_layer4_bbbbbbbb.json")
+    with pytest.raises(KisError) as error:
+        ls.load_study(tmp_path)
+    message = str(error.value)
+    assert "aaaaaaaa" in message and "bbbbbbbb" in message and "seed 3" in message
+
+
+def test_runs_that_mix_a_setting_are_refused_listing_the_field(tmp_path):
+    write_run(tmp_path, make_run("rome", 0, 4))
+    write_run(tmp_path, make_run("memit", 0, 4, value_steps=25))
+    with pytest.raises(KisError) as error:
+        ls.load_study(tmp_path)
+    message = str(error.value)
+    assert "config.value_steps: " in message and "25 in layer_4/lifelong_memit" in message and "4 in" in message
+
+    other_covariance = make_run("memit", 1, 4)
+    other_covariance["settings"]["identity"]["covariance"]["4"]["sha256"] = "other"
+    with pytest.raises(KisError, match=r"covariance\.4"):
+        ls.check_study([make_run("rome", 0, 4), other_covariance])
+
+    newer = make_run("memit", 1, 4)
+    newer["settings"]["identity"]["kis_lens_version"] = "0.3.0"
+    with pytest.raises(KisError, match="kis_lens_version"):
+        ls.check_study([make_run("rome", 0, 4), newer])
+
+
+def test_the_varying_settings_and_what_follows_them_do_not_count_as_mixed():
+    memit = make_run("memit", 1, 8, n_edits=25)  # other editor, seed, layer, size, templates, covariance layers
+    memit["settings"]["identity"]["covariance"]["6"] = {"file": "layer_6_mom2.safetensors", "sha256": "cov6"}
+    runs = ls.check_study([make_run("rome", 0, 4), memit, make_run("none", 0, 8)])
+    assert [ls.run_key(run) for run in runs] == [("rome", 0, 4), ("memit", 1, 8), ("none", 0, 8)]
+
+    other_templates = make_run("memit", 0, 4)
+    other_templates["settings"]["identity"]["templates"] = {"rome": ["{}"]}
+    with pytest.raises(KisError, match=r"templates \(seed 0\)"):
+        ls.check_study([make_run("rome", 0, 4), other_templates])
+
+
+def test_run_key_and_a_run_without_its_settings():
+    assert ls.run_key(make_run("p-rome", 5, 12)) == ("p-rome", 5, 12)
+    with pytest.raises(KisError, match="settings.config.seed"):
+        ls.run_key({"editor": "rome", "settings": {"config": {"layer": 4}}})
+
+
+# ------------------------------------------------------------------------------------------------------ collapse
+def test_collapse_rows_list_each_run():
+    run = make_run(
+        "rome",
+        2,
+        4,
+        collapse=30,
+        summary={
+            "disabling_edits": [{"n_edits": 25}, {"n_edits": 12}],
+            "collapse_sensitivity": {"perplexity > 1.5× unedited": 20, "oldest-quarter retention < 0.5": None},
+        },
+    )
+    row = ls.collapse_rows([run, make_run("none", 2, 4, summary={"collapse_sensitivity": None})])[0]
+    assert row["edits_made"] == 40 and row["collapse_step"] == 30 and row["first_disabling_edit"] == 12
+    assert row["collapse_sensitivity"] == {"perplexity > 1.5× unedited": 20, "oldest-quarter retention < 0.5": None}
+    assert row["wall_hours"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    "observations, expected",
+    [
+        ([(30, True), (10, True), (20, True)], {"median": 20.0, "median_above": None}),
+        ([(10, True), (20, True), (30, True), (40, True)], {"median": 25.0, "median_above": None}),
+        ([(10, True), (20, True), (100, False)], {"median": 20.0, "median_above": None}),
+        ([(10, True), (100, False), (100, False)], {"median": None, "median_above": 100.0}),
+        ([(5, False), (10, True), (20, True)], {"median": None, "median_above": 10.0}),  # the 5 may be a 30
+        ([(20, True), (20, False), (40, True)], {"median": None, "median_above": 20.0}),
+        ([], {"median": None, "median_above": None}),
+    ],
+)
+def test_censored_median_by_hand(observations, expected):
+    assert ls.censored_median(observations) == expected
+
+
+def test_censored_median_is_exact_or_a_lower_bound_of_every_completion():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 8))
+        times = rng.integers(1, 12, n)
+        collapsed = rng.random(n) < 0.6
+        found = ls.censored_median(list(zip(times.tolist(), collapsed.tolist())))
+        completions = [
+            np.median(np.where(collapsed, times, times + rng.integers(1, 20, n))) for _ in range(40)
+        ]  # a censored run collapses (if ever) after its edit count
+        if found["median"] is not None:
+            assert all(value == found["median"] for value in completions)
+        else:
+            assert all(value >= found["median_above"] for value in completions)
+
+
+def test_collapse_verdict_flips_with_the_orders_that_collapse():
+    every = [make_run("rome", seed, 4, collapse=step) for seed, step in enumerate((30, 10, 20))]
+    some = [make_run("memit", seed, 4, collapse=step) for seed, step in enumerate((30, None, 20))]
+    never = [make_run("alphaedit", seed, 4, n_edits=n) for seed, n in enumerate((40, 35, 40))]
+    nothing = [make_run("none", seed, 4) for seed in range(3)]
+    rows = {row["editor"]: row for row in ls.collapse_by_editor(every + some + never + nothing)}
+
+    assert rows["rome"]["verdict"] == "collapses in every order"
+    assert (rows["rome"]["median"], rows["rome"]["min"], rows["rome"]["max"]) == (20.0, 10, 30)
+    assert rows["memit"]["verdict"] == "collapses in 2 of 3 orders"
+    assert rows["memit"]["median"] == 30.0  # 20, 30 collapsed; the uncollapsed run (40 edits) ranks above both
+    assert rows["alphaedit"]["verdict"] == "no collapse within 35 edits in any order"
+    assert rows["alphaedit"]["median"] is None and rows["alphaedit"]["median_above"] == 40.0
+    assert rows["none"]["verdict"] == "no weight moved: not judged"
+    assert [row["editor"] for row in ls.collapse_by_editor(every + some + never + nothing)] == [
+        "rome",
+        "memit",
+        "alphaedit",
+        "none",
+    ]
+
+
+def test_collapse_is_judged_per_layer():
+    runs = [make_run("rome", 0, 4, collapse=20), make_run("rome", 0, 8), make_run("rome", 1, 8, collapse=15)]
+    rows = {row["layer"]: row for row in ls.collapse_by_editor(runs)}
+    assert rows[4]["verdict"] == "collapses in every order" and rows[4]["n_orders"] == 1
+    assert rows[8]["verdict"] == "collapses in 1 of 2 orders"
+
+
+def test_rho_alarm_rows_only_for_runs_with_rho():
+    alarm = {"n_edits": 40, "n_disabling": 2, "low_rho": 0.9, "residual_norm": 0.6, "previous_probe_perplexity": 0.5}
+    rows = ls.rho_alarm_rows([make_run("rome", 0, 4, summary={"rho_alarm": alarm}), make_run("memit", 0, 4)])
+    assert rows == [{"editor": "rome", "seed": 0, "layer": 4, **alarm}]
+
+
+# ---------------------------------------------------------------------------------------------------- prediction
+def test_prediction_rows_take_the_summary_as_written():
+    controls = {"difference": {}, "marker": "kept as written"}
+    pairs = {
+        "edit_index": [0, 1, 2, 2, 3],
+        "later_same_subject": [1, 0, 0, 0, 0],
+        "predicted": [0.1] * 5,
+    }
+    run = make_run(
+        "p-rome",
+        0,
+        4,
+        pairs=pairs,
+        summary={
+            "prediction_controls": controls,
+            "prediction_verdict": {"verdict": "reproduced", "reasons": []},
+            "repeated_subjects": {"edits": [5], "pairs_left_out": 1},
+        },
+    )
+    row = ls.prediction_rows([run])[0]
+    assert row["verdict"] == "reproduced" and row["prediction_controls"] == controls
+    assert row["n_edits_judged"] == 3  # edit 0 is edited again later: left out
+    assert row["repeated_subjects"] == {"edits": [5], "pairs_left_out": 1}
+    assert row["output_correlation"]["spearman"] == 0.98
+    assert row["output_correlation_note"].startswith("listed, not judged")
+
+
+# ---------------------------------------------------------------------------------------------------- forgetting
+def forgetting_pairs(case: str, n_edits: int = 40, seed: int = 0) -> dict[str, list[Any]]:
+    """Return pairs at probes 10, 20, 30, 40 where being lost follows P ("P") or only the later count ("count")."""
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[Any]] = {name: [] for name in ls.PREDICTORS}
+    rows |= {"n_edits": [], "case_id": [], "edit_index": [], "later_same_subject": [], "success_now": []}
+    for t in range(10, n_edits + 1, 10):
+        for u in range(t):
+            predicted = float(rng.random())
+            later = t - u - 1
+            lost = predicted > 0.7 if case == "P" else later > 12
+            rows["n_edits"].append(t)
+            rows["case_id"].append(str(1000 + u))
+            rows["edit_index"].append(u)
+            rows["predicted"].append(predicted)
+            rows["later_count"].append(later)
+            rows["later_residual_norm"].append(float(np.sqrt(later + 1) * (1 + 0.1 * rng.random())))
+            rows["predicted_shuffled"].append(float(rng.random()))
+            rows["later_same_subject"].append(1 if u == 3 else 0)  # edit 3's subject is edited again
+            rows["success_now"].append(not lost)
+    return rows
+
+
+def slow_auroc(scores: list[float], positive: list[bool]) -> float:
+    """Return the AUROC by comparing every positive with every negative (ties count one half)."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_forgetting_verdict_flips_with_what_the_lost_edits_track():
+    failed_first = {5, 17}  # these edits never succeeded: their rows are no forgetting
+    edits = make_edits(40, succeeded=lambda index: index not in failed_first)
+    by_p = make_run("rome", 0, 4, edits=edits, pairs=forgetting_pairs("P"))
+    by_count = make_run("rome", 1, 4, edits=edits, pairs=forgetting_pairs("count"))
+    rows = ls.forgetting_rows([by_p, by_count], n_boot=N_BOOT)
+
+    assert rows[0]["verdict"] == "P beats the count"
+    assert rows[0]["difference"]["low"] > 0
+    assert rows[1]["verdict"] == "P does not beat the count"
+    assert rows[1]["difference"]["high"] < 0
+
+    pairs = forgetting_pairs("P")
+    keep = [
+        row
+        for row, u in enumerate(pairs["edit_index"])
+        if pairs["later_same_subject"][row] == 0 and u not in failed_first
+    ]
+    lost = [not pairs["success_now"][row] for row in keep]
+    assert rows[0]["n_pairs"] == len(keep) and rows[0]["n_lost"] == sum(lost)
+    assert rows[0]["n_kept"] == len(keep) - sum(lost) and rows[0]["n_edits"] == 40 - 1 - len(failed_first)
+    for name in ls.PREDICTORS:
+        expected = slow_auroc([pairs[name][row] for row in keep], lost)
+        assert rows[0]["auroc"][name]["value"] == pytest.approx(expected, abs=1e-12)
+        assert rows[0]["auroc"][name]["n_clusters"] == rows[0]["n_edits"]
+    expected_gap = slow_auroc([pairs["predicted"][row] for row in keep], lost) - slow_auroc(
+        [pairs["later_count"][row] for row in keep], lost
+    )
+    assert rows[0]["difference"]["value"] == pytest.approx(expected_gap, abs=1e-12)
+
+
+def test_forgetting_is_not_judged_without_both_classes_or_without_a_moved_weight():
+    pairs = forgetting_pairs("P")
+    pairs["success_now"] = [True] * len(pairs["success_now"])
+    rows = ls.forgetting_rows([make_run("rome", 0, 4, pairs=pairs), make_run("none", 0, 4, pairs=pairs)], n_boot=10)
+    assert rows[0]["verdict"] == "not judged" and rows[0]["auroc"] is None and rows[0]["n_lost"] == 0
+    assert rows[1]["verdict"] == "not judged" and rows[1]["reasons"] == ["no weight moved"]
+    assert ls.forgetting_rows([make_run("rome", 0, 4)], n_boot=10) == []  # no pairs
+
+
+# ------------------------------------------------------------------------------------------ predictors of collapse
+def slow_cumulative_norm(edits: list[dict[str, Any]], n_edits: int) -> float:
+    """Return Σ‖ΔW‖ over the updates all of whose edits are among the first n_edits, by a plain loop."""
+    total = 0.0
+    for update in sorted({edit["update"] for edit in edits}):
+        members = [index for index, edit in enumerate(edits) if edit["update"] == update]
+        if max(members) < n_edits:
+            total += edits[members[0]]["update_delta_norm"]
+    return total
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_cumulative_update_norm_counts_each_update_once(batch):
+    edits = make_edits(70, batch=batch, norm=lambda update: 1.0 + update**0.5)
+    for n in (0, 1, 15, 16, 17, 48, 64, 70):
+        assert ls.cumulative_update_norm(edits, n) == pytest.approx(slow_cumulative_norm(edits, n))
+    assert ls.cumulative_update_norm(make_edits(32, batch=16, norm=2.0), 20) == 2.0
+
+
+COLLAPSES = (20, 30, 45, 60, 80, 100)
+
+
+def predictor_runs(signal: bool, collapses: tuple[int, ...] = COLLAPSES) -> list[dict[str, Any]]:
+    """Return collapsing runs whose ΣP² reaches 1 at collapse (signal) or only grows with the count (no signal)."""
+    runs = []
+    for seed, collapse in enumerate(collapses):
+        n_edits = collapse + 10
+        p2 = (lambda n, c=collapse: n / c) if signal else (lambda n: 0.01 * n)
+        steps = make_steps(n_edits, every=5, accumulated_p2=p2, perplexity=lambda n, s=seed: 20.0 + n + s)
+        edits = make_edits(n_edits, norm=lambda update, s=seed: 1.0 + 0.1 * s)
+        runs.append(make_run("rome", seed, 4, n_edits=n_edits, collapse=collapse, steps=steps, edits=edits))
+    return runs
+
+
+def test_collapse_predictors_flip_with_where_the_signal_lies():
+    found = ls.collapse_predictors([*predictor_runs(True), make_run("none", 0, 8, collapse=None)], n_boot=N_BOOT)
+    assert found["n_runs"] == len(COLLAPSES) and not found["too_few"] and found["note"] is None
+    assert found["n_steps"] == sum(len(range(5, c, 5)) for c in COLLAPSES)  # 0 < n_edits < collapse
+    p2 = found["predictors"]["accumulated_p2"]
+    assert p2["beats_n_edits"] is True and p2["abs_spearman_minus_n_edits"]["low"] > 0
+    assert p2["spearman"]["value"] < 0 and p2["spearman"]["n_clusters"] == len(COLLAPSES)
+    # ΣP² at the last step before collapse is 1 − 5/c in every run; the count there is c − 5
+    assert [item["value"] for item in p2["at_last_step_before_collapse"]] == pytest.approx(
+        [1 - 5 / c for c in COLLAPSES]
+    )
+    count = found["predictors"]["n_edits"]
+    assert count["abs_spearman_minus_n_edits"] is None and count["beats_n_edits"] is None
+    assert p2["variation_at_last_step"] < 0.2 < count["variation_at_last_step"]
+    kappa = found["predictors"]["condition_number"]  # 3 + 0.01·n: the offset hides the spread of its rise
+    assert kappa["variation_at_last_step"] < 0.2 < kappa["variation_of_rise_at_last_step"]
+    assert [item["rise"] for item in kappa["at_last_step_before_collapse"]] == pytest.approx(
+        [0.01 * (c - 5) for c in COLLAPSES]
+    )
+    assert count["variation_of_rise_at_last_step"] == pytest.approx(count["variation_at_last_step"])
+    last = found["predictors"]["previous_perplexity"]["at_last_step_before_collapse"]
+    assert [item["value"] for item in last] == [20.0 + (c - 10) + seed for seed, c in enumerate(COLLAPSES)]
+    norms = found["predictors"]["cumulative_update_norm"]["at_last_step_before_collapse"]
+    assert [item["value"] for item in norms] == pytest.approx(
+        [(c - 5) * (1 + 0.1 * s) for s, c in enumerate(COLLAPSES)]
+    )
+
+    flat = ls.collapse_predictors(predictor_runs(False), n_boot=N_BOOT)["predictors"]["accumulated_p2"]
+    assert flat["beats_n_edits"] is False  # the same ranks as the count: the difference is 0 on every resample
+    assert flat["abs_spearman_minus_n_edits"]["value"] == pytest.approx(0.0)
+
+
+def test_collapse_predictors_with_too_few_runs_judge_nothing():
+    found = ls.collapse_predictors(predictor_runs(True, (20, 40, 60)), n_boot=20)
+    assert found["too_few"] is True and "cannot separate the predictors" in found["note"]
+    assert all(item["beats_n_edits"] is None for item in found["predictors"].values())
+    assert found["n_runs"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ paired editors
+def paired_run(editor: str, seed: int, collapse: int | None, efficacy: float = 0.9, n_edits: int = 40, **kw: Any):
+    """Return a run whose efficacy is `efficacy` at every probe and whose perplexity is 20 + n_edits + seed."""
+    steps = make_steps(n_edits, efficacy=lambda n: None if n == 0 else efficacy, **kw)
+    return make_run(editor, seed, 4, n_edits=n_edits, collapse=collapse, steps=steps)
+
+
+def test_paired_verdict_flips_when_one_order_collapses_earlier():
+    rome = [paired_run("rome", seed, step) for seed, step in enumerate((10, 20, 30))]
+    later = [paired_run("alphaedit", 0, 15), paired_run("alphaedit", 1, None), paired_run("alphaedit", 2, 35)]
+    layer = ls.paired_comparison(rome + later)["layers"][0]
+    assert layer["verdict"] == "alphaedit holds longer in every order"
+    assert layer["a_collapses_later"] == 3 and layer["n_orders"] == 3
+
+    one_earlier = [paired_run("alphaedit", 0, 15), paired_run("alphaedit", 1, None), paired_run("alphaedit", 2, 25)]
+    layer = ls.paired_comparison(rome + one_earlier)["layers"][0]
+    assert layer["verdict"] == "mixed: 2 of 3 orders"
+    assert [order["collapse_outcome"] for order in layer["orders"]] == ["later", "later", "earlier"]
+
+
+def test_paired_orders_where_neither_collapses_are_judged_by_efficacy():
+    rome = [paired_run("rome", seed, None, efficacy=0.6) for seed in range(3)]
+    ahead = [paired_run("alphaedit", seed, None, efficacy=0.8) for seed in range(3)]
+    assert ls.paired_comparison(rome + ahead)["layers"][0]["verdict"] == "alphaedit holds longer in every order"
+    behind = [*ahead[:2], paired_run("alphaedit", 2, None, efficacy=0.5)]
+    layer = ls.paired_comparison(rome + behind)["layers"][0]
+    assert layer["verdict"] == "mixed: 2 of 3 orders" and layer["a_collapses_later"] == 0
+    assert layer["orders"][2]["last_common_n_edits"] == 40 and layer["orders"][2]["efficacy_a"] == 0.5
+
+
+def test_paired_comparison_needs_two_orders_and_a_run_that_ends_early_decides_nothing():
+    single = ls.paired_comparison([paired_run("rome", 0, 10), paired_run("alphaedit", 0, None)])["layers"][0]
+    assert single["verdict"] == "not judged" and single["orders"][0]["favours_a"] is True
+
+    short = paired_run("alphaedit", 1, None, n_edits=20)  # ends before rome's collapse at 30
+    layer = ls.paired_comparison(
+        [paired_run("rome", 0, 10), paired_run("alphaedit", 0, None), paired_run("rome", 1, 30), short]
+    )["layers"][0]
+    assert layer["orders"][1]["collapse_outcome"] == "undecided" and layer["verdict"] == "mixed: 1 of 2 orders"
+    assert layer["orders"][1]["last_common_n_edits"] == 20
+
+
+def test_paired_differences_by_hand():
+    rome = [paired_run("rome", seed, None, efficacy=0.5) for seed in range(3)]
+    alpha = [
+        paired_run("alphaedit", seed, None, efficacy=value, perplexity=lambda n, s=seed: 20.0 + n - 2 * s)
+        for seed, value in enumerate((0.7, 0.4, 0.9))
+    ]
+    alpha.append(paired_run("alphaedit", 7, None))  # no rome partner
+    layer = ls.paired_comparison([*rome, *alpha])["layers"][0]
+    efficacy = {row["n_edits"]: row for row in layer["by_metric"]["efficacy"]}
+    assert sorted(efficacy) == [10, 20, 30, 40]  # step 0 measures no efficacy
+    row = efficacy[40]
+    assert [item["difference"] for item in row["differences"]] == pytest.approx([0.2, -0.1, 0.4])
+    assert row["mean"] == pytest.approx(0.5 / 3) and row["min"] == pytest.approx(-0.1) and row["max"] == 0.4
+    assert row["a_better"] == 2 and row["n_orders"] == 3
+    perplexity = {row["n_edits"]: row for row in layer["by_metric"]["perplexity"]}[40]
+    # rome's perplexity is 20 + n; alphaedit's 20 + n − 2·seed: lower in orders 1 and 2 (lower is better)
+    assert [item["difference"] for item in perplexity["differences"]] == [0.0, -2.0, -4.0]
+    assert perplexity["a_better"] == 2
+    assert layer["unpaired"] == ["alphaedit seed 7"]
+
+
+def test_paired_comparison_keeps_layers_apart():
+    runs = [paired_run("rome", seed, 10) for seed in range(2)] + [paired_run("alphaedit", s, 20) for s in range(2)]
+    other = [make_run("rome", 0, 8, collapse=30), make_run("alphaedit", 0, 8, collapse=20)]
+    layers = ls.paired_comparison(runs + other)["layers"]
+    assert [(item["layer"], item["verdict"]) for item in layers] == [
+        (4, "alphaedit holds longer in every order"),
+        (8, "not judged"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------- study
+def test_study_from_a_folder_and_from_runs(tmp_path):
+    runs = [
+        *predictor_runs(True, (20, 30)),
+        paired_run("alphaedit", 0, None),
+        paired_run("alphaedit", 1, 35),
+        make_run("none", 0, 4, pairs=forgetting_pairs("P")),
+    ]
+    for run in runs:
+        write_run(tmp_path, run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no legacy file: nothing to warn about
+        found = ls.study(tmp_path, n_boot=20)
+    assert set(found) == {
+        "runs",
+        "rules",
+        "collapse_rows",
+        "collapse_by_editor",
+        "rho_alarm_rows",
+        "prediction_rows",
+        "forgetting_rows",
+        "collapse_predictors",
+        "paired_comparison",
+    }
+    assert len(found["runs"]) == 5 and found["runs"][0]["source"].startswith("layer_4/")
+    assert found["paired_comparison"]["layers"][0]["verdict"] == "alphaedit holds longer in every order"
+    assert found["collapse_predictors"]["too_few"] is True
+    assert found["rules"]["collapse"] == ls.RULE_COLLAPSE and "alphaedit" in found["rules"]["paired"]
+    json.dumps(found, allow_nan=False)  # plain JSON for a renderer
+
+    again = ls.study(runs, n_boot=20)
+    assert again["collapse_by_editor"] == found["collapse_by_editor"]
+    with pytest.raises(KisError, match="two runs of rome"):
+        ls.study([*runs, runs[0]], n_boot=20)

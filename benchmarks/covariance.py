@@ -44,7 +44,7 @@ def gpt2_small_random():
     """Return a random-weight GPT-2-small-sized bridge (12 layers, d_model 768, d_mlp 3072, n_ctx 1024)."""
     from transformer_lens import TransformerBridge, TransformerBridgeConfig
 
-    from kis_lens.testing import tiny_tokenizer
+    from kis_lens.tiny import tiny_tokenizer
 
     config = TransformerBridgeConfig(
         n_layers=12,

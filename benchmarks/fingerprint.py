@@ -4,8 +4,9 @@
 
 For SmolLM2-135M and a GPT-2-small-sized model (12 layers, d_model 768, d_mlp 3072; random weights, the tiny
 tokenizer's vocabulary): the seconds of model_fingerprint (every byte of every parameter, SHA-256), of the older
-sampled fingerprint, and of `kis all` on every layer with C already cached (run_matrices in this process, the
-fingerprint computed inside it as a user's run computes it; C from 20k tokens, which the cached path only reads).
+sampled fingerprint, and of `kis all` on every layer with C already cached (run_matrices in this process, after
+the fingerprint hashed once as load_model hashes it for a user's run; C from 20k tokens, which the cached path
+only reads).
 The model's load is not counted, so the share of a `kis all` command (which loads the model too) is smaller.
 Each timing is the median of three, side by side. Caches go to a temporary folder, never results/.
 """
@@ -42,7 +43,6 @@ def measure(name: str, model: Any, max_tokens: int) -> dict[str, Any]:
     from kis_lens.config import RunConfig
     from kis_lens.runner import run_matrices
 
-    forget = models._FINGERPRINTS.clear  # each timing hashes afresh, as a new process would
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with tempfile.TemporaryDirectory() as folder:
         config = RunConfig(
@@ -53,8 +53,9 @@ def measure(name: str, model: Any, max_tokens: int) -> dict[str, Any]:
             progress=False,
         )
         run_matrices(config, model=model)  # estimates C once: the timed runs below read it from the cache
-        kis_all = _median_seconds(lambda: run_matrices(config, model=model), forget)
-    full = _median_seconds(lambda: models.model_fingerprint(model), forget)
+        # load_model records the fingerprint once per process: each timed run pays it once, as a fresh command does
+        kis_all = _median_seconds(lambda: (models._compute_fingerprint(model), run_matrices(config, model=model)))
+    full = _median_seconds(lambda: models._compute_fingerprint(model))  # a fresh hash each time, as load_model's
     legacy = _median_seconds(lambda: models.legacy_fingerprint(model))
     return {
         "model": name,

@@ -111,8 +111,8 @@ def render_study() -> str:
 def copy_study(source: Path, traces: Path, log: Path | None) -> None:
     """Replace the committed set with every finished run under source, the causal traces and the compute log."""
     from kis_lens.editing.lifelong_study import load_study
-    from kis_lens.editing.results import lifelong_result_files
     from kis_lens.io import save_json
+    from kis_lens.layout import lifelong_result_files
 
     runs = load_study(source)  # finished runs only, one per (editor, order, layer), one setting
     target = ROOT / RESULTS
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, default=Path("results/lifelong_runs.jsonl"), help="the queue's log")
     args = parser.parse_args(argv)
     from kis_lens.editing.lifelong_plots import load_lifelong_results, write_lifelong_figures
-    from kis_lens.editing.results import lifelong_result_files
     from kis_lens.io import atomic_write, save_json
+    from kis_lens.layout import lifelong_result_files
 
     if args.check:
         same = (ROOT / DOC).is_file() and (ROOT / DOC).read_text(encoding="utf-8") == render()

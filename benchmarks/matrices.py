@@ -48,7 +48,7 @@ from kis_lens.hooks import gather_positions, layer_range, mlp_in_hook_name
 from kis_lens.io import atomic_write, save_json
 from kis_lens.keys import compute_keys, locate_subject
 from kis_lens.matrices import Whitener, p_matrix
-from kis_lens.models import load_model, model_device, model_info, tokenizer_adds_bos
+from kis_lens.models import load_model, model_device, model_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -220,13 +220,15 @@ def covariances_for(
     model: Any, layers: Sequence[int], output_dir: str, cov_tokens: int
 ) -> tuple[dict[int, Tensor], dict[str, Any]]:
     """Return {layer: C}: `kis reproduce` caches under output_dir if any, else kis_lens caches on cov_tokens tokens."""
-    from kis_lens.reproduce import load_half_moments, merged
-    from kis_lens.runner import RunConfig, ensure_covariances
-    from kis_lens.storage import read_metadata, stats_path
+    from kis_lens.config import RunConfig
+    from kis_lens.layout import stats_path
+    from kis_lens.reproduce import QUARTERS, load_quarter_moments, merged
+    from kis_lens.runner import ensure_covariances
+    from kis_lens.storage import read_metadata
 
-    halves = load_half_moments(output_dir, model, layers, any_budget=True)
-    if halves is not None:
-        moments = {layer: merged(halves["half1"][layer], halves["half2"][layer]) for layer in layers}
+    quarters = load_quarter_moments(output_dir, model, layers)  # `kis reproduce`'s four quarters, no token limit
+    if quarters is not None:
+        moments = {layer: merged(*(quarters[quarter][layer] for quarter in QUARTERS)) for layer in layers}
         tokens = moments[layers[0]].count
         return {layer: moment.compute(torch.float64) for layer, moment in moments.items()}, {
             "tokens": tokens,
@@ -243,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     model = load_model(args.model_name, device=args.device, dtype=args.dtype)
     info = model_info(model)
-    prepend_bos = tokenizer_adds_bos(model)
+    prepend_bos = info.adds_bos
     layers = layer_range(model)
     layer = args.layer if args.layer is not None else layers[len(layers) // 2]
     covariances, cov_info = covariances_for(model, layers, args.output_dir, args.cov_tokens)

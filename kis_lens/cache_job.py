@@ -26,12 +26,13 @@ from kis_lens.corpus import DEFAULT_SHUFFLE_BUFFER, WIKIPEDIA_CONFIG, Corpus, op
 from kis_lens.covariance import TextIndex, accumulate_batches, check_batch_token, stream_index
 from kis_lens.distributed import all_reduce_ints, all_reduce_moments, barrier, rank_and_world
 from kis_lens.errors import KisError
+from kis_lens.gguf import file_sha256
 from kis_lens.hooks import validate_layers
 from kis_lens.io import check_writable, folder_lock, remove_stale_temp_files
+from kis_lens.layout import checkpoints_dir, stats_dir, stats_path
 from kis_lens.models import (
     HookedModel,
     ModelInfo,
-    file_sha256,
     is_legacy_fingerprint,
     legacy_fingerprint,
     model_info,
@@ -47,8 +48,6 @@ from kis_lens.storage import (
     rewrite_metadata,
     save_checkpoint,
     save_second_moment,
-    stats_dir,
-    stats_path,
 )
 from kis_lens.tokens import token_batches
 
@@ -266,7 +265,7 @@ def cache_second_moments(model: HookedModel, layers: Sequence[int], request: Cov
     with folder_lock(setting.folder) if rank == 0 else contextlib.nullcontext(setting.folder):
         if rank == 0:  # a killed writer's leftovers; safe to remove now that no other job writes here
             remove_stale_temp_files(setting.folder)
-            remove_stale_temp_files(setting.folder / "checkpoints")
+            remove_stale_temp_files(checkpoints_dir(setting.folder))
         barrier()
         return _run_job(model, layers, setting)
 
@@ -377,7 +376,7 @@ def _run_job(model: HookedModel, layers: list[int], setting: JobSetting) -> Cach
             _checkpoint_path(setting, group_plan).unlink(missing_ok=True)
     report.seconds = time.perf_counter() - started
     if rank == 0:
-        _remove_finished_checkpoints(setting.folder / "checkpoints", layers)
+        _remove_finished_checkpoints(checkpoints_dir(setting.folder), layers)
     return report
 
 
@@ -466,7 +465,7 @@ def _checkpoint_path(setting: JobSetting, plan: PassPlan) -> Path:
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     suffix = f".rank{rank}of{world_size}" if world_size > 1 else ""
-    return setting.folder / "checkpoints" / f"layers_{plan.layers[0]}-{plan.layers[-1]}_{digest}{suffix}.safetensors"
+    return checkpoints_dir(setting.folder) / f"layers_{plan.layers[0]}-{plan.layers[-1]}_{digest}{suffix}.safetensors"
 
 
 @dataclass

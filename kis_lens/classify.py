@@ -27,6 +27,7 @@ from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts
 from kis_lens.hooks import gather_positions
 from kis_lens.io import save_json
+from kis_lens.layout import split_path
 from kis_lens.models import (
     HookedModel,
     fingerprint_matches,
@@ -211,11 +212,6 @@ def classify_facts(
         unknown=unknown,
         predictions=predictions,
     )
-
-
-def split_path(output_dir: str | Path, model_slug: str, facts_source: str) -> Path:
-    """Return where a model's split of a fact set lives: {output_dir}/knowledge/{model}/{facts}_split.json."""
-    return Path(output_dir) / "knowledge" / model_slug / f"{Path(str(facts_source)).stem}_split.json"
 
 
 def save_split(split: KnowledgeSplit, path: str | Path) -> Path:

@@ -253,11 +253,10 @@ def _matrices_command(names: Sequence[str]) -> Callable[[argparse.Namespace], No
         result = run_matrices(config, names=names)
         _print_result_paths(config, started, result)
         if getattr(args, "report", False):
-            from kis_lens.editing.lifelong_plots import lifelong_report_sections
-            from kis_lens.editing.simulation_plots import edit_simulation_sections
+            from kis_lens.editing.results import run_report_sections
             from kis_lens.report import write_report_files
 
-            report, table = write_report_files(result, sections=[edit_simulation_sections, lifelong_report_sections])
+            report, table = write_report_files(result, sections=[run_report_sections])
             print(f"report: {report}\nper-layer table: {table}")
 
     return command
@@ -496,14 +495,12 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _report_command(args: argparse.Namespace) -> None:
-    from kis_lens.editing.lifelong_plots import lifelong_report_sections
-    from kis_lens.editing.simulation_plots import edit_simulation_sections
+    from kis_lens.editing.results import run_report_sections
     from kis_lens.report import report_from_results
 
-    sections = [edit_simulation_sections, lifelong_report_sections]
     check_outputs({"output": args.output})
     report, table = report_from_results(
-        args.results, args.output, top_k=args.top_k, threshold=args.threshold, sections=sections
+        args.results, args.output, top_k=args.top_k, threshold=args.threshold, sections=[run_report_sections]
     )
     print(f"report: {report}\nper-layer table: {table}")
 

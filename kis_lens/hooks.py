@@ -9,7 +9,7 @@ Hook names are the contract shared by TransformerLens 4's ``TransformerBridge`` 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -25,6 +25,12 @@ RESID_POST_HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
 ActivationCallback = Callable[[int, Float[Tensor, "batch pos d_mlp"]], None]
 
 
+class HookFunction(Protocol):
+    """A forward hook: called with a hook point's activation and the HookPoint; returns a replacement or None."""
+
+    def __call__(self, activation: Tensor, hook: Any) -> Tensor | None: ...
+
+
 def mlp_in_hook_name(layer: int) -> str:
     """Return the hook name of the MLP hidden activation that feeds W_out at a layer."""
     return MLP_IN_HOOK_TEMPLATE.format(layer=layer)
@@ -33,6 +39,18 @@ def mlp_in_hook_name(layer: int) -> str:
 def mlp_out_hook_name(layer: int) -> str:
     """Return the hook name of a layer's MLP output (what W_out writes into the residual stream)."""
     return MLP_OUT_HOOK_TEMPLATE.format(layer=layer)
+
+
+def shift_at_positions(positions: Int[Tensor, " batch"], shift: Float[Tensor, "batch d"]) -> HookFunction:
+    """Return a forward hook that adds shift[b] to its activation [batch, pos, d] at (b, positions[b]), each row b."""
+    rows = torch.arange(len(positions), device=positions.device)
+
+    def add_shift(activation: Float[Tensor, "batch pos d"], hook: Any) -> Float[Tensor, "batch pos d"]:
+        activation = activation.clone()
+        activation[rows, positions] = activation[rows, positions] + shift.to(activation.device, activation.dtype)
+        return activation
+
+    return add_shift
 
 
 def validate_layers(model: HookedModel, layers: Iterable[int]) -> list[int]:
@@ -79,7 +97,7 @@ def run_mlp_hooks(
             raise _ForwardDone
         return activation
 
-    fwd_hooks = [(mlp_in_hook_name(layer), hook_fn) for layer in layers]
+    fwd_hooks: list[tuple[str, HookFunction]] = [(mlp_in_hook_name(layer), hook_fn) for layer in layers]
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
@@ -131,7 +149,8 @@ def capture_rows(
 
     device = next(model.parameters()).device
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
-    with torch.no_grad(), model.hooks(fwd_hooks=[(hook_name, hook_fn)]):
+    fwd_hooks: list[tuple[str, HookFunction]] = [(hook_name, hook_fn)]
+    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
         try:
             model(tokens.to(device), return_type=None, **kwargs)
         except _ForwardDone:

@@ -12,7 +12,7 @@ from torch import Tensor
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.hooks import gather_positions, mlp_in_hook_name, run_mlp_hooks, validate_layers
-from kis_lens.models import HookedModel, model_name, resolve_prepend_bos
+from kis_lens.models import HookedModel, model_info, resolve_prepend_bos
 from kis_lens.tokens import encode, pad_batch, pad_token_id, with_bos
 
 TokenPosition = Literal["subject_last", "subject_first", "last"]
@@ -142,4 +142,4 @@ def compute_keys(
             values[layers.index(layer), begin:end] = rows
 
         run_mlp_hooks(model, tokens, layers, keep, attention_mask=mask)
-    return Keys(values, layers, list(facts), token_position, prepend_bos, model_name(model))
+    return Keys(values, layers, list(facts), token_position, prepend_bos, model_info(model).name)

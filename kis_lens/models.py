@@ -3,6 +3,10 @@
 Everything downstream talks to the model only through hook names (``blocks.{L}.mlp.hook_post``),
 ``cfg`` and ``tokenizer``, so a TransformerLens 4 ``TransformerBridge`` and a TL 2.x/3.x
 ``HookedTransformer`` serve alike.
+
+``load_model`` records the model's ``ModelInfo`` (name, sizes, full-weight fingerprint, BOS convention, dtype,
+device) once, on the model object itself; ``model_info`` returns that record without hashing. An in-place weight
+edit never changes it: only ``refresh_model_info(model, reason)`` does, or a dtype change (see ``model_info``).
 """
 
 from __future__ import annotations
@@ -10,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import logging
 import os
 import warnings
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ContextManager, Iterator, Protocol, runtime_checkable
 
@@ -22,13 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kis_lens.errors import KisError
-from kis_lens.gguf import (  # converted_gguf_dir, file_sha256 and user_cache_dir are re-exported
-    converted_gguf_dir,  # noqa: F401
-    converted_model,
-    file_sha256,  # noqa: F401
-    packaged_gguf_path,
-    user_cache_dir,  # noqa: F401
-)
+from kis_lens.gguf import converted_model, packaged_gguf_path
 from kis_lens.tiny import tiny_model
 
 
@@ -94,11 +92,10 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
 }
 
-# BOS convention of the original HF tokenizer, recorded at load time: TransformerLens reloads the
-# tokenizer with add_bos_token=True, which hides what the model's own tokenizer does.
-_TOKENIZER_ADDS_BOS: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
-# The name kis_lens loaded a model under, for result paths and cache metadata.
-_MODEL_NAMES: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+# The attribute of a model object that holds its ModelInfo, recorded once by load_model (read it with model_info).
+INFO_ATTRIBUTE = "_kis_lens_info"
+
+_log = logging.getLogger(__name__)
 
 
 def default_device() -> str:
@@ -142,7 +139,11 @@ def _tokenizer_adds_bos(tokenizer: Any) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def _boot_bridge(hub_name: str, hf_model: Any, tokenizer: Any, device: str, dtype: torch.dtype) -> HookedModel:
+def _boot_bridge(
+    hub_name: str, hf_model: Any, tokenizer: Any, device: str, dtype: torch.dtype
+) -> tuple[HookedModel, bool]:
+    """Return the bridge of a HF model and whether the HF tokenizer prepends BOS (read before the bridge reloads
+    it with add_bos_token=True, which hides what the model's own tokenizer does)."""
     from transformer_lens import TransformerBridge
 
     adds_bos = _tokenizer_adds_bos(tokenizer)
@@ -150,15 +151,14 @@ def _boot_bridge(hub_name: str, hf_model: Any, tokenizer: Any, device: str, dtyp
         hub_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
     model.eval()
-    _TOKENIZER_ADDS_BOS[model] = adds_bos
-    return model
+    return model, adds_bos
 
 
-def _load_gguf(name: str, device: str, dtype: torch.dtype) -> HookedModel:
+def _load_gguf(name: str, device: str, dtype: torch.dtype) -> tuple[HookedModel, bool]:
     """Return the bridge of a packaged GGUF model, de-quantised once and read from a verified folder afterwards.
 
     converted_model (kis_lens.gguf) yields the model and a tokenizer loaded from a folder that outlives the boot,
-    so the converting load and every later one tokenize alike. The model's own convention (no BOS) is recorded
+    so the converting load and every later one tokenize alike. The model's own convention (no BOS) is read
     by _boot_bridge before the bridge reloads the tokenizer with add_bos_token=True, the same both ways.
     """
     hub_name = PACKAGED_GGUF_MODELS[name][2]
@@ -166,7 +166,7 @@ def _load_gguf(name: str, device: str, dtype: torch.dtype) -> HookedModel:
         return _boot_bridge(hub_name, hf_model.to(dtype), tokenizer, device, dtype)
 
 
-def _load_local_dir(path: str, device: str, dtype: torch.dtype) -> HookedModel:
+def _load_local_dir(path: str, device: str, dtype: torch.dtype) -> tuple[HookedModel, bool]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -174,7 +174,7 @@ def _load_local_dir(path: str, device: str, dtype: torch.dtype) -> HookedModel:
     return _boot_bridge(path, hf_model, tokenizer, device, dtype)
 
 
-def _load_hub(hub_name: str, device: str, dtype: torch.dtype) -> HookedModel:
+def _load_hub(hub_name: str, device: str, dtype: torch.dtype) -> tuple[HookedModel, bool]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -216,24 +216,26 @@ def load_model(
 
     A model object is returned as it is: a device or dtype that differs from its own is ignored with a warning.
     By name, the model loads on ``device`` (default: CUDA when visible) in ``dtype`` (default float32).
+    Either way the model's ModelInfo is recorded on it now (an object already recorded keeps its record), so the
+    fingerprint is the weights' as loaded, whatever is written into them later (see model_info).
     """
     if isinstance(model, torch.nn.Module):
         check_hooked_model(model)
         _warn_ignored(model, device, dtype)
+        model_info(model)  # records it at first sight
         return model
     if not isinstance(model, str) or not model:
         raise KisError(f"model must be a name, a local directory or a model object, not {model!r}")
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype or "float32")
     if model in PACKAGED_GGUF_MODELS:
-        loaded = _load_gguf(model, device, torch_dtype)
+        loaded, adds_bos = _load_gguf(model, device, torch_dtype)
     elif model in TINY_MODELS:
-        loaded = tiny_model(model.removeprefix("tiny-"), device=device).to(torch_dtype)
-        _TOKENIZER_ADDS_BOS[loaded] = False
+        loaded, adds_bos = tiny_model(model.removeprefix("tiny-"), device=device).to(torch_dtype), False
     elif os.path.isdir(model):
-        loaded = _load_local_dir(model, device, torch_dtype)
+        loaded, adds_bos = _load_local_dir(model, device, torch_dtype)
     elif model in MODEL_ALIASES or model in MODEL_ALIASES.values() or "/" in model or model.startswith("gpt2"):
-        loaded = _load_hub(MODEL_ALIASES.get(model, model), device, torch_dtype)
+        loaded, adds_bos = _load_hub(MODEL_ALIASES.get(model, model), device, torch_dtype)
     else:
         close = difflib.get_close_matches(model, known_model_names(), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -241,7 +243,7 @@ def load_model(
             f"unknown model {model!r}.{hint} Use one of {', '.join(known_model_names())}, "
             "a Hugging Face hub name such as 'EleutherAI/pythia-1b', or a local model directory."
         )
-    _MODEL_NAMES[loaded] = model_slug(model)
+    _record(loaded, _describe(loaded, model_slug(model), adds_bos))
     return loaded
 
 
@@ -261,32 +263,23 @@ def check_hooked_model(model: Any) -> None:
         )
 
 
-def model_name(model: HookedModel) -> str:
-    """Return the short name a model was loaded under, else its cfg.model_name."""
-    try:
-        if model in _MODEL_NAMES:
-            return _MODEL_NAMES[model]
-    except TypeError:
-        pass
+def _name_of_object(model: HookedModel) -> str:
+    """Return the short name of a model object kis_lens did not load by name: its cfg.model_name."""
     return model_slug(str(getattr(model.cfg, "model_name", type(model).__name__)))
 
 
-def tokenizer_adds_bos(model: HookedModel) -> bool:
-    """Return whether the model's own HF tokenizer prepends BOS (the original scripts' convention)."""
-    try:
-        if model in _TOKENIZER_ADDS_BOS:
-            return _TOKENIZER_ADDS_BOS[model]
-    except TypeError:
-        pass
+def _guess_adds_bos(model: HookedModel) -> bool:
+    """Return whether the tokenizer of a model object kis_lens did not load by name prepends BOS, as its ids say.
+
+    GPT-2, GPT-J and Pythia share one <|endoftext|> for BOS and EOS and add neither; Llama adds <s>."""
     tokenizer = model.tokenizer
     bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
-    # GPT-2, GPT-J and Pythia share one <|endoftext|> for BOS and EOS and add neither; Llama adds <s>.
     return bos is not None and bos != eos
 
 
 def resolve_prepend_bos(model: HookedModel, prepend_bos: bool | None) -> bool:
-    """Return prepend_bos, or the model's own tokenizer convention when it is None."""
-    return tokenizer_adds_bos(model) if prepend_bos is None else bool(prepend_bos)
+    """Return prepend_bos, or the model's own tokenizer convention (its recorded adds_bos) when it is None."""
+    return model_info(model).adds_bos if prepend_bos is None else bool(prepend_bos)
 
 
 def model_device(model: HookedModel) -> torch.device:
@@ -380,11 +373,6 @@ FINGERPRINT_VERSION = "w2"  # prefix of the full-weight fingerprint; the older s
 LEGACY_FINGERPRINT_SAMPLES = 4096
 
 
-def _weights_state(model: HookedModel) -> tuple[tuple[int, int], ...]:
-    """Return (storage address, in-place version) of every parameter: it changes when any weight is written."""
-    return tuple((parameter.data_ptr(), parameter._version) for parameter in model.parameters())
-
-
 def _tensor_bytes(tensor: Tensor) -> memoryview:
     """Return a tensor's raw bytes on the host, one tensor at a time (bfloat16 has no numpy type: view as bytes)."""
     data = tensor.detach().cpu().contiguous()
@@ -442,25 +430,9 @@ def is_legacy_fingerprint(fingerprint: Any) -> bool:
     return isinstance(fingerprint, str) and len(fingerprint) == 16 and not fingerprint.startswith(FINGERPRINT_VERSION)
 
 
-# Fingerprints by model, with the weights' state they were computed from: recomputed only after a weight changes.
-_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[tuple[int, int], ...], str]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def model_fingerprint(model: HookedModel) -> str:
-    """Return a hash of the model's sizes and of every byte of its weights (cached until a weight changes)."""
-    state = _weights_state(model)
-    try:
-        cached = _FINGERPRINTS.get(model)
-    except TypeError:
-        cached = None
-    if cached is not None and cached[0] == state:
-        return cached[1]
-    fingerprint = _compute_fingerprint(model)
-    with contextlib.suppress(TypeError):
-        _FINGERPRINTS[model] = (state, fingerprint)
-    return fingerprint
+    """Return the recorded hash of the model's sizes and every byte of its weights as loaded (see model_info)."""
+    return model_info(model).fingerprint
 
 
 def fingerprint_matches(recorded: Any, model: HookedModel) -> bool:
@@ -487,22 +459,73 @@ class ModelInfo:
     device: str
 
 
-def model_info(model: HookedModel) -> ModelInfo:
-    """Return the model's name, wrapper kind, sizes, weight fingerprint, BOS convention, dtype and device."""
+def _describe(model: HookedModel, name: str, adds_bos: bool) -> ModelInfo:
+    """Return the model's ModelInfo as its weights are now: the one place the full-weight fingerprint is hashed."""
     cfg = model.cfg
     return ModelInfo(
-        name=model_name(model),
+        name=name,
         kind=type(model).__name__,
         n_layers=int(cfg.n_layers),
         d_model=int(cfg.d_model),
         d_mlp=int(cfg.d_mlp),
         n_ctx=int(cfg.n_ctx),
         d_vocab=int(cfg.d_vocab),
-        fingerprint=model_fingerprint(model),
-        adds_bos=tokenizer_adds_bos(model),
+        fingerprint=_compute_fingerprint(model),
+        adds_bos=adds_bos,
         dtype=dtype_name(model_dtype(model)),
         device=str(model_device(model)),
     )
+
+
+def _recorded(model: HookedModel) -> ModelInfo | None:
+    """Return the ModelInfo recorded on a model object, or None (read from its __dict__: no attribute forwarding)."""
+    info = getattr(model, "__dict__", {}).get(INFO_ATTRIBUTE)
+    return info if isinstance(info, ModelInfo) else None
+
+
+def _record(model: HookedModel, info: ModelInfo) -> ModelInfo:
+    """Keep info on the model object itself (object.__setattr__: no nn.Module or bridge bookkeeping); return it."""
+    with contextlib.suppress(AttributeError, TypeError):  # an object that takes no attributes is described each time
+        object.__setattr__(model, INFO_ATTRIBUTE, info)
+    return info
+
+
+def model_info(model: HookedModel) -> ModelInfo:
+    """Return the model's recorded name, kind, sizes, weight fingerprint, BOS convention, dtype and device.
+
+    The record is taken once, by load_model (or here, the first time a model object is seen), and is returned as
+    it is: an in-place weight edit does not change it, so the fingerprint stays the weights' as loaded; call
+    refresh_model_info(model, reason) after changing the weights on purpose. The one automatic refresh: when the
+    first parameter's dtype differs from the recorded one (model.to(torch.bfloat16) after load), the bytes have
+    changed and the record is taken again, fingerprint included; a device move alone only updates the device.
+    """
+    info = _recorded(model)
+    if info is None:
+        return _record(model, _describe(model, _name_of_object(model), _guess_adds_bos(model)))
+    dtype, device = dtype_name(model_dtype(model)), str(model_device(model))
+    if dtype != info.dtype:
+        return refresh_model_info(model, f"its dtype changed from {info.dtype} to {dtype}")
+    if device != info.device:
+        return _record(model, replace(info, device=device))  # the same bytes elsewhere: the same fingerprint
+    return info
+
+
+def refresh_model_info(model: HookedModel, reason: str) -> ModelInfo:
+    """Take the model's record again (fingerprint, dtype, device; name and BOS convention kept) and say why."""
+    if not isinstance(reason, str) or not reason.strip():
+        raise KisError("refresh_model_info needs a reason: say why the weights the record describes have changed")
+    old = _recorded(model)
+    name = old.name if old is not None else _name_of_object(model)
+    adds_bos = old.adds_bos if old is not None else _guess_adds_bos(model)
+    info = _record(model, _describe(model, name, adds_bos))
+    _log.info(
+        "model record of %s refreshed (%s): fingerprint %s -> %s",
+        name,
+        reason,
+        old.fingerprint if old is not None else None,
+        info.fingerprint,
+    )
+    return info
 
 
 RANDOM_INIT_SUFFIX = "-random-init"
@@ -514,10 +537,9 @@ def random_init_twin(model: HookedModel, seed: int = 0) -> HookedModel:
     The null model of the reproduction: what an untrained network of this shape gives. It is named
     "<name>-random-init", and its weight fingerprint differs, so its covariance caches never mix with the model's.
     """
-    name = model_name(model)
-    twin = _tiny_twin(model, name, seed) if name in TINY_MODELS else _hf_twin(model, name, seed)
-    _TOKENIZER_ADDS_BOS[twin] = tokenizer_adds_bos(model)
-    _MODEL_NAMES[twin] = name + RANDOM_INIT_SUFFIX
+    info = model_info(model)
+    twin = _tiny_twin(model, info.name, seed) if info.name in TINY_MODELS else _hf_twin(model, info.name, seed)
+    _record(twin, _describe(twin, info.name + RANDOM_INIT_SUFFIX, info.adds_bos))
     return twin
 
 
@@ -548,10 +570,11 @@ def _hf_twin(model: HookedModel, name: str, seed: int) -> HookedModel:
 
     torch.manual_seed(seed)
     fresh = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(model_dtype(model))
-    return _boot_bridge(
+    twin, _ = _boot_bridge(  # the twin keeps the model's own BOS convention (random_init_twin records it)
         str(getattr(config, "_name_or_path", name) or name),
         fresh,
         model.tokenizer,
         str(model_device(model)),
         model_dtype(model),
     )
+    return twin

@@ -6,9 +6,8 @@ table, the figures and the most superposed pairs. Other modules add sections wit
 
 Extra sections are always passed in, never registered globally: ``extra_sections=[("Editing", [fig1, fig2]),
 ReportSection("Notes", html="<p>…</p>")]`` for sections already built, ``sections=[provider]`` for functions
-result -> sections called with the reported run (``kis report`` passes
-kis_lens.editing.simulation_plots.edit_simulation_sections and kis_lens.editing.lifelong_plots.lifelong_report_sections,
-which show the run's own edit simulations and lifelong runs).
+result -> sections called with the reported run (``kis all --report`` and ``kis report`` both pass
+kis_lens.editing.results.run_report_sections, which shows the run's own edit simulations and lifelong runs).
 """
 
 from __future__ import annotations
@@ -35,11 +34,10 @@ from kis_lens.analysis import (
 )
 from kis_lens.errors import KisError
 from kis_lens.io import atomic_write
+from kis_lens.layout import SUMMARY_CSV_NAME, find_results, report_path, summary_csv_path
 from kis_lens.plots import layer_trends_figure, matrix_figures, matrix_style, orthogonality_figure
-from kis_lens.results import RunResult, find_results, load_result
+from kis_lens.results import RunResult, load_result
 
-REPORT_NAME = "report.html"
-SUMMARY_CSV_NAME = "layer_summary.csv"
 PAPER = (
     "Hu et al. (2024), Knowledge in Superposition: Unveiling the Failures of Lifelong Knowledge Editing, "
     "arXiv:2408.07413"
@@ -323,7 +321,7 @@ def write_report(
     if path is None:
         if result.path is None:
             raise KisError("this result was never saved: pass a path for the report")
-        path = Path(result.path).parent / REPORT_NAME
+        path = report_path(result.path)
     report = build_report(result, extra_sections, names, top_k, threshold, sections=sections)
     return atomic_write(path, lambda temp: temp.write_text(report.html, encoding="utf-8"))
 
@@ -337,9 +335,8 @@ def write_report_files(
     sections: Sequence[SectionProvider] = (),
 ) -> tuple[Path, Path]:
     """Write a run's report.html (with the providers' `sections`) and layer_summary.csv beside it; return both paths."""
-    report_path = write_report(result, output, top_k=top_k, threshold=threshold, sections=sections)
-    csv_path = write_csv(summary_table(result, threshold=threshold), report_path.parent / SUMMARY_CSV_NAME)
-    return report_path, csv_path
+    written = write_report(result, output, top_k=top_k, threshold=threshold, sections=sections)
+    return written, write_csv(summary_table(result, threshold=threshold), summary_csv_path(written))
 
 
 def report_from_results(

@@ -31,13 +31,14 @@ from kis_lens.facts import DEFAULT_RECORD_SIZE, Fact, load_facts, sample_facts
 from kis_lens.hooks import layer_range
 from kis_lens.io import atomic_write, load_json_object, save_json
 from kis_lens.keys import compute_keys
+from kis_lens.layout import quarter_stats_path, reproduction_files, reproduction_numbers_path
 from kis_lens.matrices import MATRIX_NAMES, Whitener, all_matrices
 from kis_lens.models import PACKAGED_GGUF_MODELS, HookedModel, model_info, random_init_twin
 from kis_lens.plots import write_figure_files
 from kis_lens.results import RunResult, save_result
 from kis_lens.runner import covariance_key, layer_matrices, run_settings
 from kis_lens.stats import SecondMoment
-from kis_lens.storage import load_second_moment, read_metadata, save_second_moment, stats_path
+from kis_lens.storage import load_second_moment, read_metadata, save_second_moment
 from kis_lens.tokens import encode
 from kis_lens.uncertainty import (
     DEFAULT_PERMUTATIONS,
@@ -111,11 +112,6 @@ def split_texts_by_tokens(
     return runs, total
 
 
-def quarter_stats_path(output_dir: str | Path, model_slug: str, quarter: str, layer: int) -> Path:
-    """Return where one quarter's second moment of a layer is cached (beside kis_lens's own caches)."""
-    return stats_path(output_dir, model_slug, f"{EMBEDDED_CORPUS}_{quarter}", layer)
-
-
 def load_quarter_moments(
     output_dir: str | Path, model: HookedModel, layers: Sequence[int], max_tokens: int | None = None
 ) -> dict[str, dict[int, SecondMoment]] | None:
@@ -126,7 +122,7 @@ def load_quarter_moments(
     for quarter in QUARTERS:
         quarters[quarter] = {}
         for layer in layers:
-            path = quarter_stats_path(output_dir, name, quarter, layer)
+            path = quarter_stats_path(output_dir, name, EMBEDDED_CORPUS, quarter, layer)
             if not path.is_file():
                 return None
             moment, metadata = load_second_moment(path, expect=covariance_key(run_config, model, layer))
@@ -152,9 +148,8 @@ def quarter_second_moments(
     cached = load_quarter_moments(config.output_dir, model, layers, config.max_tokens)
     if cached is not None:
         # Report what the estimate cost when it was made, not the instant of reading it back.
-        return cached, float(
-            read_metadata(quarter_stats_path(config.output_dir, name, QUARTERS[0], layers[0]))["seconds"]
-        )
+        first = quarter_stats_path(config.output_dir, name, EMBEDDED_CORPUS, QUARTERS[0], layers[0])
+        return cached, float(read_metadata(first)["seconds"])
     run_config = RunConfig(model_name=name, corpus=EMBEDDED_CORPUS, output_dir=config.output_dir)
     prepend_bos = covariance_key(run_config, model, layers[0]).prepend_bos
     n_ctx = int(model.cfg.n_ctx)
@@ -183,7 +178,9 @@ def quarter_second_moments(
                 model_dtype=model_info(model).dtype,
                 corpus_credit=EMBEDDED_WIKIPEDIA_CREDIT,
             )
-            save_second_moment(quarter_stats_path(config.output_dir, name, quarter, layer), moment, metadata)
+            save_second_moment(
+                quarter_stats_path(config.output_dir, name, EMBEDDED_CORPUS, quarter, layer), moment, metadata
+            )
     return quarters, seconds
 
 
@@ -420,7 +417,7 @@ def model_size_rows(report: Reproduction, numbers_dir: Path) -> list[dict[str, A
         rows.append(
             _size_row(report.null_model["name"], report.null_model["d_mlp"], report.null_model["layers"], "random init")
         )
-    for path in sorted(numbers_dir.glob("reproduction_*.json")):
+    for path in reproduction_files(numbers_dir):
         other = load_json_object(path, "rerun `kis reproduce` for that model, or delete the file")
         if (
             other.get("model", {}).get("name") != report.model["name"]
@@ -553,7 +550,7 @@ def reproduce(config: ReproduceConfig = ReproduceConfig(), model: HookedModel | 
     for layer in sorted({layers[0], layers[len(layers) // 2], layers[-1]}):
         pairs = top_pairs(result.layer("p_matrix", layer), facts, k=config.n_top_pairs)
         report.top_pairs[layer] = [_pair_record(pair) for pair in pairs]
-    numbers = Path(config.numbers_path or f"benchmarks/results/reproduction_{info.name}.json")
+    numbers = reproduction_numbers_path(info.name, config.numbers_path)
     report.model_sizes = model_size_rows(report, numbers.parent)
     report.verdicts = judge(report)
     report.figures = write_figures(result, report, Path(config.figures_dir))

@@ -1,4 +1,5 @@
-"""A run's results on disk: the consolidated results.safetensors and the original scripts' per-layer .npy tree.
+"""A run's results on disk: the consolidated results.safetensors and the original scripts' per-layer .npy tree
+(where each file goes: kis_lens.layout; here, the original's model folder names and which tree a run writes).
 
 Readers (analysis, plots, report) import this module, never the job that wrote the files.
 """
@@ -20,23 +21,9 @@ from kis_lens.config import RunConfig
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.io import atomic_write, save_npy
+from kis_lens.layout import RESULTS_FILE, legacy_npy_path, original_npy_path, run_dir, run_of_results_file
 from kis_lens.models import MODEL_ALIASES, model_slug
 
-RESULTS_FILE = "results.safetensors"
-# The original scripts' directory name for each matrix.
-LEGACY_DIRS: dict[str, str] = {
-    "p_matrix": "p_matrix",
-    "q_matrix": "q_matrix",
-    "whitening_cos": "whitening_cos_matrix",
-    "activation_cos": "activation_cos_matrix",
-}
-# How the original scripts end each matrix's file name: both cosines end in _cos_matrix.npy.
-LEGACY_SUFFIXES: dict[str, str] = {
-    "p_matrix": "p_matrix",
-    "q_matrix": "q_matrix",
-    "whitening_cos": "cos_matrix",
-    "activation_cos": "cos_matrix",
-}
 # The original scripts' --model_name choices; their result folders are named by exactly these strings.
 ORIGINAL_MODEL_NAMES: tuple[str, ...] = (
     "gpt2-small",
@@ -55,8 +42,6 @@ ORIGINAL_MODEL_NAMES: tuple[str, ...] = (
 )
 # Hub repositories renamed since the original scripts were written: kis's name -> the original's.
 ORIGINAL_HUB_NAMES: dict[str, str] = {"meta-llama/Llama-3.1-8B": "meta-llama/Meta-Llama-3.1-8B"}
-# The file name the original scripts write whatever --fact_token was.
-ORIGINAL_POSITION = "subject_last"
 
 
 @dataclass
@@ -72,20 +57,6 @@ class RunResult:
     def layer(self, name: str, layer: int) -> Float[Tensor, "fact fact"]:
         """Return one matrix of one layer, [fact, fact]."""
         return self.matrices[name][self.layers.index(layer)]
-
-
-def run_dir(config: RunConfig, model_slug: str, n_facts: int) -> Path:
-    """Return the folder of a run's consolidated results."""
-    tag = f"{config.knowledge_type}_sample_size_{n_facts}"
-    return Path(config.output_dir) / "runs" / model_slug / tag / config.token_position
-
-
-def legacy_npy_path(
-    output_dir: str | Path, name: str, model_slug: str, knowledge_type: str, n_facts: int, layer: int, position: str
-) -> Path:
-    """Return the per-layer .npy path of a matrix in the original scripts' tree (kis layout: short model name)."""
-    folder = Path(output_dir) / LEGACY_DIRS[name] / model_slug / f"{knowledge_type}_sample_size_{n_facts}"
-    return folder / f"layer_{layer}_{position}_{LEGACY_SUFFIXES[name]}.npy"
 
 
 def original_model_folder(model_name: str) -> str:
@@ -107,21 +78,13 @@ def original_model_folder(model_name: str) -> str:
     return model_name if is_hub_name and not Path(model_name).exists() else slug
 
 
-def original_npy_path(
-    output_dir: str | Path, name: str, model_name: str, knowledge_type: str, n_facts: int, layer: int
-) -> Path:
-    """Return the exact path the original scripts write a matrix of a layer to, under output_dir (theirs: data)."""
-    return legacy_npy_path(
-        output_dir, name, original_model_folder(model_name), knowledge_type, n_facts, layer, ORIGINAL_POSITION
-    )
-
-
 def npy_path(config: RunConfig, name: str, slug: str, n_facts: int, layer: int) -> Path:
     """Return where a run writes a matrix of a layer: config.layout "kis" or "original" (the original's exact path)."""
     if config.layout == "original":
         # The name the user gave, when it is the loaded model's (a model object passed in may differ from it).
         given = config.model_name if model_slug(config.model_name) == slug else slug
-        return original_npy_path(config.output_dir, name, given, config.knowledge_type, n_facts, layer)
+        folder = original_model_folder(given)
+        return original_npy_path(config.output_dir, name, folder, config.knowledge_type, n_facts, layer)
     return legacy_npy_path(config.output_dir, name, slug, config.knowledge_type, n_facts, layer, config.token_position)
 
 
@@ -132,7 +95,7 @@ def save_result(result: RunResult, config: RunConfig) -> Path:
     for name, stacked in result.matrices.items():
         for index, layer in enumerate(result.layers):
             save_npy(npy_path(config, name, slug, n_facts, layer), stacked[index].float().cpu().numpy())
-    folder = run_dir(config, slug, n_facts)
+    folder = run_dir(config.output_dir, slug, config.knowledge_type, n_facts, config.token_position)
     tensors = {name: stacked.float().cpu().contiguous() for name, stacked in result.matrices.items()}
     metadata = {
         "layers": json.dumps(result.layers),
@@ -142,22 +105,6 @@ def save_result(result: RunResult, config: RunConfig) -> Path:
     path = atomic_write(folder / RESULTS_FILE, lambda temp: save_file(tensors, str(temp), metadata=metadata))
     result.path = path
     return path
-
-
-def find_results(path: str | Path) -> Path:
-    """Return the results.safetensors of a run folder, a results file, or an output dir holding exactly one run."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if (path / RESULTS_FILE).is_file():
-        return path / RESULTS_FILE
-    found = sorted(path.glob(f"runs/**/{RESULTS_FILE}")) if path.is_dir() else []
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise KisError(f"no {RESULTS_FILE} in or under {path}: run `kis all` first, or give the run folder")
-    listing = "\n  ".join(str(item.parent) for item in found)
-    raise KisError(f"{path} holds {len(found)} runs; pick one with --results:\n  {listing}")
 
 
 def load_result(path: str | Path) -> RunResult:
@@ -204,12 +151,11 @@ def _check_shapes(matrices: dict[str, Tensor], layers: Any, n_facts: int) -> Non
 
 def _rewrite_hint(path: Path) -> str:
     """Return how to write a results file again: its `kis all` rerun, with the --output_dir it sits under."""
-    parts = path.parts
-    # <output_dir>/runs/<model>/<knowledge_type>_sample_size_<n>/<token_position>/results.safetensors
-    if len(parts) >= 5 and parts[-5] == "runs":
-        output_dir = Path(*parts[:-5]) if len(parts) > 5 else Path(".")
+    run = run_of_results_file(path)
+    if run is not None:
+        output_dir, model, sample, position = run
         return (
-            f"rerun `kis all --output_dir {output_dir}` with the settings that wrote it (model {parts[-4]}, "
-            f"{parts[-3]}, --token_position {parts[-2]}) to write it again"
+            f"rerun `kis all --output_dir {output_dir}` with the settings that wrote it (model {model}, "
+            f"{sample}, --token_position {position}) to write it again"
         )
     return "rerun `kis all` with the settings that wrote it to write it again, and give --results that run's folder"

@@ -1,6 +1,7 @@
 """The jobs behind the CLI, callable from a script: cache covariances, compute keys and the four matrices.
 
->>> from kis_lens.runner import RunConfig, run_matrices
+>>> from kis_lens.config import RunConfig
+>>> from kis_lens.runner import run_matrices
 >>> result = run_matrices(RunConfig(model_name="tiny-gpt2", knowledge_type="all", record_size=16, max_tokens=2000))
 """
 
@@ -24,26 +25,8 @@ from kis_lens.io import check_writable
 from kis_lens.keys import Keys, compute_keys
 from kis_lens.matrices import MATRIX_NAMES, Whitener, activation_cos, all_matrices, q_matrix
 from kis_lens.models import HookedModel, load_model, model_info, resolve_prepend_bos
-from kis_lens.results import LEGACY_DIRS, RunResult, legacy_npy_path, load_result, run_dir, save_result
+from kis_lens.results import RunResult, save_result
 from kis_lens.storage import CacheKey, load_second_moment
-
-# Re-exported: these lived here before results.py and config.py existed.
-__all__ = [
-    "KNOWLEDGE_TYPES",
-    "LEGACY_DIRS",
-    "RunConfig",
-    "RunResult",
-    "cache_covariance_job",
-    "covariance_key",
-    "covariance_request",
-    "ensure_covariances",
-    "legacy_npy_path",
-    "load_result",
-    "run_dir",
-    "run_matrices",
-    "save_result",
-    "select_facts",
-]
 
 
 def select_facts(config: RunConfig, model: HookedModel | None = None) -> list[Fact]:

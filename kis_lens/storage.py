@@ -24,6 +24,7 @@ from kis_lens._version import __version__
 from kis_lens.errors import KisError
 from kis_lens.hooks import mlp_in_hook_name
 from kis_lens.io import atomic_write
+from kis_lens.layout import stats_files, stats_path
 from kis_lens.models import ModelInfo
 from kis_lens.stats import SecondMoment
 
@@ -104,27 +105,6 @@ class CacheKey:
 
 
 _ABSENT = object()
-
-
-def path_component(name: str, what: str) -> str:
-    """Return name if it is one safe folder name (no separator, not "." or ".."), else raise KisError."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise KisError(f"{what} {name!r} cannot name a folder inside the output directory: use a plain name")
-    return name
-
-
-def stats_dir(output_dir: str | Path, model: str, corpus: str, root: str | Path | None = None) -> Path:
-    """Return the folder of a model's caches for a corpus: {root or output_dir/stats}/{model}/{corpus}_stats."""
-    return (
-        (Path(output_dir) / "stats" if root is None else Path(root))
-        / path_component(model, "model name")
-        / f"{path_component(corpus, 'corpus name')}_stats"
-    )
-
-
-def stats_path(output_dir: str | Path, model: str, corpus: str, layer: int, root: str | Path | None = None) -> Path:
-    """Return where a layer's cache lives: stats_dir(output_dir, model, corpus, root)/layer_{L}_mom2.safetensors."""
-    return stats_dir(output_dir, model, corpus, root) / f"layer_{layer}_mom2.safetensors"
 
 
 def _encode_metadata(metadata: dict[str, Any]) -> dict[str, str]:
@@ -365,7 +345,7 @@ def _cache_files(inputs: list[str | Path]) -> dict[str, list[Path]]:
     grouped: dict[str, list[Path]] = {}
     given_by: dict[Path, Path] = {}  # each cache file (resolved) -> the input that named it
     for item in map(Path, inputs):
-        files = sorted(item.glob("layer_*_mom2.safetensors")) if item.is_dir() else [item]
+        files = stats_files(item) if item.is_dir() else [item]
         if not files or not all(file.is_file() for file in files):
             raise KisError(f"{item} is neither a cache file nor a folder of layer_*_mom2.safetensors caches")
         for file in files:

@@ -36,7 +36,8 @@ from kis_lens.errors import KisError
 from kis_lens.facts import load_facts
 from kis_lens.io import save_json
 from kis_lens.keys import locate_subject
-from kis_lens.models import HookedModel, load_model, model_device, model_name, resolve_prepend_bos
+from kis_lens.layout import trace_path
+from kis_lens.models import HookedModel, load_model, model_device, model_info, resolve_prepend_bos
 from kis_lens.plots import write_figure_files
 from kis_lens.tokens import encode, pad_batch, pad_token_id
 
@@ -239,11 +240,6 @@ def trace_fact(
     return FactTrace(float(base[0]), float(base[1:].mean()), p_restored, clean_top)
 
 
-def trace_path(config: TraceConfig, model: HookedModel) -> Path:
-    """Return the JSON path of a trace: <output_dir>/<model>/trace/causal_trace_<kind>_w<window>.json."""
-    return Path(config.output_dir) / model_name(model) / "trace" / f"causal_trace_{config.kind}_w{config.window}.json"
-
-
 def trace_figure(result: TraceResult) -> Any:
     """Return a Plotly figure of the mean indirect effect by layer with both peaks marked."""
     import plotly.graph_objects as go
@@ -329,7 +325,7 @@ def causal_trace(config: TraceConfig, model: HookedModel | None = None) -> Trace
         )
     if not traces:
         raise KisError(
-            f"none of the {checked} facts of {config.facts} is known to {model_name(model)}: "
+            f"none of the {checked} facts of {config.facts} is known to {model_info(model).name}: "
             "pass --no_only_known to trace them anyway"
         )
     p_clean = np.array([trace.p_clean for trace in traces])
@@ -339,7 +335,7 @@ def causal_trace(config: TraceConfig, model: HookedModel | None = None) -> Trace
     peak, early = peak_layers(mean_ie)
     settings = {
         **config.to_dict(),
-        "model": model_name(model),
+        "model": model_info(model).name,
         "hook": KIND_HOOKS[config.kind],
         "embed_hook": EMBED_HOOK,
         "prepend_bos": prepend_bos,
@@ -353,7 +349,7 @@ def causal_trace(config: TraceConfig, model: HookedModel | None = None) -> Trace
     result = TraceResult(
         list(range(n_layers)), mean_ie, per_fact, p_clean, p_corrupt, peak, early, noise_std, kept, settings
     )
-    path = trace_path(config, model)
+    path = trace_path(config.output_dir, model_info(model).name, config.kind, config.window)
     path.parent.mkdir(parents=True, exist_ok=True)
     result.figures = write_figure_files(trace_figure(result), path.with_suffix(".html"))
     result.path = save_json(path, result.to_dict())

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import transformer_lens
 
-from kis_lens.testing import tiny_hooked_transformer, tiny_model
+from kis_lens.tiny import tiny_hooked_transformer, tiny_model
 
 warnings.filterwarnings("ignore", category=UserWarning, module="transformer_lens")
 

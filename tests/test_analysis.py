@@ -28,7 +28,7 @@ from kis_lens.analysis import (
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.matrices import MATRIX_NAMES, all_matrices
-from kis_lens.runner import RunResult
+from kis_lens.results import RunResult
 
 # Hand-worked example: off-diagonal values row by row are .5, -.2, .1, .3, -.4, .6.
 HAND = torch.tensor([[1.0, 0.5, -0.2], [0.1, 1.0, 0.3], [-0.4, 0.6, 1.0]], dtype=torch.float64)

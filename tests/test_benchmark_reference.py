@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from kis_lens.corpus import embedded_sample_texts
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.facts import load_facts
-from kis_lens.testing import embedded_sample_texts
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "matrices.py"
 

@@ -16,14 +16,15 @@ from kis_lens.classify import (
     load_split,
     next_token_logits,
     save_split,
-    split_path,
     target_first_token,
 )
 from kis_lens.cli import main
+from kis_lens.config import RunConfig
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts
+from kis_lens.layout import split_path
 from kis_lens.models import model_info
-from kis_lens.runner import RunConfig, select_facts
+from kis_lens.runner import select_facts
 
 HAND_FACTS = [
     Fact("h1", "Paris", "{} is the capital of", "France"),

@@ -18,7 +18,7 @@ from kis_lens.config import ModelOptions, RunConfig
 from kis_lens.editing.simulation import EditSimConfig
 from kis_lens.errors import KisError
 from kis_lens.reproduce import ReproduceConfig
-from kis_lens.runner import load_result
+from kis_lens.results import load_result
 
 MATRIX_DIRS = ("p_matrix", "q_matrix", "whitening_cos_matrix", "activation_cos_matrix")
 MATRIX_FILE_ENDS = ("p_matrix", "q_matrix", "cos_matrix", "cos_matrix")  # the original's: both cosines *_cos_matrix

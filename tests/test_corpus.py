@@ -20,7 +20,7 @@ from kis_lens.corpus import (
 from kis_lens.errors import KisError
 from kis_lens.runner import covariance_request
 from kis_lens.storage import read_metadata
-from kis_lens.testing import tiny_tokenizer
+from kis_lens.tiny import tiny_tokenizer
 from kis_lens.tokens import token_batches
 
 TEXTS = ["The Eiffel Tower is in Paris.", "Water boils at 100 degrees.", "", "Mount Everest is high.", "Rome is old."]

@@ -15,13 +15,13 @@ import torch
 
 from kis_lens import covariance
 from kis_lens.cache_job import CovarianceRequest, cache_second_moments, layer_groups
-from kis_lens.corpus import EMBEDDED_CORPUS, open_corpus
+from kis_lens.corpus import EMBEDDED_CORPUS, embedded_sample_texts, open_corpus
 from kis_lens.covariance import estimate_second_moments, forward_row_groups
 from kis_lens.errors import KisError
 from kis_lens.hooks import capture_mlp_inputs
+from kis_lens.layout import stats_dir
 from kis_lens.models import load_model
-from kis_lens.storage import import_layer_stats, load_second_moment, stats_dir
-from kis_lens.testing import embedded_sample_texts
+from kis_lens.storage import import_layer_stats, load_second_moment
 from kis_lens.tokens import encode, token_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,13 +318,14 @@ def test_an_imported_cache_is_tied_to_the_first_model_that_uses_it(tmp_path, tin
     report = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=None, max_tokens=100))
     assert report.reused == [1] and "now recorded" in report.summary()
     _, meta = load_second_moment(path)
-    from kis_lens.models import model_fingerprint
+    from kis_lens.models import model_fingerprint, refresh_model_info
 
     assert meta["model_fingerprint"] == model_fingerprint(tiny_cli_model)
     other = load_model("tiny-gpt2", device="cpu")
-    from kis_lens.editing import output_weight
+    from kis_lens.models import output_weight
 
     output_weight(other, 0).write(output_weight(other, 0).read() * 2)  # same name, other weights
+    refresh_model_info(other, "W_out of layer 0 doubled: another model under the same name")
     with pytest.raises(KisError, match="model_fingerprint="):
         cache_second_moments(other, [1], _request(tmp_path, sample_size=None, max_tokens=100))
 

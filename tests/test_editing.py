@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from kis_lens.corpus import embedded_sample_texts
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.editing import (
     ValueSearch,
@@ -16,7 +17,6 @@ from kis_lens.editing import (
     memit_delta,
     memit_residual,
     null_space_projector,
-    output_weight,
     rank_one_delta,
     rome_delta,
     target_logprobs,
@@ -25,7 +25,8 @@ from kis_lens.editing import (
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts
 from kis_lens.keys import locate_subject
-from kis_lens.testing import embedded_sample_texts, tiny_model
+from kis_lens.models import output_weight
+from kis_lens.tiny import tiny_model
 
 LAYER = 1
 N_FACTS = 6
@@ -42,7 +43,7 @@ def _transformer_lens_has(name: str) -> bool:
 
 def _make_model(architecture: str, wrapper: str):
     if wrapper == "hooked":
-        from kis_lens.testing import tiny_hooked_transformer
+        from kis_lens.tiny import tiny_hooked_transformer
 
         model = tiny_hooked_transformer(architecture, n_layers=3)
     else:

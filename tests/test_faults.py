@@ -29,10 +29,11 @@ from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
 from kis_lens.hooks import capture_mlp_inputs, mlp_in_hook_name
 from kis_lens.io import LOCK_NAME, folder_lock
+from kis_lens.layout import stats_dir
 from kis_lens.matrices import IllConditionedWarning, Whitener, estimate_condition_number
 from kis_lens.models import load_model
 from kis_lens.stats import SecondMoment
-from kis_lens.storage import load_second_moment, stats_dir
+from kis_lens.storage import load_second_moment
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_TRIALS = 24  # each SIGKILLed once or twice; at least 20 kills must land mid-job

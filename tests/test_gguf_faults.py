@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from kis_lens import gguf
-from kis_lens.models import _packaged_gguf_path, converted_gguf_dir, load_model, model_info
+from kis_lens.gguf import converted_gguf_dir
+from kis_lens.models import _packaged_gguf_path, load_model, model_info
 
 pytestmark = pytest.mark.smollm2
 

@@ -13,6 +13,7 @@ from kis_lens.cache_job import CovarianceRequest, cache_second_moments
 from kis_lens.cli import main
 from kis_lens.corpus import EMBEDDED_CORPUS, open_corpus
 from kis_lens.errors import KisError
+from kis_lens.layout import stats_path
 from kis_lens.models import load_model
 from kis_lens.stats import SecondMoment
 from kis_lens.storage import (
@@ -22,7 +23,6 @@ from kis_lens.storage import (
     merge_caches,
     read_metadata,
     save_second_moment,
-    stats_path,
 )
 
 DIM = 16

@@ -14,7 +14,7 @@ from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts, sample_facts
 from kis_lens.hooks import mlp_in_hook_name
 from kis_lens.keys import compute_keys, locate_subject
-from kis_lens.testing import TINY_TOKENIZER_DIR, tiny_tokenizer
+from kis_lens.tiny import TINY_TOKENIZER_DIR, tiny_tokenizer
 
 
 def reference_subject_tokens(tokenizer, fact: Fact) -> tuple[int, int]:

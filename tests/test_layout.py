@@ -10,11 +10,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kis_lens"
 # Bottom to top. A module may import from any earlier level, never from its own level or a later one.
 LEVELS: list[tuple[str, ...]] = [
     ("errors", "_version", "tiny"),
-    ("io", "facts", "tokens", "stats", "matrices", "gguf"),
+    ("io", "layout", "facts", "tokens", "stats", "matrices", "gguf"),
     ("models",),
     ("hooks", "corpus", "distributed"),
     ("keys", "covariance", "storage", "editing.shifted_forward", "editing.runs"),
-    ("config", "cache_job", "testing", "editing.templates"),
+    ("config", "cache_job", "editing.templates"),
     ("classify", "results"),
     ("runner",),
     (
@@ -27,17 +27,16 @@ LEVELS: list[tuple[str, ...]] = [
         "editing.evaluation",
         "editing.metrics",
         "editing.verdicts",
-        "editing.results",
     ),
     ("plots", "editing.registry"),
     ("report",),
     ("editing.simulation_plots", "editing.lifelong_plots"),
-    ("editing.simulation", "editing.lifelong"),
+    ("editing.simulation", "editing.lifelong", "editing.results"),
     ("editing.lifelong_study",),
     ("editing.lifelong_doc",),
     ("reproduce", "editing", "trace"),
-    # Entry points and re-export shims kept for old import paths.
-    ("cli", "__init__", "lifelong", "plots_editing"),
+    # Entry points.
+    ("cli", "__init__"),
 ]
 
 

@@ -24,6 +24,7 @@ from kis_lens.errors import KisError
 from kis_lens.facts import facts_path
 from kis_lens.hooks import mlp_out_hook_name
 from kis_lens.keys import locate_subject
+from kis_lens.layout import lifelong_dir
 from kis_lens.models import load_model, model_info, output_weight, resolve_prepend_bos
 from kis_lens.runner import ensure_covariances
 from kis_lens.tiny import tiny_model as build_tiny_model
@@ -423,7 +424,7 @@ class _Payload:
 def test_a_crafted_checkpoint_is_never_executed(tiny_model, tmp_path):
     """A pickle planted as an old-style checkpoint, or disguised as the safetensors part, runs nothing."""
     config = LifelongConfig(**RESUMABLE, output_dir=str(tmp_path))
-    folder = lifelong.lifelong_dir(tmp_path, "tiny-gpt2", 0)
+    folder = lifelong_dir(tmp_path, "tiny-gpt2", 0)
     folder.mkdir(parents=True)
     marker = tmp_path / "pwned"
     with open(folder / "lifelong_p-rome.partial.pt", "wb") as handle:  # the old checkpoint name

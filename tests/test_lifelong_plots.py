@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
+from kis_lens import layout
 from kis_lens.editing import lifelong_plots as sp
 from kis_lens.editing.registry import EDITORS as REGISTRY
+from kis_lens.editing.results import results_of_run, run_report_sections
 from kis_lens.editing.runs import run_stem
 from kis_lens.errors import KisError
 from kis_lens.report import ReportSection
@@ -218,8 +220,8 @@ def test_load_orders_editors_and_names_the_files(tmp_path):
     assert found["memit"] == {**results["memit"], "_source": file_name(results["memit"]), "_legacy": False}
     assert found["rome"]["_source"].startswith("lifelong_rome_seed7_n9_layer5_")
     assert sp.run_names(found)[0] == found["rome"]["_source"]
-    assert sp.lifelong_file(folder, "rome") == folder / "lifelong_rome.json"
-    assert sp.lifelong_dir("out", MODEL, 5) == Path("out") / MODEL / "lifelong" / "layer_5"
+    assert layout.lifelong_file(folder, "rome") == folder / "lifelong_rome.json"
+    assert layout.lifelong_dir("out", MODEL, 5) == Path("out") / MODEL / "lifelong" / "layer_5"
 
 
 def test_load_empty_folder_names_folder_and_command(tmp_path):
@@ -298,7 +300,7 @@ def test_partial_checkpoints_are_never_results(tmp_path):
     (tmp_path / f"{in_progress}.partial.safetensors").write_bytes(b"\0" * 8)
     with pytest.raises(KisError, match="partial"):  # only a checkpoint: no results yet
         sp.load_lifelong_results(tmp_path)
-    assert sp.find_lifelong_folders(tmp_path.parent, tmp_path.name) == []
+    assert layout.find_lifelong_folders(tmp_path.parent, tmp_path.name) == []
     write_results(tmp_path, standard_results())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the checkpoint is no other set of settings
@@ -489,30 +491,34 @@ def run_result(output_dir: Path, model: str = MODEL, **config: Any) -> RunResult
 
 
 def test_report_finds_the_runs_lifelong_folders(tmp_path):
-    write_results(sp.lifelong_dir(tmp_path, MODEL, 12), {"rome": make_result("rome", collapse=6)})
-    write_results(sp.lifelong_dir(tmp_path, MODEL, 3), standard_results())
+    write_results(layout.lifelong_dir(tmp_path, MODEL, 12), {"rome": make_result("rome", collapse=6)})
+    write_results(layout.lifelong_dir(tmp_path, MODEL, 3), standard_results())
     other = make_result("memit")
     other["settings"]["model"]["name"] = "gpt2"
-    write_results(sp.lifelong_dir(tmp_path, MODEL, 7), {"memit": other})  # wrong model: not this run's
-    assert [folder.name for folder in sp.find_lifelong_folders(tmp_path, MODEL)] == ["layer_3", "layer_7", "layer_12"]
-    write_results(sp.lifelong_dir(tmp_path, MODEL, 12), {"memit": make_result("memit", seed=9)}, mtime=1)
-    found = sp.lifelong_of_run(run_result(tmp_path).settings)
+    write_results(layout.lifelong_dir(tmp_path, MODEL, 7), {"memit": other})  # wrong model: not this run's
+    assert [folder.name for folder in layout.find_lifelong_folders(tmp_path, MODEL)] == [
+        "layer_3",
+        "layer_7",
+        "layer_12",
+    ]
+    write_results(layout.lifelong_dir(tmp_path, MODEL, 12), {"memit": make_result("memit", seed=9)}, mtime=1)
+    found = results_of_run(run_result(tmp_path).settings).lifelong
     assert [(folder.name, list(results)) for folder, results in found] == [
         ("layer_3", ["rome", "memit", "alphaedit", "none"]),
         ("layer_12", ["rome"]),  # the newest set of the folder first, then every other: none is left out
         ("layer_12", ["memit"]),
     ]
-    sections = sp.lifelong_report_sections(run_result(tmp_path))
-    assert len(sections) == 3 and str(sp.lifelong_dir(tmp_path, MODEL, 3)) in sections[0].intro
-    assert sp.lifelong_report_sections(run_result(tmp_path, model="gpt2-small")) == []
-    assert sp.lifelong_report_sections(run_result(tmp_path / "empty")) == []
+    sections = run_report_sections(run_result(tmp_path))
+    assert len(sections) == 3 and str(layout.lifelong_dir(tmp_path, MODEL, 3)) in sections[0].intro
+    assert run_report_sections(run_result(tmp_path, model="gpt2-small")) == []
+    assert run_report_sections(run_result(tmp_path / "empty")) == []
 
 
 def test_belongs_to_run_is_the_model():
     mine = {"model": {"name": MODEL}, "config": {"facts": "counterfact-known"}}
-    assert sp.belongs_to_run(mine, {"model": {"name": MODEL}, "config": {"facts": "other.json"}})
-    assert not sp.belongs_to_run(mine, {"model": {"name": "gpt2"}, "config": {}})
-    assert not sp.belongs_to_run({"config": {}}, {"model": {"name": MODEL}})
+    assert layout.belongs_to_run(mine, {"model": {"name": MODEL}, "config": {"facts": "other.json"}})
+    assert not layout.belongs_to_run(mine, {"model": {"name": "gpt2"}, "config": {}})
+    assert not layout.belongs_to_run({"config": {}}, {"model": {"name": MODEL}})
 
 
 # ------------------------------------------------------------------------------------------------------- markdown

@@ -7,6 +7,7 @@ import pytest
 import torch
 from reference import reference_matrices
 
+from kis_lens.corpus import embedded_sample_texts
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts, sample_facts
@@ -19,7 +20,6 @@ from kis_lens.matrices import (
     q_matrix,
     whitening_cos,
 )
-from kis_lens.testing import embedded_sample_texts
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from kis_lens.models import (
     model_fingerprint,
     model_info,
     model_slug,
-    tokenizer_adds_bos,
+    refresh_model_info,
 )
-from kis_lens.testing import tiny_model
+from kis_lens.tiny import tiny_model
 
 
 def test_original_names_are_aliases_of_hub_names():
@@ -43,7 +43,7 @@ def test_model_objects_pass_through(tiny):
 
 def test_tiny_models_by_name():
     model = load_model("tiny-llama", device="cpu")
-    assert model_info(model).name == "tiny-llama" and tokenizer_adds_bos(model) is False
+    assert model_info(model).name == "tiny-llama" and model_info(model).adds_bos is False
 
 
 def test_fingerprint_tells_weights_apart():
@@ -56,7 +56,7 @@ def test_smollm2_is_a_real_pretrained_model(smollm2):
     tokenizer = smollm2.tokenizer
     info = model_info(smollm2)
     assert (info.name, info.n_layers, info.d_mlp, info.d_model) == ("smollm2-135m", 30, 1536, 576)
-    assert tokenizer_adds_bos(smollm2) is False  # the GGUF tokenizer adds no BOS
+    assert info.adds_bos is False  # the GGUF tokenizer adds no BOS
     ids = torch.tensor([tokenizer("The Eiffel Tower is located in the city of", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         logits = smollm2(ids)
@@ -69,7 +69,8 @@ def test_smollm2_is_a_real_pretrained_model(smollm2):
 def test_packaged_gguf_is_converted_once_and_reloads_identically(smollm2, tmp_path, monkeypatch):
     """The first load dequantises the GGUF to a hash-named safetensors folder; later loads read it and match bitwise."""
     from kis_lens import gguf as gguf_module
-    from kis_lens.models import _packaged_gguf_path, converted_gguf_dir, file_sha256, output_weight
+    from kis_lens.gguf import converted_gguf_dir, file_sha256
+    from kis_lens.models import _packaged_gguf_path, output_weight
 
     monkeypatch.setenv("KIS_LENS_CACHE", str(tmp_path))
     gguf = _packaged_gguf_path("smollm2-135m")
@@ -104,7 +105,7 @@ def _assert_same_tokenization(first, second, gguf_tokenizer):
     from kis_lens.tokens import encode
 
     # The model's own convention (what the GGUF tokenizer does) is recorded the same both ways: no BOS.
-    assert tokenizer_adds_bos(first) is tokenizer_adds_bos(second) is False
+    assert model_info(first).adds_bos is model_info(second).adds_bos is False
     # The bridge's tokenizer follows TransformerLens (reloaded with add_bos_token=True), as for tiny and hub models.
     bos = first.tokenizer.bos_token_id
     assert first.tokenizer("a")["input_ids"] == second.tokenizer("a")["input_ids"] == [bos, 81]
@@ -123,19 +124,61 @@ def _assert_same_tokenization(first, second, gguf_tokenizer):
         assert encode(first.tokenizer, text, prepend_bos=True) == encode(second.tokenizer, text, prepend_bos=True)
 
 
-def test_fingerprint_is_computed_once_and_again_after_a_weight_changes(monkeypatch):
-    """model_info asks for the fingerprint every time, but it is hashed once until some W_out is written."""
+def _counting_fingerprints(monkeypatch) -> list[int]:
+    """Make every full-weight hash append to the returned list."""
+    from kis_lens import models
+
+    calls: list[int] = []
+    real = models._compute_fingerprint
+    monkeypatch.setattr(models, "_compute_fingerprint", lambda m: calls.append(1) or real(m))
+    return calls
+
+
+def test_fingerprint_is_recorded_at_first_sight_and_changes_only_by_an_explicit_refresh(monkeypatch):
+    """A model object gets its record the first time model_info sees it; a W_out written in place leaves the record
+    (the fingerprint stays the weights' as first seen) until refresh_model_info says why and hashes again."""
     from kis_lens import models
 
     model = tiny_model("gpt2", seed=3)
-    calls = []
-    real = models._compute_fingerprint
-    monkeypatch.setattr(models, "_compute_fingerprint", lambda m: calls.append(1) or real(m))
+    calls = _counting_fingerprints(monkeypatch)
+    first_info = model_info(model)
     first = [model_info(model).fingerprint for _ in range(5)]
     assert len(set(first)) == 1 and len(calls) == 1
     weight = models.output_weight(model, 1)
     weight.write(weight.read() + 1.0)
-    assert model_fingerprint(model) != first[0] and len(calls) == 2
+    assert model_fingerprint(model) == model_info(model).fingerprint == first[0] and len(calls) == 1
+    assert models._compute_fingerprint(model) != first[0] and len(calls) == 2  # the bytes did change
+    refreshed = refresh_model_info(model, "W_out of layer 1 shifted by one")
+    assert refreshed.fingerprint != first[0] and model_fingerprint(model) == refreshed.fingerprint
+    assert model_info(model) == refreshed and refreshed.name == first_info.name and len(calls) == 3
+    with pytest.raises(KisError, match="needs a reason"):
+        refresh_model_info(model, " ")
+
+
+def test_a_model_loaded_by_name_is_described_once_until_refreshed_or_converted(monkeypatch):
+    """load_model hashes the weights once; model_info, an in-place W_out edit and model_fingerprint never hash again;
+    refresh_model_info does; model.to(bfloat16) is the one automatic refresh (new dtype, new bytes, new hash),
+    a device move only updates the device, and a model passed back into load_model keeps its record."""
+    from kis_lens import models
+
+    calls = _counting_fingerprints(monkeypatch)
+    model = load_model("tiny-llama", device="cpu")
+    loaded = model_info(model)
+    for _ in range(10):
+        assert model_info(model) is loaded and model_fingerprint(model) == loaded.fingerprint
+    weight = models.output_weight(model, 0)
+    weight.write(weight.read() * 3)
+    assert load_model(model) is model and model_info(model) is loaded and len(calls) == 1
+    refreshed = refresh_model_info(model, "W_out of layer 0 tripled")
+    assert len(calls) == 2 and refreshed.fingerprint != loaded.fingerprint
+    assert (refreshed.name, refreshed.adds_bos, refreshed.dtype) == ("tiny-llama", False, "float32")
+    converted = model_info(model.to(torch.bfloat16))
+    assert len(calls) == 3 and converted.dtype == "bfloat16" and converted.name == "tiny-llama"
+    assert converted.fingerprint not in (loaded.fingerprint, refreshed.fingerprint)
+    assert model_info(model) is converted and len(calls) == 3
+    monkeypatch.setattr(models, "model_device", lambda m: torch.device("cuda", 0))  # as if moved to a GPU
+    moved = model_info(model)
+    assert (moved.device, moved.fingerprint) == ("cuda:0", converted.fingerprint) and len(calls) == 3
 
 
 def test_legacy_fingerprint_equals_the_stacked_w_out_hash():
@@ -159,10 +202,10 @@ def test_the_fingerprint_changes_when_any_single_weight_changes(kind):
     """Flipping one value of any parameter (attention, W_in, W_out, embeddings, norms: every one the model has),
     even by one ulp, changes the fingerprint; restoring it gives the old one back. The sampled legacy fingerprint
     missed all of these but W_out."""
-    from kis_lens.models import legacy_fingerprint
+    from kis_lens.models import _compute_fingerprint, legacy_fingerprint
 
     model = tiny_model(kind, seed=4)
-    clean, clean_legacy = model_fingerprint(model), legacy_fingerprint(model)
+    clean, clean_legacy = model_fingerprint(model), legacy_fingerprint(model)  # the record, taken here
     names = [name.replace("._original_component", "") for name, _ in model.named_parameters()]
     for kind_of_weight in ("tok_embed", "attn.q", "attn.k", "attn.v", "attn.o", "ln1", "ln2", "mlp.", "ln_out"):
         assert any(kind_of_weight in name for name in names), kind_of_weight
@@ -173,11 +216,12 @@ def test_the_fingerprint_changes_when_any_single_weight_changes(kind):
             index = flat.numel() // 2
             old = flat[index].clone()
             flat[index] = torch.nextafter(old, old + 1)  # the smallest change a float32 can make
-            changed = model_fingerprint(model)
+            changed = _compute_fingerprint(model)  # a fresh hash: the record changes only by a refresh
             missed_by_legacy += legacy_fingerprint(model) == clean_legacy
             flat[index] = old
         assert changed != clean, f"{name}: a changed value left the fingerprint as it was"
-        assert model_fingerprint(model) == clean
+        assert _compute_fingerprint(model) == clean
+    assert model_fingerprint(model) == clean  # the flips never touched the record
     assert missed_by_legacy >= len(names) - model.cfg.n_layers  # the old fingerprint read W_out samples only
 
 

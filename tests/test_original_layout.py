@@ -13,8 +13,9 @@ from kis_lens.cli import build_parser, cache_cov_config, main
 from kis_lens.config import RunConfig
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts
-from kis_lens.results import LEGACY_DIRS, RunResult, original_model_folder, original_npy_path, save_result
-from kis_lens.runner import covariance_request, load_result, select_facts
+from kis_lens.layout import LEGACY_DIRS, original_npy_path
+from kis_lens.results import RunResult, load_result, original_model_folder, save_result
+from kis_lens.runner import covariance_request, select_facts
 
 MATRICES = ("p_matrix", "q_matrix", "whitening_cos", "activation_cos")
 TINY = ["--model_name", "tiny-gpt2", "--record_size", "6", "--max_tokens", "2000", "--no_progress", "--device", "cpu"]
@@ -50,7 +51,7 @@ def test_default_layout_writes_the_original_paths(tmp_path):
     result = load_result(out / "runs/tiny-gpt2/all_sample_size_6/subject_last")
     for name in MATRICES:
         for layer in (0, 1):
-            path = original_npy_path(out, name, "tiny-gpt2", "all", 6, layer)
+            path = original_npy_path(out, name, original_model_folder("tiny-gpt2"), "all", 6, layer)
             np.testing.assert_allclose(np.load(path), result.layer(name, layer).numpy(), rtol=1e-6)
     assert result.settings["config"]["layout"] == "kis" and result.settings["config"]["fact_order"] == "sample"
 
@@ -101,7 +102,7 @@ def test_original_model_folder_of_a_local_directory(tmp_path):
 def test_original_paths_of_a_hub_model():
     root = Path("data")
     assert {
-        original_npy_path(root, name, "EleutherAI/pythia-1b", "known", 128, layer)
+        original_npy_path(root, name, original_model_folder("EleutherAI/pythia-1b"), "known", 128, layer)
         for name in MATRICES
         for layer in (3, 15)
     } == {

@@ -23,7 +23,7 @@ from kis_lens.plots import (
     result_heatmap,
     scott_bandwidth,
 )
-from kis_lens.runner import RunResult
+from kis_lens.results import RunResult
 
 LAYERS = (1, 3, 4)
 

@@ -24,7 +24,7 @@ from kis_lens.matrices import (
     q_matrix,
     whitening_cos,
 )
-from kis_lens.testing import tiny_tokenizer
+from kis_lens.tiny import tiny_tokenizer
 
 TOKENIZER = tiny_tokenizer()
 # GPT-2 byte-level BPE: each token string maps back to raw bytes through this table (GPT-2's bytes_to_unicode).

@@ -16,19 +16,20 @@ import torch
 from plotly.offline import get_plotlyjs
 
 from kis_lens.cli import main
-from kis_lens.editing.simulation import EditSimConfig, EditSimResult, edit_sim_dir
-from kis_lens.editing.simulation_plots import edit_simulation_sections
+from kis_lens.config import RunConfig
+from kis_lens.editing.results import run_report_sections
+from kis_lens.editing.simulation import EditSimConfig, EditSimResult
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.io import save_json
+from kis_lens.layout import edit_sim_dir, find_results
 from kis_lens.matrices import MATRIX_NAMES, all_matrices
 from kis_lens.report import (
     ReportSection,
     build_report,
-    find_results,
     write_report,
 )
-from kis_lens.runner import RunConfig, RunResult, save_result
+from kis_lens.results import RunResult, save_result
 
 LAYERS = (0, 1, 2)
 # 2 trend figures + (slider heatmap, histogram, KDE) for each of the 4 matrices.
@@ -178,7 +179,7 @@ def test_report_shows_only_the_edit_sims_of_its_own_run(tmp_path, capsys):
     _save_edit_sim(tmp_path, "other-model", 1)  # another model
     _save_edit_sim(tmp_path, "synthetic", 2, facts="my_facts.json")  # another facts file
     _save_edit_sim(tmp_path, "synthetic", 3, corpus="other_corpus.txt")  # another corpus
-    titles = build_report(result, names=["q_matrix"], sections=[edit_simulation_sections]).section_titles
+    titles = build_report(result, names=["q_matrix"], sections=[run_report_sections]).section_titles
     assert [title for title in titles if title.startswith("Lifelong editing")] == ["Lifelong editing: layer_0_n2"]
     assert not any(
         title.startswith("Lifelong editing") for title in build_report(result, names=["q_matrix"]).section_titles

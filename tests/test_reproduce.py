@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from kis_lens.reproduce import QUARTERS, ReproduceConfig, quarter_stats_path, reproduce
+from kis_lens.corpus import EMBEDDED_CORPUS
+from kis_lens.layout import quarter_stats_path
+from kis_lens.reproduce import QUARTERS, ReproduceConfig, reproduce
 from kis_lens.storage import load_second_moment
 
 
@@ -35,7 +37,7 @@ def test_quarters_hold_the_budget_and_merge_into_the_whole(reproduction):
     """Four disjoint quarters of about a quarter of the tokens each; together they are C's token count."""
     report, config, _ = reproduction
     counts = [
-        load_second_moment(quarter_stats_path(config.output_dir, "tiny-gpt2", quarter, 0))[0].count
+        load_second_moment(quarter_stats_path(config.output_dir, "tiny-gpt2", EMBEDDED_CORPUS, quarter, 0))[0].count
         for quarter in QUARTERS
     ]
     assert counts == list(report.covariance["tokens_quarters"].values())

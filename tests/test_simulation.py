@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from kis_lens.cli import main
+from kis_lens.corpus import embedded_sample_texts
 from kis_lens.covariance import estimate_second_moments
-from kis_lens.editing import apply_delta, edit_prompt, mlp_out_hook_name, output_weight, rome_delta
+from kis_lens.editing import apply_delta, edit_prompt, rome_delta
+from kis_lens.editing.simulation import EditSimConfig, run_edit_simulation
+from kis_lens.editing.simulation_plots import editing_figures
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts, sample_facts
-from kis_lens.lifelong import EditSimConfig, run_edit_simulation
-from kis_lens.models import load_model
-from kis_lens.plots_editing import editing_figures
-from kis_lens.testing import embedded_sample_texts
+from kis_lens.hooks import mlp_out_hook_name
+from kis_lens.models import load_model, output_weight
 
 SMALL = dict(
     model_name="tiny-gpt2", layer=0, n_edits=6, n_unedited=6, batch_size=3, max_tokens=4000, v_steps=3, progress=False

@@ -12,7 +12,7 @@ from kis_lens.cli import main
 from kis_lens.facts import facts_path, load_facts
 from kis_lens.keys import locate_subject
 from kis_lens.models import resolve_prepend_bos
-from kis_lens.testing import tiny_model
+from kis_lens.tiny import tiny_model
 from kis_lens.tokens import encode
 from kis_lens.trace import TraceConfig, causal_trace, fact_noise, trace_fact
 

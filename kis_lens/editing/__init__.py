@@ -34,17 +34,10 @@ from kis_lens.editing.values import (
     target_logprobs,
 )
 from kis_lens.editing.weights import applied_delta, apply_delta
-from kis_lens.hooks import MLP_OUT_HOOK_TEMPLATE, mlp_out_hook_name
-from kis_lens.matrices import CovarianceLike, Whitener
-from kis_lens.models import OutputWeight, output_weight
 
 __all__ = [
-    "CovarianceLike",
     "EditPrompt",
-    "MLP_OUT_HOOK_TEMPLATE",
     "NullSpace",
-    "OutputWeight",
-    "Whitener",
     "alphaedit_delta",
     "alphaedit_update",
     "applied_delta",
@@ -57,9 +50,7 @@ __all__ = [
     "memit_delta",
     "memit_residual",
     "memit_update",
-    "mlp_out_hook_name",
     "null_space_projector",
-    "output_weight",
     "rank_one_delta",
     "rome_delta",
     "solve_covariance",

@@ -44,7 +44,6 @@ from kis_lens.editing.evaluation import (
 )
 from kis_lens.editing.metrics import correlations
 from kis_lens.editing.registry import EDITOR_NAMES, EditorSettings, EditSession, check_edit_layer, get_editor
-from kis_lens.editing.results import lifelong_dir
 from kis_lens.editing.runs import (
     checkpoint_paths,
     content_sha256,
@@ -69,6 +68,7 @@ from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, Fact, facts_path, load_facts
 from kis_lens.io import load_json_object, save_json
 from kis_lens.keys import compute_keys
+from kis_lens.layout import lifelong_dir
 from kis_lens.matrices import p_matrix
 from kis_lens.models import (
     HookedModel,
@@ -291,7 +291,7 @@ class _Bench:
     covariance_identity: dict[str, Any]
     facts_sha256: str
     unedited_facts_sha256: str
-    info: ModelInfo  # of the unedited model: the fingerprint read while W_out is edited would be another model's
+    info: ModelInfo  # the unedited model's record, taken by load_model: edits to W_out never refresh it
     legacy_fingerprint: str = ""  # the unedited model's sampled W_out fingerprint of older kis (to re-key its runs)
     covariance_rekeyed_from: dict[str, tuple[str, str]] = field(default_factory=dict)  # layer → (legacy key, sha)
     unedited_nll0: Tensor = field(default_factory=lambda: torch.empty(0))

@@ -1,7 +1,7 @@
 """Figures, report sections and the generated docs/lifelong.md of real lifelong-editing runs (``kis lifelong``).
 
 kis_lens.editing.lifelong writes one ``<stem>.json`` per run into ``<output_dir>/<model>/lifelong/layer_<L>/``
-(kis_lens.editing.results.lifelong_dir), the stem naming the editor, seed, size, layer and a hash of the run's
+(kis_lens.layout.lifelong_dir), the stem naming the editor, seed, size, layer and a hash of the run's
 identity; ``<stem>.partial.json`` beside it is a checkpoint of a run in progress, never a result. Runs of other
 seeds or settings may share the folder: ``load_lifelong_results`` loads the runs it is given by stem, or the
 newest set of runs sharing one identity. Files of an older kis (``lifelong_<editor>.json`` without an identity)
@@ -28,18 +28,11 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from kis_lens.editing.registry import EDITORS as REGISTRY
-from kis_lens.editing.results import (  # noqa: F401 (lifelong_dir, lifelong_file: re-exported beside the readers)
-    LIFELONG_FILE_PREFIX,
-    find_lifelong_folders,
-    lifelong_dir,
-    lifelong_file,
-    lifelong_result_files,
-)
 from kis_lens.errors import KisError
 from kis_lens.io import atomic_write, load_json_object
+from kis_lens.layout import LIFELONG_FILE_PREFIX, lifelong_result_files
 from kis_lens.plots import write_html_figures
 from kis_lens.report import ReportSection, html_table
-from kis_lens.results import RunResult
 
 # What the editors of an older kis's lifelong_<editor>.json really were. Its "rome" was p-ROME (the plain key for
 # direction and scale) with a cut value search; its "memit" a one-layer exact fit with λ on I (now emmet); its
@@ -559,41 +552,6 @@ def lifelong_sections(
             html=html_table(summary_rows(results)),
         )
     ]
-
-
-def belongs_to_run(lifelong_settings: Mapping[str, Any], run_settings: Mapping[str, Any]) -> bool:
-    """Return whether lifelong results ran on a run's model (they edit their own facts, with their own C)."""
-    model = (lifelong_settings.get("model") or {}).get("name")
-    return model is not None and model == (run_settings.get("model") or {}).get("name")
-
-
-def lifelong_of_run(run_settings: Mapping[str, Any]) -> list[tuple[Path, dict[str, dict[str, Any]]]]:
-    """Return (folder, results by editor) of every set of lifelong runs under a run's output dir that belongs to it.
-
-    A folder holding runs of several settings gives one entry per set, the newest first, so none is left out."""
-    model = (run_settings.get("model") or {}).get("name")
-    if not model:
-        return []
-    output_dir = (run_settings.get("config") or {}).get("output_dir", "")
-    found = []
-    for folder in find_lifelong_folders(output_dir, model):
-        for stems in lifelong_run_groups(folder):
-            results = {
-                editor: result
-                for editor, result in load_lifelong_results(folder, stems=stems).items()
-                if belongs_to_run(_settings(result), run_settings)
-            }
-            if results:
-                found.append((folder, results))
-    return found
-
-
-def lifelong_report_sections(result: RunResult) -> list[ReportSection]:
-    """Return a report section per set of lifelong runs under the run's output dir with its model (`kis report`)."""
-    sections = []
-    for folder, results in lifelong_of_run(result.settings):
-        sections.extend(lifelong_sections(results, source=folder))
-    return sections
 
 
 # ------------------------------------------------------------------------------------------------------ Markdown

@@ -24,10 +24,10 @@ import numpy as np
 
 from kis_lens.editing.lifelong import judged_pairs
 from kis_lens.editing.registry import EDITOR_NAMES
-from kis_lens.editing.results import LIFELONG_FILE_PREFIX, is_lifelong_result
 from kis_lens.editing.verdicts import PREDICTORS, auroc, clustered_bootstrap, spearman
 from kis_lens.errors import KisError
 from kis_lens.io import load_json_object
+from kis_lens.layout import LIFELONG_FILE_PREFIX, is_lifelong_result
 
 # Settings a study varies on purpose; every other part of the runs' identities must agree.
 VARYING_CONFIG_FIELDS: tuple[str, ...] = ("seed", "layer", "n_edits")

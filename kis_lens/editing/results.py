@@ -1,103 +1,62 @@
-"""Where edit simulations are saved and which of them belong to a matrices run: the one definition of that layout."""
+"""The editing results of a matrices run: every edit simulation and lifelong run under its output dir that belongs
+to it (kis_lens.layout.belongs_to_run), and the report sections that show them (`kis all --report`, `kis report`).
+
+>>> write_report_files(result, sections=[run_report_sections])  # kis_lens.report: the run's report with them
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from kis_lens.editing.lifelong_plots import lifelong_run_groups, lifelong_sections, load_lifelong_results
+from kis_lens.editing.simulation_plots import edit_simulation_sections
 from kis_lens.io import load_json_object
-
-# Where a simulation's results go, the only definition of that layout: <output_dir>/edit_sim/<model>/layer_L_nT/.
-EDIT_SIM_FOLDER = "edit_sim"
-EDIT_SIM_FILE = "edit_sim.json"
-_RUN_FOLDER = "layer_{layer}_n{n_edits}"
-# What ties a simulation to a matrices run besides the model: the same facts source and corpus, as both configs
-# record them.
-RUN_IDENTITY_FIELDS: tuple[str, ...] = ("facts", "corpus")
+from kis_lens.layout import EDIT_SIM_RUN_FIELDS, belongs_to_run, find_edit_sims, find_lifelong_folders
+from kis_lens.report import ReportSection
+from kis_lens.results import RunResult
 
 
-def edit_sim_dir(output_dir: str | Path, model: str, layer: int, n_edits: int) -> Path:
-    """Return a simulation's folder (edit_sim.json, figures): <output_dir>/edit_sim/<model>/layer_<layer>_n<n_edits>."""
-    return Path(output_dir) / EDIT_SIM_FOLDER / model / _RUN_FOLDER.format(layer=layer, n_edits=n_edits)
+@dataclass
+class RunEditingResults:
+    """Every editing result that belongs to one matrices run, as the report shows them."""
+
+    edit_sims: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # (edit_sim.json, its contents)
+    lifelong: list[tuple[Path, dict[str, dict[str, Any]]]] = field(default_factory=list)  # (layer_<L>, runs by editor)
 
 
-def find_edit_sims(output_dir: str | Path, model: str) -> list[Path]:
-    """Return the edit_sim.json of every simulation of the model saved under output_dir, sorted by path."""
-    pattern = f"{_RUN_FOLDER.format(layer='*', n_edits='*')}/{EDIT_SIM_FILE}"
-    return sorted((Path(output_dir) / EDIT_SIM_FOLDER / model).glob(pattern))
+def results_of_run(run_settings: Mapping[str, Any]) -> RunEditingResults:
+    """Return every edit simulation and set of lifelong runs under a run's output dir that belongs to the run.
 
-
-def belongs_to_run(simulation_settings: dict[str, Any], run_settings: dict[str, Any]) -> bool:
-    """Return whether a saved simulation ran on a run's model, facts source and corpus (no if a field is missing)."""
-    model = (simulation_settings.get("model") or {}).get("name")
-    if model is None or model != (run_settings.get("model") or {}).get("name"):
-        return False
-    simulation_config, run_config = simulation_settings.get("config") or {}, run_settings.get("config") or {}
-    return all(
-        simulation_config.get(name) is not None and simulation_config.get(name) == run_config.get(name)
-        for name in RUN_IDENTITY_FIELDS
-    )
-
-
-def edit_sims_of_run(run_settings: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
-    """Return (path, saved edit_sim.json) of every simulation under a run's output dir that belongs to the run."""
+    A simulation belongs when it ran on the run's model, facts source and corpus; lifelong runs edit their own facts
+    with their own C, so the model alone. A lifelong folder holding runs of several settings gives one entry per
+    set, the newest first, so none is left out."""
     model = (run_settings.get("model") or {}).get("name")
     if not model:
-        return []
+        return RunEditingResults()
     output_dir = (run_settings.get("config") or {}).get("output_dir", "")
-    found = []
+    found = RunEditingResults()
     for path in find_edit_sims(output_dir, model):
         saved = load_json_object(path, "rerun `kis edit-sim` with the settings that wrote it, or delete it")
-        if belongs_to_run(saved.get("settings") or {}, run_settings):
-            found.append((path, saved))
+        if belongs_to_run(saved.get("settings") or {}, run_settings, EDIT_SIM_RUN_FIELDS):
+            found.edit_sims.append((path, saved))
+    for folder in find_lifelong_folders(output_dir, model):
+        for stems in lifelong_run_groups(folder):
+            results = {
+                editor: result
+                for editor, result in load_lifelong_results(folder, stems=stems).items()
+                if belongs_to_run(result.get("settings") or {}, run_settings)
+            }
+            if results:
+                found.lifelong.append((folder, results))
     return found
 
 
-# Where a real lifelong-editing run (`kis lifelong`) saves its results, the only definition of that layout:
-# <output_dir>/<model>/lifelong/layer_L/<stem>.json, one file per run, the stem "lifelong_<editor>_seed<S>_n<N>_
-# layer<L>_<hash8>" (kis_lens.editing.runs.run_stem); <stem>.partial.json + <stem>.partial.safetensors beside it
-# while the run is in progress (a checkpoint, never a result). Runs of other seeds or settings share the folder.
-# An older kis wrote lifelong_<editor>.json (legacy: no identity in its settings).
-LIFELONG_FOLDER = "lifelong"
-LIFELONG_LAYER_PREFIX = "layer_"
-LIFELONG_FILE_PREFIX = "lifelong_"
-LIFELONG_PARTIAL_MARK = ".partial."  # in the name of every checkpoint file (runs.STATE_SUFFIX, TENSORS_SUFFIX)
-
-
-def lifelong_dir(output_dir: str | Path, model: str, layer: int) -> Path:
-    """Return a lifelong run's folder: <output_dir>/<model>/lifelong/layer_<layer> (one <stem>.json per run)."""
-    return Path(output_dir) / model / LIFELONG_FOLDER / f"{LIFELONG_LAYER_PREFIX}{layer}"
-
-
-def lifelong_file(folder: str | Path, name: str, suffix: str = ".json") -> Path:
-    """Return folder/lifelong_<name><suffix>: a legacy file by editor ("rome"), or a run by its stem's tail."""
-    name = name.removeprefix(LIFELONG_FILE_PREFIX)
-    return Path(folder) / f"{LIFELONG_FILE_PREFIX}{name}{suffix}"
-
-
-def is_lifelong_result(path: str | Path) -> bool:
-    """Return whether a file name is a finished lifelong result: lifelong_*.json, not a *.partial.json checkpoint."""
-    name = Path(path).name
-    return name.startswith(LIFELONG_FILE_PREFIX) and name.endswith(".json") and LIFELONG_PARTIAL_MARK not in name
-
-
-def lifelong_result_files(folder: str | Path) -> list[Path]:
-    """Return every finished lifelong result in folder (checkpoints left out), sorted by name."""
-    folder = Path(folder)
-    return sorted(path for path in folder.glob(f"{LIFELONG_FILE_PREFIX}*.json") if is_lifelong_result(path))
-
-
-def find_lifelong_folders(output_dir: str | Path, model: str) -> list[Path]:
-    """Return every <output_dir>/<model>/lifelong/layer_*/ folder holding a finished run, sorted by layer."""
-    base = Path(output_dir) / model / LIFELONG_FOLDER
-    folders = {
-        path.parent
-        for path in base.glob(f"{LIFELONG_LAYER_PREFIX}*/{LIFELONG_FILE_PREFIX}*.json")
-        if is_lifelong_result(path)
-    }
-
-    def layer(folder: Path) -> tuple[int, str]:
-        number = folder.name.removeprefix(LIFELONG_LAYER_PREFIX)
-        return (int(number), "") if number.isdigit() else (10**9, folder.name)
-
-    return sorted(folders, key=layer)
+def run_report_sections(result: RunResult) -> list[ReportSection]:
+    """Return the report sections of a run's own editing results: its edit simulations, then its lifelong runs."""
+    found = results_of_run(result.settings)
+    sections = edit_simulation_sections(found.edit_sims)
+    for folder, results in found.lifelong:
+        sections.extend(lifelong_sections(results, source=folder))
+    return sections

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from kis_lens.errors import KisError
+from kis_lens.gguf import file_sha256
 from kis_lens.io import atomic_write, folder_lock, save_json
-from kis_lens.models import file_sha256
 
 CHECKPOINT_FORMAT = 1
 TENSORS_SUFFIX = ".partial.safetensors"

@@ -27,7 +27,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from kis_lens.errors import KisError
-from kis_lens.hooks import MLP_OUT_HOOK_TEMPLATE, RESID_POST_HOOK_TEMPLATE
+from kis_lens.hooks import (
+    MLP_OUT_HOOK_TEMPLATE,
+    RESID_POST_HOOK_TEMPLATE,
+    HookFunction,
+    shift_at_positions,
+    validate_layers,
+)
 from kis_lens.models import model_device
 
 Site = Literal["mlp_out", "resid_post"]
@@ -97,9 +103,7 @@ def _validate(
 ) -> None:
     """Raise KisError for inconsistent inputs (all tensors on one device)."""
     site_hook_name(layer, site)
-    n_layers = int(model.cfg.n_layers)
-    if not 0 <= layer < n_layers:
-        raise KisError(f"layer {layer} out of range: this model has layers 0..{n_layers - 1}")
+    validate_layers(model, [layer])
     integers = {"tokens": tokens, "mask": mask, "shift_positions": shift_positions, "read_rows": read_rows}
     floating = [
         name for name, tensor in {**integers, "read_positions": read_positions}.items() if tensor.is_floating_point()
@@ -167,12 +171,12 @@ class _FullShiftedForward:
     ) -> None:
         self.model, self.hook_name = model, hook_name
         self.tokens, self.mask = tokens, mask
-        self.rows = torch.arange(tokens.shape[0], device=tokens.device)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
         self.shift_positions, self.read_rows, self.read_positions = shift_positions, read_rows, read_positions
         captured: dict[str, Tensor] = {}
 
         def capture(activation: Tensor, hook: Any) -> None:
-            captured["initial"] = activation[self.rows, self.shift_positions].detach().clone()
+            captured["initial"] = activation[rows, shift_positions].detach().clone()
 
         with torch.no_grad(), model.hooks(fwd_hooks=[(hook_name, capture)]):
             model(tokens, attention_mask=mask)
@@ -181,14 +185,7 @@ class _FullShiftedForward:
     def __call__(self, shift: Float[Tensor, "batch d_model"]) -> Float[Tensor, "read vocab"]:
         """Return the logits at the read positions with shift[b] added at (b, shift_positions[b])."""
         _check_shift(shift, *self.initial.shape)
-
-        def add_shift(activation: Tensor, hook: Any) -> Tensor:
-            activation = activation.clone()
-            shifted = activation[self.rows, self.shift_positions] + shift.to(activation.device, activation.dtype)
-            activation[self.rows, self.shift_positions] = shifted
-            return activation
-
-        with self.model.hooks(fwd_hooks=[(self.hook_name, add_shift)]):
+        with self.model.hooks(fwd_hooks=[(self.hook_name, shift_at_positions(self.shift_positions, shift))]):
             logits = self.model(self.tokens, attention_mask=self.mask)
         return logits[self.read_rows, self.read_positions]
 
@@ -374,7 +371,7 @@ class _FastShiftedForward:
 
         captured: dict[str, Tensor] = {}
 
-        def keep(name: str, *index: Any) -> Callable[[Tensor, Any], None]:
+        def keep(name: str, *index: Any) -> HookFunction:
             def hook(activation: Tensor, hook: Any) -> None:
                 captured[name] = activation[index].detach().clone()
 
@@ -509,6 +506,11 @@ def fast_shifted_forward(
 ) -> ShiftedForward | None:
     """Return the exact suffix-only shifted forward, or None where the model's architecture is not supported."""
     tensors = _prepare(model, layer, site, tokens, mask, shift_positions, read_rows, read_positions)
+    return _verified_fast(model, layer, site, tensors)
+
+
+def _verified_fast(model: Any, layer: int, site: Site, tensors: tuple[Tensor, ...]) -> ShiftedForward | None:
+    """Return the fast shifted forward on prepared (validated) tensors, or None where it does not apply."""
     plan = _fast_plan(model)
     if plan is None:
         return None
@@ -518,7 +520,7 @@ def fast_shifted_forward(
             f"fast shifted forward differs from the model's own logits (relative {forward.self_check_error:.2e}) "
             "on this architecture; using the full forward",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         return None
     return forward
@@ -536,6 +538,6 @@ def shifted_forward(
     fast: bool = True,
 ) -> ShiftedForward:
     """Return the fast shifted forward when asked for and supported, else the full reference."""
-    arguments = (model, layer, site, tokens, mask, shift_positions, read_rows, read_positions)
-    forward = fast_shifted_forward(*arguments) if fast else None
-    return forward if forward is not None else full_shifted_forward(*arguments)
+    tensors = _prepare(model, layer, site, tokens, mask, shift_positions, read_rows, read_positions)  # checked once
+    forward = _verified_fast(model, layer, site, tensors) if fast else None
+    return forward if forward is not None else _FullShiftedForward(model, site_hook_name(layer, site), *tensors)

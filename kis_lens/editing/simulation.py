@@ -41,15 +41,6 @@ from kis_lens.editing.editors import (
 )
 from kis_lens.editing.metrics import correlations, fraction
 from kis_lens.editing.registry import check_edit_layer
-from kis_lens.editing.results import (  # noqa: F401 (re-exported: the layout's old home)
-    EDIT_SIM_FILE,
-    EDIT_SIM_FOLDER,
-    RUN_IDENTITY_FIELDS,
-    belongs_to_run,
-    edit_sim_dir,
-    edit_sims_of_run,
-    find_edit_sims,
-)
 from kis_lens.editing.templates import rome_context_templates
 from kis_lens.editing.values import EditPrompt, ValueSearch, compute_target, edit_prompt, target_logprobs
 from kis_lens.editing.weights import applied_delta
@@ -58,6 +49,7 @@ from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts, sample_facts
 from kis_lens.hooks import capture_rows, mlp_out_hook_name
 from kis_lens.io import save_json
 from kis_lens.keys import compute_keys
+from kis_lens.layout import EDIT_SIM_FILE, edit_sim_dir
 from kis_lens.matrices import Whitener, p_matrix
 from kis_lens.models import (
     HookedModel,
@@ -367,7 +359,7 @@ def run_edit_simulation(config: EditSimConfig = EditSimConfig(), model: HookedMo
     settings = {
         "config": config.to_dict(),
         "model": asdict(info),
-        "model_fingerprint": model_info(model).fingerprint,
+        "model_fingerprint": info.fingerprint,
         "facts": [fact.to_dict() for fact in bench.facts],
         "kis_lens_version": __version__,
         "seconds": round(time.perf_counter() - started, 1),

@@ -1,18 +1,16 @@
 """Plotly figures of the lifelong-editing simulation (kis_lens.editing.simulation), from its JSON-ready result dict,
-and the report sections that show the simulations belonging to a matrices run (``kis report`` passes them)."""
+and the report sections that show saved simulations (kis_lens.editing.results finds a matrices run's own)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from kis_lens.editing.results import edit_sims_of_run
 from kis_lens.plots import write_html_figures
 from kis_lens.report import ReportSection
-from kis_lens.results import RunResult
 
 CONDITION_LABELS: dict[str, str] = {
     "rome": "p-ROME rank one (plain keys), real keys",
@@ -117,10 +115,10 @@ def write_editing_figures(result: dict[str, Any], folder: str | Path) -> dict[st
     return write_html_figures(editing_figures(result), folder)
 
 
-def edit_simulation_sections(result: RunResult) -> list[ReportSection]:
-    """Return a report section per `kis edit-sim` result under the run's output dir with its model, facts and corpus."""
+def edit_simulation_sections(simulations: Iterable[tuple[Path, dict[str, Any]]]) -> list[ReportSection]:
+    """Return a report section per saved `kis edit-sim` result, given as (edit_sim.json path, its contents)."""
     sections = []
-    for path, saved in edit_sims_of_run(result.settings):
+    for path, saved in simulations:
         sections.append(
             ReportSection(
                 f"Lifelong editing: {path.parent.name}",

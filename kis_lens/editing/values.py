@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -19,12 +19,10 @@ from torch import Tensor
 from kis_lens.editing.shifted_forward import shifted_forward, site_hook_name
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
-from kis_lens.hooks import capture_rows, mlp_out_hook_name
+from kis_lens.hooks import HookFunction, capture_rows, mlp_out_hook_name, shift_at_positions
 from kis_lens.keys import FactTokens, locate_subject
 from kis_lens.models import HookedModel, model_device, resolve_prepend_bos
 from kis_lens.tokens import encode, pad_batch, pad_token_id
-
-HookFunction = Callable[[Tensor, Any], Tensor]
 
 
 @dataclass(frozen=True)
@@ -86,26 +84,14 @@ def target_logprobs(
     for begin in range(0, len(prompts), batch_size):
         chunk = prompts[begin : begin + batch_size]
         tokens, mask, labels, subject = _batch(chunk, pad_id, device)
-        hooks = []
+        hooks: list[tuple[str, HookFunction]] = []
         if output_shift is not None:
             shift = output_shift[begin : begin + len(chunk)]
-            hooks = [(mlp_out_hook_name(layer), _subject_shift_hook(subject, shift))]
+            hooks = [(mlp_out_hook_name(layer), shift_at_positions(subject, shift))]
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             logits = model(tokens, attention_mask=mask)
         scores.append(_target_logprobs(logits, labels).double().cpu())
     return torch.cat(scores)
-
-
-def _subject_shift_hook(subject: Int[Tensor, " batch"], shift: Float[Tensor, "batch d_model"]) -> HookFunction:
-    """Return a forward hook that adds each row's shift to the activation at its subject's last position."""
-    rows = torch.arange(len(subject), device=subject.device)
-
-    def hook(activation: Tensor, hook: Any) -> Tensor:
-        activation = activation.clone()
-        activation[rows, subject] = activation[rows, subject] + shift.to(activation.device, activation.dtype)
-        return activation
-
-    return hook
 
 
 @contextlib.contextmanager

@@ -44,7 +44,9 @@ def _written(name: str) -> bool:
     """Return whether a job's result is on disk already (a trace is not resumable: never run it twice)."""
     if name.startswith("trace-w"):
         window = name.removeprefix("trace-w")
-        return (ROOT / OUTPUT / "smollm2-135m" / "trace" / f"causal_trace_mlp_w{window}.json").is_file()
+        from kis_lens.layout import trace_path  # the one place kis writes a trace; never a copy of it here
+
+        return (ROOT / trace_path(OUTPUT, "smollm2-135m", "mlp", int(window))).is_file()
     return False
 
 

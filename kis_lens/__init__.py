@@ -7,7 +7,7 @@ from kis_lens._version import __version__
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts, sample_facts
-from kis_lens.hooks import capture_mlp_inputs, mlp_in_hook_name, run_mlp_hooks
+from kis_lens.hooks import capture_mlp_inputs, mlp_in_hook_name, run_mlp_hooks, to_tokens
 from kis_lens.keys import Keys, compute_keys, locate_subject
 from kis_lens.matrices import Whitener, activation_cos, all_matrices, p_matrix, q_matrix, whitening_cos
 from kis_lens.models import HookedModel, ModelInfo, load_model, model_info
@@ -36,5 +36,6 @@ __all__ = [
     "q_matrix",
     "run_mlp_hooks",
     "sample_facts",
+    "to_tokens",
     "whitening_cos",
 ]

@@ -3,8 +3,13 @@
 Hook names are the contract shared by TransformerLens 4's ``TransformerBridge`` and the legacy
 ``HookedTransformer``; nothing here depends on which one it is given.
 
->>> acts = capture_mlp_inputs(model, tokens, layers=[3, 7])   # one forward, stops after layer 7
+>>> acts = capture_mlp_inputs(model, ["The Eiffel Tower is in", "Paris is"], layers=[3, 7])  # stops after layer 7
 >>> acts[7].shape                                             # [batch, pos, d_mlp]
+>>> tokens, mask = to_tokens(model, ["The Eiffel Tower is in", "Paris is"])  # kis's BOS rule, right-padded
+
+Strings are tokenized by ``to_tokens``, with kis's BOS rule rather than TransformerLens's ``model.to_tokens``
+(which always prepends BOS, and whose pad-based mask treats a BOS that shares the pad id as padding): BOS goes in
+front only where the model's own Hugging Face tokenizer puts it, and the mask marks real tokens, BOS included.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from kis_lens.errors import KisError
-from kis_lens.models import HookedModel
+from kis_lens.models import HookedModel, resolve_prepend_bos
+from kis_lens.tokens import encode, pad_batch, pad_token_id
 
 MLP_IN_HOOK_TEMPLATE = "blocks.{layer}.mlp.hook_post"
 MLP_OUT_HOOK_TEMPLATE = "blocks.{layer}.hook_mlp_out"
 RESID_POST_HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
 
 ActivationCallback = Callable[[int, Float[Tensor, "batch pos d_mlp"]], None]
+# What the capture functions accept: token ids, one text, or several texts (tokenized by to_tokens).
+TextsOrTokens = str | Sequence[str] | Int[Tensor, "batch pos"]
 
 
 class HookFunction(Protocol):
@@ -75,19 +83,52 @@ def layer_range(model: HookedModel, start_layer: int | None = None, end_layer: i
     return validate_layers(model, range(start, end + 1))
 
 
+def to_tokens(
+    model: HookedModel, texts: str | Sequence[str], prepend_bos: bool | None = None
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Return right-padded token ids and attention mask (1 = real token) of texts, with the model's BOS rule.
+
+    prepend_bos None: BOS in front exactly when the model's own Hugging Face tokenizer adds it (SmolLM2 and Llama
+    do, GPT-2 does not), the rule every kis job uses; True/False forces it. The mask, not the pad id, says
+    which tokens are real, so a BOS whose id is also the pad id stays a real token.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts or not all(isinstance(text, str) for text in texts):
+        raise KisError(f"to_tokens takes a text or a non-empty list of texts, not {type(texts).__name__}")
+    tokenizer = model.tokenizer
+    bos = resolve_prepend_bos(model, prepend_bos)
+    ids = [encode(tokenizer, text, bos) for text in texts]
+    if empty := [i for i, row in enumerate(ids) if not row]:
+        raise KisError(f"text {empty[0]} has no tokens: pass non-empty texts (or prepend_bos=True)")
+    return pad_batch(ids, pad_token_id(tokenizer))
+
+
+def _as_tokens(
+    model: HookedModel, inputs: TextsOrTokens, attention_mask: Int[Tensor, "batch pos"] | None
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"] | None]:
+    """Return (tokens, mask): ids as given, or texts tokenized by to_tokens (a mask given with texts is refused)."""
+    if isinstance(inputs, Tensor):
+        return inputs, attention_mask
+    if attention_mask is not None:
+        raise KisError("attention_mask was given with texts: pass token ids with their mask, or texts alone")
+    return to_tokens(model, inputs)
+
+
 class _ForwardDone(Exception):
     """Raised from the last requested layer's hook so no later block (nor the unembedding) runs."""
 
 
 def run_mlp_hooks(
     model: HookedModel,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: TextsOrTokens,
     layers: Sequence[int],
     on_activation: ActivationCallback,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> None:
-    """Run one forward that hands each requested layer's MLP input to on_activation, then stops."""
+    """Run one forward that hands each requested layer's MLP input to on_activation, then stops (texts or ids)."""
     layers = validate_layers(model, layers)
+    tokens, attention_mask = _as_tokens(model, tokens, attention_mask)
     last = layers[-1]
 
     def hook_fn(activation: Tensor, hook: Any) -> Tensor:
@@ -111,11 +152,11 @@ def run_mlp_hooks(
 
 def capture_mlp_inputs(
     model: HookedModel,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: TextsOrTokens,
     layers: Sequence[int],
     attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> dict[int, Float[Tensor, "batch pos d_mlp"]]:
-    """Return {layer: MLP input of W_out} for all requested layers from a single early-stopped forward."""
+    """Return {layer: MLP input of W_out} for the requested layers from one early-stopped forward (texts or ids)."""
     captured: dict[int, Tensor] = {}
 
     def keep(layer: int, activation: Tensor) -> None:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kis_lens.errors import KisError
-from kis_lens.hooks import capture_mlp_inputs, layer_range, mlp_in_hook_name, run_mlp_hooks
+from kis_lens.hooks import capture_mlp_inputs, layer_range, mlp_in_hook_name, run_mlp_hooks, to_tokens
+from kis_lens.models import model_info
 
 
 def test_hook_name_is_the_w_out_input():
@@ -80,3 +81,40 @@ def test_layer_errors(tiny):
     with pytest.raises(KisError, match="start_layer 2 is after end_layer 1"):
         layer_range(tiny, 2, 1)
     assert layer_range(tiny) == [0, 1, 2]
+
+
+TEXTS = ["The Eiffel Tower is located in", "Paris"]
+
+
+@pytest.mark.parametrize("prepend_bos", [None, True, False])
+def test_to_tokens_follows_the_bos_rule_and_masks_only_padding(tiny, prepend_bos):
+    tokenizer = tiny.tokenizer
+    bos = model_info(tiny).adds_bos if prepend_bos is None else prepend_bos
+    tokens, mask = to_tokens(tiny, TEXTS, prepend_bos=prepend_bos)
+    for row, text in enumerate(TEXTS):
+        expected = ([tokenizer.bos_token_id] if bos else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
+        n = int(mask[row].sum())
+        assert tokens[row, :n].tolist() == expected
+        assert mask[row].tolist() == [1] * n + [0] * (tokens.shape[1] - n)
+
+
+def test_capture_from_texts_matches_each_text_alone(tiny):
+    """Texts in, activations out: each row equals the unpadded forward of that text alone, BOS rule included."""
+    captured = capture_mlp_inputs(tiny, TEXTS, layers=[0, 2])
+    bos = model_info(tiny).adds_bos
+    for row, text in enumerate(TEXTS):
+        plain = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = ([tiny.tokenizer.bos_token_id] if bos else []) + plain
+        alone = capture_mlp_inputs(tiny, torch.tensor([ids]), layers=[0, 2])
+        for layer in (0, 2):
+            torch.testing.assert_close(captured[layer][row, : len(ids)], alone[layer][0], rtol=1e-5, atol=1e-5)
+
+
+def test_texts_with_a_mask_or_empty_texts_are_refused(tiny):
+    tokens, mask = to_tokens(tiny, TEXTS)
+    with pytest.raises(KisError, match="attention_mask was given with texts"):
+        capture_mlp_inputs(tiny, TEXTS, layers=[0], attention_mask=mask)
+    with pytest.raises(KisError, match="has no tokens"):
+        to_tokens(tiny, ["", "Paris"], prepend_bos=False)
+    with pytest.raises(KisError, match="non-empty list of texts"):
+        to_tokens(tiny, [])

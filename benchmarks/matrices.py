@@ -222,7 +222,7 @@ def covariances_for(
     """Return {layer: C}: `kis reproduce` caches under output_dir if any, else kis_lens caches on cov_tokens tokens."""
     from kis_lens.config import RunConfig
     from kis_lens.layout import stats_path
-    from kis_lens.reproduce import QUARTERS, load_quarter_moments, merged
+    from kis_lens.quarters import QUARTERS, load_quarter_moments, merged
     from kis_lens.runner import ensure_covariances
     from kis_lens.storage import read_metadata
 

@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from kis_lens.config import RunConfig
+from kis_lens.config import CorpusOptions
 from kis_lens.editing.counterfact import load_cases
 from kis_lens.editing.registry import EDITORS, EditorSettings, EditSession
 from kis_lens.editing.templates import rome_context_templates
 from kis_lens.editing.values import ValueSearch, compute_target
-from kis_lens.models import load_model, output_weight
+from kis_lens.models import load_model
 from kis_lens.runner import ensure_covariances
+from kis_lens.w_out import output_weight
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -129,7 +130,7 @@ def main() -> None:
     if not args.skip_editors:
         settings = EditorSettings(layer=args.layer)
         layers = sorted({args.layer, *settings.memit_layers})
-        run_config = RunConfig(
+        run_config = CorpusOptions(
             model_name=args.model, output_dir=args.output_dir, max_tokens=args.max_tokens, progress=False
         )
         covariances, _ = ensure_covariances(run_config, model, layers)

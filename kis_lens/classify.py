@@ -22,17 +22,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kis_lens.config import ModelOptions, at_least, setting
+from kis_lens.config import FactOptions, ModelOptions, at_least, borrow, setting
 from kis_lens.errors import KisError
-from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts
+from kis_lens.facts import Fact, load_facts
+from kis_lens.fingerprint import fingerprint_matches, model_fingerprint
 from kis_lens.hooks import gather_positions
 from kis_lens.io import save_json
 from kis_lens.layout import split_path
 from kis_lens.models import (
     HookedModel,
-    fingerprint_matches,
     model_device,
-    model_fingerprint,
     model_info,
     resolve_prepend_bos,
 )
@@ -42,10 +41,10 @@ SPLIT_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
+@borrow(FactOptions, "facts")
 class ClassifyConfig(ModelOptions):
     """Settings of `kis classify-facts`: which facts to split into known/unknown, and the top-k test."""
 
-    facts: str = setting(DEFAULT_FACTS, "counterfact-known, known-1000 or a JSON/JSONL path")
     top_k: int = setting(1, "known when the target's first token is in the top-k next tokens")
 
     def __post_init__(self) -> None:

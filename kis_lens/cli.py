@@ -1,236 +1,24 @@
 """The `kis` command: one subcommand per step of the original scripts, each a thin call into kis_lens.runner.
 
-The flags of a job are generated from its config dataclass (kis_lens.config): ``add_config_flags`` reads each
-field's type, default and help metadata, and ``config_from_args`` parses the flags back into the config, so a
-default lives only on its field. Only command options that are not settings of a run are declared by hand.
+The flags of a job are generated from its config dataclass (kis_lens.flags reads each field's type, default and
+help), so a default lives only on its field. Only command options that are not settings of a job are declared here.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
-import os
 import shlex
 import sys
 import time
-import typing
-from dataclasses import MISSING, Field, fields, is_dataclass, replace
-from typing import Any, Callable, Sequence
+from dataclasses import replace
+from typing import Callable, Sequence
 
-from kis_lens.config import ModelOptions, RunConfig, ValueAlias, check_outputs
+from kis_lens.config import CacheCovConfig, ModelOptions, RunConfig, check_outputs
 from kis_lens.errors import KisError
-from kis_lens.io import NO_SPACE_ERRNOS, NO_SPACE_WORDS, is_file_failure
+from kis_lens.file_errors import file_failure_message
+from kis_lens.flags import add_config_flags, config_from_args, default_of, flag
 from kis_lens.matrices import MATRIX_NAMES
 from kis_lens.runner import run_matrices
-
-BOOL_CHOICES: dict[str, bool | None] = {"auto": None, "true": True, "false": False}
-# RunConfig fields that only the fact commands use: cache-cov leaves them out.
-FACT_FIELDS = ("facts", "record_size", "knowledge_type", "fact_order", "token_position", "seed", "ridge", "layout")
-# Cache_Cov.py's --to_collect: the statistics layer_stats gathers; kis's caches hold only mom2, so it sets nothing.
-TO_COLLECT = ValueAlias(
-    "to_collect",
-    {"mom2": None},
-    "the original Cache_Cov.py's statistics to collect: mom2, the only one kis collects",
-    refusal="kis collects only mom2 (the uncentered second moment)",
-)
-
-
-def parse_bytes(text: str | int | None) -> int | None:
-    """Return a byte count from "30GB", "512MiB", "2e9" or an int (None stays None)."""
-    if text is None or isinstance(text, int):
-        return text
-    units = {
-        "": 1,
-        "b": 1,
-        "kb": 10**3,
-        "mb": 10**6,
-        "gb": 10**9,
-        "tb": 10**12,
-        "kib": 2**10,
-        "mib": 2**20,
-        "gib": 2**30,
-        "tib": 2**40,
-    }
-    stripped = text.strip().lower().replace(" ", "")
-    number = stripped.rstrip("abgikmt")
-    unit = stripped[len(number) :]
-    try:
-        value = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise KisError(f"cannot read {text!r} as a memory size: write e.g. 30GB, 512MiB or 2e9") from None
-    if value <= 0:
-        raise KisError(f"memory size {text!r} must be positive")
-    return int(value)
-
-
-def _spellings(name: str) -> list[str]:
-    """Return --snake_case (the original scripts' spelling) and --kebab-case for one option."""
-    spellings = [f"--{name}"]
-    if "_" in name:
-        spellings.append(f"--{name.replace('_', '-')}")
-    return spellings
-
-
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
-    """Add a hand-declared option under both spellings."""
-    parser.add_argument(*_spellings(name), dest=name, **kwargs)
-
-
-class _ValueAliasAction(argparse.Action):
-    """Set a setting from one of the original scripts' flags through its table of values.
-
-    The setting's own flag wins: given before the alias, the alias leaves it alone; given after, it overwrites.
-    """
-
-    def __init__(self, option_strings: Sequence[str], dest: str, alias: ValueAlias, **kwargs: Any) -> None:
-        self.alias = alias
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        if values not in self.alias.values and self.alias.refusal is not None:
-            raise KisError(f"{option_string} {values!r} is not accepted: {self.alias.refusal}")
-        if values not in self.alias.values:
-            meanings = ", ".join(
-                f"{value} (= --{self.dest} {target})" if target is not None else f"{value} (no change)"
-                for value, target in self.alias.values.items()
-            )
-            raise KisError(
-                f"{option_string} {values!r} is not accepted: use {meanings}, or give --{self.dest} directly"
-            )
-        target = self.alias.values[values]
-        if target is not None and not hasattr(namespace, self.dest):
-            setattr(namespace, self.dest, target)
-
-
-def _add_value_alias(parser: argparse.ArgumentParser, dest: str, alias: ValueAlias) -> None:
-    """Add one of the original scripts' flags that sets ``dest`` through its table of values."""
-    parser.add_argument(
-        *_spellings(alias.name),
-        dest=dest,
-        action=_ValueAliasAction,
-        alias=alias,
-        default=argparse.SUPPRESS,
-        metavar="{" + ",".join(alias.values) + "}",
-        help=alias.help,
-        **({"nargs": "?", "const": alias.bare} if alias.bare is not None else {}),
-    )
-
-
-def _default(owner: Any, name: str) -> Any:
-    """Return the default a dataclass field or a function parameter declares (read, never repeated)."""
-    if is_dataclass(owner):
-        return {item.name: item.default for item in fields(owner)}[name]
-    return inspect.signature(owner).parameters[name].default
-
-
-def _field_kind(hint: Any) -> tuple[type, bool]:
-    """Return (base type, whether None is allowed) of a field annotation such as ``int | None``."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if optional:
-        (hint,) = [arg for arg in args if arg is not type(None)]
-    return typing.get_origin(hint) or hint, optional
-
-
-def _number_or_none(kind: type, word: Any) -> Callable[[str], Any]:
-    """Return the flag type of a number field whose CLI value ``word`` (its cli_none: 0, "all", "any") means None."""
-
-    def parse(text: str) -> Any:
-        if text == str(word):
-            return None
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number or {word}") from None
-        return None if value == word else value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _shown_default(item: Field) -> str:
-    """Return how --help states a field's default."""
-    meta = item.metadata
-    if item.default is None:
-        shown = meta.get("none", "none")
-        return f"{meta['cli_none']} = {shown}" if "cli_none" in meta else shown
-    shown = ",".join(item.default) if isinstance(item.default, tuple) else str(item.default)
-    return f"{shown}; {meta['cli_none']} = {meta['none']}" if "cli_none" in meta else shown
-
-
-def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: Sequence[str] = ()) -> None:
-    """Add one option (--snake_case and --kebab-case) per field of a config dataclass, from its type and metadata.
-
-    bool: --no_<name> when the default is True, else --<name>; ``bool | None``: auto|true|false; tuple: comma-separated.
-    A field's ``aliases`` are more names of the same option; its ``value_aliases`` are the original scripts' flags
-    that set it through a table of their values; its ``cli_none`` is the CLI value that parses to None (a number
-    field then takes that word too: --sample_size all). Unset options stay out of the namespace, so
-    config_from_args leaves those fields to the dataclass defaults.
-    """
-    hints = typing.get_type_hints(config_class)
-    for item in fields(config_class):
-        if item.name in skip:
-            continue
-        if "help" not in item.metadata or item.default is MISSING:
-            raise TypeError(
-                f"{config_class.__name__}.{item.name} needs a default and help: "
-                "declare it with kis_lens.config.setting()"
-            )
-        kind, optional = _field_kind(hints[item.name])
-        help_text = item.metadata["help"]
-        for alias in item.metadata.get("value_aliases", ()):
-            _add_value_alias(parser, item.name, alias)
-        aliases = [spelling for alias in item.metadata.get("aliases", ()) for spelling in _spellings(alias)]
-        if kind is bool and not optional:
-            name, action = (f"no_{item.name}", "store_false") if item.default else (item.name, "store_true")
-            help_text = f"turn off {help_text}" if item.default else help_text
-            parser.add_argument(
-                *_spellings(name), dest=item.name, action=action, default=argparse.SUPPRESS, help=help_text
-            )
-            continue
-        options: dict[str, Any] = {
-            "dest": item.name,
-            "default": argparse.SUPPRESS,
-            "help": f"{help_text} (default {_shown_default(item)})",
-        }
-        if kind is bool:
-            options["choices"] = tuple(BOOL_CHOICES)
-        elif kind is tuple:
-            options["metavar"] = "A,B,..."
-        else:
-            options["type"] = _number_or_none(kind, item.metadata["cli_none"]) if "cli_none" in item.metadata else kind
-            if "choices" in item.metadata:
-                options["choices"] = item.metadata["choices"]
-        parser.add_argument(*_spellings(item.name), *aliases, **options)
-
-
-def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, **overrides: Any) -> Any:
-    """Return the config (RunConfig by default) the parsed flags describe; unset fields keep the dataclass defaults.
-
-    Settings no job can run (a NaN, a folder that cannot be written) raise KisError here, before any model loads.
-    """
-    given = vars(args)
-    hints = typing.get_type_hints(config_class)
-    values: dict[str, Any] = {}
-    for item in fields(config_class):
-        if item.name not in given:
-            continue
-        value = given[item.name]
-        kind, optional = _field_kind(hints[item.name])
-        if kind is bool and optional and isinstance(value, str):
-            value = BOOL_CHOICES[value]
-        elif kind is tuple and isinstance(value, str):
-            value = tuple(part.strip() for part in value.split(",") if part.strip())
-        values[item.name] = value
-    config = config_class(**{**values, **overrides})
-    check_outputs({item.name: getattr(config, item.name) for item in fields(config)})
-    return config
 
 
 def _subcommand(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -262,15 +50,15 @@ def _matrices_command(names: Sequence[str]) -> Callable[[argparse.Namespace], No
     return command
 
 
-def cache_cov_config(args: argparse.Namespace) -> RunConfig:
-    """Return the RunConfig of parsed `kis cache-cov` flags.
+def cache_cov_config(args: argparse.Namespace) -> CacheCovConfig:
+    """Return the CacheCovConfig of parsed `kis cache-cov` flags.
 
     --sample_size without --max_tokens lifts the token budget: every token of those texts, or of the whole corpus
     for --sample_size all (what the original Cache_Cov.py's --sample_size all read).
     """
     given = vars(args)
     unlimited = "sample_size" in given and "max_tokens" not in given
-    return config_from_args(args, **({"max_tokens": None} if unlimited else {}))
+    return config_from_args(args, CacheCovConfig, **({"max_tokens": None} if unlimited else {}))
 
 
 def _cache_cov_command(args: argparse.Namespace) -> None:
@@ -281,13 +69,7 @@ def _cache_cov_command(args: argparse.Namespace) -> None:
     config = cache_cov_config(args)
     if config.device is None and local_device():
         config = replace(config, device=local_device())
-    report = cache_covariance_job(
-        config,
-        stats_dtype=args.stats_dtype,
-        checkpoint_every=args.checkpoint_every or None,
-        max_memory=parse_bytes(args.max_memory),
-        skip_nonfinite=args.skip_nonfinite,
-    )
+    report = cache_covariance_job(config)
     if rank == 0:
         print(f"done: {report.summary()}")
 
@@ -345,53 +127,21 @@ def _export_stats_command(args: argparse.Namespace) -> None:
 
 
 def _stats_parsers(sub: argparse._SubParsersAction) -> None:
-    from kis_lens.cache_job import CovarianceRequest
     from kis_lens.storage import STATS_DTYPES, export_npz, import_layer_stats, merge_caches
 
     stats_dtypes = sorted(STATS_DTYPES)
     cache = _subcommand(
         sub, "cache-cov", "estimate and cache C = E[k kᵀ] for every layer in one pass (resumable; torchrun shards it)"
     )
-    add_config_flags(cache, RunConfig, skip=FACT_FIELDS)
-    _add_value_alias(cache, "to_collect", TO_COLLECT)  # sets nothing: mom2 is all kis collects
+    add_config_flags(cache, CacheCovConfig, skip=("seed",))  # the covariance job samples nothing
     cache.set_defaults(handler=_cache_cov_command)
-    stats_dtype, checkpoint_every = (
-        _default(CovarianceRequest, "stats_dtype"),
-        _default(CovarianceRequest, "checkpoint_every"),
-    )
-    _flag(
-        cache,
-        "stats_dtype",
-        default=stats_dtype,
-        choices=stats_dtypes,
-        help=f"dtype of the stored statistic (default {stats_dtype}: float64 stores the exact sum; float32 rounds C)",
-    )
-    _flag(
-        cache,
-        "checkpoint_every",
-        type=int,
-        default=checkpoint_every,
-        help=f"tokens between resumable checkpoints (0 = none; default {checkpoint_every:,})",
-    )
-    _flag(
-        cache,
-        "max_memory",
-        default=None,
-        help="memory for the accumulators, e.g. 24GB: more layers than fit → several passes",
-    )
-    _flag(
-        cache,
-        "skip_nonfinite",
-        action="store_true",
-        help="leave out and count texts whose activations hold NaN/inf (default: stop and name the text)",
-    )
     merge = _subcommand(sub, "merge-stats", "merge caches computed on separate machines (sums and counts add)")
     merge.add_argument(
         "inputs", nargs="+", help="cache files, or stats folders whose layer_*_mom2.safetensors are merged by name"
     )
-    _flag(merge, "output_dir", required=True, help="folder for the merged caches")
-    merged_dtype = _default(merge_caches, "dtype")
-    _flag(
+    flag(merge, "output_dir", required=True, help="folder for the merged caches")
+    merged_dtype = default_of(merge_caches, "dtype")
+    flag(
         merge,
         "stats_dtype",
         default=merged_dtype,
@@ -404,26 +154,26 @@ def _stats_parsers(sub: argparse._SubParsersAction) -> None:
         "read a ROME/MEMIT/AlphaEdit layer_stats .npz (mom2.mom2 = Σ k kᵀ, mom2.count) as a kis cache",
     )
     importer.add_argument("npz", help="the .npz file")
-    _flag(importer, "model_name", required=True, help="the model it was computed on (as you pass it to kis)")
-    _flag(importer, "layer", type=int, required=True, help="its layer")
+    flag(importer, "model_name", required=True, help="the model it was computed on (as you pass it to kis)")
+    flag(importer, "layer", type=int, required=True, help="its layer")
     # Not argparse-required: the handler names the flag and why it is needed in one `kis: error:` line.
-    _flag(
+    flag(
         importer,
         "prepend_bos",
         choices=["true", "false"],
         default=None,
         help="required: whether BOS preceded each text when it was computed (ROME: the HF tokenizer's default)",
     )
-    _flag(
+    flag(
         importer,
         "max_length",
         type=int,
         default=None,
         help="the token length texts were truncated to (ROME: n_positions), recorded when given",
     )
-    output_dir, corpus = _default(ModelOptions, "output_dir"), _default(import_layer_stats, "corpus")
-    _flag(importer, "output_dir", default=output_dir, help=f"kis output folder (default {output_dir})")
-    _flag(
+    output_dir, corpus = default_of(ModelOptions, "output_dir"), default_of(import_layer_stats, "corpus")
+    flag(importer, "output_dir", default=output_dir, help=f"kis output folder (default {output_dir})")
+    flag(
         importer,
         "corpus",
         default=corpus,
@@ -433,16 +183,16 @@ def _stats_parsers(sub: argparse._SubParsersAction) -> None:
         sub, "export-stats", "write a kis cache as the layer_stats .npz ROME/MEMIT/AlphaEdit write and load"
     )
     exporter.add_argument("cache", help="a layer_*_mom2.safetensors cache")
-    _flag(exporter, "output", required=True, help="the .npz to write")
-    precision = _default(export_npz, "precision")
-    _flag(
+    flag(exporter, "output", required=True, help="the .npz to write")
+    precision = default_of(export_npz, "precision")
+    flag(
         exporter,
         "precision",
         default=precision,
         choices=stats_dtypes,
         help=f"dtype of the stored sum, ROME's precision (default {precision})",
     )
-    _flag(
+    flag(
         exporter,
         "sample_size",
         type=int,
@@ -452,7 +202,7 @@ def _stats_parsers(sub: argparse._SubParsersAction) -> None:
             "(default the cache's sample_size, else its number of texts)"
         ),
     )
-    _flag(
+    flag(
         exporter,
         "layer_name",
         default=None,
@@ -509,19 +259,19 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
     from kis_lens.report import report_from_results
 
     parser = _subcommand(sub, "report", "write one self-contained HTML report (and a per-layer CSV) of a saved run")
-    top_k, threshold = _default(report_from_results, "top_k"), _default(report_from_results, "threshold")
-    _flag(
+    top_k, threshold = default_of(report_from_results, "top_k"), default_of(report_from_results, "threshold")
+    flag(
         parser, "results", required=True, help="run folder, its results.safetensors, or an --output_dir holding one run"
     )
-    _flag(parser, "output", default=None, help="the HTML file to write (default <run folder>/report.html)")
-    _flag(
+    flag(parser, "output", default=None, help="the HTML file to write (default <run folder>/report.html)")
+    flag(
         parser,
         "top_k",
         type=int,
         default=top_k,
         help=f"most superposed pairs listed per matrix and layer (default {top_k})",
     )
-    _flag(
+    flag(
         parser,
         "threshold",
         type=float,
@@ -541,7 +291,7 @@ def _reproduce_command(args: argparse.Namespace) -> None:
         f"covariance on {report.covariance['tokens_total']:,} tokens"
     )
     for verdict in report.verdicts:
-        print(f"  {verdict['claim']}: {verdict['verdict']}")
+        print(f"  {verdict.claim}: {verdict.verdict}")
     print(f"document: {config.doc_path}")
 
 
@@ -592,7 +342,8 @@ def _edit_sim_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _lifelong_command(args: argparse.Namespace) -> None:
-    from kis_lens.editing.lifelong import LifelongConfig, run_lifelong
+    from kis_lens.editing.lifelong import LifelongConfig
+    from kis_lens.editing.lifelong_loop import run_lifelong
 
     config = config_from_args(args, LifelongConfig)
     results = run_lifelong(config, command=shlex.join(["kis", *args.argv]))
@@ -709,45 +460,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kis: error: {message}", file=sys.stderr)
         return 2
     return 0
-
-
-# Names under which the frames of a failed read or write hold the file's path (innermost frame first).
-_PATH_NAMES = ("filename", "path", "temp", "target", "file", "source")
-
-
-def _path_in_traceback(error: BaseException) -> str | None:
-    """Return the file path a failed read or write was working on, read from its innermost frames' locals."""
-    frames = []
-    trace = error.__traceback__
-    while trace is not None:
-        frames.append(trace.tb_frame)
-        trace = trace.tb_next
-    for frame in reversed(frames):
-        for name in _PATH_NAMES:
-            value = frame.f_locals.get(name)
-            if isinstance(value, (str, os.PathLike)) and str(value):
-                return str(value)
-    return None
-
-
-def file_failure_message(error: BaseException) -> str | None:
-    """Return the `kis: error:` text of a file read or write that failed outside kis's checks; None for other errors."""
-    if not is_file_failure(error):
-        return None
-    path = getattr(error, "filename", None) or _path_in_traceback(error)
-    where = str(path) if path else "a file"
-    text = str(error).lower()
-    if getattr(error, "errno", None) in NO_SPACE_ERRNOS or any(word in text for word in NO_SPACE_WORDS):
-        return f"no space left writing {where} ({error}): free space or choose another --output_dir, then rerun"
-    if isinstance(error, OSError):
-        return (
-            f"cannot read or write {where}: {error.strerror or error}; check that it exists and that its folder is "
-            "writable, then rerun (--debug shows where it failed)"
-        )
-    return (
-        f"cannot read or write {where} ({type(error).__name__}: {error}); if it is corrupt or truncated, delete it "
-        "and rerun the command that wrote it (--debug shows where it failed)"
-    )
 
 
 if __name__ == "__main__":

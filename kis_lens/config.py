@@ -1,10 +1,13 @@
-"""Settings of the jobs: frozen dataclasses that the CLI fills, scripts construct and results record.
+"""Settings of the jobs: blocks of settings, each declared once, that the job configs are composed of.
 
-Every job config inherits ``ModelOptions`` (model, device, dtype, BOS, output folder, seed, progress), so
-those defaults live here once. Each field carries its CLI help (and choices) as metadata:
-``kis_lens.cli.add_config_flags`` builds the flags from the fields and ``config_from_args`` parses them
-back, so a default is written in exactly one place. ``__post_init__`` refuses settings no job can run,
-with a ``KisError`` naming the problem and the fix.
+A block is a frozen dataclass of the settings one concern needs: ``ModelOptions`` (model, device, dtype, BOS,
+output folder, seed, progress; every block builds on it), ``LayerOptions``, ``FactOptions``, ``CorpusOptions``
+(the corpus C is estimated on: what the covariance job reads) and ``CacheOptions`` (how the cache job stores and
+checkpoints it). A job config inherits the blocks it honours in full (``RunConfig``, ``CacheCovConfig``), takes
+single settings of another block with ``borrow`` and restates a default with ``with_defaults``, so every setting is
+declared once and scripts still construct configs with flat keywords; ``block_of`` projects a config onto a block.
+Each field carries its CLI help (and choices) as metadata: ``kis_lens.flags`` builds the flags from the fields and
+parses them back. ``__post_init__`` refuses settings no job can run, with a ``KisError`` naming the problem and the fix.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numbers
 import typing
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from kis_lens.corpus import CORPUS_ORDERS, DEFAULT_SHUFFLE_BUFFER, EMBEDDED_CORPUS, WIKIPEDIA_CONFIG
 from kis_lens.errors import KisError
@@ -23,12 +26,12 @@ from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE
 from kis_lens.io import check_writable, check_writable_file
 from kis_lens.keys import TOKEN_POSITIONS
 from kis_lens.models import DEFAULT_MODEL, DTYPES
+from kis_lens.storage import DEFAULT_STATS_DTYPE, STATS_DTYPES
 
 # "mix" is the original scripts' name for known and unknown together: the same facts as "all", named "mix".
 KNOWLEDGE_TYPES: tuple[str, ...] = ("known", "unknown", "all", "mix")
 FACT_ORDERS: tuple[str, ...] = ("sample", "first")
 LAYOUTS: tuple[str, ...] = ("kis", "original")
-DEFAULT_MAX_TOKENS = 100_000
 # Settings and command options that name where a job writes, and whether each is a folder or a file: their
 # folders are checked for writability before any compute (check_outputs). A new output setting adds its name.
 # stats_dir is not one: a folder of finished caches may be read-only, and the cache job checks it before computing.
@@ -62,6 +65,7 @@ def setting(
     aliases: Sequence[str] = (),
     value_aliases: Sequence[ValueAlias] = (),
     infinite: str | None = None,
+    parse: Callable[[str], Any] | None = None,
 ) -> Any:
     """Return a dataclass field with its CLI help as metadata.
 
@@ -70,7 +74,8 @@ def setting(
         flag then accepts besides numbers: kis_lens.cli reads it, nothing else);
     aliases: other names of the same flag (the original scripts' spellings, e.g. "fact_token");
     value_aliases: the original scripts' flags that set this setting through a table of their values;
-    infinite: what inf means for a float setting that accepts it (every other float setting must be finite).
+    infinite: what inf means for a float setting that accepts it (every other float setting must be finite);
+    parse: turns the flag's text into the value (e.g. parse_bytes for "24GB"), raising KisError on bad text.
     """
     metadata: dict[str, Any] = {"help": help}
     if aliases:
@@ -85,6 +90,8 @@ def setting(
         metadata["cli_none"] = cli_none
     if infinite is not None:
         metadata["infinite"] = infinite
+    if parse is not None:
+        metadata["parse"] = parse
     return field(default=default, metadata=metadata)
 
 
@@ -146,6 +153,87 @@ def check_outputs(values: Mapping[str, Any]) -> None:
             check_writable_file(Path(value), f"--{name}")
 
 
+def parse_bytes(text: str | int | None) -> int | None:
+    """Return a byte count from "30GB", "512MiB", "2e9" or an int (None stays None)."""
+    if text is None or isinstance(text, int):
+        return text
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+    units.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+    stripped = text.strip().lower().replace(" ", "")
+    number = stripped.rstrip("abgikmt")
+    unit = stripped[len(number) :]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise KisError(f"cannot read {text!r} as a memory size: write e.g. 30GB, 512MiB or 2e9") from None
+    if value <= 0:
+        raise KisError(f"memory size {text!r} must be positive")
+    return int(value)
+
+
+_BLOCKS_DEFAULT: Any = object()  # an Override that changes only the help keeps the block's default
+
+
+@dataclass(frozen=True)
+class Override:
+    """A restated setting's new default (unless only its help changes) and its help for this job (None: the block's)."""
+
+    default: Any = _BLOCKS_DEFAULT
+    help: str | None = None
+    none: str | None = None
+
+
+Block = TypeVar("Block")
+
+
+def _restate(cls: type, source: Field, change: Any) -> None:
+    """Give cls its own copy of a block's field, with another default and help, before @dataclass reads cls."""
+    override = change if isinstance(change, Override) else Override(change)
+    metadata = dict(source.metadata)
+    metadata.update({key: value for key, value in (("help", override.help), ("none", override.none)) if value})
+    own = dict(cls.__dict__.get("__annotations__", {}))
+    # An inherited field keeps its place in the field order; a borrowed one comes before the class's own fields.
+    cls.__annotations__ = {source.name: source.type, **own}
+    default = source.default if override.default is _BLOCKS_DEFAULT else override.default
+    setattr(cls, source.name, field(default=default, metadata=metadata))
+    cls.__restated__ = (*cls.__dict__.get("__restated__", ()), source.name)
+
+
+def with_defaults(**defaults: Any) -> Callable[[type], type]:
+    """Class decorator (below @dataclass): restate inherited settings with this job's defaults (or Override)."""
+
+    def decorate(cls: type) -> type:
+        for name, change in defaults.items():
+            owners = [base for base in cls.__mro__[1:] if name in getattr(base, "__dataclass_fields__", {})]
+            if not owners:
+                raise TypeError(f"{cls.__name__} inherits no setting {name!r} to give another default")
+            _restate(cls, owners[0].__dataclass_fields__[name], change)
+        return cls
+
+    return decorate
+
+
+def borrow(block: type, *names: str, **defaults: Any) -> Callable[[type], type]:
+    """Class decorator (below @dataclass): take single settings of a block the job does not honour in full.
+
+    names keep the block's default; keyword names take this job's default (a value, or an Override).
+    """
+
+    def decorate(cls: type) -> type:
+        for name in reversed((*names, *defaults)):  # each goes first: reversed, they keep the order given
+            if name not in block.__dataclass_fields__:
+                raise TypeError(f"{block.__name__} has no setting {name!r} for {cls.__name__} to borrow")
+            _restate(cls, block.__dataclass_fields__[name], defaults.get(name, Override()))
+        return cls
+
+    return decorate
+
+
+def block_of(config: Any, block: type[Block]) -> Block:
+    """Return the block's settings as config has them; settings config lacks keep the block's defaults."""
+    return block(**{item.name: getattr(config, item.name) for item in fields(block) if hasattr(config, item.name)})
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """The settings every job shares: which model, where it runs, in what dtype, and where results go."""
@@ -166,7 +254,7 @@ class ModelOptions:
         None, "BOS before each text (auto: what the model's HF tokenizer does)", none="auto"
     )
     output_dir: str = setting("results", "where caches and results go")
-    seed: int = setting(0, "fact sampling seed")
+    seed: int = setting(0, "random seed (of the fact sample; of the noise in kis trace)")
     progress: bool = setting(True, "progress bars")
 
     def __post_init__(self) -> None:
@@ -186,14 +274,20 @@ class ModelOptions:
 
 
 @dataclass(frozen=True)
-class RunConfig(ModelOptions):
-    """Every setting of a run; the CLI fills it, scripts construct it, results record it."""
+class LayerOptions(ModelOptions):
+    """Which layers a job covers."""
 
     start_layer: int | None = setting(None, "first layer", none="0")
     end_layer: int | None = setting(None, "last layer, inclusive", none="the last")
+
+
+@dataclass(frozen=True)
+class FactOptions(ModelOptions):
+    """Which facts a job reads keys of, and where in the prompt."""
+
     facts: str = setting(
         DEFAULT_FACTS,
-        "counterfact-known, known-1000 or a JSON/JSONL path",
+        "counterfact-known, counterfact-extended (1,599), known-1000 or a JSON/JSONL path",
         value_aliases=(
             ValueAlias(
                 "ds_name",
@@ -220,9 +314,25 @@ class RunConfig(ModelOptions):
         choices=TOKEN_POSITIONS,
         aliases=("fact_token",),
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.knowledge_type not in KNOWLEDGE_TYPES:
+            raise KisError(f"unknown knowledge_type {self.knowledge_type!r}: use one of {', '.join(KNOWLEDGE_TYPES)}")
+        if self.token_position not in TOKEN_POSITIONS:
+            raise KisError(f"unknown token_position {self.token_position!r}: use one of {', '.join(TOKEN_POSITIONS)}")
+        if self.fact_order not in FACT_ORDERS:
+            raise KisError(f"unknown fact_order {self.fact_order!r}: use one of {', '.join(FACT_ORDERS)}")
+        at_least("record_size", self.record_size, 1)
+
+
+@dataclass(frozen=True)
+class CorpusOptions(ModelOptions):
+    """The corpus C = E[k kᵀ] is estimated on, its sample and token budget, batching and where its caches live."""
+
     corpus: str = setting(
         EMBEDDED_CORPUS,
-        f"{EMBEDDED_CORPUS} or a .txt/.jsonl file",
+        f"corpus for C: {EMBEDDED_CORPUS} or a .txt/.jsonl file",
         value_aliases=(
             ValueAlias(
                 "download",
@@ -251,7 +361,7 @@ class RunConfig(ModelOptions):
     corpus_seed: int = setting(0, "seed of --corpus_order shuffle")
     corpus_buffer: int = setting(DEFAULT_SHUFFLE_BUFFER, "shuffle buffer (texts) of a streamed corpus")
     wikipedia_snapshot: str = setting(WIKIPEDIA_CONFIG, "wikimedia/wikipedia config that --corpus wikipedia streams")
-    max_tokens: int | None = setting(DEFAULT_MAX_TOKENS, "corpus token budget", none="no limit", cli_none=0)
+    max_tokens: int | None = setting(100_000, "corpus tokens for C", none="no limit", cli_none=0)
     batch_token: int | None = setting(
         None,
         "tokens per forward batch, padding included (--batch_tokens: the original's spelling; any: its word for "
@@ -265,6 +375,63 @@ class RunConfig(ModelOptions):
         "folder of the covariance caches (the original's --stats_dir; its .npz caches: kis import-stats)",
         none="{output_dir}/stats",
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stats_dir is not None and (not isinstance(self.stats_dir, (str, Path)) or not str(self.stats_dir)):
+            raise KisError(f"stats_dir must be a folder path, not {self.stats_dir!r}: e.g. --stats_dir data/stats")
+        at_least("sample_size", self.sample_size, 1, none_means="every text")
+        at_least("max_tokens", self.max_tokens, 1, none_means="no limit")
+        at_least("batch_token", self.batch_token, 1, none_means="n_ctx")
+        if self.corpus_order not in CORPUS_ORDERS:
+            raise KisError(f"unknown corpus_order {self.corpus_order!r}: use one of {', '.join(CORPUS_ORDERS)}")
+        at_least("corpus_seed", self.corpus_seed, 0)
+        at_least("corpus_buffer", self.corpus_buffer, 1)
+
+
+@dataclass(frozen=True)
+class CacheOptions(CorpusOptions):
+    """The covariance job's request: the corpus block, then how the caches are stored, checkpointed and bounded."""
+
+    stats_dtype: str = setting(
+        DEFAULT_STATS_DTYPE,
+        "dtype of the stored statistic (float64 stores the exact sum; float32 rounds C)",
+        choices=sorted(STATS_DTYPES),
+        value_aliases=(
+            ValueAlias(
+                "to_collect",
+                {"mom2": None},
+                "the original Cache_Cov.py's statistics to collect: mom2, the only one kis collects",
+                refusal="kis collects only mom2 (the uncentered second moment)",
+            ),
+        ),
+    )
+    checkpoint_every: int | None = setting(
+        5_000_000, "tokens between resumable checkpoints", none="no checkpoints", cli_none=0
+    )  # 0 and None both mean never
+    max_memory: int | None = setting(
+        None,
+        "memory for the accumulators, e.g. 24GB: more layers than fit → several passes",
+        none="no bound",
+        parse=parse_bytes,
+    )
+    sort_window: int = setting(1024, "texts sorted by length together, so batches pad little")
+    skip_nonfinite: bool = setting(
+        False, "leave out and count texts whose activations hold NaN/inf (default: stop and name the text)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # The stats dtype is checked by the cache's key (kis_lens.storage), before anything is written.
+        at_least("checkpoint_every", self.checkpoint_every, 0, none_means="no checkpoints")
+        at_least("max_memory", self.max_memory, 1, none_means="no bound")
+        at_least("sort_window", self.sort_window, 1)
+
+
+@dataclass(frozen=True)
+class RunConfig(CorpusOptions, FactOptions, LayerOptions):
+    """Every setting of a matrices run (``kis all``): the model, layer, fact and corpus blocks, then its own."""
+
     layout: str = setting(
         "kis",
         "per-layer .npy paths: kis = model short name, real position in the name; original = the original "
@@ -277,21 +444,10 @@ class RunConfig(ModelOptions):
         if not self.ridge >= 0:  # also refuses NaN; before the generic finite check, whose message says less
             raise KisError(f"ridge must be zero or positive, not {self.ridge}: e.g. --ridge 1e-6")
         super().__post_init__()
-        if self.knowledge_type not in KNOWLEDGE_TYPES:
-            raise KisError(f"unknown knowledge_type {self.knowledge_type!r}: use one of {', '.join(KNOWLEDGE_TYPES)}")
-        if self.token_position not in TOKEN_POSITIONS:
-            raise KisError(f"unknown token_position {self.token_position!r}: use one of {', '.join(TOKEN_POSITIONS)}")
-        if self.fact_order not in FACT_ORDERS:
-            raise KisError(f"unknown fact_order {self.fact_order!r}: use one of {', '.join(FACT_ORDERS)}")
         if self.layout not in LAYOUTS:
             raise KisError(f"unknown layout {self.layout!r}: use one of {', '.join(LAYOUTS)}")
-        if self.stats_dir is not None and (not isinstance(self.stats_dir, str) or not self.stats_dir):
-            raise KisError(f"stats_dir must be a folder path, not {self.stats_dir!r}: e.g. --stats_dir data/stats")
-        at_least("record_size", self.record_size, 1)
-        at_least("sample_size", self.sample_size, 1, none_means="every text")
-        at_least("max_tokens", self.max_tokens, 1, none_means="no limit")
-        at_least("batch_token", self.batch_token, 1, none_means="n_ctx")
-        if self.corpus_order not in CORPUS_ORDERS:
-            raise KisError(f"unknown corpus_order {self.corpus_order!r}: use one of {', '.join(CORPUS_ORDERS)}")
-        at_least("corpus_seed", self.corpus_seed, 0)
-        at_least("corpus_buffer", self.corpus_buffer, 1)
+
+
+@dataclass(frozen=True)
+class CacheCovConfig(CacheOptions, LayerOptions):
+    """Every setting of ``kis cache-cov``: the layers, and the covariance job's request."""

@@ -16,8 +16,16 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kis_lens._version import __version__
-from kis_lens.cache_job import CacheReport, CovarianceRequest, cache_second_moments
-from kis_lens.config import KNOWLEDGE_TYPES, RunConfig
+from kis_lens.cache_job import CacheReport, cache_second_moments
+from kis_lens.config import (
+    KNOWLEDGE_TYPES,
+    CacheCovConfig,
+    CacheOptions,
+    CorpusOptions,
+    ModelOptions,
+    RunConfig,
+    block_of,
+)
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts, sample_facts
 from kis_lens.hooks import layer_range
@@ -77,59 +85,32 @@ def select_facts(config: RunConfig, model: HookedModel | None = None) -> list[Fa
     return sample_facts(facts, record_size, seed=config.seed)
 
 
-def covariance_key(config: RunConfig, model: HookedModel, layer: int) -> CacheKey:
-    """Return the identity of the covariance cache a config uses for a layer."""
+def covariance_key(config: ModelOptions, model: HookedModel, layer: int) -> CacheKey:
+    """Return the identity of the covariance cache a config uses for a layer (its corpus settings, else defaults)."""
     from kis_lens.corpus import open_corpus
 
+    options = block_of(config, CorpusOptions)
     corpus = open_corpus(
-        config.corpus,
-        order=config.corpus_order,
-        seed=config.corpus_seed,
-        buffer=config.corpus_buffer,
-        snapshot=config.wikipedia_snapshot,
+        options.corpus,
+        order=options.corpus_order,
+        seed=options.corpus_seed,
+        buffer=options.corpus_buffer,
+        snapshot=options.wikipedia_snapshot,
     )
     return CacheKey.for_model(
-        model_info(model), layer, config.corpus, corpus.identity, resolve_prepend_bos(model, config.prepend_bos)
-    )
-
-
-def editing_run_config(options: Any) -> RunConfig:
-    """Return the RunConfig whose covariance an editing job reads: its model options, corpus and token budget."""
-    return RunConfig(
-        model_name=options.model_name,
-        device=options.device,
-        dtype=options.dtype,
-        output_dir=options.output_dir,
-        corpus=options.corpus,
-        max_tokens=options.max_tokens,
-        progress=options.progress,
-    )
-
-
-def covariance_request(config: RunConfig, **options: Any) -> CovarianceRequest:
-    """Return the covariance job a config describes; options set CovarianceRequest's cache-only fields."""
-    return CovarianceRequest(
-        corpus=config.corpus,
-        output_dir=config.output_dir,
-        sample_size=config.sample_size,
-        max_tokens=config.max_tokens,
-        batch_token=config.batch_token,
-        prepend_bos=config.prepend_bos,
-        progress=config.progress,
-        stats_dir=config.stats_dir,
-        corpus_order=config.corpus_order,
-        corpus_seed=config.corpus_seed,
-        corpus_buffer=config.corpus_buffer,
-        wikipedia_snapshot=config.wikipedia_snapshot,
-        **options,
+        model_info(model), layer, options.corpus, corpus.identity, resolve_prepend_bos(model, options.prepend_bos)
     )
 
 
 def ensure_covariances(
-    config: RunConfig, model: HookedModel, layers: Sequence[int]
+    config: ModelOptions, model: HookedModel, layers: Sequence[int]
 ) -> tuple[dict[int, Float[Tensor, "d_mlp d_mlp"]], CacheReport]:
-    """Return ({layer: float64 C}, the cache job's report of what each C holds), estimating or extending as needed."""
-    report = cache_second_moments(model, layers, covariance_request(config))
+    """Return ({layer: float64 C}, the cache job's report of what each C holds), estimating or extending as needed.
+
+    The cache job reads the corpus settings config has (an editing job's corpus and max_tokens, say); the ones it
+    lacks keep CacheOptions' defaults.
+    """
+    report = cache_second_moments(model, layers, block_of(config, CacheOptions))
     covariances: dict[int, torch.Tensor] = {}
     for layer, path in report.paths.items():
         moment, _ = load_second_moment(path)
@@ -214,10 +195,8 @@ def run_matrices(
     return result
 
 
-def cache_covariance_job(
-    config: RunConfig = RunConfig(), model: HookedModel | None = None, **options: Any
-) -> CacheReport:
+def cache_covariance_job(config: CacheCovConfig = CacheCovConfig(), model: HookedModel | None = None) -> CacheReport:
     """Estimate, extend or reuse the covariance cache of every layer of the config; return the job's report."""
     model = load_model(model if model is not None else config.model_name, device=config.device, dtype=config.dtype)
     layers = layer_range(model, config.start_layer, config.end_layer)
-    return cache_second_moments(model, layers, covariance_request(config, **options))
+    return cache_second_moments(model, layers, block_of(config, CacheOptions))

@@ -196,7 +196,7 @@ def test_a_split_saved_under_the_legacy_fingerprint_is_re_keyed_not_reclassified
     """A split an older kis saved (keyed on the sampled W_out fingerprint this model matches) is reused and saved
     again under the full-weight fingerprint; one of another model's legacy fingerprint is reclassified."""
     import kis_lens.classify as classify
-    from kis_lens.models import legacy_fingerprint, model_fingerprint
+    from kis_lens.fingerprint import legacy_fingerprint, model_fingerprint
 
     facts_file = write_facts(tmp_path / "facts.json", HAND_FACTS)
     split, path = ensure_split(tiny_gpt2, facts_file, tmp_path, top_k=2, prepend_bos=False)

@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 
 from kis_lens.classify import ClassifyConfig
-from kis_lens.cli import FACT_FIELDS, build_parser, config_from_args, main, parse_bytes
-from kis_lens.config import ModelOptions, RunConfig
+from kis_lens.cli import build_parser, main
+from kis_lens.config import CacheCovConfig, ModelOptions, RunConfig, parse_bytes
+from kis_lens.editing.lifelong import LifelongConfig
 from kis_lens.editing.simulation import EditSimConfig
 from kis_lens.errors import KisError
+from kis_lens.flags import config_from_args
 from kis_lens.reproduce import ReproduceConfig
 from kis_lens.results import load_result
+from kis_lens.trace import TraceConfig
 
 MATRIX_DIRS = ("p_matrix", "q_matrix", "whitening_cos_matrix", "activation_cos_matrix")
 MATRIX_FILE_ENDS = ("p_matrix", "q_matrix", "cos_matrix", "cos_matrix")  # the original's: both cosines *_cos_matrix
@@ -115,10 +118,12 @@ def test_bad_input_exits_2_without_traceback(tmp_path, args, message):
 # command -> (its config, the fields it deliberately leaves off the command line)
 CONFIG_COMMANDS = {
     **{name: (RunConfig, ()) for name in ("all", "p-matrix", "q-matrix", "whitening-cos", "activation-cos")},
-    "cache-cov": (RunConfig, FACT_FIELDS),
+    "cache-cov": (CacheCovConfig, ("seed",)),
     "classify-facts": (ClassifyConfig, ("seed",)),
     "reproduce": (ReproduceConfig, ("prepend_bos",)),
     "edit-sim": (EditSimConfig, ("prepend_bos",)),
+    "lifelong": (LifelongConfig, ("prepend_bos",)),
+    "trace": (TraceConfig, ()),
 }
 REQUIRED_ARGS = {
     "merge-stats": ["a.safetensors", "--output_dir", "out"],
@@ -150,6 +155,10 @@ def non_default_cli_value(item) -> tuple[list[str], object]:
     """Return (value tokens after the flag, the field value they parse to), a value other than the default."""
     if item.default is True:
         return [], False
+    if item.default is False:
+        return [], True
+    if item.name == "max_memory":
+        return ["2GB"], 2 * 10**9
     if isinstance(item.default, tuple):
         return [",".join(item.default[:2])], item.default[:2]
     if "choices" in item.metadata:
@@ -159,13 +168,15 @@ def non_default_cli_value(item) -> tuple[list[str], object]:
         return ["false"], False
     if isinstance(item.default, float):
         return [str(item.default + 0.5)], item.default + 0.5
+    if item.default is None and item.name == "covariance_weight":
+        return ["2.5"], 2.5
     if isinstance(item.default, int) or (item.default is None and item.name in INT_NONE_FIELDS):
         value = 3 if item.default is None else item.default + 1
         return [str(value)], value
     return ["some/other_value"], "some/other_value"
 
 
-INT_NONE_FIELDS = {"start_layer", "end_layer", "sample_size", "batch_token", "max_tokens"}
+INT_NONE_FIELDS = {"start_layer", "end_layer", "sample_size", "batch_token", "max_tokens", "n_edits", "value_prompts"}
 
 
 @pytest.mark.parametrize("command", list(CONFIG_COMMANDS))
@@ -316,8 +327,8 @@ def test_cache_cov_token_budget(monkeypatch):
         def summary(self):
             return "ok"
 
-    def fake_job(config, **options):
-        seen.append((config, options))
+    def fake_job(config):
+        seen.append(config)
         return Report()
 
     monkeypatch.setattr(kis_lens.runner, "cache_covariance_job", fake_job)
@@ -329,12 +340,9 @@ def test_cache_cov_token_budget(monkeypatch):
         main(["cache-cov", "--device", "cpu", "--sample-size", "3", "--max_tokens", "500", "--checkpoint_every", "0"])
         == 0
     )
-    assert [config.max_tokens for config, _ in seen] == [RunConfig().max_tokens, None, 500]
-    assert (
-        seen[0][1]["stats_dtype"] == "float64"
-        and seen[0][1]["checkpoint_every"] == 5_000_000
-        and seen[2][1]["checkpoint_every"] is None
-    )
+    assert [config.max_tokens for config in seen] == [RunConfig().max_tokens, None, 500]
+    assert seen[0].stats_dtype == "float64" and seen[0].checkpoint_every == 5_000_000
+    assert seen[2].checkpoint_every is None  # 0 = no checkpoints
 
 
 def test_parse_bytes():
@@ -411,7 +419,7 @@ def test_original_commands_paste_unchanged():
             "--sample_size=100000",
         ]
     )
-    assert config_from_args(cache) == RunConfig(
+    assert config_from_args(cache, CacheCovConfig) == CacheCovConfig(
         model_name="EleutherAI/pythia-1b", batch_token=2048, dtype="float32", stats_dir="data/stats", sample_size=100000
     )
     mixed = config_from_args(

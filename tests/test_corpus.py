@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from kis_lens.cache_job import CovarianceRequest, cache_second_moments
-from kis_lens.config import RunConfig
+from kis_lens.cache_job import cache_second_moments
+from kis_lens.config import CacheOptions, RunConfig, block_of
 from kis_lens.corpus import (
     EMBEDDED_CORPUS,
     WIKIPEDIA_CONFIG,
@@ -18,7 +18,6 @@ from kis_lens.corpus import (
     seeded_permutation,
 )
 from kis_lens.errors import KisError
-from kis_lens.runner import covariance_request
 from kis_lens.storage import read_metadata
 from kis_lens.tiny import tiny_tokenizer
 from kis_lens.tokens import token_batches
@@ -233,7 +232,7 @@ def test_sampling_settings_reach_the_cache_job_and_name_its_folder(tiny_gpt2, tm
     config = RunConfig(
         corpus_order="shuffle", corpus_seed=3, corpus_buffer=50, wikipedia_snapshot="20231101.simple", progress=False
     )
-    request = covariance_request(config)
+    request = block_of(config, CacheOptions)
     assert (request.corpus_order, request.corpus_seed, request.corpus_buffer, request.wikipedia_snapshot) == (
         "shuffle",
         3,
@@ -245,8 +244,13 @@ def test_sampling_settings_reach_the_cache_job_and_name_its_folder(tiny_gpt2, tm
         order: cache_second_moments(
             tiny_gpt2,
             [0],
-            CovarianceRequest(
-                corpus=EMBEDDED_CORPUS, output_dir=tmp_path, sample_size=4, corpus_order=order, progress=False
+            CacheOptions(
+                corpus=EMBEDDED_CORPUS,
+                output_dir=tmp_path,
+                sample_size=4,
+                max_tokens=None,
+                corpus_order=order,
+                progress=False,
             ),
         )
         for order in ("first", "shuffle")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from kis_lens import covariance
-from kis_lens.cache_job import CovarianceRequest, cache_second_moments, layer_groups
+from kis_lens.cache_job import cache_second_moments, layer_groups
+from kis_lens.config import CacheOptions
 from kis_lens.corpus import EMBEDDED_CORPUS, embedded_sample_texts, open_corpus
 from kis_lens.covariance import estimate_second_moments, forward_row_groups
 from kis_lens.errors import KisError
@@ -103,16 +104,17 @@ def _cli(output: Path, *extra: str) -> list[str]:
     ]
 
 
-def _request(output: Path, **changes) -> CovarianceRequest:
+def _request(output: Path, **changes) -> CacheOptions:
     settings = dict(
         corpus=EMBEDDED_CORPUS,
         output_dir=output,
+        max_tokens=None,
         sample_size=80,
         batch_token=256,
         stats_dtype="float64",
         progress=False,
     )
-    return CovarianceRequest(**{**settings, **changes})
+    return CacheOptions(**{**settings, **changes})
 
 
 def test_killed_job_resumes_to_the_identical_result(tmp_path, tiny_cli_model):
@@ -260,7 +262,7 @@ def test_caches_are_float64_sums_by_default(tmp_path, tiny_cli_model):
     """C is stored as the exact float64 sum unless float32 is asked for, and C read back is the run's C bit for bit."""
     from safetensors import safe_open
 
-    request = CovarianceRequest(corpus=EMBEDDED_CORPUS, output_dir=tmp_path, sample_size=8, progress=False)
+    request = CacheOptions(corpus=EMBEDDED_CORPUS, output_dir=tmp_path, sample_size=8, max_tokens=None, progress=False)
     report = cache_second_moments(tiny_cli_model, [1], request)
     with safe_open(str(report.paths[1]), framework="pt") as handle:
         assert list(handle.keys()) == ["sum"] and handle.get_tensor("sum").dtype == torch.float64
@@ -273,7 +275,7 @@ def test_caches_are_float64_sums_by_default(tmp_path, tiny_cli_model):
 
 def test_the_progress_bar_counts_tokens_against_a_budget(tmp_path, tiny_cli_model, monkeypatch):
     """With --max_tokens the bar's total is the budget in tokens; without one it counts the sample's texts."""
-    from kis_lens import cache_job
+    from kis_lens import cache_pass
 
     bars = []
 
@@ -291,7 +293,7 @@ def test_the_progress_bar_counts_tokens_against_a_budget(tmp_path, tiny_cli_mode
         def close(self):
             bars[-1]["final"] = self.n
 
-    monkeypatch.setattr(cache_job, "tqdm", Recorder)
+    monkeypatch.setattr(cache_pass, "tqdm", Recorder)
     cache_second_moments(
         tiny_cli_model, [1], _request(tmp_path / "budget", sample_size=None, max_tokens=2000, progress=True)
     )
@@ -318,11 +320,12 @@ def test_an_imported_cache_is_tied_to_the_first_model_that_uses_it(tmp_path, tin
     report = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=None, max_tokens=100))
     assert report.reused == [1] and "now recorded" in report.summary()
     _, meta = load_second_moment(path)
-    from kis_lens.models import model_fingerprint, refresh_model_info
+    from kis_lens.fingerprint import model_fingerprint
+    from kis_lens.models import refresh_model_info
 
     assert meta["model_fingerprint"] == model_fingerprint(tiny_cli_model)
     other = load_model("tiny-gpt2", device="cpu")
-    from kis_lens.models import output_weight
+    from kis_lens.w_out import output_weight
 
     output_weight(other, 0).write(output_weight(other, 0).read() * 2)  # same name, other weights
     refresh_model_info(other, "W_out of layer 0 doubled: another model under the same name")
@@ -352,7 +355,7 @@ def test_a_cache_keyed_on_the_legacy_fingerprint_is_re_keyed_not_recomputed(tiny
     """A cache written by an older kis (keyed on the sampled W_out fingerprint) is read, re-keyed to the full-weight
     fingerprint with a line in the summary, and its statistics are kept bit for bit; one whose legacy fingerprint
     is another model's is refused."""
-    from kis_lens.models import legacy_fingerprint, model_fingerprint
+    from kis_lens.fingerprint import legacy_fingerprint, model_fingerprint
     from kis_lens.storage import read_metadata, rewrite_metadata
 
     first = cache_second_moments(tiny_cli_model, [1], _request(tmp_path))

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from kis_lens import covariance, storage
-from kis_lens.cache_job import CovarianceRequest, cache_second_moments
+from kis_lens.cache_job import cache_second_moments
+from kis_lens.config import CacheOptions
 from kis_lens.corpus import EMBEDDED_CORPUS, open_corpus
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
@@ -40,17 +41,18 @@ KILL_TRIALS = 24  # each SIGKILLed once or twice; at least 20 kills must land mi
 LAYERS = [0, 1]
 
 
-def _request(output: Path, **changes) -> CovarianceRequest:
+def _request(output: Path, **changes) -> CacheOptions:
     settings = dict(
         corpus=EMBEDDED_CORPUS,
         output_dir=output,
+        max_tokens=None,
         sample_size=30,
         batch_token=256,
         stats_dtype="float64",
         checkpoint_every=800,
         progress=False,
     )
-    return CovarianceRequest(**{**settings, **changes})
+    return CacheOptions(**{**settings, **changes})
 
 
 def _cache_files(output: Path) -> dict[int, Path]:
@@ -58,7 +60,7 @@ def _cache_files(output: Path) -> dict[int, Path]:
     return {layer: folder / f"layer_{layer}_mom2.safetensors" for layer in LAYERS}
 
 
-def _run_in_child(model, request: CovarianceRequest) -> int:
+def _run_in_child(model, request: CacheOptions) -> int:
     """Fork a child that runs the cache job and exits 0 on success; return its pid."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
@@ -219,14 +221,14 @@ def test_dying_torchrun_rank_stops_the_job_and_the_rerun_resumes(tmp_path, tiny_
     script = tmp_path / "dying_rank.py"
     script.write_text(
         "import os, signal, sys\n"
-        "import kis_lens.cache_job as cache_job\n"
-        "original = cache_job.accumulate_batches\n"
+        "import kis_lens.cache_pass as cache_pass\n"
+        "original = cache_pass.accumulate_batches\n"
         "def dying(*args, **kwargs):\n"
         "    for number, batch in enumerate(original(*args, **kwargs)):\n"
         "        if os.environ.get('RANK') == '1' and number == 6 and os.environ.get('KIS_DIE') == '1':\n"
         "            os.kill(os.getpid(), signal.SIGKILL)\n"
         "        yield batch\n"
-        "cache_job.accumulate_batches = dying\n"
+        "cache_pass.accumulate_batches = dying\n"
         "from kis_lens.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kis_lens.cache_job import CovarianceRequest, cache_second_moments
+from kis_lens.cache_job import cache_second_moments
 from kis_lens.cli import main
+from kis_lens.config import CacheOptions
 from kis_lens.corpus import EMBEDDED_CORPUS, open_corpus
 from kis_lens.errors import KisError
 from kis_lens.layout import stats_path
@@ -277,12 +278,12 @@ def test_npz_round_trip_and_merge(tmp_path, tiny_cli_model):
     texts = list(open_corpus(EMBEDDED_CORPUS).texts(stop=16))
     for name, part in (("a", texts[:8]), ("b", texts[8:]), ("ab", texts)):
         (tmp_path / f"{name}.txt").write_text("\n".join(part), encoding="utf-8")
-    request = dict(output_dir=None, sample_size=None, batch_token=256, stats_dtype="float64", progress=False)
+    request = dict(sample_size=None, max_tokens=None, batch_token=256, stats_dtype="float64", progress=False)
     reports = {
         name: cache_second_moments(
             tiny_cli_model,
             [1],
-            CovarianceRequest(**{**request, "corpus": str(tmp_path / f"{name}.txt"), "output_dir": tmp_path / name}),
+            CacheOptions(**{**request, "corpus": str(tmp_path / f"{name}.txt"), "output_dir": tmp_path / name}),
         )
         for name in ("a", "b", "ab")
     }

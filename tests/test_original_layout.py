@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from kis_lens.cache_job import CovarianceRequest
 from kis_lens.cli import build_parser, cache_cov_config, main
-from kis_lens.config import RunConfig
+from kis_lens.config import CacheCovConfig, CacheOptions, RunConfig, block_of
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts
 from kis_lens.layout import LEGACY_DIRS, original_npy_path
 from kis_lens.results import RunResult, load_result, original_model_folder, save_result
-from kis_lens.runner import covariance_request, select_facts
+from kis_lens.runner import select_facts
 
 MATRICES = ("p_matrix", "q_matrix", "whitening_cos", "activation_cos")
 TINY = ["--model_name", "tiny-gpt2", "--record_size", "6", "--max_tokens", "2000", "--no_progress", "--device", "cpu"]
@@ -185,20 +184,20 @@ def test_mix_is_every_fact_like_all():
 PASTED_CACHE_COV = "--model_name gpt2-small --dataset wikipedia --to_collect mom2 --sample_size all --batch_tokens any"
 
 
-def cache_cov(tokens: list[str]) -> RunConfig:
-    """Return the RunConfig `kis cache-cov` builds from these flags."""
+def cache_cov(tokens: list[str]) -> CacheCovConfig:
+    """Return the CacheCovConfig `kis cache-cov` builds from these flags."""
     return cache_cov_config(build_parser().parse_args(["cache-cov", *tokens]))
 
 
 def test_pasted_cache_cov_command_parses_to_the_same_job():
     config = cache_cov([*PASTED_CACHE_COV.split(), "--precision", "float32"])
     # --sample_size all: every text and, with no --max_tokens, every token of them (the whole corpus, as there).
-    assert config == RunConfig(
+    assert config == CacheCovConfig(
         model_name="gpt2-small", dtype="float32", corpus="wikipedia", sample_size=None, max_tokens=None
     )
     assert config.batch_token is None  # any: kis's default, n_ctx
-    assert covariance_request(config) == CovarianceRequest(
-        corpus="wikipedia", output_dir="results", sample_size=None, max_tokens=None, batch_token=None
+    assert block_of(config, CacheOptions) == CacheOptions(
+        model_name="gpt2-small", dtype="float32", corpus="wikipedia", sample_size=None, max_tokens=None
     )
     spelled = cache_cov(
         ["--model-name=gpt2-small", "--dataset=wikipedia", "--to-collect=mom2", "--sample-size=all"]
@@ -213,7 +212,7 @@ def test_cache_cov_numbers_stay_numbers():
     budget = cache_cov(["--sample_size", "all", "--max_tokens", "300000"])
     assert (budget.sample_size, budget.max_tokens) == (None, 300_000)  # a given --max_tokens stays
     assert cache_cov(["--batch_token", "any"]).batch_token is None  # kis's own spelling takes the word too
-    assert cache_cov([]) == RunConfig()  # nothing given: kis's defaults, the 100,000-token budget included
+    assert cache_cov([]) == CacheCovConfig()  # nothing given: kis's defaults, the 100,000-token budget included
 
 
 def test_the_corpus_flag_wins_over_dataset():

@@ -17,10 +17,18 @@ from kis_lens.editing.simulation_plots import editing_figures
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts, sample_facts
 from kis_lens.hooks import mlp_out_hook_name
-from kis_lens.models import load_model, output_weight
+from kis_lens.models import load_model
+from kis_lens.w_out import output_weight
 
 SMALL = dict(
-    model_name="tiny-gpt2", layer=0, n_edits=6, n_unedited=6, batch_size=3, max_tokens=4000, v_steps=3, progress=False
+    model_name="tiny-gpt2",
+    layer=0,
+    n_edits=6,
+    n_unedited=6,
+    batch_size=3,
+    max_tokens=4000,
+    value_steps=3,
+    progress=False,
 )
 
 

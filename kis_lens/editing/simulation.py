@@ -29,8 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kis_lens._version import __version__
-from kis_lens.config import ModelOptions, at_least, setting
-from kis_lens.corpus import EMBEDDED_CORPUS
+from kis_lens.config import Override, at_least, setting, with_defaults
 from kis_lens.editing.editors import (
     NullSpace,
     alphaedit_update,
@@ -40,12 +39,13 @@ from kis_lens.editing.editors import (
     whitened_orthogonal_keys,
 )
 from kis_lens.editing.metrics import correlations, fraction
+from kis_lens.editing.options import EditorOptions
 from kis_lens.editing.registry import check_edit_layer
 from kis_lens.editing.templates import rome_context_templates
 from kis_lens.editing.values import EditPrompt, ValueSearch, compute_target, edit_prompt, target_logprobs
 from kis_lens.editing.weights import applied_delta
 from kis_lens.errors import KisError
-from kis_lens.facts import DEFAULT_FACTS, Fact, load_facts, sample_facts
+from kis_lens.facts import Fact, load_facts, sample_facts
 from kis_lens.hooks import capture_rows, mlp_out_hook_name
 from kis_lens.io import save_json
 from kis_lens.keys import compute_keys
@@ -56,35 +56,33 @@ from kis_lens.models import (
     load_model,
     model_device,
     model_info,
-    output_weight,
     resolve_prepend_bos,
 )
-from kis_lens.runner import editing_run_config, ensure_covariances
+from kis_lens.runner import ensure_covariances
 from kis_lens.tokens import pad_batch, pad_token_id
+from kis_lens.w_out import output_weight
 
 CONDITIONS: tuple[str, ...] = ("rome", "rome_orthogonal", "alphaedit", "memit")
+# edit_sim.json records the value search under the names edit-sim first gave it.
+SAVED_NAMES: dict[str, str] = {"value_steps": "v_steps", "value_lr": "v_lr"}
 
 
 @dataclass(frozen=True)
-class EditSimConfig(ModelOptions):
-    """Every setting of a lifelong-editing simulation: the shared model options, then the simulation's own."""
+@with_defaults(
+    n_edits=32,
+    n_unedited=32,
+    batch_size=8,
+    covariance_weight=1.0,
+    null_threshold=Override(1e-2, help="AlphaEdit's null space: eigenvalues of C below this × the largest"),
+    null_l2=1.0,
+    max_tokens=50_000,
+)
+class EditSimConfig(EditorOptions):
+    """Every setting of an edit simulation: the editing block (with smaller defaults), then the simulation's own."""
 
-    layer: int = setting(4, "layer whose W_out is edited")
-    n_edits: int = setting(32, "facts edited one after another")
-    n_unedited: int = setting(32, "facts never edited, watched for drift")
-    batch_size: int = setting(8, "facts per MEMIT batch")
-    covariance_weight: float = setting(1.0, "MEMIT's λ on C = E[kkᵀ]")
-    null_threshold: float = setting(1e-2, "AlphaEdit null space: eigenvalues of C below this × the largest")
-    null_l2: float = setting(1.0, "AlphaEdit's l2 term α")
-    v_steps: int = setting(20, "optimisation steps for each target value v")
-    v_lr: float = setting(0.5, "learning rate of the target value search")
     conditions: tuple[str, ...] = setting(
         CONDITIONS, f"comma-separated subset of {','.join(CONDITIONS)}", choices=CONDITIONS
     )
-    facts: str = setting(DEFAULT_FACTS, "CounterFact facts (with target_new): counterfact-known or a path")
-    corpus: str = setting(EMBEDDED_CORPUS, f"corpus for C: {EMBEDDED_CORPUS} or a .txt/.jsonl file")
-    max_tokens: int | None = setting(50_000, "corpus tokens for C", none="no limit", cli_none=0)
-    ridge: float = setting(0.0, "add ridge·mean(diag C)·I to C before solving")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,9 +93,13 @@ class EditSimConfig(ModelOptions):
             raise KisError(f"ridge must be zero or positive, not {self.ridge}: e.g. --ridge 1e-6")
         self.check()
 
+    def to_dict(self) -> dict[str, Any]:
+        """Return the settings as a JSON-ready dict, under the names edit_sim.json has always used."""
+        return {SAVED_NAMES.get(name, name): value for name, value in super().to_dict().items()}
+
     def check(self) -> None:
         """Raise KisError for settings the simulation cannot run (also run on construction)."""
-        if self.n_edits < 2:
+        if self.n_edits is None or self.n_edits < 2:  # None (every record) is lifelong's: the simulation needs a number
             raise KisError(f"n_edits must be at least 2 to measure retention, got {self.n_edits}")
         if self.n_unedited < 2:
             raise KisError(f"n_unedited must be at least 2 to measure drift, got {self.n_unedited}")
@@ -106,7 +108,8 @@ class EditSimConfig(ModelOptions):
         unknown = [name for name in self.conditions if name not in CONDITIONS]
         if unknown or not self.conditions:
             raise KisError(f"unknown condition(s) {unknown}: choose from {', '.join(CONDITIONS)}")
-        if self.covariance_weight < 0 or self.null_l2 <= 0 or self.null_threshold <= 0:
+        weight = self.covariance_weight
+        if weight is None or weight < 0 or self.null_l2 <= 0 or self.null_threshold <= 0:  # None: lifelong's scaling
             raise KisError("covariance_weight must be >= 0, null_l2 and null_threshold > 0")
 
 
@@ -169,8 +172,7 @@ def _select_facts(config: EditSimConfig) -> list[Fact]:
 def _prepare(config: EditSimConfig, model: HookedModel) -> _Bench:
     facts = _select_facts(config)
     layer = config.layer
-    run_config = editing_run_config(config)
-    covariance = ensure_covariances(run_config, model, [layer])[0][layer]
+    covariance = ensure_covariances(config, model, [layer])[0][layer]
     whitener = Whitener.from_covariance(covariance, ridge=config.ridge)
     prepend_bos = resolve_prepend_bos(model, None)
     keys = compute_keys(model, facts, [layer], prepend_bos=prepend_bos).at_layer(layer).double()
@@ -179,7 +181,7 @@ def _prepare(config: EditSimConfig, model: HookedModel) -> _Bench:
     edited = facts[: config.n_edits]
     # the one value search of kis lifelong (ROME's compute_v over its context templates), on the unedited model
     templates = rome_context_templates(model, seed=config.seed)
-    search = ValueSearch(steps=config.v_steps, lr=config.v_lr)
+    search = ValueSearch(steps=config.value_steps, lr=config.value_lr)
     shifts = [
         compute_target(model, layer, fact, templates, search, "mlp_out", prepend_bos).delta
         for fact in tqdm(edited, desc="target values", disable=not config.progress, dynamic_ncols=True, leave=False)

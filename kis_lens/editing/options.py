@@ -1,0 +1,41 @@
+"""The settings every editing job shares (EditorOptions): the edit layer, the facts edited and watched, the solve.
+
+``kis edit-sim`` (EditSimConfig) and ``kis lifelong`` (LifelongConfig) inherit this block; edit-sim restates the
+defaults it runs smaller with. The value search's defaults are ``ValueSearch``'s (ROME's GPT-2 XL hparams), read
+from it rather than written again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, RunConfig, borrow, setting
+from kis_lens.editing.values import ValueSearch
+
+SEARCH = ValueSearch()  # the value search's defaults
+
+
+@dataclass(frozen=True)
+@borrow(FactOptions, "facts")
+@borrow(CorpusOptions, "corpus", "max_tokens")
+@borrow(RunConfig, "ridge")
+class EditorOptions(ModelOptions):
+    """The model options, then what every editing job sets: where and how many edits, the editors' solve, C."""
+
+    layer: int = setting(4, "ROME's edit layer (W_out), and the last of MEMIT's layers")
+    n_edits: int | None = setting(None, "facts edited one after another", none="every record", cli_none="all")
+    n_unedited: int = setting(64, "how many never-edited facts to watch for drift")
+    batch_size: int = setting(16, "facts per MEMIT/AlphaEdit/emmet batch")
+    covariance_weight: float | None = setting(
+        None, "MEMIT's mom2_update_weight λ on the mean C", none="GPT-J's 15000 per 16384 MLP dims × d_mlp"
+    )
+    null_threshold: float = setting(2e-2, "AlphaEdit's null space: singular values of C below this")
+    null_l2: float = setting(10.0, "AlphaEdit's L2 term α")
+    value_steps: int = setting(
+        SEARCH.steps,
+        "gradient steps of the value search (compute_v / compute_z; --v_steps: edit-sim's former name)",
+        aliases=("v_steps",),
+    )
+    value_lr: float = setting(
+        SEARCH.lr, "learning rate of the value search (--v_lr: edit-sim's former name)", aliases=("v_lr",)
+    )

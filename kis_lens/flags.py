@@ -1,0 +1,193 @@
+"""The flags of a job, generated from its config dataclass: one option per field, parsed back into the config.
+
+``add_config_flags`` reads each field's type, default and help metadata (kis_lens.config.setting), so a default
+lives only on its field; ``config_from_args`` turns the parsed flags back into the config. ``flag`` declares the
+few command options that are not settings of a job, under the same two spellings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import typing
+from dataclasses import MISSING, Field, fields, is_dataclass
+from typing import Any, Callable, Sequence
+
+from kis_lens.config import RunConfig, ValueAlias, check_outputs
+from kis_lens.errors import KisError
+
+BOOL_CHOICES: dict[str, bool | None] = {"auto": None, "true": True, "false": False}
+
+
+def _spellings(name: str) -> list[str]:
+    """Return --snake_case (the original scripts' spelling) and --kebab-case for one option."""
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    return spellings
+
+
+def flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """Add a hand-declared option under both spellings."""
+    parser.add_argument(*_spellings(name), dest=name, **kwargs)
+
+
+class _ValueAliasAction(argparse.Action):
+    """Set a setting from one of the original scripts' flags through its table of values.
+
+    The setting's own flag wins: given before the alias, the alias leaves it alone; given after, it overwrites.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, alias: ValueAlias, **kwargs: Any) -> None:
+        self.alias = alias
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if values not in self.alias.values and self.alias.refusal is not None:
+            raise KisError(f"{option_string} {values!r} is not accepted: {self.alias.refusal}")
+        if values not in self.alias.values:
+            meanings = ", ".join(
+                f"{value} (= --{self.dest} {target})" if target is not None else f"{value} (no change)"
+                for value, target in self.alias.values.items()
+            )
+            raise KisError(
+                f"{option_string} {values!r} is not accepted: use {meanings}, or give --{self.dest} directly"
+            )
+        target = self.alias.values[values]
+        if target is not None and not hasattr(namespace, self.dest):
+            setattr(namespace, self.dest, target)
+
+
+def _add_value_alias(parser: argparse.ArgumentParser, dest: str, alias: ValueAlias) -> None:
+    """Add one of the original scripts' flags that sets ``dest`` through its table of values."""
+    parser.add_argument(
+        *_spellings(alias.name),
+        dest=dest,
+        action=_ValueAliasAction,
+        alias=alias,
+        default=argparse.SUPPRESS,
+        metavar="{" + ",".join(alias.values) + "}",
+        help=alias.help,
+        **({"nargs": "?", "const": alias.bare} if alias.bare is not None else {}),
+    )
+
+
+def default_of(owner: Any, name: str) -> Any:
+    """Return the default a dataclass field or a function parameter declares (read, never repeated)."""
+    if is_dataclass(owner):
+        return {item.name: item.default for item in fields(owner)}[name]
+    return inspect.signature(owner).parameters[name].default
+
+
+def _field_kind(hint: Any) -> tuple[type, bool]:
+    """Return (base type, whether None is allowed) of a field annotation such as ``int | None``."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        (hint,) = [arg for arg in args if arg is not type(None)]
+    return typing.get_origin(hint) or hint, optional
+
+
+def _number_or_none(kind: type, word: Any) -> Callable[[str], Any]:
+    """Return the flag type of a number field whose CLI value ``word`` (its cli_none: 0, "all", "any") means None."""
+
+    def parse(text: str) -> Any:
+        if text == str(word):
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number or {word}") from None
+        return None if value == word else value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _shown_default(item: Field) -> str:
+    """Return how --help states a field's default."""
+    meta = item.metadata
+    if item.default is None:
+        shown = meta.get("none", "none")
+        return f"{meta['cli_none']} = {shown}" if "cli_none" in meta else shown
+    shown = ",".join(item.default) if isinstance(item.default, tuple) else str(item.default)
+    return f"{shown}; {meta['cli_none']} = {meta['none']}" if "cli_none" in meta else shown
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: Sequence[str] = ()) -> None:
+    """Add one option (--snake_case and --kebab-case) per field of a config dataclass, from its type and metadata.
+
+    bool: --no_<name> when the default is True, else --<name>; ``bool | None``: auto|true|false; tuple: comma-separated.
+    A field's ``aliases`` are more names of the same option; its ``value_aliases`` are the original scripts' flags
+    that set it through a table of their values; its ``cli_none`` is the CLI value that parses to None (a number
+    field then takes that word too: --sample_size all). Unset options stay out of the namespace, so
+    config_from_args leaves those fields to the dataclass defaults.
+    """
+    hints = typing.get_type_hints(config_class)
+    for item in fields(config_class):
+        if item.name in skip:
+            continue
+        if "help" not in item.metadata or item.default is MISSING:
+            raise TypeError(
+                f"{config_class.__name__}.{item.name} needs a default and help: "
+                "declare it with kis_lens.config.setting()"
+            )
+        kind, optional = _field_kind(hints[item.name])
+        help_text = item.metadata["help"]
+        for alias in item.metadata.get("value_aliases", ()):
+            _add_value_alias(parser, item.name, alias)
+        aliases = [spelling for alias in item.metadata.get("aliases", ()) for spelling in _spellings(alias)]
+        if kind is bool and not optional:
+            name, action = (f"no_{item.name}", "store_false") if item.default else (item.name, "store_true")
+            help_text = f"turn off {help_text}" if item.default else help_text
+            parser.add_argument(
+                *_spellings(name), dest=item.name, action=action, default=argparse.SUPPRESS, help=help_text
+            )
+            continue
+        options: dict[str, Any] = {
+            "dest": item.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{help_text} (default {_shown_default(item)})",
+        }
+        if kind is bool:
+            options["choices"] = tuple(BOOL_CHOICES)
+        elif kind is tuple:
+            options["metavar"] = "A,B,..."
+        elif "parse" in item.metadata:
+            options["metavar"] = item.name.upper()  # the text stays text here; config_from_args parses it
+        else:
+            options["type"] = _number_or_none(kind, item.metadata["cli_none"]) if "cli_none" in item.metadata else kind
+            if "choices" in item.metadata:
+                options["choices"] = item.metadata["choices"]
+        parser.add_argument(*_spellings(item.name), *aliases, **options)
+
+
+def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, **overrides: Any) -> Any:
+    """Return the config (RunConfig by default) the parsed flags describe; unset fields keep the dataclass defaults.
+
+    Settings no job can run (a NaN, a folder that cannot be written) raise KisError here, before any model loads.
+    """
+    given = vars(args)
+    hints = typing.get_type_hints(config_class)
+    values: dict[str, Any] = {}
+    for item in fields(config_class):
+        if item.name not in given:
+            continue
+        value = given[item.name]
+        kind, optional = _field_kind(hints[item.name])
+        if kind is bool and optional and isinstance(value, str):
+            value = BOOL_CHOICES[value]
+        elif kind is tuple and isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        elif "parse" in item.metadata and isinstance(value, str):
+            value = item.metadata["parse"](value)  # after argparse, so its KisError reaches the user as written
+        values[item.name] = value
+    config = config_class(**{**values, **overrides})
+    check_outputs({item.name: getattr(config, item.name) for item in fields(config)})
+    return config

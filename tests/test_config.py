@@ -1,0 +1,154 @@
+"""The job configs are composed of blocks: every setting is declared once, restated defaults keep the block's help."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, fields, is_dataclass
+
+import pytest
+
+from kis_lens.classify import ClassifyConfig
+from kis_lens.config import (
+    CacheCovConfig,
+    CacheOptions,
+    CorpusOptions,
+    FactOptions,
+    ModelOptions,
+    Override,
+    RunConfig,
+    block_of,
+    borrow,
+    setting,
+    with_defaults,
+)
+from kis_lens.editing.lifelong import LifelongConfig
+from kis_lens.editing.options import SEARCH, EditorOptions
+from kis_lens.editing.simulation import EditSimConfig
+from kis_lens.errors import KisError
+from kis_lens.reproduce import ReproduceConfig
+from kis_lens.trace import TraceConfig
+
+JOB_CONFIGS = (RunConfig, CacheCovConfig, ClassifyConfig, ReproduceConfig, TraceConfig, EditSimConfig, LifelongConfig)
+
+
+def declared(cls: type) -> list[str]:
+    """Return the settings a class declares itself (restated ones, from with_defaults or borrow, are not)."""
+    restated = cls.__dict__.get("__restated__", ())
+    return [name for name in cls.__dict__.get("__annotations__", {}) if name not in restated]
+
+
+def duplicate_settings(configs: tuple[type, ...]) -> dict[str, list[str]]:
+    """Return {setting: the classes declaring it} for every setting declared in more than one job config or block."""
+    classes = {base for config in configs for base in config.__mro__ if is_dataclass(base)}
+    owners: dict[str, list[str]] = defaultdict(list)
+    for cls in classes:
+        for name in declared(cls):
+            owners[name].append(cls.__name__)
+    return {name: sorted(found) for name, found in owners.items() if len(found) > 1}
+
+
+def test_no_setting_is_declared_twice():
+    assert duplicate_settings(JOB_CONFIGS) == {}
+
+
+def test_a_redeclared_setting_is_found():
+    @dataclass(frozen=True)
+    class Copying(ModelOptions):
+        facts: str = setting("counterfact-known", "a second declaration of FactOptions.facts")
+
+    assert duplicate_settings((*JOB_CONFIGS, Copying)) == {"facts": ["Copying", "FactOptions"]}
+
+
+def test_every_restated_setting_comes_from_a_block_with_its_help():
+    blocks = {base for config in JOB_CONFIGS for base in config.__mro__ if is_dataclass(base)}
+    owners = {name: cls for cls in blocks | {FactOptions, CorpusOptions, RunConfig} for name in declared(cls)}
+    for config in JOB_CONFIGS:
+        for base in config.__mro__:
+            for name in base.__dict__.get("__restated__", ()):
+                assert name in owners, (base.__name__, name)
+                block_field = owners[name].__dataclass_fields__[name]
+                restated = base.__dataclass_fields__[name]
+                assert restated.type == block_field.type, (base.__name__, name)
+                assert set(restated.metadata) >= set(block_field.metadata) - {"none"}, (base.__name__, name)
+
+
+def test_restated_defaults_differ_only_where_a_job_says_so():
+    assert TraceConfig().facts == "known-1000" and ClassifyConfig().facts == RunConfig().facts
+    assert ReproduceConfig().max_tokens is None and RunConfig().max_tokens == 100_000
+    assert EditSimConfig().max_tokens == 50_000 and LifelongConfig().max_tokens == 100_000
+    assert (EditSimConfig().batch_size, LifelongConfig().batch_size) == (8, 16)
+    assert EditSimConfig.__dataclass_fields__["null_threshold"].metadata["help"].endswith("× the largest")
+    assert "held-out text" in LifelongConfig.__dataclass_fields__["corpus"].metadata["help"]
+
+
+def test_value_search_defaults_are_read_from_value_search():
+    config = LifelongConfig()
+    assert (config.value_steps, config.value_lr, config.kl_factor) == (SEARCH.steps, SEARCH.lr, SEARCH.kl_factor)
+    assert (config.value_weight_decay, config.clamp_norm_factor, config.fast_values) == (
+        SEARCH.weight_decay,
+        SEARCH.clamp_norm_factor,
+        SEARCH.fast,
+    )
+
+
+def test_flat_keywords_still_construct_every_config():
+    run = RunConfig(model_name="tiny-gpt2", corpus="c.txt", max_tokens=500, knowledge_type="all", start_layer=1)
+    assert (run.corpus, run.max_tokens, run.knowledge_type, run.start_layer) == ("c.txt", 500, "all", 1)
+    sim = EditSimConfig(layer=0, n_edits=6, batch_size=3, value_steps=5)
+    assert sim.to_dict()["v_steps"] == 5 and "value_steps" not in sim.to_dict()  # edit_sim.json's own name
+    assert LifelongConfig(editors=("rome",), n_edits=3, value_steps=2).value_steps == 2
+    assert isinstance(EditSimConfig(), EditorOptions) and isinstance(LifelongConfig(), EditorOptions)
+
+
+def test_block_of_projects_a_config_and_fills_what_it_lacks():
+    run = RunConfig(model_name="tiny-gpt2", corpus="c.txt", sample_size=7, output_dir="out")
+    request = block_of(run, CacheOptions)
+    assert (request.model_name, request.corpus, request.sample_size, request.output_dir) == (
+        "tiny-gpt2",
+        "c.txt",
+        7,
+        "out",
+    )
+    assert request.stats_dtype == CacheOptions().stats_dtype  # a RunConfig has no cache options: the block's
+    editing = block_of(LifelongConfig(corpus="d.txt", max_tokens=300), CorpusOptions)
+    assert (editing.corpus, editing.max_tokens, editing.corpus_order) == ("d.txt", 300, "first")
+
+
+def test_cache_cov_takes_no_fact_settings():
+    names = {item.name for item in fields(CacheCovConfig)}
+    assert names.isdisjoint({"facts", "record_size", "knowledge_type", "token_position", "layout", "ridge"})
+    assert {item.name for item in fields(CacheOptions)} <= names
+
+
+def test_restating_a_setting_no_block_has_is_refused():
+    with pytest.raises(TypeError, match="inherits no setting 'nothing'"):
+
+        @dataclass(frozen=True)
+        @with_defaults(nothing=1)
+        class Broken(ModelOptions):
+            pass
+
+    with pytest.raises(TypeError, match="CorpusOptions has no setting 'facts' for AlsoBroken to borrow"):
+
+        @dataclass(frozen=True)
+        @borrow(CorpusOptions, "facts")
+        class AlsoBroken(ModelOptions):
+            pass
+
+
+def test_override_changes_only_what_it_names():
+    @dataclass(frozen=True)
+    @borrow(CorpusOptions, max_tokens=Override(help="another help"))
+    class Budget(ModelOptions):
+        pass
+
+    item = Budget.__dataclass_fields__["max_tokens"]
+    assert item.default == CorpusOptions().max_tokens and item.metadata["help"] == "another help"
+    assert item.metadata["cli_none"] == 0  # the rest of the block's metadata comes along
+
+
+def test_editing_configs_refuse_what_only_lifelong_can_run():
+    with pytest.raises(KisError, match="n_edits must be at least 2"):
+        EditSimConfig(n_edits=None)
+    with pytest.raises(KisError, match="covariance_weight must be >= 0"):
+        EditSimConfig(covariance_weight=None)

@@ -32,7 +32,7 @@ def absolute_interference(result: dict[str, Any]) -> dict[str, Any]:
 
     The division by ‖r_u‖ = ‖v*_u − (k_u W + b)‖ exploded for the two edits whose target the model already
     produced (‖r_u‖ ≈ 1e-5); each edit's ‖r_u‖ is in its `edits` entry, so the product is the absolute norm."""
-    from kis_lens.editing.lifelong import INTERFERENCE_UNITS
+    from kis_lens.editing.lifelong_result import INTERFERENCE_UNITS
     from kis_lens.editing.metrics import correlations
 
     settings = result["settings"]
@@ -63,7 +63,7 @@ def absolute_interference(result: dict[str, Any]) -> dict[str, Any]:
 
 def committed_results() -> dict[str, dict[str, Any]]:
     """Return the committed set of runs by editor; SystemExit when the folder holds runs of several settings."""
-    from kis_lens.editing.lifelong_plots import lifelong_run_groups, load_lifelong_results
+    from kis_lens.editing.lifelong_files import lifelong_run_groups, load_lifelong_results
 
     groups = lifelong_run_groups(ROOT / RESULTS)
     if len(groups) > 1:
@@ -102,7 +102,7 @@ def _study_figure_links(traces: list[dict[str, Any]]) -> dict[str, str]:
 
 def render_study() -> str:
     """Return docs/lifelong.md of the committed study."""
-    from kis_lens.editing.lifelong_doc import render_study_markdown
+    from kis_lens.docs.lifelong_study import render_study_markdown
 
     runs, traces, compute = _study_inputs()
     return render_study_markdown(runs, traces, _study_figure_links(traces), compute, source=str(RESULTS))
@@ -144,7 +144,8 @@ def write_study_figures() -> None:
 
 def render() -> str:
     """Return docs/lifelong.md as the committed results make it (figure links relative to docs/)."""
-    from kis_lens.editing.lifelong_plots import lifelong_figure_names, render_lifelong_markdown
+    from kis_lens.docs.lifelong import render_lifelong_markdown
+    from kis_lens.editing.lifelong_plots import lifelong_figure_names
 
     if is_study():
         return render_study()
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--traces", type=Path, default=Path("results/smollm2-135m/trace"), help="kis trace outputs")
     parser.add_argument("--log", type=Path, default=Path("results/lifelong_runs.jsonl"), help="the queue's log")
     args = parser.parse_args(argv)
-    from kis_lens.editing.lifelong_plots import load_lifelong_results, write_lifelong_figures
+    from kis_lens.editing.lifelong_files import load_lifelong_results
+    from kis_lens.editing.lifelong_plots import write_lifelong_figures
     from kis_lens.io import atomic_write, save_json
     from kis_lens.layout import lifelong_result_files
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -101,9 +102,9 @@ def lifelong_rows(block: str) -> list[str]:
     return [line for line in block.splitlines() if "(docs/lifelong.md)" in line]
 
 
-def test_readme_names_the_lifelong_runs_as_lifelong_plots_does(render):
-    """render.py reads the lifelong JSONs without kis_lens (no torch): its names must be lifelong_plots'."""
-    from kis_lens.editing import lifelong_plots as sp
+def test_readme_names_the_lifelong_runs_as_lifelong_files_does(render):
+    """render.py reads the lifelong JSONs without kis_lens (no torch): its names must be lifelong_files'."""
+    from kis_lens.editing import lifelong_files as sp
     from kis_lens.editing.registry import EDITORS
 
     assert render.LIFELONG_LEGACY == sp.LEGACY_EDITORS
@@ -124,7 +125,7 @@ def test_readme_names_the_lifelong_runs_as_lifelong_plots_does(render):
 
 def test_legacy_lifelong_runs_are_marked_superseded_in_readme_and_doc():
     """The committed runs are an older kis's (its "rome" was p-ROME): nothing may quote them as ROME/MEMIT/AlphaEdit."""
-    from kis_lens.editing import lifelong_plots as sp
+    from kis_lens.editing import lifelong_files as sp
 
     results = sp.load_lifelong_results(RESULTS / "lifelong")
     if not sp.any_legacy(results):
@@ -152,3 +153,31 @@ def test_readme_lifelong_rows_skip_checkpoints(render, tmp_path):
     (folder / "lifelong_rome_seed0_n4_layer4_0123abcd.partial.json").write_text("{}", encoding="utf-8")
     rows = render.lifelong_readme_rows(folder)
     assert len(rows) == 1 and rows[0].startswith("| no edit: legacy `kis lifelong --editor none`")
+
+
+WALL_TIME = "- Wall time: "
+
+
+def _without_wall_time(lines: list[str]) -> tuple[list[str], list[str]]:
+    """Return the lines but the wall-time one, and that line's steps sorted (the numbers file sorts its keys)."""
+    wall = next(line for line in lines if line.startswith(WALL_TIME)).removeprefix(WALL_TIME)
+    rest = [line for line in lines if not line.startswith(WALL_TIME)]
+    return rest, sorted(wall.partition(". The covariance")[0].split(", "))
+
+
+def test_reproduction_doc_and_verdicts_are_rendered_from_the_committed_numbers():
+    """docs/reproduction.md and its verdicts are docs.reproduction's reading of the JSON the document names.
+
+    Only the wall-time line may list its steps in another order: the document lists them as they ran.
+    """
+    from kis_lens.docs.reproduction import Reproduction, judge, reproduction_markdown
+
+    doc = (ROOT / "docs" / "reproduction.md").read_text(encoding="utf-8")
+    path = ROOT / re.search(r"from `(benchmarks/results/reproduction_[^`]+\.json)`", doc).group(1)
+    record = json.loads(path.read_text(encoding="utf-8"))
+    report = Reproduction.from_dict(record)
+    assert [verdict.to_dict() for verdict in judge(report)] == record["verdicts"]
+    assert json.dumps(report.to_dict(), indent=2, sort_keys=True) == path.read_text(encoding="utf-8")
+    assert _without_wall_time(doc.splitlines()) == _without_wall_time(reproduction_markdown(report).splitlines()), (
+        "docs/reproduction.md was edited, or the JSON it names was: rerun `kis reproduce`"
+    )

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from kis_lens.corpus import EMBEDDED_CORPUS
+from kis_lens.docs.reproduction import Reproduction, judge, reproduction_markdown
 from kis_lens.layout import quarter_stats_path
-from kis_lens.reproduce import QUARTERS, ReproduceConfig, reproduce
+from kis_lens.quarters import QUARTERS
+from kis_lens.reproduce import ReproduceConfig, reproduce
 from kis_lens.storage import load_second_moment
 
 
@@ -80,6 +82,13 @@ def test_document_and_numbers_are_written(reproduction):
     assert len(report.verdicts) == 5 and text.count("| **") == 5
     saved = json.loads(open(config.numbers_path, encoding="utf-8").read())
     assert saved["layers"][1]["relation"] == report.layers[1]["relation"]
+    assert [sorted(verdict) for verdict in saved["verdicts"]] == [["claim", "evidence", "verdict"]] * 5
+    assert Reproduction.from_dict(saved).verdicts == report.verdicts == judge(Reproduction.from_dict(saved))
+    # The document renders again from its numbers file alone (the wall-time steps come back in sorted order).
+    again = reproduction_markdown(Reproduction.from_dict(saved))
+    assert [line for line in again.splitlines() if "Wall time" not in line] == [
+        line for line in text.splitlines() if "Wall time" not in line
+    ]
     for figure in report.figures:
         assert figure["html"].endswith(".html") and open(figure["html"], encoding="utf-8").read(15)
         if figure["png"]:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from kis_lens.editing.lifelong_plots import lifelong_run_groups, lifelong_sections, load_lifelong_results
+from kis_lens.editing.lifelong_files import lifelong_run_groups, load_lifelong_results
+from kis_lens.editing.lifelong_report import lifelong_sections
 from kis_lens.editing.simulation_plots import edit_simulation_sections
 from kis_lens.io import load_json_object
 from kis_lens.layout import EDIT_SIM_RUN_FIELDS, belongs_to_run, find_edit_sims, find_lifelong_folders

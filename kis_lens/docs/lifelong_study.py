@@ -1,8 +1,10 @@
-"""docs/lifelong.md of a study: the collapse of each editor over several edit orders, and what the paper's claims
-about it come to once every verdict has its controls.
+"""docs/lifelong.md of a study: each editor's collapse over several edit orders, and the paper's claims about it.
 
 Everything is read from the runs (kis_lens.editing.lifelong_study) and the causal traces: the rules are the
-study module's constants, printed beside the verdicts they produce.
+study module's constants, printed beside the verdicts they produce, once every verdict has its controls. The doc
+of one set of runs is kis_lens.docs.lifelong's.
+
+>>> text = render_study_markdown(load_study("benchmarks/results/lifelong"), traces, figures)
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import json
 import re
 from typing import Any, Mapping, Sequence
 
-from kis_lens.editing.lifelong_plots import editor_label
+from kis_lens.docs.verdict import markdown_cell
+from kis_lens.editing.lifelong_files import editor_label
 from kis_lens.editing.lifelong_study import study
 from kis_lens.editing.verdicts import RULE as PREDICTION_RULE
 from kis_lens.errors import KisError
@@ -41,14 +44,10 @@ def _ci(interval: Mapping[str, Any] | None) -> str:
     return f"{_f(interval['value'])} [{_f(interval.get('low'))}, {_f(interval.get('high'))}]"
 
 
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     """Return a Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(cell) for cell in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(markdown_cell(cell) for cell in row) + " |" for row in rows]
     return lines
 
 
@@ -59,6 +58,7 @@ def _criterion_order(name: str) -> tuple[int, float, str]:
 
 
 def _who(row: Mapping[str, Any]) -> str:
+    """Return how the doc names a row's editor: its label and its registry name."""
     return f"{editor_label(row['editor'])} (`{row['editor']}`)"
 
 
@@ -124,7 +124,7 @@ def render_study_markdown(
     lines = [
         f"# Lifelong editing on {model}: {len(runs)} runs, {len(orders)} editors",
         "",
-        f"Generated from `{source}` by `benchmarks/lifelong.py` (kis_lens.editing.lifelong_doc); do not edit by hand.",
+        f"Generated from `{source}` by `benchmarks/lifelong.py` (kis_lens.docs.lifelong_study); do not edit by hand.",
         "",
     ]
     if short:

@@ -1,4 +1,5 @@
-"""docs/lifelong.md of a study: every table well formed, each verdict the study module's, nothing machine-bound."""
+"""kis_lens.docs.lifelong_study: a study's docs/lifelong.md (every table well formed, each verdict the study module's,
+nothing machine-bound) and the study's figures (kis_lens.editing.lifelong_plots)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import re
 
 from test_lifelong_study import paired_run
 
-from kis_lens.editing.lifelong_doc import render_study_markdown
+from kis_lens.docs.lifelong_study import render_study_markdown
 from kis_lens.editing.lifelong_plots import study_figure, update_norm_figure
 from kis_lens.editing.lifelong_study import study
 

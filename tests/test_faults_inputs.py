@@ -19,10 +19,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kis_lens import cache_job, models, report, storage
+from kis_lens import cache_pass, models, report, storage
 from kis_lens.cli import main
 from kis_lens.config import RunConfig
-from kis_lens.editing import lifelong
+from kis_lens.editing import lifelong_loop
 from kis_lens.editing.runs import checkpoint_paths, load_checkpoint, save_checkpoint
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
@@ -61,7 +61,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before the settings were checked")
 
     monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(lifelong, "load_model", refuse)
+    monkeypatch.setattr(lifelong_loop, "load_model", refuse)
 
 
 # --- corrupt results --------------------------------------------------------------------------------------------
@@ -165,10 +165,10 @@ def _interrupted_cache_checkpoint(tmp_path: Path, monkeypatch, argv: list[str]) 
         saved(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_job, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(cache_pass, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         main(argv)
-    monkeypatch.setattr(cache_job, "save_checkpoint", saved)
+    monkeypatch.setattr(cache_pass, "save_checkpoint", saved)
     (checkpoint,) = tmp_path.rglob("checkpoints/*.safetensors")
     return checkpoint
 

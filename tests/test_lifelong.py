@@ -14,20 +14,25 @@ import numpy as np
 import pytest
 import torch
 
-import kis_lens.editing.lifelong as lifelong
+import kis_lens.editing.lifelong_bench as lifelong_bench
+import kis_lens.editing.lifelong_loop as lifelong_loop
+import kis_lens.editing.lifelong_steps as lifelong_steps
 import kis_lens.editing.registry as registry
 from kis_lens.cli import main
 from kis_lens.config import RunConfig
-from kis_lens.editing.lifelong import DEFAULT_EDITORS, LifelongConfig, run_lifelong
+from kis_lens.editing.lifelong import DEFAULT_EDITORS, LifelongConfig
+from kis_lens.editing.lifelong_loop import run_lifelong
+from kis_lens.editing.lifelong_result import collapse_summary, disabling_edits, judged_pairs
 from kis_lens.editing.values import edit_prompt, target_logprobs
 from kis_lens.errors import KisError
 from kis_lens.facts import facts_path
 from kis_lens.hooks import mlp_out_hook_name
 from kis_lens.keys import locate_subject
-from kis_lens.layout import lifelong_dir
-from kis_lens.models import load_model, model_info, output_weight, resolve_prepend_bos
+from kis_lens.layout import legacy_lifelong_dir, lifelong_dir
+from kis_lens.models import load_model, model_info, resolve_prepend_bos
 from kis_lens.runner import ensure_covariances
 from kis_lens.tiny import tiny_model as build_tiny_model
+from kis_lens.w_out import output_weight
 
 SMALL: dict[str, Any] = dict(
     model_name="tiny-gpt2",
@@ -98,8 +103,8 @@ def run(deep_model, tmp_path_factory):
         seen["last"] = {"editor": seen["editor"], "fact": fact, "value": found.value}
         return found
 
-    original_run_editor = lifelong._run_editor
-    original_measure = lifelong._measure
+    original_run_editor = lifelong_loop._run_editor
+    original_measure = lifelong_loop.measure_step
 
     def measure(bench, state, kind, clock):
         if seen["editor"] == "alphaedit":  # the live weights of every edit layer, read from the model
@@ -121,14 +126,14 @@ def run(deep_model, tmp_path_factory):
         return original_run_editor(bench, editor, folder, command)
 
     registry.compute_target = spy
-    lifelong._run_editor = run_editor_with_protected
-    lifelong._measure = measure
+    lifelong_loop._run_editor = run_editor_with_protected
+    lifelong_loop.measure_step = measure
     try:
         results = run_lifelong(config, model=deep_model)
     finally:
         registry.compute_target = original
-        lifelong._run_editor = original_run_editor
-        lifelong._measure = original_measure
+        lifelong_loop._run_editor = original_run_editor
+        lifelong_loop.measure_step = original_measure
     with torch.no_grad():
         logits_after = deep_model(tokens)
     return {
@@ -186,7 +191,7 @@ def test_the_none_editor_changes_nothing(run):
     assert none.summary["collapse"]["step"] is None
     assert all(edit["residual_norm"] == 0 for edit in none.edits)
     # independent scorer: kis_lens.editing.values.target_logprobs, summed log-probabilities of each target
-    model, cases = run["model"], lifelong._ordered_cases(run["config"], run["model"])
+    model, cases = run["model"], lifelong_bench.ordered_cases(run["config"], run["model"])
     facts = [case.fact for case in cases]
     new = target_logprobs(model, 0, [edit_prompt(model, f, f.target_new) for f in facts])
     true = target_logprobs(model, 0, [edit_prompt(model, f, f.target_true) for f in facts])
@@ -229,7 +234,7 @@ def test_the_controls_of_each_pair_are_what_they_say(run):
         now = [ok for n, ok in zip(pairs["n_edits"], pairs["success_now"]) if n == t]
         assert len(now) == t - 1
         assert step["efficacy"] == pytest.approx((sum(now) + result.edits[t - 1]["newest_efficacy"]) / t)
-    assert set(pairs) == set(lifelong.PAIR_FIELDS) and len({len(column) for column in pairs.values()}) == 1
+    assert set(pairs) == set(lifelong_steps.PAIR_FIELDS) and len({len(column) for column in pairs.values()}) == 1
 
 
 def test_every_run_carries_its_verdict_inputs(run):
@@ -275,7 +280,7 @@ def test_every_run_holds_the_schema_settings_and_files(run):
         evals = [step for step in saved["steps"] if step["kind"] == "eval" and step["n_edits"] > 0]
         assert all(step["score"] is not None and step["fluency"] is not None for step in evals)
         settings = saved["settings"]
-        assert settings["facts"] == [case.case_id for case in lifelong._ordered_cases(run["config"], run["model"])]
+        assert settings["facts"] == [case.case_id for case in lifelong_bench.ordered_cases(run["config"], run["model"])]
         assert settings["model"]["fingerprint"] == model_info(run["model"]).fingerprint  # unedited weights
         assert settings["editor"]["name"] == editor and settings["editor"]["value_prompts_used"] == 3
         assert settings["editor"]["rome_search"]["steps"] == 4 and settings["config"]["covariance_weight"] is None
@@ -298,12 +303,12 @@ def test_collapse_is_the_first_step_past_a_threshold():
         {"n_edits": 30, "efficacy": 0.4, "perplexity": 15.0},
     ]
     p_matrix = torch.eye(40, dtype=torch.float64)
-    assert lifelong._collapse(config, True, steps, p_matrix)["step"] == 20
-    assert lifelong._collapse(config, False, steps, p_matrix)["step"] is None  # a run that moved no weight
+    assert collapse_summary(config, True, steps, p_matrix)["step"] == 20
+    assert collapse_summary(config, False, steps, p_matrix)["step"] is None  # a run that moved no weight
     steps[2]["perplexity"] = 19.0
-    assert lifelong._collapse(config, True, steps, p_matrix)["step"] == 30
+    assert collapse_summary(config, True, steps, p_matrix)["step"] == 30
     steps[3]["efficacy"] = 0.5
-    assert lifelong._collapse(config, True, steps, p_matrix)["step"] is None
+    assert collapse_summary(config, True, steps, p_matrix)["step"] is None
 
 
 def test_a_disabling_edit_is_a_norm_outlier_followed_by_a_perplexity_jump():
@@ -316,14 +321,14 @@ def test_a_disabling_edit_is_a_norm_outlier_followed_by_a_perplexity_jump():
             for i, (n, p) in enumerate(zip(norms, perplexities))
         ]
 
-    found = lifelong.disabling_edits(edits([1, 2, 1, 30, 2], [10, 10, 11, 20, 21]), 10.0, 10.0, 1.5)
+    found = disabling_edits(edits([1, 2, 1, 30, 2], [10, 10, 11, 20, 21]), 10.0, 10.0, 1.5)
     assert [(item["n_edits"], item["running_median"], item["perplexity_before"]) for item in found] == [(4, 1.0, 11)]
-    assert lifelong.disabling_edits(edits([1, 2, 1, 30, 2], [10, 10, 11, 16, 21]), 10.0, 10.0, 1.5) == []
-    assert lifelong.disabling_edits(edits([1, 2, 1, 9, 2], [10, 10, 11, 20, 21]), 10.0, 10.0, 1.5) == []
+    assert disabling_edits(edits([1, 2, 1, 30, 2], [10, 10, 11, 16, 21]), 10.0, 10.0, 1.5) == []
+    assert disabling_edits(edits([1, 2, 1, 9, 2], [10, 10, 11, 20, 21]), 10.0, 10.0, 1.5) == []
     batch = [{"update": 0, "update_delta_norm": 1, "edit_perplexity": 10}] * 2 + [
         {"update": 1, "update_delta_norm": 50, "edit_perplexity": 30, "case_id": "x"}
     ] * 2
-    assert [item["n_edits"] for item in lifelong.disabling_edits(batch, 10.0, 10.0, 1.5)] == [4]  # last of its batch
+    assert [item["n_edits"] for item in disabling_edits(batch, 10.0, 10.0, 1.5)] == [4]  # last of its batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,7 +340,7 @@ RESUMABLE: dict[str, Any] = {**SMALL, "n_edits": 4, "eval_every": 2, "probe_ever
 
 def _interrupt(monkeypatch, config: LifelongConfig, model) -> Path:
     """Run until the second measurement has been checkpointed, then die; return the run folder."""
-    original_measure = lifelong._measure
+    original_measure = lifelong_loop.measure_step
     calls = {"n": 0}
 
     def failing_measure(bench, state, kind, clock):
@@ -344,10 +349,10 @@ def _interrupt(monkeypatch, config: LifelongConfig, model) -> Path:
         if calls["n"] == 3:  # step 0, step 2 (checkpointed after it), then die at step 4 before saving
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(lifelong, "_measure", failing_measure)
+    monkeypatch.setattr(lifelong_loop, "measure_step", failing_measure)
     with pytest.raises(KeyboardInterrupt):
         run_lifelong(config, model=model)
-    monkeypatch.setattr(lifelong, "_measure", original_measure)
+    monkeypatch.setattr(lifelong_loop, "measure_step", original_measure)
     (checkpoint,) = Path(config.output_dir).rglob("lifelong_p-rome_*.partial.json")
     assert checkpoint.with_name(checkpoint.name.replace(".json", ".safetensors")).is_file()
     return checkpoint.parent
@@ -372,6 +377,21 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_model, tmp_path, mo
     for a, b in zip(resumed.steps, whole.steps):
         assert a["efficacy"] == b["efficacy"]
         assert a["weight_change_norm"] == pytest.approx(b["weight_change_norm"], rel=1e-6)
+
+
+def test_a_checkpoint_left_in_the_older_model_first_folder_resumes(tiny_model, tmp_path, monkeypatch, capsys):
+    """A run an older kis checkpointed at <model>/lifelong/layer_<L>/ is moved to lifelong/<model>/ and resumed."""
+    config = LifelongConfig(**RESUMABLE, output_dir=str(tmp_path))
+    folder = _interrupt(monkeypatch, config, tiny_model)
+    assert folder == lifelong_dir(tmp_path, "tiny-gpt2", RESUMABLE["layer"])
+    old = legacy_lifelong_dir(tmp_path, "tiny-gpt2", RESUMABLE["layer"])
+    old.parent.mkdir(parents=True)
+    os.replace(folder, old)  # where the older kis wrote it
+    capsys.readouterr()
+    searched = _count_searches(monkeypatch)
+    resumed = run_lifelong(config, model=tiny_model)["p-rome"]
+    assert len(searched) == 2 and resumed.path.parent == folder and not old.exists()
+    assert f"moved {old} to {folder}" in capsys.readouterr().out
 
 
 def test_a_changed_facts_file_makes_a_restart_not_a_resume(tiny_model, tmp_path, monkeypatch):
@@ -551,7 +571,7 @@ def test_a_subject_edited_twice_is_flagged_and_left_out_of_the_verdict(tiny_mode
     assert sum(count > 0 for count in pairs["later_same_subject"]) == len(flagged)
     repeated = result.summary["repeated_subjects"]
     assert repeated["edits"] == [later] and repeated["pairs_left_out"] == len(flagged)
-    kept = lifelong.judged_pairs(pairs)
+    kept = judged_pairs(pairs)
     assert len(kept["edit_index"]) == len(pairs["edit_index"]) - len(flagged)
 
 
@@ -559,7 +579,7 @@ def _as_written_by_an_older_kis(folder: Path, model, path: Path, partial: bool) 
     """Rewrite a run (finished JSON or checkpoint) and its C cache as an older kis keyed them: on the sampled W_out
     fingerprint, the C file's hash taken before its re-key; return the run's old-style path."""
     from kis_lens.editing.runs import content_sha256, load_checkpoint, remove_checkpoint, run_stem, save_checkpoint
-    from kis_lens.models import legacy_fingerprint
+    from kis_lens.fingerprint import legacy_fingerprint
     from kis_lens.storage import rewrite_metadata
 
     legacy = legacy_fingerprint(model)
@@ -613,7 +633,7 @@ def test_runs_keyed_on_the_legacy_fingerprint_are_re_keyed_not_rerun(tiny_model,
 def test_a_run_whose_inputs_changed_is_not_re_keyed(tiny_model, tmp_path, monkeypatch):
     """Only the keys may differ: an old run whose C was not re-keyed from the legacy fingerprint (its hash differs
     for another reason) starts afresh."""
-    from kis_lens.models import legacy_fingerprint
+    from kis_lens.fingerprint import legacy_fingerprint
     from kis_lens.storage import rewrite_metadata
 
     first = run_lifelong(LifelongConfig(**RESUMABLE, output_dir=str(tmp_path)), model=tiny_model)["p-rome"]

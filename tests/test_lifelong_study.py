@@ -12,7 +12,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kis_lens.editing import lifelong_study as ls
+from kis_lens.editing.lifelong_study import load_study, study
+from kis_lens.editing.study_collapse import (
+    RULE_COLLAPSE,
+    censored_median,
+    collapse_by_editor,
+    collapse_rows,
+    rho_alarm_rows,
+)
+from kis_lens.editing.study_paired import paired_comparison
+from kis_lens.editing.study_prediction import forgetting_rows, prediction_rows
+from kis_lens.editing.study_predictors import collapse_predictors, cumulative_update_norm
+from kis_lens.editing.study_runs import check_study, run_key
+from kis_lens.editing.verdicts import PREDICTORS
 from kis_lens.errors import KisError
 
 N_BOOT = 200
@@ -20,7 +32,7 @@ N_BOOT = 200
 
 # ------------------------------------------------------------------------------------------------- synthetic runs
 def make_identity(editor: str, seed: int, layer: int, n_edits: int, **config: Any) -> dict[str, Any]:
-    """Return a run identity shaped like lifelong._identity's (config without the presentation fields)."""
+    """Return a run identity shaped like lifelong_identity.identity_of's (config without the presentation fields)."""
     return {
         "editor": editor,
         "config": {"seed": seed, "layer": layer, "n_edits": n_edits, "probe_every": 10, "value_steps": 4, **config},
@@ -133,25 +145,25 @@ def test_load_study_reads_every_layer_and_skips_checkpoints_and_legacy(tmp_path)
     (tmp_path / "notes.json").write_text("{}", encoding="utf-8")
 
     with pytest.warns(UserWarning, match="legacy"):
-        loaded = ls.load_study(tmp_path)
+        loaded = load_study(tmp_path)
 
-    assert [ls.run_key(run) for run in loaded] == [("rome", 0, 4), ("rome", 1, 4), ("alphaedit", 1, 8)]
+    assert [run_key(run) for run in loaded] == [("rome", 0, 4), ("rome", 1, 4), ("alphaedit", 1, 8)]
     assert loaded[0]["_source"] == "layer_4/lifelong_rome_seed0_n30_layer4_0000abcd.json"
     assert all(not Path(run["_source"]).is_absolute() for run in loaded)
 
 
 def test_load_study_refuses_an_empty_folder_and_a_missing_one(tmp_path):
     with pytest.raises(KisError, match="no finished lifelong runs"):
-        ls.load_study(tmp_path)
+        load_study(tmp_path)
     with pytest.raises(KisError, match="not a folder"):
-        ls.load_study(tmp_path / "absent")
+        load_study(tmp_path / "absent")
 
 
 def test_two_runs_with_one_key_are_refused_naming_both_files(tmp_path):
     write_run(tmp_path, make_run("rome", 3, 4), "lifelong_rome_seed3_n40_layer4_aaaaaaaa.json")
     write_run(tmp_path, make_run("rome", 3, 4, n_edits=50), "lifelong_rome_seed3_n50_layer4_bbbbbbbb.json")
     with pytest.raises(KisError) as error:
-        ls.load_study(tmp_path)
+        load_study(tmp_path)
     message = str(error.value)
     assert "aaaaaaaa" in message and "bbbbbbbb" in message and "seed 3" in message
 
@@ -160,37 +172,37 @@ def test_runs_that_mix_a_setting_are_refused_listing_the_field(tmp_path):
     write_run(tmp_path, make_run("rome", 0, 4))
     write_run(tmp_path, make_run("memit", 0, 4, value_steps=25))
     with pytest.raises(KisError) as error:
-        ls.load_study(tmp_path)
+        load_study(tmp_path)
     message = str(error.value)
     assert "config.value_steps: " in message and "25 in layer_4/lifelong_memit" in message and "4 in" in message
 
     other_covariance = make_run("memit", 1, 4)
     other_covariance["settings"]["identity"]["covariance"]["4"]["sha256"] = "other"
     with pytest.raises(KisError, match=r"covariance\.4"):
-        ls.check_study([make_run("rome", 0, 4), other_covariance])
+        check_study([make_run("rome", 0, 4), other_covariance])
 
     newer = make_run("memit", 1, 4)
     newer["settings"]["identity"]["kis_lens_version"] = "0.3.0"
     with pytest.raises(KisError, match="kis_lens_version"):
-        ls.check_study([make_run("rome", 0, 4), newer])
+        check_study([make_run("rome", 0, 4), newer])
 
 
 def test_the_varying_settings_and_what_follows_them_do_not_count_as_mixed():
     memit = make_run("memit", 1, 8, n_edits=25)  # other editor, seed, layer, size, templates, covariance layers
     memit["settings"]["identity"]["covariance"]["6"] = {"file": "layer_6_mom2.safetensors", "sha256": "cov6"}
-    runs = ls.check_study([make_run("rome", 0, 4), memit, make_run("none", 0, 8)])
-    assert [ls.run_key(run) for run in runs] == [("rome", 0, 4), ("memit", 1, 8), ("none", 0, 8)]
+    runs = check_study([make_run("rome", 0, 4), memit, make_run("none", 0, 8)])
+    assert [run_key(run) for run in runs] == [("rome", 0, 4), ("memit", 1, 8), ("none", 0, 8)]
 
     other_templates = make_run("memit", 0, 4)
     other_templates["settings"]["identity"]["templates"] = {"rome": ["{}"]}
     with pytest.raises(KisError, match=r"templates \(seed 0\)"):
-        ls.check_study([make_run("rome", 0, 4), other_templates])
+        check_study([make_run("rome", 0, 4), other_templates])
 
 
 def test_run_key_and_a_run_without_its_settings():
-    assert ls.run_key(make_run("p-rome", 5, 12)) == ("p-rome", 5, 12)
+    assert run_key(make_run("p-rome", 5, 12)) == ("p-rome", 5, 12)
     with pytest.raises(KisError, match="settings.config.seed"):
-        ls.run_key({"editor": "rome", "settings": {"config": {"layer": 4}}})
+        run_key({"editor": "rome", "settings": {"config": {"layer": 4}}})
 
 
 # ------------------------------------------------------------------------------------------------------ collapse
@@ -205,7 +217,7 @@ def test_collapse_rows_list_each_run():
             "collapse_sensitivity": {"perplexity > 1.5× unedited": 20, "oldest-quarter retention < 0.5": None},
         },
     )
-    row = ls.collapse_rows([run, make_run("none", 2, 4, summary={"collapse_sensitivity": None})])[0]
+    row = collapse_rows([run, make_run("none", 2, 4, summary={"collapse_sensitivity": None})])[0]
     assert row["edits_made"] == 40 and row["collapse_step"] == 30 and row["first_disabling_edit"] == 12
     assert row["collapse_sensitivity"] == {"perplexity > 1.5× unedited": 20, "oldest-quarter retention < 0.5": None}
     assert row["wall_hours"] == pytest.approx(2.0)
@@ -224,7 +236,7 @@ def test_collapse_rows_list_each_run():
     ],
 )
 def test_censored_median_by_hand(observations, expected):
-    assert ls.censored_median(observations) == expected
+    assert censored_median(observations) == expected
 
 
 def test_censored_median_is_exact_or_a_lower_bound_of_every_completion():
@@ -233,7 +245,7 @@ def test_censored_median_is_exact_or_a_lower_bound_of_every_completion():
         n = int(rng.integers(1, 8))
         times = rng.integers(1, 12, n)
         collapsed = rng.random(n) < 0.6
-        found = ls.censored_median(list(zip(times.tolist(), collapsed.tolist())))
+        found = censored_median(list(zip(times.tolist(), collapsed.tolist())))
         completions = [
             np.median(np.where(collapsed, times, times + rng.integers(1, 20, n))) for _ in range(40)
         ]  # a censored run collapses (if ever) after its edit count
@@ -248,7 +260,7 @@ def test_collapse_verdict_flips_with_the_orders_that_collapse():
     some = [make_run("memit", seed, 4, collapse=step) for seed, step in enumerate((30, None, 20))]
     never = [make_run("alphaedit", seed, 4, n_edits=n) for seed, n in enumerate((40, 35, 40))]
     nothing = [make_run("none", seed, 4) for seed in range(3)]
-    rows = {row["editor"]: row for row in ls.collapse_by_editor(every + some + never + nothing)}
+    rows = {row["editor"]: row for row in collapse_by_editor(every + some + never + nothing)}
 
     assert rows["rome"]["verdict"] == "collapses in every order"
     assert (rows["rome"]["median"], rows["rome"]["min"], rows["rome"]["max"]) == (20.0, 10, 30)
@@ -257,7 +269,7 @@ def test_collapse_verdict_flips_with_the_orders_that_collapse():
     assert rows["alphaedit"]["verdict"] == "no collapse within 35 edits in any order"
     assert rows["alphaedit"]["median"] is None and rows["alphaedit"]["median_above"] == 40.0
     assert rows["none"]["verdict"] == "no weight moved: not judged"
-    assert [row["editor"] for row in ls.collapse_by_editor(every + some + never + nothing)] == [
+    assert [row["editor"] for row in collapse_by_editor(every + some + never + nothing)] == [
         "rome",
         "memit",
         "alphaedit",
@@ -267,14 +279,14 @@ def test_collapse_verdict_flips_with_the_orders_that_collapse():
 
 def test_collapse_is_judged_per_layer():
     runs = [make_run("rome", 0, 4, collapse=20), make_run("rome", 0, 8), make_run("rome", 1, 8, collapse=15)]
-    rows = {row["layer"]: row for row in ls.collapse_by_editor(runs)}
+    rows = {row["layer"]: row for row in collapse_by_editor(runs)}
     assert rows[4]["verdict"] == "collapses in every order" and rows[4]["n_orders"] == 1
     assert rows[8]["verdict"] == "collapses in 1 of 2 orders"
 
 
 def test_rho_alarm_rows_only_for_runs_with_rho():
     alarm = {"n_edits": 40, "n_disabling": 2, "low_rho": 0.9, "residual_norm": 0.6, "previous_probe_perplexity": 0.5}
-    rows = ls.rho_alarm_rows([make_run("rome", 0, 4, summary={"rho_alarm": alarm}), make_run("memit", 0, 4)])
+    rows = rho_alarm_rows([make_run("rome", 0, 4, summary={"rho_alarm": alarm}), make_run("memit", 0, 4)])
     assert rows == [{"editor": "rome", "seed": 0, "layer": 4, **alarm}]
 
 
@@ -297,7 +309,7 @@ def test_prediction_rows_take_the_summary_as_written():
             "repeated_subjects": {"edits": [5], "pairs_left_out": 1},
         },
     )
-    row = ls.prediction_rows([run])[0]
+    row = prediction_rows([run])[0]
     assert row["verdict"] == "reproduced" and row["prediction_controls"] == controls
     assert row["n_edits_judged"] == 3  # edit 0 is edited again later: left out
     assert row["repeated_subjects"] == {"edits": [5], "pairs_left_out": 1}
@@ -309,7 +321,7 @@ def test_prediction_rows_take_the_summary_as_written():
 def forgetting_pairs(case: str, n_edits: int = 40, seed: int = 0) -> dict[str, list[Any]]:
     """Return pairs at probes 10, 20, 30, 40 where being lost follows P ("P") or only the later count ("count")."""
     rng = np.random.default_rng(seed)
-    rows: dict[str, list[Any]] = {name: [] for name in ls.PREDICTORS}
+    rows: dict[str, list[Any]] = {name: [] for name in PREDICTORS}
     rows |= {"n_edits": [], "case_id": [], "edit_index": [], "later_same_subject": [], "success_now": []}
     for t in range(10, n_edits + 1, 10):
         for u in range(t):
@@ -341,7 +353,7 @@ def test_forgetting_verdict_flips_with_what_the_lost_edits_track():
     edits = make_edits(40, succeeded=lambda index: index not in failed_first)
     by_p = make_run("rome", 0, 4, edits=edits, pairs=forgetting_pairs("P"))
     by_count = make_run("rome", 1, 4, edits=edits, pairs=forgetting_pairs("count"))
-    rows = ls.forgetting_rows([by_p, by_count], n_boot=N_BOOT)
+    rows = forgetting_rows([by_p, by_count], n_boot=N_BOOT)
 
     assert rows[0]["verdict"] == "P beats the count"
     assert rows[0]["difference"]["low"] > 0
@@ -357,7 +369,7 @@ def test_forgetting_verdict_flips_with_what_the_lost_edits_track():
     lost = [not pairs["success_now"][row] for row in keep]
     assert rows[0]["n_pairs"] == len(keep) and rows[0]["n_lost"] == sum(lost)
     assert rows[0]["n_kept"] == len(keep) - sum(lost) and rows[0]["n_edits"] == 40 - 1 - len(failed_first)
-    for name in ls.PREDICTORS:
+    for name in PREDICTORS:
         expected = slow_auroc([pairs[name][row] for row in keep], lost)
         assert rows[0]["auroc"][name]["value"] == pytest.approx(expected, abs=1e-12)
         assert rows[0]["auroc"][name]["n_clusters"] == rows[0]["n_edits"]
@@ -370,10 +382,10 @@ def test_forgetting_verdict_flips_with_what_the_lost_edits_track():
 def test_forgetting_is_not_judged_without_both_classes_or_without_a_moved_weight():
     pairs = forgetting_pairs("P")
     pairs["success_now"] = [True] * len(pairs["success_now"])
-    rows = ls.forgetting_rows([make_run("rome", 0, 4, pairs=pairs), make_run("none", 0, 4, pairs=pairs)], n_boot=10)
+    rows = forgetting_rows([make_run("rome", 0, 4, pairs=pairs), make_run("none", 0, 4, pairs=pairs)], n_boot=10)
     assert rows[0]["verdict"] == "not judged" and rows[0]["auroc"] is None and rows[0]["n_lost"] == 0
     assert rows[1]["verdict"] == "not judged" and rows[1]["reasons"] == ["no weight moved"]
-    assert ls.forgetting_rows([make_run("rome", 0, 4)], n_boot=10) == []  # no pairs
+    assert forgetting_rows([make_run("rome", 0, 4)], n_boot=10) == []  # no pairs
 
 
 # ------------------------------------------------------------------------------------------ predictors of collapse
@@ -391,8 +403,8 @@ def slow_cumulative_norm(edits: list[dict[str, Any]], n_edits: int) -> float:
 def test_cumulative_update_norm_counts_each_update_once(batch):
     edits = make_edits(70, batch=batch, norm=lambda update: 1.0 + update**0.5)
     for n in (0, 1, 15, 16, 17, 48, 64, 70):
-        assert ls.cumulative_update_norm(edits, n) == pytest.approx(slow_cumulative_norm(edits, n))
-    assert ls.cumulative_update_norm(make_edits(32, batch=16, norm=2.0), 20) == 2.0
+        assert cumulative_update_norm(edits, n) == pytest.approx(slow_cumulative_norm(edits, n))
+    assert cumulative_update_norm(make_edits(32, batch=16, norm=2.0), 20) == 2.0
 
 
 COLLAPSES = (20, 30, 45, 60, 80, 100)
@@ -411,7 +423,7 @@ def predictor_runs(signal: bool, collapses: tuple[int, ...] = COLLAPSES) -> list
 
 
 def test_collapse_predictors_flip_with_where_the_signal_lies():
-    found = ls.collapse_predictors([*predictor_runs(True), make_run("none", 0, 8, collapse=None)], n_boot=N_BOOT)
+    found = collapse_predictors([*predictor_runs(True), make_run("none", 0, 8, collapse=None)], n_boot=N_BOOT)
     assert found["n_runs"] == len(COLLAPSES) and not found["too_few"] and found["note"] is None
     assert found["n_steps"] == sum(len(range(5, c, 5)) for c in COLLAPSES)  # 0 < n_edits < collapse
     p2 = found["predictors"]["accumulated_p2"]
@@ -437,13 +449,13 @@ def test_collapse_predictors_flip_with_where_the_signal_lies():
         [(c - 5) * (1 + 0.1 * s) for s, c in enumerate(COLLAPSES)]
     )
 
-    flat = ls.collapse_predictors(predictor_runs(False), n_boot=N_BOOT)["predictors"]["accumulated_p2"]
+    flat = collapse_predictors(predictor_runs(False), n_boot=N_BOOT)["predictors"]["accumulated_p2"]
     assert flat["beats_n_edits"] is False  # the same ranks as the count: the difference is 0 on every resample
     assert flat["abs_spearman_minus_n_edits"]["value"] == pytest.approx(0.0)
 
 
 def test_collapse_predictors_with_too_few_runs_judge_nothing():
-    found = ls.collapse_predictors(predictor_runs(True, (20, 40, 60)), n_boot=20)
+    found = collapse_predictors(predictor_runs(True, (20, 40, 60)), n_boot=20)
     assert found["too_few"] is True and "cannot separate the predictors" in found["note"]
     assert all(item["beats_n_edits"] is None for item in found["predictors"].values())
     assert found["n_runs"] == 3
@@ -459,12 +471,12 @@ def paired_run(editor: str, seed: int, collapse: int | None, efficacy: float = 0
 def test_paired_verdict_flips_when_one_order_collapses_earlier():
     rome = [paired_run("rome", seed, step) for seed, step in enumerate((10, 20, 30))]
     later = [paired_run("alphaedit", 0, 15), paired_run("alphaedit", 1, None), paired_run("alphaedit", 2, 35)]
-    layer = ls.paired_comparison(rome + later)["layers"][0]
+    layer = paired_comparison(rome + later)["layers"][0]
     assert layer["verdict"] == "alphaedit holds longer in every order"
     assert layer["a_collapses_later"] == 3 and layer["n_orders"] == 3
 
     one_earlier = [paired_run("alphaedit", 0, 15), paired_run("alphaedit", 1, None), paired_run("alphaedit", 2, 25)]
-    layer = ls.paired_comparison(rome + one_earlier)["layers"][0]
+    layer = paired_comparison(rome + one_earlier)["layers"][0]
     assert layer["verdict"] == "mixed: 2 of 3 orders"
     assert [order["collapse_outcome"] for order in layer["orders"]] == ["later", "later", "earlier"]
 
@@ -472,19 +484,19 @@ def test_paired_verdict_flips_when_one_order_collapses_earlier():
 def test_paired_orders_where_neither_collapses_are_judged_by_efficacy():
     rome = [paired_run("rome", seed, None, efficacy=0.6) for seed in range(3)]
     ahead = [paired_run("alphaedit", seed, None, efficacy=0.8) for seed in range(3)]
-    assert ls.paired_comparison(rome + ahead)["layers"][0]["verdict"] == "alphaedit holds longer in every order"
+    assert paired_comparison(rome + ahead)["layers"][0]["verdict"] == "alphaedit holds longer in every order"
     behind = [*ahead[:2], paired_run("alphaedit", 2, None, efficacy=0.5)]
-    layer = ls.paired_comparison(rome + behind)["layers"][0]
+    layer = paired_comparison(rome + behind)["layers"][0]
     assert layer["verdict"] == "mixed: 2 of 3 orders" and layer["a_collapses_later"] == 0
     assert layer["orders"][2]["last_common_n_edits"] == 40 and layer["orders"][2]["efficacy_a"] == 0.5
 
 
 def test_paired_comparison_needs_two_orders_and_a_run_that_ends_early_decides_nothing():
-    single = ls.paired_comparison([paired_run("rome", 0, 10), paired_run("alphaedit", 0, None)])["layers"][0]
+    single = paired_comparison([paired_run("rome", 0, 10), paired_run("alphaedit", 0, None)])["layers"][0]
     assert single["verdict"] == "not judged" and single["orders"][0]["favours_a"] is True
 
     short = paired_run("alphaedit", 1, None, n_edits=20)  # ends before rome's collapse at 30
-    layer = ls.paired_comparison(
+    layer = paired_comparison(
         [paired_run("rome", 0, 10), paired_run("alphaedit", 0, None), paired_run("rome", 1, 30), short]
     )["layers"][0]
     assert layer["orders"][1]["collapse_outcome"] == "undecided" and layer["verdict"] == "mixed: 1 of 2 orders"
@@ -498,7 +510,7 @@ def test_paired_differences_by_hand():
         for seed, value in enumerate((0.7, 0.4, 0.9))
     ]
     alpha.append(paired_run("alphaedit", 7, None))  # no rome partner
-    layer = ls.paired_comparison([*rome, *alpha])["layers"][0]
+    layer = paired_comparison([*rome, *alpha])["layers"][0]
     efficacy = {row["n_edits"]: row for row in layer["by_metric"]["efficacy"]}
     assert sorted(efficacy) == [10, 20, 30, 40]  # step 0 measures no efficacy
     row = efficacy[40]
@@ -515,7 +527,7 @@ def test_paired_differences_by_hand():
 def test_paired_comparison_keeps_layers_apart():
     runs = [paired_run("rome", seed, 10) for seed in range(2)] + [paired_run("alphaedit", s, 20) for s in range(2)]
     other = [make_run("rome", 0, 8, collapse=30), make_run("alphaedit", 0, 8, collapse=20)]
-    layers = ls.paired_comparison(runs + other)["layers"]
+    layers = paired_comparison(runs + other)["layers"]
     assert [(item["layer"], item["verdict"]) for item in layers] == [
         (4, "alphaedit holds longer in every order"),
         (8, "not judged"),
@@ -534,7 +546,7 @@ def test_study_from_a_folder_and_from_runs(tmp_path):
         write_run(tmp_path, run)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no legacy file: nothing to warn about
-        found = ls.study(tmp_path, n_boot=20)
+        found = study(tmp_path, n_boot=20)
     assert set(found) == {
         "runs",
         "rules",
@@ -549,10 +561,10 @@ def test_study_from_a_folder_and_from_runs(tmp_path):
     assert len(found["runs"]) == 5 and found["runs"][0]["source"].startswith("layer_4/")
     assert found["paired_comparison"]["layers"][0]["verdict"] == "alphaedit holds longer in every order"
     assert found["collapse_predictors"]["too_few"] is True
-    assert found["rules"]["collapse"] == ls.RULE_COLLAPSE and "alphaedit" in found["rules"]["paired"]
+    assert found["rules"]["collapse"] == RULE_COLLAPSE and "alphaedit" in found["rules"]["paired"]
     json.dumps(found, allow_nan=False)  # plain JSON for a renderer
 
-    again = ls.study(runs, n_boot=20)
+    again = study(runs, n_boot=20)
     assert again["collapse_by_editor"] == found["collapse_by_editor"]
     with pytest.raises(KisError, match="two runs of rome"):
-        ls.study([*runs, runs[0]], n_boot=20)
+        study([*runs, runs[0]], n_boot=20)

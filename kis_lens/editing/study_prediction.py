@@ -1,0 +1,127 @@
+"""Whether P predicts what a lifelong study's runs forget: each run's P-prediction verdict, AUROCs for lost edits."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from kis_lens.editing.lifelong_result import judged_pairs
+from kis_lens.editing.study_runs import NOT_JUDGED, identification, moved_weights, run_name, run_summary
+from kis_lens.editing.verdicts import PREDICTORS, auroc, clustered_bootstrap
+from kis_lens.errors import KisError
+
+RULE_FORGETTING = (
+    "per run, over the judged pairs (an earlier edit whose subject is never edited again) whose earlier edit "
+    "succeeded right after it was made: lost = its rewrite no longer succeeds at the probe. 'P beats the count' only "
+    "where the AUROC of P for lost minus the AUROC of later_count, on the same resample of a bootstrap clustered by "
+    "edit, has its interval above 0; 'not judged' where no edit was lost or none was kept"
+)
+
+OUTPUT_CORRELATION_NOTE = (
+    "listed, not judged: an algebraic identity for p-ROME (rank-one along C⁻¹k) and close to one for ROME/MEMIT"
+)
+
+
+def _judged(run: Mapping[str, Any]) -> dict[str, list[Any]]:
+    pairs = run.get("pairs") or {}
+    return judged_pairs(pairs) if pairs else {}
+
+
+def prediction_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Return per run the P-prediction verdict and controls its summary holds, and the output correlation (listed)."""
+    rows = []
+    for run in runs:
+        summary = run_summary(run)
+        verdict = summary.get("prediction_verdict") or {}
+        rows.append(
+            {
+                **identification(run),
+                "verdict": verdict.get("verdict", NOT_JUDGED),
+                "reasons": list(verdict.get("reasons") or []),
+                "prediction_controls": summary.get("prediction_controls"),
+                "n_edits_judged": len(set(_judged(run).get("edit_index") or [])),
+                "repeated_subjects": summary.get("repeated_subjects"),
+                "output_correlation": (summary.get("correlations") or {}).get("predicted_vs_output"),
+                "output_correlation_note": OUTPUT_CORRELATION_NOTE,
+            }
+        )
+    return rows
+
+
+def _forgetting_columns(run: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Return the judged pairs whose earlier edit succeeded right after it was made, with a "lost" column."""
+    pairs, edits = _judged(run), run.get("edits") or []
+    if not pairs:
+        return {}
+    missing = [name for name in ("edit_index", "success_now", *PREDICTORS) if name not in pairs]
+    if missing:
+        raise KisError(
+            f"{run_name(run)}'s pairs lack {', '.join(missing)}: an older kis wrote it; rerun it with `kis lifelong`"
+        )
+    keep = []
+    for row, index in enumerate(pairs["edit_index"]):
+        if not 0 <= int(index) < len(edits):
+            raise KisError(f"{run_name(run)} has a pair of edit {index} but only {len(edits)} edits: rerun the run")
+        if edits[int(index)].get("newest_efficacy") is True:
+            keep.append(row)
+    columns = {name: [pairs[name][row] for row in keep] for name in ("edit_index", *PREDICTORS)}
+    columns["lost"] = [not bool(pairs["success_now"][row]) for row in keep]
+    return columns
+
+
+def _lost_areas(columns: Mapping[str, Sequence[Any]], n_boot: int, seed: int) -> dict[str, Any]:
+    """Return the clustered AUROC of each predictor for a lost edit, P minus the count's, and the verdict."""
+
+    def area(name: str) -> Callable[[dict[str, np.ndarray]], float | None]:
+        return lambda c: auroc(c[name], c["lost"])
+
+    def difference(c: dict[str, np.ndarray]) -> float | None:
+        ours, count = auroc(c["predicted"], c["lost"]), auroc(c["later_count"], c["lost"])
+        return None if ours is None or count is None else ours - count
+
+    boot = lambda statistic: clustered_bootstrap(columns, statistic, "edit_index", n_boot, seed)  # noqa: E731
+    gap = boot(difference)
+    beats = gap["low"] is not None and gap["low"] > 0
+    reason = (
+        f"AUROC of P minus that of later_count {_fmt(gap['value'])}, CI [{_fmt(gap['low'])}, {_fmt(gap['high'])}]"
+        + (" lies above 0" if beats else " does not lie above 0")
+    )
+    return {
+        "auroc": {name: boot(area(name)) for name in PREDICTORS},
+        "difference": gap,
+        "verdict": "P beats the count" if beats else "P does not beat the count",
+        "reasons": [reason],
+    }
+
+
+def forgetting_rows(runs: Sequence[Mapping[str, Any]], n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Return per run the AUROC of P and each control for a lost edit, and whether P beats the count (stated rule)."""
+    rows = []
+    for run in runs:
+        if not run.get("pairs"):
+            continue
+        row: dict[str, Any] = {**identification(run)}
+        if not moved_weights(run):
+            rows.append(
+                {**row, "auroc": None, "difference": None, "verdict": NOT_JUDGED, "reasons": ["no weight moved"]}
+            )
+            continue
+        columns = _forgetting_columns(run)
+        lost = columns["lost"]
+        row |= {
+            "n_pairs": len(lost),
+            "n_edits": len(set(columns["edit_index"])),
+            "n_lost": sum(lost),
+            "n_kept": len(lost) - sum(lost),
+        }
+        if row["n_lost"] and row["n_kept"]:
+            rows.append({**row, **_lost_areas(columns, n_boot, seed)})
+        else:
+            reason = "no edit that first succeeded was lost" if not row["n_lost"] else "every such edit was lost"
+            rows.append({**row, "auroc": None, "difference": None, "verdict": NOT_JUDGED, "reasons": [reason]})
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3f}"

@@ -39,7 +39,7 @@ def _median_seconds(work: Callable[[], Any], before: Callable[[], Any] = lambda:
 
 def measure(name: str, model: Any, max_tokens: int) -> dict[str, Any]:
     """Return the fingerprint's and the cached `kis all`'s seconds for one model."""
-    from kis_lens import models
+    from kis_lens import fingerprint, models
     from kis_lens.config import RunConfig
     from kis_lens.runner import run_matrices
 
@@ -56,7 +56,7 @@ def measure(name: str, model: Any, max_tokens: int) -> dict[str, Any]:
         # load_model records the fingerprint once per process: each timed run pays it once, as a fresh command does
         kis_all = _median_seconds(lambda: (models._compute_fingerprint(model), run_matrices(config, model=model)))
     full = _median_seconds(lambda: models._compute_fingerprint(model))  # a fresh hash each time, as load_model's
-    legacy = _median_seconds(lambda: models.legacy_fingerprint(model))
+    legacy = _median_seconds(lambda: fingerprint.legacy_fingerprint(model))
     return {
         "model": name,
         "parameters": sum(p.numel() for p in model.parameters()),

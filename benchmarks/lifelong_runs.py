@@ -40,13 +40,25 @@ def _trace(window: int, n_facts: int = 100) -> tuple[str, list[str]]:
     return f"trace-w{window}", ["trace", "--n_facts", str(n_facts), "--window", str(window)]
 
 
-def _written(name: str) -> bool:
+def frozen_trace_path(window: int) -> Path:
+    """Return where the frozen code (--code results/code) writes a trace job's JSON: <output>/<model>/trace/.
+
+    Spelled out here, not asked of kis_lens.layout: that is this tree's layout, which puts traces kind-first
+    (trace/<model>/) since issue 22, while the lanes run a commit from before it, model-first. Asking this tree
+    would miss a finished trace and run it again (a trace is not resumable)."""
+    return OUTPUT / "smollm2-135m" / "trace" / f"causal_trace_mlp_w{window}.json"
+
+
+def _written(name: str, code: Path | None) -> bool:
     """Return whether a job's result is on disk already (a trace is not resumable: never run it twice)."""
     if name.startswith("trace-w"):
-        window = name.removeprefix("trace-w")
-        from kis_lens.layout import trace_path  # the one place kis writes a trace; never a copy of it here
+        window = int(name.removeprefix("trace-w"))
+        if (ROOT / frozen_trace_path(window)).is_file():
+            return True
+        if code is None:  # this tree's kis writes the job: its own layout says where
+            from kis_lens.layout import trace_path
 
-        return (ROOT / trace_path(OUTPUT, "smollm2-135m", "mlp", int(window))).is_file()
+            return (ROOT / trace_path(OUTPUT, "smollm2-135m", "mlp", window)).is_file()
     return False
 
 
@@ -133,7 +145,7 @@ def run_lane(lane: str, code: Path | None = None) -> int:
                 continue
             while _running(name, arguments):  # a job left running by a stopped driver: wait, then rerun = resume
                 time.sleep(30)
-            if _written(name):
+            if _written(name, code):
                 continue
             command = ["kis", *arguments, "--output_dir", str(OUTPUT)]
             started, beside = time.time(), _other_lanes_running(lane)

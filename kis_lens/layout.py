@@ -9,15 +9,20 @@ model), so readers and writers of a result agree by calling the same function. U
 - ``<matrix dir>/<model>/<knowledge_type>_sample_size_<n>/layer_<L>_<position>_<suffix>.npy``: the original
   scripts' per-layer tree
 - ``knowledge/<model>/<facts>_split.json``: a model's known/unknown split of a fact set
-- ``<model>/trace/causal_trace_<kind>_w<window>.json``: a causal trace
+- ``trace/<model>/causal_trace_<kind>_w<window>.json``: a causal trace
 - ``edit_sim/<model>/layer_<L>_n<N>/edit_sim.json``: an edit simulation
-- ``<model>/lifelong/layer_<L>/lifelong_<stem>.json``: lifelong runs (model-first, unlike the others)
+- ``lifelong/<model>/layer_<L>/lifelong_<stem>.json``: lifelong runs
 
 and ``benchmarks/results/reproduction_<model>.json``: the numbers of `kis reproduce` (unless --numbers_path).
+
+Older kis_lens wrote traces and lifelong runs model-first (``<model>/trace/``, ``<model>/lifelong/layer_<L>/``).
+Readers find them there too; a job about to write moves the older folder it writes into to the kind-first place
+(``writable_trace_path``, ``writable_lifelong_dir``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -160,8 +165,51 @@ def split_path(output_dir: str | Path, model: str, facts_source: str | Path) -> 
 
 
 def trace_path(output_dir: str | Path, model: str, kind: str, window: int) -> Path:
-    """Return the JSON path of a trace: <output_dir>/<model>/trace/causal_trace_<kind>_w<window>.json."""
-    return Path(output_dir) / model / TRACE_FOLDER / f"causal_trace_{kind}_w{window}.json"
+    """Return the JSON path of a trace: <output_dir>/trace/<model>/causal_trace_<kind>_w<window>.json."""
+    return Path(output_dir) / TRACE_FOLDER / model / f"causal_trace_{kind}_w{window}.json"
+
+
+def legacy_trace_dir(output_dir: str | Path, model: str) -> Path:
+    """Return where an older kis wrote a model's traces: <output_dir>/<model>/trace (model-first)."""
+    return Path(output_dir) / model / TRACE_FOLDER
+
+
+def writable_trace_path(output_dir: str | Path, model: str, kind: str, window: int) -> Path:
+    """Return trace_path(...), first moving an older kis's <model>/trace/ folder there when it has none yet."""
+    path = trace_path(output_dir, model, kind, window)
+    adopt_legacy_folder(legacy_trace_dir(output_dir, model), path.parent)
+    return path
+
+
+def adopt_legacy_folder(old: Path, new: Path) -> None:
+    """Move an older layout's folder old to new in one os.replace, saying so, when old exists and new does not.
+
+    When both exist, old is left where it is and said so (find_lifelong_folders reads both). Parents emptied by the
+    move are removed, so an output dir migrated in full keeps no empty <model>/ folder."""
+    if old == new or not old.is_dir():
+        return
+    new.parent.mkdir(parents=True, exist_ok=True)
+    moved = False
+    try:
+        if not new.exists():
+            os.replace(old, new)  # one rename: a job reading old sees it whole, or not at all
+            moved = True
+    except FileNotFoundError:  # another job moved it first
+        return
+    except OSError:  # refused when new appeared meanwhile (another job): anything else is a real error
+        if not new.exists():
+            raise
+    if not moved:  # merging two folders of runs is not ours to do
+        print(f"kept {old} where it is (the older model-first layout): {new} exists already")
+        return
+    print(f"moved {old} to {new} (the kind-first layout of this kis)")
+    for parent in old.parents:
+        if parent in new.parents:  # the output dir, or above it: never ours to remove
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: it holds other results
+            break
 
 
 # ---------------------------------------------------------------------------------------------- reproductions
@@ -199,11 +247,12 @@ def find_edit_sims(output_dir: str | Path, model: str) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------------ lifelong runs
 
-# <output_dir>/<model>/lifelong/layer_L/<stem>.json, one file per run, the stem "lifelong_<editor>_seed<S>_n<N>_
+# <output_dir>/lifelong/<model>/layer_L/<stem>.json, one file per run, the stem "lifelong_<editor>_seed<S>_n<N>_
 # layer<L>_<hash8>" (kis_lens.editing.runs.run_stem); <stem>.partial.json + <stem>.partial.safetensors beside it
 # while the run is in progress (a checkpoint, never a result). Runs of other seeds or settings share the folder.
-# An older kis wrote lifelong_<editor>.json (legacy: no identity in its settings). Model-first, unlike stats/,
-# runs/ and edit_sim/: running experiments resume from these folders, so moving them needs a migration.
+# An older kis wrote lifelong_<editor>.json (legacy: no identity in its settings), and an older one still wrote
+# every run model-first, <output_dir>/<model>/lifelong/layer_L/: readers look there too, and a job moves the one
+# layer folder it is about to write into (its checkpoints resume from the new place).
 LIFELONG_FOLDER = "lifelong"
 LIFELONG_LAYER_PREFIX = "layer_"
 LIFELONG_FILE_PREFIX = "lifelong_"
@@ -211,8 +260,20 @@ LIFELONG_PARTIAL_MARK = ".partial."  # in the name of every checkpoint file (run
 
 
 def lifelong_dir(output_dir: str | Path, model: str, layer: int) -> Path:
-    """Return a lifelong run's folder: <output_dir>/<model>/lifelong/layer_<layer> (one <stem>.json per run)."""
+    """Return a lifelong run's folder: <output_dir>/lifelong/<model>/layer_<layer> (one <stem>.json per run)."""
+    return Path(output_dir) / LIFELONG_FOLDER / model / f"{LIFELONG_LAYER_PREFIX}{layer}"
+
+
+def legacy_lifelong_dir(output_dir: str | Path, model: str, layer: int) -> Path:
+    """Return where an older kis wrote a lifelong run: <output_dir>/<model>/lifelong/layer_<layer> (model-first)."""
     return Path(output_dir) / model / LIFELONG_FOLDER / f"{LIFELONG_LAYER_PREFIX}{layer}"
+
+
+def writable_lifelong_dir(output_dir: str | Path, model: str, layer: int) -> Path:
+    """Return lifelong_dir(...), first moving an older kis's model-first folder of that layer there if it has none."""
+    folder = lifelong_dir(output_dir, model, layer)
+    adopt_legacy_folder(legacy_lifelong_dir(output_dir, model, layer), folder)
+    return folder
 
 
 def lifelong_file(folder: str | Path, name: str, suffix: str = ".json") -> Path:
@@ -234,17 +295,20 @@ def lifelong_result_files(folder: str | Path) -> list[Path]:
 
 
 def find_lifelong_folders(output_dir: str | Path, model: str) -> list[Path]:
-    """Return every <output_dir>/<model>/lifelong/layer_*/ folder holding a finished run, sorted by layer."""
-    base = Path(output_dir) / model / LIFELONG_FOLDER
+    """Return every lifelong/<model>/layer_*/ folder holding a finished run, and every one an older kis wrote at
+    <model>/lifelong/layer_*/, sorted by layer (the kind-first one first)."""
+    new, old = Path(output_dir) / LIFELONG_FOLDER / model, Path(output_dir) / model / LIFELONG_FOLDER
     folders = {
         path.parent
+        for base in (new, old)
         for path in base.glob(f"{LIFELONG_LAYER_PREFIX}*/{LIFELONG_FILE_PREFIX}*.json")
         if is_lifelong_result(path)
     }
 
-    def layer(folder: Path) -> tuple[int, str]:
+    def layer(folder: Path) -> tuple[int, str, bool]:
         number = folder.name.removeprefix(LIFELONG_LAYER_PREFIX)
-        return (int(number), "") if number.isdigit() else (10**9, folder.name)
+        legacy = folder.parent != new
+        return (int(number), "", legacy) if number.isdigit() else (10**9, folder.name, legacy)
 
     return sorted(folders, key=layer)
 

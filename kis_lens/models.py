@@ -7,6 +7,8 @@ Everything downstream talks to the model only through hook names (``blocks.{L}.m
 ``load_model`` records the model's ``ModelInfo`` (name, sizes, full-weight fingerprint, BOS convention, dtype,
 device) once, on the model object itself; ``model_info`` returns that record without hashing. An in-place weight
 edit never changes it: only ``refresh_model_info(model, reason)`` does, or a dtype change (see ``model_info``).
+A layer's W_out is reached through kis_lens.w_out; a fingerprint recorded in a result is matched to a model, the
+older sampled kind included, by kis_lens.fingerprint.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from pathlib import Path
 from typing import Any, ContextManager, Iterator, Protocol, runtime_checkable
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from kis_lens.errors import KisError
@@ -300,77 +301,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# W_out, the weight every statistic here is about
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OutputWeight:
-    """The parameter that holds a layer's W_out, and whether it is stored transposed ([d_model, d_mlp])."""
-
-    weight: torch.nn.Parameter
-    bias: torch.nn.Parameter | None
-    transposed: bool
-
-    def view(self) -> Float[Tensor, "d_mlp d_model"]:
-        """Return the live weight as a [d_mlp, d_model] view (no copy)."""
-        weight = self.weight.detach()
-        return weight.T if self.transposed else weight
-
-    def read(self) -> Float[Tensor, "d_mlp d_model"]:
-        """Return a float64 copy of W_out in the [d_mlp, d_model] orientation."""
-        return self.view().double().clone()
-
-    def read_bias(self) -> Float[Tensor, " d_model"]:
-        """Return a float64 copy of b_out (zeros when the layer has no output bias)."""
-        if self.bias is None:
-            size = self.weight.shape[0] if self.transposed else self.weight.shape[1]
-            return torch.zeros(size, dtype=torch.float64, device=self.weight.device)
-        return self.bias.detach().double().clone()
-
-    def write(self, weight: Float[Tensor, "d_mlp d_model"]) -> None:
-        """Overwrite W_out in place with a [d_mlp, d_model] matrix (cast to the parameter's dtype)."""
-        stored = weight.T if self.transposed else weight
-        if tuple(stored.shape) != tuple(self.weight.shape):
-            raise KisError(f"new W_out has shape {tuple(weight.shape)}, expected [d_mlp, d_model]")
-        with torch.no_grad():
-            self.weight.copy_(stored.to(device=self.weight.device, dtype=self.weight.dtype))
-
-
-def output_weight(model: HookedModel, layer: int) -> OutputWeight:
-    """Return the live W_out parameter of a layer (TransformerBridge Linear/Conv1D, or HookedTransformer)."""
-    n_layers = int(model.cfg.n_layers)
-    if not 0 <= layer < n_layers:
-        raise KisError(f"layer(s) [{layer}] out of range: this model has layers 0..{n_layers - 1}")
-    mlp = model.blocks[layer].mlp
-    d_mlp, d_model = int(model.cfg.d_mlp), int(model.cfg.d_model)
-    if isinstance(getattr(mlp, "W_out", None), torch.nn.Parameter):  # HookedTransformer
-        return OutputWeight(mlp.W_out, getattr(mlp, "b_out", None), transposed=False)
-    module = getattr(getattr(mlp, "out", None), "original_component", None)
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.nn.Parameter):
-        raise KisError(
-            f"cannot find the MLP output weight of layer {layer} on {type(model).__name__}: expected "
-            "blocks[L].mlp.out.original_component.weight (TransformerBridge) or blocks[L].mlp.W_out"
-        )
-    bias = getattr(module, "bias", None)
-    if isinstance(module, torch.nn.Linear):  # nn.Linear stores [out_features, in_features]
-        transposed = True
-    elif type(module).__name__ == "Conv1D":  # HF GPT-2 style stores [in, out]
-        transposed = False
-    elif d_mlp != d_model:
-        transposed = tuple(weight.shape) == (d_model, d_mlp)
-    else:
-        raise KisError(f"cannot tell the orientation of {type(module).__name__} weights when d_mlp == d_model")
-    expected = (d_model, d_mlp) if transposed else (d_mlp, d_model)
-    if tuple(weight.shape) != expected:
-        raise KisError(f"layer {layer} output weight has shape {tuple(weight.shape)}, expected {expected}")
-    return OutputWeight(weight, bias if isinstance(bias, torch.nn.Parameter) else None, transposed)
-
-
 FINGERPRINT_VERSION = "w2"  # prefix of the full-weight fingerprint; the older sampled one had none
-LEGACY_FINGERPRINT_SAMPLES = 4096
 
 
 def _tensor_bytes(tensor: Tensor) -> memoryview:
@@ -398,48 +329,6 @@ def _compute_fingerprint(model: HookedModel) -> str:
         digest.update(f"\0{name}:{tuple(parameter.shape)}:{parameter.dtype}\0".encode())
         digest.update(_tensor_bytes(parameter))
     return f"{FINGERPRINT_VERSION}-{digest.hexdigest()[:16]}"
-
-
-def legacy_fingerprint(model: HookedModel, n_samples: int = LEGACY_FINGERPRINT_SAMPLES) -> str:
-    """Return the fingerprint of kis_lens before 0.x: a hash of the sizes and 4,096 sampled W_out entries.
-
-    Kept only to recognise caches and runs keyed on it, which are re-keyed to the full-weight fingerprint."""
-    cfg = model.cfg
-    n_layers, d_mlp, d_model, d_vocab = int(cfg.n_layers), int(cfg.d_mlp), int(cfg.d_model), int(cfg.d_vocab)
-    per_layer = d_mlp * d_model
-    step = max(1, n_layers * per_layer // n_samples)
-    flat_indices = torch.arange(0, n_layers * per_layer, step)[:n_samples]
-    pieces = []
-    for layer in range(n_layers):
-        inside = (
-            flat_indices[(flat_indices >= layer * per_layer) & (flat_indices < (layer + 1) * per_layer)]
-            - layer * per_layer
-        )
-        if len(inside):
-            weight = output_weight(model, layer).view()
-            pieces.append(weight[inside // d_model, inside % d_model].cpu())
-    sample = torch.cat(pieces).float().half().numpy().tobytes()
-    digest = hashlib.sha256()
-    digest.update(f"{n_layers}/{d_model}/{d_mlp}/{d_vocab}".encode())
-    digest.update(sample)
-    return digest.hexdigest()[:16]
-
-
-def is_legacy_fingerprint(fingerprint: Any) -> bool:
-    """Return whether a recorded fingerprint is the older sampled kind (16 hex digits, no version prefix)."""
-    return isinstance(fingerprint, str) and len(fingerprint) == 16 and not fingerprint.startswith(FINGERPRINT_VERSION)
-
-
-def model_fingerprint(model: HookedModel) -> str:
-    """Return the recorded hash of the model's sizes and every byte of its weights as loaded (see model_info)."""
-    return model_info(model).fingerprint
-
-
-def fingerprint_matches(recorded: Any, model: HookedModel) -> bool:
-    """Return whether a recorded fingerprint is this model's: the full one, or the legacy sampled one (re-key it)."""
-    if recorded == model_fingerprint(model):
-        return True
-    return is_legacy_fingerprint(recorded) and recorded == legacy_fingerprint(model)
 
 
 @dataclass(frozen=True)

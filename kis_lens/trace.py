@@ -31,12 +31,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from kis_lens.config import ModelOptions, at_least, setting
+from kis_lens.config import FactOptions, ModelOptions, at_least, borrow, setting
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts
 from kis_lens.io import save_json
 from kis_lens.keys import locate_subject
-from kis_lens.layout import trace_path
+from kis_lens.layout import writable_trace_path
 from kis_lens.models import HookedModel, load_model, model_device, model_info, resolve_prepend_bos
 from kis_lens.plots import write_figure_files
 from kis_lens.tokens import encode, pad_batch, pad_token_id
@@ -51,11 +51,10 @@ KINDS: tuple[str, ...] = tuple(KIND_HOOKS)
 
 
 @dataclass(frozen=True)
+@borrow(FactOptions, facts="known-1000")  # ROME traces its known facts
 class TraceConfig(ModelOptions):
-    """Settings of a causal trace: the model options, then which facts, how much noise, which states restored."""
+    """Settings of a causal trace: the model options (seed: the noise's), then the facts, the noise, the states."""
 
-    seed: int = setting(0, "noise seed")
-    facts: str = setting("known-1000", "known-1000, counterfact-known or a JSON/JSONL path")
     n_facts: int = setting(100, "facts traced (the first ones in file order that pass --only_known)")
     samples: int = setting(10, "noise samples per fact (ROME: 10)")
     noise_multiplier: float = setting(3.0, "noise std = this x std of subject-token embeddings (ROME: 3)")
@@ -349,7 +348,7 @@ def causal_trace(config: TraceConfig, model: HookedModel | None = None) -> Trace
     result = TraceResult(
         list(range(n_layers)), mean_ie, per_fact, p_clean, p_corrupt, peak, early, noise_std, kept, settings
     )
-    path = trace_path(config.output_dir, model_info(model).name, config.kind, config.window)
+    path = writable_trace_path(config.output_dir, model_info(model).name, config.kind, config.window)
     path.parent.mkdir(parents=True, exist_ok=True)
     result.figures = write_figure_files(trace_figure(result), path.with_suffix(".html"))
     result.path = save_json(path, result.to_dict())

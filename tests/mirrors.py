@@ -34,8 +34,9 @@ from torch import Tensor
 
 from kis_lens.facts import Fact
 from kis_lens.keys import locate_subject
-from kis_lens.models import output_weight, resolve_prepend_bos
+from kis_lens.models import resolve_prepend_bos
 from kis_lens.tokens import encode
+from kis_lens.w_out import output_weight
 
 MLP_IN = "blocks.{}.mlp.hook_post"  # input of rewrite_module_tmp ("transformer.h.{}.mlp.c_proj")
 MLP_OUT = "blocks.{}.hook_mlp_out"  # output of rewrite_module_tmp / mlp_module_tmp ("transformer.h.{}.mlp")

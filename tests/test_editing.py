@@ -25,8 +25,8 @@ from kis_lens.editing import (
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts
 from kis_lens.keys import locate_subject
-from kis_lens.models import output_weight
 from kis_lens.tiny import tiny_model
+from kis_lens.w_out import output_weight
 
 LAYER = 1
 N_FACTS = 6

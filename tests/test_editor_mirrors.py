@@ -24,8 +24,8 @@ import torch
 from kis_lens.editing.registry import EditorSettings, EditSession, get_editor
 from kis_lens.editing.values import ValueSearch, compute_target
 from kis_lens.facts import load_facts
-from kis_lens.models import output_weight
 from kis_lens.tiny import tiny_model
+from kis_lens.w_out import output_weight
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mirrors  # noqa: E402

@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from kis_lens.errors import KisError
+from kis_lens.fingerprint import model_fingerprint
 from kis_lens.hooks import capture_mlp_inputs
 from kis_lens.models import (
     MODEL_ALIASES,
     load_model,
-    model_fingerprint,
     model_info,
     model_slug,
     refresh_model_info,
 )
 from kis_lens.tiny import tiny_model
+from kis_lens.w_out import output_weight
 
 
 def test_original_names_are_aliases_of_hub_names():
@@ -70,7 +71,7 @@ def test_packaged_gguf_is_converted_once_and_reloads_identically(smollm2, tmp_pa
     """The first load dequantises the GGUF to a hash-named safetensors folder; later loads read it and match bitwise."""
     from kis_lens import gguf as gguf_module
     from kis_lens.gguf import converted_gguf_dir, file_sha256
-    from kis_lens.models import _packaged_gguf_path, output_weight
+    from kis_lens.models import _packaged_gguf_path
 
     monkeypatch.setenv("KIS_LENS_CACHE", str(tmp_path))
     gguf = _packaged_gguf_path("smollm2-135m")
@@ -144,7 +145,7 @@ def test_fingerprint_is_recorded_at_first_sight_and_changes_only_by_an_explicit_
     first_info = model_info(model)
     first = [model_info(model).fingerprint for _ in range(5)]
     assert len(set(first)) == 1 and len(calls) == 1
-    weight = models.output_weight(model, 1)
+    weight = output_weight(model, 1)
     weight.write(weight.read() + 1.0)
     assert model_fingerprint(model) == model_info(model).fingerprint == first[0] and len(calls) == 1
     assert models._compute_fingerprint(model) != first[0] and len(calls) == 2  # the bytes did change
@@ -166,7 +167,7 @@ def test_a_model_loaded_by_name_is_described_once_until_refreshed_or_converted(m
     loaded = model_info(model)
     for _ in range(10):
         assert model_info(model) is loaded and model_fingerprint(model) == loaded.fingerprint
-    weight = models.output_weight(model, 0)
+    weight = output_weight(model, 0)
     weight.write(weight.read() * 3)
     assert load_model(model) is model and model_info(model) is loaded and len(calls) == 1
     refreshed = refresh_model_info(model, "W_out of layer 0 tripled")
@@ -186,7 +187,7 @@ def test_legacy_fingerprint_equals_the_stacked_w_out_hash():
     [n_layers, d_mlp, d_model] W_out sampling did."""
     import hashlib
 
-    from kis_lens.models import is_legacy_fingerprint, legacy_fingerprint
+    from kis_lens.fingerprint import is_legacy_fingerprint, legacy_fingerprint
 
     model = tiny_model("llama", seed=2, n_layers=3)
     flat = model.W_out.detach().reshape(-1)
@@ -202,7 +203,8 @@ def test_the_fingerprint_changes_when_any_single_weight_changes(kind):
     """Flipping one value of any parameter (attention, W_in, W_out, embeddings, norms: every one the model has),
     even by one ulp, changes the fingerprint; restoring it gives the old one back. The sampled legacy fingerprint
     missed all of these but W_out."""
-    from kis_lens.models import _compute_fingerprint, legacy_fingerprint
+    from kis_lens.fingerprint import legacy_fingerprint
+    from kis_lens.models import _compute_fingerprint
 
     model = tiny_model(kind, seed=4)
     clean, clean_legacy = model_fingerprint(model), legacy_fingerprint(model)  # the record, taken here
@@ -239,7 +241,8 @@ def test_the_fingerprint_tells_a_dtype_and_a_lora_on_attention_apart():
 
 def test_a_model_object_is_recorded_as_it_is_and_ignored_arguments_warn(tmp_path):
     """A bfloat16 model passed in is recorded as bfloat16; a dtype or device load_model cannot apply warns."""
-    from kis_lens.cache_job import CovarianceRequest, cache_second_moments
+    from kis_lens.cache_job import cache_second_moments
+    from kis_lens.config import CacheOptions
     from kis_lens.storage import read_metadata
 
     model = tiny_model("gpt2").to(torch.bfloat16)
@@ -249,6 +252,8 @@ def test_a_model_object_is_recorded_as_it_is_and_ignored_arguments_warn(tmp_path
         load_model(model, device="meta")
     assert model_info(model).dtype == "bfloat16" and model_info(model).device == "cpu"
     report = cache_second_moments(
-        model, [0], CovarianceRequest(corpus="wikipedia-offline", output_dir=tmp_path, sample_size=4, progress=False)
+        model,
+        [0],
+        CacheOptions(corpus="wikipedia-offline", output_dir=tmp_path, sample_size=4, max_tokens=None, progress=False),
     )
     assert read_metadata(report.paths[0])["model_dtype"] == "bfloat16"

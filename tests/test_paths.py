@@ -36,9 +36,11 @@ def test_every_path_spelled_out():
         out / "p_matrix/gpt2/all_sample_size_6/layer_0_last_p_matrix.npy"
     )
     assert layout.split_path(out, "gpt2", "data/known-1000.json") == out / "knowledge/gpt2/known-1000_split.json"
-    assert layout.trace_path(out, "gpt2", "mlp", 10) == out / "gpt2/trace/causal_trace_mlp_w10.json"
+    assert layout.trace_path(out, "gpt2", "mlp", 10) == out / "trace/gpt2/causal_trace_mlp_w10.json"
+    assert layout.legacy_trace_dir(out, "gpt2") == out / "gpt2/trace"  # where an older kis wrote them
     assert layout.edit_sim_dir(out, "gpt2", 4, 20) == out / "edit_sim/gpt2/layer_4_n20"
-    assert layout.lifelong_dir(out, "gpt2", 4) == out / "gpt2/lifelong/layer_4"
+    assert layout.lifelong_dir(out, "gpt2", 4) == out / "lifelong/gpt2/layer_4"
+    assert layout.legacy_lifelong_dir(out, "gpt2", 4) == out / "gpt2/lifelong/layer_4"
     assert layout.reproduction_numbers_path("gpt2") == Path("benchmarks/results/reproduction_gpt2.json")
     assert layout.reproduction_numbers_path("gpt2", "n.json") == Path("n.json")
 
@@ -67,6 +69,46 @@ def test_finders_see_only_finished_results(tmp_path):
         (layout.lifelong_dir(tmp_path, "m", layer) / name).touch()
     assert [p.name for p in layout.find_lifelong_folders(tmp_path, "m")] == ["layer_2", "layer_10"]  # by layer
     assert layout.lifelong_result_files(layout.lifelong_dir(tmp_path, "m", 3)) == []  # a checkpoint only
+
+
+def test_results_of_the_older_model_first_layout_are_read_in_place_and_moved_before_a_write(tmp_path, capsys):
+    """Lifelong runs and traces an older kis wrote at <model>/lifelong/ and <model>/trace/ are found where they are;
+    a job about to write moves the one folder it writes into (a checkpoint with it) in one rename, saying so, and
+    leaves a folder the new layout already holds where it is."""
+    for layer in (2, 5):
+        old = layout.legacy_lifelong_dir(tmp_path, "m", layer)
+        old.mkdir(parents=True)
+        (old / f"lifelong_rome_l{layer}.json").touch()
+    (layout.legacy_lifelong_dir(tmp_path, "m", 2) / "lifelong_x.partial.json").touch()
+    layout.lifelong_dir(tmp_path, "m", 5).mkdir(parents=True)
+    (layout.lifelong_dir(tmp_path, "m", 5) / "lifelong_memit_new.json").touch()
+    found = layout.find_lifelong_folders(tmp_path, "m")
+    assert found == [
+        layout.legacy_lifelong_dir(tmp_path, "m", 2),
+        layout.lifelong_dir(tmp_path, "m", 5),  # the kind-first folder of a layer first
+        layout.legacy_lifelong_dir(tmp_path, "m", 5),
+    ]
+    assert capsys.readouterr().out == ""  # reading moves nothing
+
+    folder = layout.writable_lifelong_dir(tmp_path, "m", 2)
+    assert folder == layout.lifelong_dir(tmp_path, "m", 2)
+    assert sorted(p.name for p in folder.iterdir()) == ["lifelong_rome_l2.json", "lifelong_x.partial.json"]
+    assert not layout.legacy_lifelong_dir(tmp_path, "m", 2).exists()
+    assert capsys.readouterr().out.count("moved") == 1
+    assert layout.writable_lifelong_dir(tmp_path, "m", 5) == layout.lifelong_dir(tmp_path, "m", 5)
+    assert "kept" in capsys.readouterr().out  # both layouts hold layer 5: nothing merged, both still read
+    assert (layout.legacy_lifelong_dir(tmp_path, "m", 5) / "lifelong_rome_l5.json").is_file()
+    assert len(layout.find_lifelong_folders(tmp_path, "m")) == 3
+    assert layout.writable_lifelong_dir(tmp_path, "m", 7) == layout.lifelong_dir(tmp_path, "m", 7)  # nothing older
+    assert capsys.readouterr().out == ""
+
+    old_trace = layout.legacy_trace_dir(tmp_path, "t") / "causal_trace_mlp_w10.json"
+    old_trace.parent.mkdir(parents=True)
+    old_trace.touch()
+    path = layout.writable_trace_path(tmp_path, "t", "mlp", 5)
+    assert path == layout.trace_path(tmp_path, "t", "mlp", 5) and (path.parent / old_trace.name).is_file()
+    assert not (tmp_path / "t").exists()  # the emptied model-first folder goes too
+    assert capsys.readouterr().out.count("moved") == 1
 
 
 def test_find_results_of_an_output_dir(tmp_path):

@@ -137,7 +137,7 @@ def test_files_and_cli(tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
-    path = tmp_path / "tiny-gpt2" / "trace" / "causal_trace_mlp_w1.json"
+    path = tmp_path / "trace" / "tiny-gpt2" / "causal_trace_mlp_w1.json"
     assert str(path) in out and "peak layer" in out
     data = json.loads(path.read_text())
     assert len(data["mean_indirect_effect"]) == 2 and len(data["per_fact"]) == 2

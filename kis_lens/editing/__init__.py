@@ -1,7 +1,7 @@
 """Closed-form edits of a layer's MLP output weight W_out (ROME, MEMIT, AlphaEdit) and the lifelong-editing simulation.
 
 - ``weights``:  apply / restore ΔW (``apply_delta``, ``applied_delta``; W_out's accessor is
-  kis_lens.models.output_weight)
+  kis_lens.w_out.output_weight)
 - ``editors``:  ROME, MEMIT and AlphaEdit deltas, C⁻¹ solves, whitened-orthogonal keys
 - ``values``:   the one value search (``compute_target``: ROME's compute_v, MEMIT's compute_z), target log-probs
 - ``simulation``: the patched-output edit simulation (``EditSimConfig``, ``run_edit_simulation``)

@@ -47,7 +47,8 @@ from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.keys import compute_keys
 from kis_lens.matrices import Whitener
-from kis_lens.models import HookedModel, model_device, output_weight
+from kis_lens.models import HookedModel, model_device
+from kis_lens.w_out import output_weight
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Every editor of kis_lens.editing.editors returns a float64 delta ΔW [d_mlp, d_model]; nothing touches the model
 until ``apply_delta`` / ``applied_delta``. W_out's accessor (``OutputWeight``, ``output_weight``) lives in
-kis_lens.models, beside the fingerprint that reads it.
+kis_lens.w_out.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kis_lens.errors import KisError
-from kis_lens.models import HookedModel, output_weight
+from kis_lens.models import HookedModel
+from kis_lens.w_out import output_weight
 
 
 def apply_delta(

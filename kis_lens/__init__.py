@@ -5,6 +5,7 @@ Pipeline: corpus → hooks → stats/covariance → keys → matrices → analys
 
 from kis_lens._version import __version__
 from kis_lens.covariance import estimate_second_moments
+from kis_lens.editing.api import EditOutcome, edit
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts, sample_facts
 from kis_lens.hooks import capture_mlp_inputs, mlp_in_hook_name, run_mlp_hooks, to_tokens
@@ -26,6 +27,8 @@ __all__ = [
     "all_matrices",
     "capture_mlp_inputs",
     "compute_keys",
+    "edit",
+    "EditOutcome",
     "estimate_second_moments",
     "load_facts",
     "load_model",

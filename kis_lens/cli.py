@@ -342,8 +342,8 @@ def _edit_sim_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _lifelong_command(args: argparse.Namespace) -> None:
-    from kis_lens.editing.lifelong import LifelongConfig
-    from kis_lens.editing.lifelong_loop import run_lifelong
+    from kis_lens.editing.lifelong import run_lifelong
+    from kis_lens.editing.lifelong_config import LifelongConfig
 
     config = config_from_args(args, LifelongConfig)
     results = run_lifelong(config, command=shlex.join(["kis", *args.argv]))
@@ -362,7 +362,7 @@ def _lifelong_command(args: argparse.Namespace) -> None:
 
 
 def _lifelong_parser(sub: argparse._SubParsersAction) -> None:
-    from kis_lens.editing.lifelong import LifelongConfig
+    from kis_lens.editing.lifelong_config import LifelongConfig
 
     parser = _subcommand(
         sub,

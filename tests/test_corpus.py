@@ -228,6 +228,7 @@ def test_bad_sampling_settings_are_refused():
         RunConfig(corpus_order="random")
 
 
+@pytest.mark.slow
 def test_sampling_settings_reach_the_cache_job_and_name_its_folder(tiny_gpt2, tmp_path):
     config = RunConfig(
         corpus_order="shuffle", corpus_seed=3, corpus_buffer=50, wikipedia_snapshot="20231101.simple", progress=False

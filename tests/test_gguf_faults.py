@@ -135,6 +135,7 @@ def _one_warning(messages: list[str], match: str) -> str:
     return found[0]
 
 
+@pytest.mark.slow
 def test_corrupt_weights_are_detected_and_reconverted(clean: Clean, cache: Path) -> None:
     """A few bytes overwritten in model.safetensors' data section once loaded silently, logits off by 0.867."""
     path = cache / "converted" / clean.folder_name / "model.safetensors"
@@ -152,6 +153,7 @@ def test_corrupt_weights_are_detected_and_reconverted(clean: Clean, cache: Path)
     _assert_clean(again, clean)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("manifest", ["kept", "deleted"])
 def test_foreign_weights_of_the_same_shape_are_detected(clean: Clean, cache: Path, manifest: str) -> None:
     """Random weights saved over the folder once loaded as smollm2-135m, with the old manifest or none."""
@@ -169,6 +171,7 @@ def test_foreign_weights_of_the_same_shape_are_detected(clean: Clean, cache: Pat
     _assert_repaired(cache, clean)
 
 
+@pytest.mark.slow
 def test_a_two_layer_model_saved_into_the_folder_is_detected(clean: Clean, cache: Path) -> None:
     """A 2-layer Llama saved into the folder once loaded as smollm2-135m."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -183,6 +186,7 @@ def test_a_two_layer_model_saved_into_the_folder_is_detected(clean: Clean, cache
     _assert_repaired(cache, clean)
 
 
+@pytest.mark.slow
 def test_a_missing_config_is_reconverted_once_with_the_right_reason(clean: Clean, cache: Path) -> None:
     """A missing config.json once made every load convert again, with a warning that blamed the permissions."""
     (cache / "converted" / clean.folder_name / "config.json").unlink()
@@ -194,6 +198,7 @@ def test_a_missing_config_is_reconverted_once_with_the_right_reason(clean: Clean
     assert messages == [] and gguf._read_gguf.calls == 1  # converted once, not at every load
 
 
+@pytest.mark.slow
 def test_temp_folders_of_killed_conversions_are_removed_at_the_next_conversion(clean: Clean, cache: Path) -> None:
     """A killed conversion's temp folder (514 MB for SmolLM2) was never removed; a live one must be kept."""
     converted = cache / "converted"
@@ -224,6 +229,7 @@ def test_temp_folders_of_killed_conversions_are_removed_at_the_next_conversion(c
         "safetensors",
     ],
 )
+@pytest.mark.slow
 def test_a_full_disk_while_caching_is_a_warning_and_the_model_still_loads(
     clean: Clean, cache: Path, monkeypatch: pytest.MonkeyPatch, error: Any
 ) -> None:

@@ -76,6 +76,7 @@ def test_missing_subject_is_a_clear_error(tokenizer):
         locate_subject(tokenizer, Fact("42", "", "In {}, people speak", "x"), prepend_bos=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("position", ["subject_last", "subject_first", "last"])
 def test_batched_keys_equal_one_at_a_time(tiny, position):
     facts = sample_facts(load_facts(), 10, seed=1)

@@ -31,6 +31,7 @@ def real_inputs(tiny):
     return keys, moment.compute(torch.float64)
 
 
+@pytest.mark.slow
 def test_matrices_equal_per_pair_float64_reference(real_inputs):
     keys, cov = real_inputs
     reference = reference_matrices(keys.numpy(), cov.numpy())

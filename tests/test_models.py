@@ -52,6 +52,7 @@ def test_fingerprint_tells_weights_apart():
     assert model_fingerprint(a) == model_fingerprint(a_again) != model_fingerprint(b)
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_smollm2_is_a_real_pretrained_model(smollm2):
     tokenizer = smollm2.tokenizer
@@ -66,6 +67,7 @@ def test_smollm2_is_a_real_pretrained_model(smollm2):
     assert acts[29].shape == (1, ids.shape[1], 1536)
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_packaged_gguf_is_converted_once_and_reloads_identically(smollm2, tmp_path, monkeypatch):
     """The first load dequantises the GGUF to a hash-named safetensors folder; later loads read it and match bitwise."""

@@ -133,6 +133,7 @@ def test_write_report_and_cli(saved, tmp_path, capsys):
     assert "no results.safetensors" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_kis_all_report_flag(tmp_path, capsys):
     code = main(
         [
@@ -197,6 +198,7 @@ def test_report_shows_only_the_edit_sims_of_its_own_run(tmp_path, capsys):
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="needs Debian chromium + chromium-driver (apt-get install chromium chromium-driver)",
 )
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(saved, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
     from selenium.webdriver.chrome.service import Service

@@ -35,6 +35,7 @@ def reproduction(tmp_path_factory):
     return reproduce(config), config, folder
 
 
+@pytest.mark.slow
 def test_quarters_hold_the_budget_and_merge_into_the_whole(reproduction):
     """Four disjoint quarters of about a quarter of the tokens each; together they are C's token count."""
     report, config, _ = reproduction
@@ -48,6 +49,7 @@ def test_quarters_hold_the_budget_and_merge_into_the_whole(reproduction):
     assert report.covariance["tokens_half1"] == counts[0] + counts[1]
 
 
+@pytest.mark.slow
 def test_every_layer_has_intervals_tests_convergence_and_a_null(reproduction):
     """Each per-layer number the document shows is present, and the intervals hold their point values."""
     report, _, _ = reproduction
@@ -65,6 +67,7 @@ def test_every_layer_has_intervals_tests_convergence_and_a_null(reproduction):
     assert [size["kind"] for size in report.model_sizes] == ["pretrained", "random init"]
 
 
+@pytest.mark.slow
 def test_document_and_numbers_are_written(reproduction):
     """The Markdown carries every section and the five verdicts; the JSON reloads to the same numbers."""
     report, config, _ = reproduction
@@ -96,6 +99,7 @@ def test_document_and_numbers_are_written(reproduction):
             assert f"![{figure['html'].rsplit('/', 1)[1][:-5]}]" in text
 
 
+@pytest.mark.slow
 def test_a_rerun_reads_the_quarter_caches(reproduction):
     """The covariance is not estimated again: the rerun reports the first run's estimate time and the same C."""
     report, config, _ = reproduction

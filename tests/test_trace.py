@@ -71,6 +71,7 @@ def _reference(model, fact, index: int, noise_std: float, samples: int, window: 
     return np.array(effects)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window", [1, 3])
 def test_indirect_effects_match_a_slow_reference(model64, tmp_path, window):
     """Batched trace (row 0 clean, layers batched) = one forward per sample and centre, to 1e-6 (float64)."""
@@ -116,6 +117,7 @@ def test_identities(model64, tmp_path):
     assert single.p_clean == pytest.approx(wide.p_clean, abs=1e-14)
 
 
+@pytest.mark.slow
 def test_noise_is_seeded(tmp_path):
     """Same seed => the same effects; another seed => other effects."""
     model = tiny_model("gpt2", n_layers=3)
@@ -127,6 +129,7 @@ def test_noise_is_seeded(tmp_path):
     assert not np.allclose(first.p_corrupt, other.p_corrupt, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_files_and_cli(tmp_path, capsys):
     """The JSON and the figure are written where documented; `kis trace` runs as typed and prints the peaks."""
     code = main(

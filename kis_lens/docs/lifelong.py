@@ -36,7 +36,7 @@ from kis_lens.editing.lifelong_plots import lifelong_figure_names, write_lifelon
 from kis_lens.errors import KisError
 from kis_lens.io import atomic_write
 
-# The runs that replace the legacy ones: kis_lens.editing.lifelong.DEFAULT_EDITORS (not below this module in the
+# The runs that replace the legacy ones: kis_lens.editing.lifelong_config.DEFAULT_EDITORS (not below this module in the
 # pipeline, so not imported; tests/test_docs_lifelong.py checks the two agree).
 REPLACING_EDITORS: tuple[str, ...] = ("rome", "r-rome", "p-rome", "memit", "alphaedit", "none")
 

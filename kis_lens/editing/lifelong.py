@@ -1,124 +1,153 @@
-"""What a ``kis lifelong`` run is asked to do: LifelongConfig, every setting of a run of real sequential edits.
+"""The one sequential editing loop of ``kis lifelong``: each editor's edits written one after another, probed, saved.
 
-A run (kis_lens.editing.lifelong_loop.run_lifelong) has each registered editor (kis_lens.editing.registry: original
-ROME, r-ROME, p-ROME, MEMIT, AlphaEdit, an EMMET-like batch fit, and ``none``) write hundreds of CounterFact edits one
-after another into the model's W_out, in the same seeded order, and every ``probe_every`` / ``eval_every`` edits
-measures what the field measures: ROME's CounterFact metrics on all edits so far, held-out perplexity, the drift of
-never-edited facts, the edit layer's norm and conditioning, and the interference P predicts for each earlier edit.
+Every run is locked while it writes and checkpoints to safetensors + JSON after each measurement; a restart resumes
+only when its identity (kis_lens.editing.lifelong_identity) is the same. The model's own weights are restored on exit.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import time
+import warnings
+from pathlib import Path
 
-from kis_lens.config import Override, at_least, setting, with_defaults
-from kis_lens.corpus import EMBEDDED_CORPUS
-from kis_lens.editing.options import SEARCH, EditorOptions
-from kis_lens.editing.registry import EDITOR_NAMES, EditorSettings, get_editor
-from kis_lens.editing.values import ValueSearch
-from kis_lens.errors import KisError
+import torch
+from tqdm.auto import tqdm
 
-EDITORS: tuple[str, ...] = EDITOR_NAMES
-DEFAULT_EDITORS: tuple[str, ...] = ("rome", "r-rome", "p-rome", "memit", "alphaedit", "none")
+from kis_lens.editing.evaluation import score_continuations
+from kis_lens.editing.lifelong_bench import Bench, prepare_bench
+from kis_lens.editing.lifelong_config import LifelongConfig
+from kis_lens.editing.lifelong_identity import finished_run, identity_of, rekey_legacy_runs, stem_of
+from kis_lens.editing.lifelong_probes import measure_edit_perplexity, measure_fluency, measure_perplexity
+from kis_lens.editing.lifelong_result import LifelongResult, build_result
+from kis_lens.editing.lifelong_steps import RunState, edit_step, measure_step
+from kis_lens.editing.registry import EditSession, check_edit_layer, get_editor
+from kis_lens.editing.runs import (
+    find_pickle_checkpoints,
+    load_checkpoint,
+    remove_checkpoint,
+    run_lock,
+    save_checkpoint,
+    stale_checkpoints,
+)
+from kis_lens.io import save_json
+from kis_lens.layout import writable_lifelong_dir
+from kis_lens.models import HookedModel, load_model
+from kis_lens.w_out import output_weight
 
 
-@dataclass(frozen=True)
-@with_defaults(corpus=Override(help=f"corpus for C and held-out text: {EMBEDDED_CORPUS} or a file"))
-class LifelongConfig(EditorOptions):
-    """Every setting of a lifelong-editing run: the editing block, then the run's own."""
+def _crossed(before: int, after: int, every: int) -> bool:
+    """Return whether the edits from before to after passed a multiple of every (a batch may jump over one)."""
+    return after // every > before // every
 
-    editors: tuple[str, ...] = setting(
-        DEFAULT_EDITORS, f"comma-separated subset of {','.join(EDITORS)}", choices=EDITORS, aliases=("editor",)
+
+def _session(bench: Bench, editor: str) -> EditSession:
+    """Return a fresh edit session of one editor, holding the keys P was built from."""
+    layers = bench.config.edit_layers if get_editor(editor).multi_layer else (bench.config.layer,)
+    session = EditSession.create(
+        bench.model,
+        bench.config.editor_settings,
+        {layer: bench.covariances[layer] for layer in layers},
+        editors=[editor],
+        rome_templates=bench.rome_templates,
+        memit_templates=bench.memit_templates,
     )
-    memit_span: int = setting(5, "MEMIT/AlphaEdit edit this many layers ending at --layer (GPT-2 XL: 13–17 for 17)")
-    eval_every: int = setting(100, "every metric (paraphrase, neighborhood, score, fluency) every this many edits")
-    probe_every: int = setting(10, "the cheap metrics (efficacy on all edits so far, perplexity, drift) this often")
-    null_relative: bool = setting(False, "AlphaEdit's threshold × the largest singular value (not the original)")
-    emmet_weight: float = setting(1.0, "emmet's λ in C⁻¹Kᵀ(λI + K C⁻¹ Kᵀ)⁻¹R")
-    kl_factor: float = setting(SEARCH.kl_factor, "weight of the KL term at the subject of '{subject} is a'")
-    value_weight_decay: float = setting(SEARCH.weight_decay, "ROME's weight decay ‖δ‖/‖v‖² on the value shift")
-    clamp_norm_factor: float = setting(SEARCH.clamp_norm_factor, "ROME: ‖δ‖ ≤ this × ‖v‖")
-    memit_clamp_norm_factor: float = setting(0.75, "MEMIT/AlphaEdit: ‖δ‖ ≤ this × ‖z‖")
-    value_prompts: int | None = setting(None, "use only the first N of ROME's 21 templates", none="all 21")
-    fast_values: bool = setting(SEARCH.fast, "the exact fast forward in the value search where the architecture allows")
-    unedited_facts: str = setting("known-1000", "facts never edited, watched for drift: known-1000 or a path")
-    heldout_texts: int = setting(16, "held-out texts (after those C read) for perplexity")
-    heldout_tokens: int = setting(128, "tokens per held-out text")
-    edit_perplexity_texts: int = setting(4, "the first held-out texts scored after every update (0: off)")
-    disabling_norm_ratio: float = setting(10.0, "a disabling edit: its ‖ΔW‖ above this × the running median …")
-    disabling_perplexity_ratio: float = setting(1.5, "… and held-out perplexity right after it above this × before")
-    fluency_prompts: int = setting(8, "generation prompts for fluency")
-    fluency_tokens: int = setting(32, "greedy tokens generated per fluency prompt")
-    bootstrap: int = setting(1000, "resamples of the bootstrap (clustered by edit) behind the P-prediction verdict")
-    retention_threshold: float = setting(0.5, "collapse when efficacy on all edits so far falls below this")
-    perplexity_ratio: float = setting(2.0, "… or when held-out perplexity exceeds this × the unedited model's")
-    resume: bool = setting(True, "continue an interrupted run from its checkpoint")
+    session.remember_plain_keys([case.fact for case in bench.cases], bench.keys)  # the keys P was built from
+    return session
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.prepend_bos is not None:
-            raise KisError("lifelong follows the model's own BOS convention: leave prepend_bos as None (auto)")
-        at_least("n_edits", self.n_edits, 1, none_means="all")
-        at_least("value_prompts", self.value_prompts, 1, none_means="all")
-        for name in ("eval_every", "probe_every", "batch_size", "value_steps", "n_unedited", "memit_span", "bootstrap"):
-            at_least(name, getattr(self, name), 1)
-        for name in ("heldout_texts", "fluency_prompts", "edit_perplexity_texts"):
-            at_least(name, getattr(self, name), 0)
-        at_least("max_tokens", self.max_tokens, 1, none_means="no limit")
-        unknown = [name for name in self.editors if name not in EDITORS]
-        if unknown or not self.editors:
-            raise KisError(f"unknown editor(s) {unknown}: choose from {', '.join(EDITORS)}")
-        numbers = (
-            "covariance_weight",
-            "null_threshold",
-            "null_l2",
-            "emmet_weight",
-            "ridge",
-            "perplexity_ratio",
-            "disabling_norm_ratio",
-            "disabling_perplexity_ratio",
-        )
-        for name in numbers:
-            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
-                raise KisError(f"--{name} must be a finite number, got {getattr(self, name)}")
-        if (self.covariance_weight or 0) < 0 or not self.null_l2 > 0 or not self.null_threshold > 0:
-            raise KisError("covariance_weight must be >= 0, null_l2 and null_threshold > 0")
-        if not self.ridge >= 0 or self.emmet_weight < 0:
-            raise KisError(f"ridge and emmet_weight must be zero or positive, got {self.ridge}, {self.emmet_weight}")
-        if not 0 <= self.retention_threshold <= 1 or not self.perplexity_ratio > 1:
-            raise KisError("retention_threshold must lie in [0, 1] and perplexity_ratio be > 1")
-        self.editor_settings  # noqa: B018 (validates the value-search settings)
 
-    @property
-    def editor_settings(self) -> EditorSettings:
-        """Return the editors' hyperparameters."""
-        search = dict(
-            steps=self.value_steps,
-            lr=self.value_lr,
-            kl_factor=self.kl_factor,
-            weight_decay=self.value_weight_decay,
-            fast=self.fast_values,
+def _run_editor(bench: Bench, editor: str, folder: Path, command: str | None = None) -> LifelongResult:
+    """Run (or resume, or find finished) one editor's sequence of edits; save and return its result."""
+    config = bench.config
+    identity = identity_of(bench, editor)
+    stem = stem_of(bench, editor, identity)
+    with run_lock(folder, stem):
+        for note in rekey_legacy_runs(bench, editor, folder, identity, stem):
+            print(f"kis lifelong: {note}")
+        finished = finished_run(folder, stem, identity) if config.resume else None
+        if finished is not None:
+            return finished
+        session = _session(bench, editor)
+        for stale, fields in stale_checkpoints(folder, stem, identity):
+            warnings.warn(
+                f"not resuming {stale.name}: it was made with other {', '.join(fields) or 'settings'}; this run "
+                f"starts afresh as {stem} (delete the old checkpoint when you no longer need it)",
+                stacklevel=2,
+            )
+        saved = load_checkpoint(folder, stem, identity) if config.resume else None
+        if saved is not None:
+            state = RunState.restore(*saved)
+            session.restore(state.weights)
+            session.earlier_keys_outer.update(state.earlier_keys_outer)
+        else:
+            state = RunState(weights={layer: weight.clone() for layer, weight in session.weights.items()})
+            state.earlier_keys_outer = dict(session.earlier_keys_outer)
+        clock = time.perf_counter()
+        n = len(bench.cases)
+        if not state.steps:
+            measure_step(bench, state, "eval", clock)
+        batch = config.batch_size if get_editor(editor).batches else 1
+        bar = tqdm(
+            total=n, initial=state.done, desc=f"lifelong {editor}", disable=not config.progress, dynamic_ncols=True
         )
-        return EditorSettings(
-            layer=self.layer,
-            memit_span=self.memit_span,
-            rome_search=ValueSearch(clamp_norm_factor=self.clamp_norm_factor, **search),
-            memit_search=ValueSearch(clamp_norm_factor=self.memit_clamp_norm_factor, **search),
-            covariance_weight=self.covariance_weight,
-            null_threshold=self.null_threshold,
-            null_relative=self.null_relative,
-            null_l2=self.null_l2,
-            emmet_weight=self.emmet_weight,
-            value_prompts=self.value_prompts,
-            template_seed=self.seed,
-            ridge=self.ridge,
-        )
+        while state.done < n:
+            rows = list(range(state.done, min(state.done + batch, n)))
+            before = state.done
+            edit_step(bench, editor, session, state, rows, update_index=len(set(state.update_of)))
+            bar.update(state.done - before)
+            if _crossed(before, state.done, config.eval_every) or state.done == n:
+                measure_step(bench, state, "eval", clock)
+            elif _crossed(before, state.done, config.probe_every):
+                measure_step(bench, state, "probe", clock)
+            else:
+                continue
+            last = state.steps[-1]
+            bar.set_postfix(efficacy=last["efficacy"], perplexity=round(last["perplexity"], 2))
+            state.seconds += time.perf_counter() - clock
+            clock = time.perf_counter()
+            save_checkpoint(folder, stem, identity, state.tensors(), state.record())
+        bar.close()
+        state.seconds += time.perf_counter() - clock
+        result = build_result(bench, editor, state, session, identity, stem, command)
+        result.path = save_json(folder / f"{stem}.json", result.to_dict())
+        remove_checkpoint(folder, stem)
+    return result
 
-    @property
-    def edit_layers(self) -> tuple[int, ...]:
-        """Return every layer some chosen editor writes (for C and the restore)."""
-        layers = {self.layer}
-        if any(get_editor(name).multi_layer for name in self.editors):
-            layers |= set(self.editor_settings.memit_layers)
-        return tuple(sorted(layers))
+
+def run_lifelong(
+    config: LifelongConfig = LifelongConfig(), model: HookedModel | None = None, command: str | None = None
+) -> dict[str, LifelongResult]:
+    """Run every editor's sequence of real edits, save one <stem>.json per run and the figures; return them."""
+    model = load_model(model if model is not None else config.model_name, device=config.device, dtype=config.dtype)
+    check_edit_layer(model, config.layer)
+    handles = {layer: output_weight(model, layer) for layer in config.edit_layers}
+    saved = {layer: handle.weight.detach().clone() for layer, handle in handles.items()}  # exact bits, restored
+
+    def restore() -> None:
+        with torch.no_grad():
+            for layer, handle in handles.items():
+                handle.weight.copy_(saved[layer])
+
+    try:
+        bench = prepare_bench(config, model)
+        bench.unedited_nll0 = score_continuations(model, bench.unedited).nll.double().cpu()
+        bench.perplexity0 = measure_perplexity(bench)
+        bench.edit_perplexity0 = measure_edit_perplexity(bench)
+        bench.fluency0 = measure_fluency(bench)
+        folder = writable_lifelong_dir(config.output_dir, bench.info.name, config.layer)  # resumes an older kis's too
+        folder.mkdir(parents=True, exist_ok=True)
+        for legacy in find_pickle_checkpoints(folder):
+            warnings.warn(
+                f"ignoring {legacy}: pickle checkpoints of older versions are never loaded; delete it", stacklevel=2
+            )
+        results = {}
+        for editor in config.editors:
+            results[editor] = _run_editor(bench, editor, folder, command)
+            restore()
+    finally:
+        restore()
+    from kis_lens.editing.lifelong_files import load_lifelong_results
+    from kis_lens.editing.lifelong_plots import write_lifelong_figures
+
+    shown = load_lifelong_results(folder, stems=[result.settings["run_stem"] for result in results.values()])
+    write_lifelong_figures(shown, folder)
+    return results

@@ -17,7 +17,7 @@ from torch import Tensor
 from kis_lens.corpus import open_corpus
 from kis_lens.editing.counterfact import CounterFactCase, load_cases
 from kis_lens.editing.evaluation import Continuation, prompt_continuations
-from kis_lens.editing.lifelong import LifelongConfig
+from kis_lens.editing.lifelong_config import LifelongConfig
 from kis_lens.editing.runs import content_sha256
 from kis_lens.editing.templates import memit_context_templates, rome_context_templates
 from kis_lens.errors import KisError

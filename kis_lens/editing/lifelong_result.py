@@ -12,8 +12,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kis_lens._version import __version__
-from kis_lens.editing.lifelong import LifelongConfig
 from kis_lens.editing.lifelong_bench import Bench
+from kis_lens.editing.lifelong_config import LifelongConfig
 from kis_lens.editing.lifelong_probes import accumulated_p2
 from kis_lens.editing.lifelong_steps import RunState
 from kis_lens.editing.metrics import correlations

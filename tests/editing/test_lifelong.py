@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+import kis_lens.editing.lifelong as lifelong
 import kis_lens.editing.lifelong_bench as lifelong_bench
-import kis_lens.editing.lifelong_loop as lifelong_loop
 import kis_lens.editing.lifelong_steps as lifelong_steps
 import kis_lens.editing.registry as registry
 from kis_lens.cli import main
 from kis_lens.config import RunConfig
-from kis_lens.editing.lifelong import DEFAULT_EDITORS, LifelongConfig
-from kis_lens.editing.lifelong_loop import run_lifelong
+from kis_lens.editing.lifelong import run_lifelong
+from kis_lens.editing.lifelong_config import DEFAULT_EDITORS, LifelongConfig
 from kis_lens.editing.lifelong_result import collapse_summary, disabling_edits, judged_pairs
 from kis_lens.editing.values import edit_prompt, target_logprobs
 from kis_lens.errors import KisError
@@ -103,8 +103,8 @@ def run(deep_model, tmp_path_factory):
         seen["last"] = {"editor": seen["editor"], "fact": fact, "value": found.value}
         return found
 
-    original_run_editor = lifelong_loop._run_editor
-    original_measure = lifelong_loop.measure_step
+    original_run_editor = lifelong._run_editor
+    original_measure = lifelong.measure_step
 
     def measure(bench, state, kind, clock):
         if seen["editor"] == "alphaedit":  # the live weights of every edit layer, read from the model
@@ -126,14 +126,14 @@ def run(deep_model, tmp_path_factory):
         return original_run_editor(bench, editor, folder, command)
 
     registry.compute_target = spy
-    lifelong_loop._run_editor = run_editor_with_protected
-    lifelong_loop.measure_step = measure
+    lifelong._run_editor = run_editor_with_protected
+    lifelong.measure_step = measure
     try:
         results = run_lifelong(config, model=deep_model)
     finally:
         registry.compute_target = original
-        lifelong_loop._run_editor = original_run_editor
-        lifelong_loop.measure_step = original_measure
+        lifelong._run_editor = original_run_editor
+        lifelong.measure_step = original_measure
     with torch.no_grad():
         logits_after = deep_model(tokens)
     return {
@@ -147,6 +147,7 @@ def run(deep_model, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_each_rome_and_p_rome_edit_makes_the_real_output_its_target_value(run):
     """After every ROME and p-ROME edit, a plain forward gives v* at the fact's subject token (1e-5).
 
@@ -157,6 +158,7 @@ def test_each_rome_and_p_rome_edit_makes_the_real_output_its_target_value(run):
         assert max(landed[editor]) < 1e-5
 
 
+@pytest.mark.slow
 def test_restoring_w0_restores_the_model_bitwise(run):
     """The run edits the caller's model in place (several layers) and gives it back with the exact original bits."""
     before, after = run["bits"]
@@ -164,6 +166,7 @@ def test_restoring_w0_restores_the_model_bitwise(run):
     assert torch.equal(*run["logits"])
 
 
+@pytest.mark.slow
 def test_alphaedit_leaves_protected_keys_outputs_unchanged(run):
     """Keys in C's preserved subspace keep their outputs at every edit layer through AlphaEdit's edits (1e-6)."""
     protected = dict(run["seen"]["protected"])
@@ -175,6 +178,7 @@ def test_alphaedit_leaves_protected_keys_outputs_unchanged(run):
     assert set(ranks) == {"0", "1", "2"} and all(0 < rank < 256 for rank in ranks.values())
 
 
+@pytest.mark.slow
 def test_memit_and_alphaedit_write_every_layer_of_their_span(run):
     """MEMIT's and AlphaEdit's runs record layers 0–2 and leave no layer outside them changed."""
     for editor in ("memit", "alphaedit"):
@@ -182,6 +186,7 @@ def test_memit_and_alphaedit_write_every_layer_of_their_span(run):
     assert run["results"]["rome"].settings["editor"]["layers"] == [2]
 
 
+@pytest.mark.slow
 def test_the_none_editor_changes_nothing(run):
     """`none` leaves W_out, perplexity and the unedited facts alone; its efficacy is the unedited model's."""
     none = run["results"]["none"]
@@ -204,6 +209,7 @@ def test_the_none_editor_changes_nothing(run):
         assert step["efficacy"] == pytest.approx(float(prefers_new[:t].double().mean()))
 
 
+@pytest.mark.slow
 def test_p_bookkeeping_for_p_rome_is_an_identity(run):
     """Identity check, not a prediction test: for p-ROME, k_u(W_t − W_u) = Σ_{i>u} P[i,u] r_i exactly.
 
@@ -218,6 +224,7 @@ def test_p_bookkeeping_for_p_rome_is_an_identity(run):
     assert set(memit["n_edits"]) <= {3, 6}
 
 
+@pytest.mark.slow
 def test_the_controls_of_each_pair_are_what_they_say(run):
     """Each pair (u, t) carries the count of later edits, √Σ‖r_i‖² over them and P's prediction with P's columns
     permuted, checked against the per-edit records directly; the shuffled prediction is not P's."""
@@ -237,6 +244,7 @@ def test_the_controls_of_each_pair_are_what_they_say(run):
     assert set(pairs) == set(lifelong_steps.PAIR_FIELDS) and len({len(column) for column in pairs.values()}) == 1
 
 
+@pytest.mark.slow
 def test_every_run_carries_its_verdict_inputs(run):
     """Each run's summary holds the collapse sensitivity, the ρ alarm and the controlled P verdict (or why not)."""
     for editor, result in run["results"].items():
@@ -253,6 +261,7 @@ def test_every_run_carries_its_verdict_inputs(run):
     assert run["results"]["rome"].summary["rho_alarm"]["n_edits"] == DEEP["n_edits"]
 
 
+@pytest.mark.slow
 def test_rome_variants_record_rho_and_differ(run):
     """Every ROME-family edit records ρ, ‖ΔW‖ and the clamp; the three variants write different weights."""
     norms = {}
@@ -266,6 +275,7 @@ def test_rome_variants_record_rho_and_differ(run):
     assert len({round(value, 9) for value in norms.values()}) == 3
 
 
+@pytest.mark.slow
 def test_every_run_holds_the_schema_settings_and_files(run):
     """Each editor wrote its own <stem>.json with every step metric and its settings, the figures, no checkpoint."""
     folder = run["results"]["rome"].path.parent
@@ -340,7 +350,7 @@ RESUMABLE: dict[str, Any] = {**SMALL, "n_edits": 4, "eval_every": 2, "probe_ever
 
 def _interrupt(monkeypatch, config: LifelongConfig, model) -> Path:
     """Run until the second measurement has been checkpointed, then die; return the run folder."""
-    original_measure = lifelong_loop.measure_step
+    original_measure = lifelong.measure_step
     calls = {"n": 0}
 
     def failing_measure(bench, state, kind, clock):
@@ -349,10 +359,10 @@ def _interrupt(monkeypatch, config: LifelongConfig, model) -> Path:
         if calls["n"] == 3:  # step 0, step 2 (checkpointed after it), then die at step 4 before saving
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(lifelong_loop, "measure_step", failing_measure)
+    monkeypatch.setattr(lifelong, "measure_step", failing_measure)
     with pytest.raises(KeyboardInterrupt):
         run_lifelong(config, model=model)
-    monkeypatch.setattr(lifelong_loop, "measure_step", original_measure)
+    monkeypatch.setattr(lifelong, "measure_step", original_measure)
     (checkpoint,) = Path(config.output_dir).rglob("lifelong_p-rome_*.partial.json")
     assert checkpoint.with_name(checkpoint.name.replace(".json", ".safetensors")).is_file()
     return checkpoint.parent
@@ -365,6 +375,7 @@ def _count_searches(monkeypatch) -> list[int]:
     return searched
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_model, tmp_path, monkeypatch):
     """A run stopped after its second measurement resumes there and ends with the uninterrupted run's numbers."""
     whole = run_lifelong(LifelongConfig(**RESUMABLE, output_dir=str(tmp_path / "a")), model=tiny_model)["p-rome"]
@@ -379,6 +390,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_model, tmp_path, mo
         assert a["weight_change_norm"] == pytest.approx(b["weight_change_norm"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_left_in_the_older_model_first_folder_resumes(tiny_model, tmp_path, monkeypatch, capsys):
     """A run an older kis checkpointed at <model>/lifelong/layer_<L>/ is moved to lifelong/<model>/ and resumed."""
     config = LifelongConfig(**RESUMABLE, output_dir=str(tmp_path))
@@ -394,6 +406,7 @@ def test_a_checkpoint_left_in_the_older_model_first_folder_resumes(tiny_model, t
     assert f"moved {old} to {folder}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_changed_facts_file_makes_a_restart_not_a_resume(tiny_model, tmp_path, monkeypatch):
     """Editing the facts file between a kill and a rerun restarts the run: its edits never come from two fact sets."""
     facts = tmp_path / "facts.json"
@@ -409,6 +422,7 @@ def test_a_changed_facts_file_makes_a_restart_not_a_resume(tiny_model, tmp_path,
     assert len(searched) == 4  # all 4 edits again
 
 
+@pytest.mark.slow
 def test_a_grown_covariance_makes_a_restart_not_a_resume(tiny_model, tmp_path, monkeypatch):
     """When `kis cache-cov` grows the cached C between a kill and a rerun, the rerun restarts with the new C."""
     config = LifelongConfig(**RESUMABLE, output_dir=str(tmp_path / "out"))
@@ -422,6 +436,7 @@ def test_a_grown_covariance_makes_a_restart_not_a_resume(tiny_model, tmp_path, m
     assert result.settings["covariance"]["0"]["tokens"] > 4000
 
 
+@pytest.mark.slow
 def test_runs_with_other_seeds_sit_side_by_side(tiny_model, tmp_path):
     """Two runs that differ only in their seed, in one folder, both keep their results."""
     first = run_lifelong(LifelongConfig(**RESUMABLE, seed=0, output_dir=str(tmp_path)), model=tiny_model)["p-rome"]
@@ -441,6 +456,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_a_crafted_checkpoint_is_never_executed(tiny_model, tmp_path):
     """A pickle planted as an old-style checkpoint, or disguised as the safetensors part, runs nothing."""
     config = LifelongConfig(**RESUMABLE, output_dir=str(tmp_path))
@@ -492,6 +508,7 @@ def test_bad_settings_are_refused_with_the_fix(tiny_model, tmp_path):
         run_lifelong(LifelongConfig(**{**SMALL, "layer": 1}, output_dir=str(tmp_path)), model=tiny_model)
 
 
+@pytest.mark.slow
 def test_cli_lifelong_runs_every_editor_as_typed(tmp_path, capsys):
     """`kis lifelong --editors rome,r-rome,p-rome,memit,alphaedit,none ...` writes a file per run, a line each."""
     code = main(
@@ -535,6 +552,7 @@ def test_cli_lifelong_runs_every_editor_as_typed(tmp_path, capsys):
         assert len(list(tmp_path.rglob(f"lifelong_{editor}_seed0_n3_layer0_*.json"))) == 1
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_returned_not_run_again(tiny_model, tmp_path, monkeypatch, capsys):
     """Rerunning a finished run (a queue restarted after a session ends) loads it; --no_resume runs it again."""
     config = LifelongConfig(**RESUMABLE, output_dir=str(tmp_path))
@@ -547,6 +565,7 @@ def test_a_finished_run_is_returned_not_run_again(tiny_model, tmp_path, monkeypa
     assert len(searched) == RESUMABLE["n_edits"]
 
 
+@pytest.mark.slow
 def test_a_subject_edited_twice_is_flagged_and_left_out_of_the_verdict(tiny_model, tmp_path):
     """Two records of one subject share a key: the second edit names the first, the pairs count the later edit of
     the same subject, and the P-prediction verdict leaves exactly those pairs out."""
@@ -608,6 +627,7 @@ def _as_written_by_an_older_kis(folder: Path, model, path: Path, partial: bool) 
     return path.parent / f"{old_stem}.json"
 
 
+@pytest.mark.slow
 def test_runs_keyed_on_the_legacy_fingerprint_are_re_keyed_not_rerun(tiny_model, tmp_path, monkeypatch, capsys):
     """A finished run and a checkpoint an older kis keyed on the sampled fingerprint (its C cache too) are moved to
     the new stems with a line saying so: the finished run is not rerun, the checkpoint resumes where it stopped."""
@@ -630,6 +650,7 @@ def test_runs_keyed_on_the_legacy_fingerprint_are_re_keyed_not_rerun(tiny_model,
     assert [s["efficacy"] for s in resumed.steps] == [s["efficacy"] for s in finished.steps]
 
 
+@pytest.mark.slow
 def test_a_run_whose_inputs_changed_is_not_re_keyed(tiny_model, tmp_path, monkeypatch):
     """Only the keys may differ: an old run whose C was not re-keyed from the legacy fingerprint (its hash differs
     for another reason) starts afresh."""

@@ -36,6 +36,7 @@ def weights(model, layers=(0, 1, 2)):
     return {layer: output_weight(model, layer).read() for layer in layers}
 
 
+@pytest.mark.slow
 def test_rome_edit_is_the_registry_update_and_restores_bit_for_bit(model, covariances):
     start = weights(model)
     with kl.edit(model, TOWER, "rome", covariances=covariances, settings=FAST) as outcome:
@@ -52,6 +53,7 @@ def test_rome_edit_is_the_registry_update_and_restores_bit_for_bit(model, covari
     session.restore({1: start[1]})
 
 
+@pytest.mark.slow
 def test_request_forms_give_the_same_fact(model):
     record = {
         "case_id": 7,
@@ -74,6 +76,7 @@ def test_request_forms_give_the_same_fact(model):
     assert guessed.target_true and guessed.target_true != "?"  # the model's own greedy answer
 
 
+@pytest.mark.slow
 def test_easyedit_string_form_matches_dicts(model, covariances):
     with kl.edit(
         model,
@@ -95,6 +98,7 @@ def test_easyedit_string_form_matches_dicts(model, covariances):
         torch.testing.assert_close(by_dicts.deltas[1], strings_delta)
 
 
+@pytest.mark.slow
 def test_non_sequential_edits_each_request_alone_and_leaves_the_model(model, covariances):
     start = weights(model)
     together = kl.edit(model, [TOWER, COLOSSEUM], "p-rome", sequential=False, covariances=covariances, settings=FAST)
@@ -107,6 +111,7 @@ def test_non_sequential_edits_each_request_alone_and_leaves_the_model(model, cov
             )
 
 
+@pytest.mark.slow
 def test_sequential_memit_edits_every_layer_of_its_span(model, covariances):
     settings = EditorSettings(layer=1, memit_span=2, value_prompts=2)
     with kl.edit(model, [TOWER, COLOSSEUM], "memit", covariances=covariances, settings=settings) as outcome:
@@ -115,6 +120,7 @@ def test_sequential_memit_edits_every_layer_of_its_span(model, covariances):
         assert len(outcome.metrics) == 2
 
 
+@pytest.mark.slow
 def test_bad_requests_name_the_fix(model, covariances):
     with pytest.raises(KisError, match="unknown editor 'romee'"):
         kl.edit(model, TOWER, "romee", covariances=covariances)
@@ -128,6 +134,7 @@ def test_bad_requests_name_the_fix(model, covariances):
         kl.edit(model, TOWER, covariances=covariances, layer=2)
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_rome_makes_smollm2_say_the_new_target(smollm2):
     """On the real model the original ROME edit wins: p(Rome) > p(Paris) after, not before; restored after."""

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from kis_lens.cli import main
 from kis_lens.errors import KisError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["--no_progress", "--device", "cpu"]
 TINY = ["--model_name", "tiny-gpt2", *QUIET]
 FACT_RUN = ["--knowledge_type", "all", "--record_size", "4", "--max_tokens", "1500"]
@@ -274,6 +274,7 @@ def test_singular_covariance_names_the_ridge(output, capsys):
         "empty-file",
     ],
 )
+@pytest.mark.slow
 def test_damaged_or_foreign_cache(output, capsys, damage, fragments):
     damage(output / CACHE / "layer_0_mom2.safetensors")
     run = ["p-matrix", *TINY, "--output_dir", str(output), "--end_layer", "0", *FACT_RUN]
@@ -341,6 +342,7 @@ def test_stats_commands_bad_input(output, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
     assert pytest.raises(KisError, main, ["all", *TINY, "--output_dir", str(tmp_path), "--end_layer", "9", "--debug"])
     completed = subprocess.run(

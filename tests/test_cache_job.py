@@ -46,6 +46,7 @@ def _reference_sum(model, texts: list[str]) -> np.ndarray:
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_tokens", [2048, 100, 1])
 def test_padding_never_enters_the_statistics(tiny_gpt2, monkeypatch, group_tokens):
     # 2048 runs each 600-token batch whole; 100 and 1 split it into row groups (1: one text per forward).
@@ -117,6 +118,7 @@ def _request(output: Path, **changes) -> CacheOptions:
     return CacheOptions(**{**settings, **changes})
 
 
+@pytest.mark.slow
 def test_killed_job_resumes_to_the_identical_result(tmp_path, tiny_cli_model):
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -145,6 +147,7 @@ def test_killed_job_resumes_to_the_identical_result(tmp_path, tiny_cli_model):
         assert torch.equal(resumed.sum, uninterrupted.sum)  # bitwise
 
 
+@pytest.mark.slow
 def test_raising_sample_size_extends_the_cache(tmp_path, tiny_cli_model):
     small = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=10))
     extended = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=20))
@@ -157,6 +160,7 @@ def test_raising_sample_size_extends_the_cache(tmp_path, tiny_cli_model):
     assert small.tokens < extended.tokens
 
 
+@pytest.mark.slow
 def test_mismatched_cache_is_refused(tmp_path, tiny_cli_model):
     cache_second_moments(tiny_cli_model, [0], _request(tmp_path, sample_size=5))
     with pytest.raises(KisError, match="prepend_bos=False, not True"):
@@ -171,6 +175,7 @@ def test_mismatched_cache_is_refused(tmp_path, tiny_cli_model):
         cache_second_moments(other, [0], _request(tmp_path, sample_size=5))
 
 
+@pytest.mark.slow
 def test_memory_budget_splits_layers_into_passes(tmp_path, tiny_cli_model, capsys):
     per_layer = 256 * 256 * 12
     assert layer_groups([0, 1, 2], 256, 2 * per_layer + 1) == [[0, 1], [2]]
@@ -187,6 +192,7 @@ def test_memory_budget_splits_layers_into_passes(tmp_path, tiny_cli_model, capsy
         )
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path, tiny_cli_model):
     pytest.importorskip("torch.distributed.run")
     command = [
@@ -226,6 +232,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, tiny_cli_model):
         assert _relative(shared.sum, alone.sum) < 1e-6
 
 
+@pytest.mark.slow
 def test_a_larger_token_budget_extends_the_cache_to_the_uninterrupted_result(tmp_path, tiny_cli_model):
     """--max_tokens 1500 then 6000 continues the first cache's own stream: bit for bit one run with 6000."""
     small = cache_second_moments(
@@ -248,6 +255,7 @@ def test_a_larger_token_budget_extends_the_cache_to_the_uninterrupted_result(tmp
         assert grown.layers[layer].tokens == got.count
 
 
+@pytest.mark.slow
 def test_a_cache_holding_more_than_asked_is_reused_and_says_so(tmp_path, tiny_cli_model):
     """A smaller budget reuses the larger cache without touching it, and the report says what C really holds."""
     big = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=None, max_tokens=3000))
@@ -258,6 +266,7 @@ def test_a_cache_holding_more_than_asked_is_reused_and_says_so(tmp_path, tiny_cl
     assert big.paths[1].read_bytes() == before
 
 
+@pytest.mark.slow
 def test_caches_are_float64_sums_by_default(tmp_path, tiny_cli_model):
     """C is stored as the exact float64 sum unless float32 is asked for, and C read back is the run's C bit for bit."""
     from safetensors import safe_open
@@ -273,6 +282,7 @@ def test_caches_are_float64_sums_by_default(tmp_path, tiny_cli_model):
     assert torch.equal(moment.compute(), in_memory.compute()) and moment.compute().dtype == torch.float64
 
 
+@pytest.mark.slow
 def test_the_progress_bar_counts_tokens_against_a_budget(tmp_path, tiny_cli_model, monkeypatch):
     """With --max_tokens the bar's total is the budget in tokens; without one it counts the sample's texts."""
     from kis_lens import cache_pass
@@ -333,6 +343,7 @@ def test_an_imported_cache_is_tied_to_the_first_model_that_uses_it(tmp_path, tin
         cache_second_moments(other, [1], _request(tmp_path, sample_size=None, max_tokens=100))
 
 
+@pytest.mark.slow
 def test_a_run_records_what_its_c_holds_not_what_was_asked(tmp_path, tiny_cli_model):
     """After a 3,000-token cache, a run asking for 1,000 records the 3,000+ tokens its C really averages, per layer."""
     from kis_lens.config import RunConfig
@@ -351,6 +362,7 @@ def test_a_run_records_what_its_c_holds_not_what_was_asked(tmp_path, tiny_cli_mo
     assert second.settings["config"]["max_tokens"] == 1000
 
 
+@pytest.mark.slow
 def test_a_cache_keyed_on_the_legacy_fingerprint_is_re_keyed_not_recomputed(tiny_cli_model, tmp_path):
     """A cache written by an older kis (keyed on the sampled W_out fingerprint) is read, re-keyed to the full-weight
     fingerprint with a line in the summary, and its statistics are kept bit for bit; one whose legacy fingerprint

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from test_lifelong_study import paired_run
+from study_fixtures import paired_run
 
 from kis_lens.docs.lifelong_study import render_study_markdown
 from kis_lens.editing.lifelong_plots import study_figure, update_norm_figure

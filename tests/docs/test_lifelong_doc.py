@@ -36,7 +36,7 @@ def verdict(results: dict[str, dict[str, Any]], index: int) -> dict[str, Any]:
 
 
 def test_the_banner_names_the_runs_that_replace_the_legacy_ones():
-    from kis_lens.editing.lifelong import DEFAULT_EDITORS
+    from kis_lens.editing.lifelong_config import DEFAULT_EDITORS
 
     assert lifelong_doc.REPLACING_EDITORS == DEFAULT_EDITORS
 

@@ -33,6 +33,7 @@ def original_files(root: Path, model_folder: str, tag: str, layers: tuple[int, .
     return files
 
 
+@pytest.mark.slow
 def test_default_layout_writes_the_original_paths(tmp_path):
     out = tmp_path / "tmp"
     assert main(["all", *TINY, "--knowledge_type", "all", "--output_dir", str(out)]) == 0
@@ -55,6 +56,7 @@ def test_default_layout_writes_the_original_paths(tmp_path):
     assert result.settings["config"]["layout"] == "kis" and result.settings["config"]["fact_order"] == "sample"
 
 
+@pytest.mark.slow
 def test_original_layout_mix_first_facts_and_stats_dir(tmp_path):
     data, stats = tmp_path / "data", tmp_path / "cov"
     args = ["all", *TINY, "--knowledge_type", "mix", "--output_dir", str(data), "--layout", "original"]

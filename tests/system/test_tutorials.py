@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TUTORIALS = ROOT / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 # The random tiny GPT-2 keeps CI fast; the notebooks default to SmolLM2-135M when it is installed.
@@ -117,6 +117,7 @@ def test_the_install_cell_installs_from_the_project_url_where_kis_lens_is_missin
     assert capsys.readouterr().out == f"kis_lens {kis_lens.__version__}\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_tutorial_runs_without_errors(path, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="needs nbformat (pip install nbformat nbclient ipykernel)")

@@ -15,7 +15,7 @@ import pytest
 from kis_lens.classify import ClassifyConfig
 from kis_lens.cli import build_parser, main
 from kis_lens.config import CacheCovConfig, ModelOptions, RunConfig, parse_bytes
-from kis_lens.editing.lifelong import LifelongConfig
+from kis_lens.editing.lifelong_config import LifelongConfig
 from kis_lens.editing.simulation import EditSimConfig
 from kis_lens.errors import KisError
 from kis_lens.flags import config_from_args
@@ -29,6 +29,7 @@ CORPUS_ARGS = ["--max_tokens", "1500", "--no_progress", "--device", "cpu"]
 TINY_RUN = ["--knowledge_type", "all", "--record_size", "8", *CORPUS_ARGS]
 
 
+@pytest.mark.slow
 def test_all_writes_the_documented_files(tmp_path, capsys):
     assert main(["all", "--model_name", "tiny-gpt2", "--output_dir", str(tmp_path), *TINY_RUN]) == 0
     out = capsys.readouterr().out
@@ -50,6 +51,7 @@ def test_all_writes_the_documented_files(tmp_path, capsys):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_single_matrix_commands_and_cache_reuse(tmp_path):
     args = [
         "--model-name",
@@ -76,6 +78,7 @@ def test_single_matrix_commands_and_cache_reuse(tmp_path):
     ).exists()
 
 
+@pytest.mark.slow
 def test_cache_from_another_model_is_refused(tmp_path, capsys):
     common = ["--output_dir", str(tmp_path), "--end_layer", "0", *CORPUS_ARGS]
     assert main(["cache-cov", "--model_name", "tiny-gpt2", *common]) == 0
@@ -101,6 +104,7 @@ def test_cache_from_another_model_is_refused(tmp_path, capsys):
         (["all", "--model_name", "tiny-gpt2", "--facts", "/nonexistent.json"], "not found"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_exits_2_without_traceback(tmp_path, args, message):
     completed = subprocess.run(
         [sys.executable, "-m", "kis_lens.cli", *args, "--output_dir", str(tmp_path), "--no_progress"],

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from kis_lens import cache_pass, models, report, storage
 from kis_lens.cli import main
 from kis_lens.config import RunConfig
-from kis_lens.editing import lifelong_loop
+from kis_lens.editing import lifelong
 from kis_lens.editing.runs import checkpoint_paths, load_checkpoint, save_checkpoint
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
@@ -61,7 +61,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before the settings were checked")
 
     monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(lifelong_loop, "load_model", refuse)
+    monkeypatch.setattr(lifelong, "load_model", refuse)
 
 
 # --- corrupt results --------------------------------------------------------------------------------------------
@@ -140,6 +140,7 @@ LIFELONG = [
 ]
 
 
+@pytest.mark.slow
 def test_kis_lifelong_on_a_corrupt_checkpoint_stops_with_the_fix_and_no_resume_runs(tmp_path, capsys):
     argv = [*LIFELONG, "--output_dir", str(tmp_path)]
     assert main(argv) == 0
@@ -173,6 +174,7 @@ def _interrupted_cache_checkpoint(tmp_path: Path, monkeypatch, argv: list[str]) 
     return checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "no-corpus-position"])
 def test_kis_cache_cov_on_a_corrupt_checkpoint_names_it_and_the_fix(tmp_path, monkeypatch, capsys, damage):
     argv = [

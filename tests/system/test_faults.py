@@ -36,7 +36,7 @@ from kis_lens.models import load_model
 from kis_lens.stats import SecondMoment
 from kis_lens.storage import load_second_moment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KILL_TRIALS = 24  # each SIGKILLed once or twice; at least 20 kills must land mid-job
 LAYERS = [0, 1]
 
@@ -101,6 +101,7 @@ def kill_loop_driver(output: Path, trials: int, seed: int) -> None:
     (output / "log.json").write_text(json.dumps({"duration_s": duration, "trials": log}))
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_always_resumes_to_the_identical_result(tmp_path):
     driver = subprocess.run(
         [sys.executable, __file__, "kill-loop", str(tmp_path), str(KILL_TRIALS), "8"],
@@ -133,6 +134,7 @@ def tiny_cli_model():
     return load_model("tiny-gpt2", device="cpu")
 
 
+@pytest.mark.slow
 def test_second_writer_fails_clearly_and_nothing_is_corrupted(tmp_path, tiny_cli_model):
     folder = stats_dir(tmp_path, "tiny-gpt2", EMBEDDED_CORPUS)
     holder = subprocess.Popen(
@@ -161,6 +163,7 @@ def test_second_writer_fails_clearly_and_nothing_is_corrupted(tmp_path, tiny_cli
     assert not (folder / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_waiting_writer_gets_the_lock_after_the_first(tmp_path):
     folder = tmp_path / "shared"
     released_file = tmp_path / "released_at"
@@ -191,6 +194,7 @@ def test_a_waiting_writer_gets_the_lock_after_the_first(tmp_path):
     assert acquired - started >= 0.5, f"did not wait for the holder: acquired after {acquired - started:.3f} s"
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_write_leaves_the_old_cache_intact(tmp_path, tiny_cli_model, monkeypatch):
     first = cache_second_moments(tiny_cli_model, [1], _request(tmp_path, sample_size=6))
     path = first.paths[1]
@@ -216,6 +220,7 @@ def test_disk_full_during_a_write_leaves_the_old_cache_intact(tmp_path, tiny_cli
     assert extended.extended == [1] and load_second_moment(path)[1]["texts_read"] == 12
 
 
+@pytest.mark.slow
 def test_dying_torchrun_rank_stops_the_job_and_the_rerun_resumes(tmp_path, tiny_cli_model):
     pytest.importorskip("torch.distributed.run")
     script = tmp_path / "dying_rank.py"
@@ -288,6 +293,7 @@ def _reference_sum(model, texts: list[str], layer: int) -> np.ndarray:
     return total
 
 
+@pytest.mark.slow
 def test_bfloat16_activations_are_upcast_before_accumulation():
     model = load_model("tiny-gpt2", device="cpu", dtype="bfloat16")
     texts = list(open_corpus(EMBEDDED_CORPUS).texts(stop=6))
@@ -334,6 +340,7 @@ class _Poisoned:
         del self.model.forward
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_tokens", [2048, 60])
 def test_nan_in_a_batch_stops_the_job_naming_the_text_or_is_skipped_and_counted(
     tmp_path, tiny_cli_model, monkeypatch, group_tokens
@@ -362,6 +369,7 @@ def test_nan_in_a_batch_stops_the_job_naming_the_text_or_is_skipped_and_counted(
         assert float((moment.sum - expected[layer].sum).abs().max() / expected[layer].sum.abs().max()) < 1e-6
 
 
+@pytest.mark.slow
 def test_inf_from_an_in_memory_text_list_names_its_index(tiny_cli_model):
     texts = list(open_corpus(EMBEDDED_CORPUS).texts(stop=5))
     prefix = tuple(tiny_cli_model.tokenizer(texts[3], add_special_tokens=False)["input_ids"][:4])
@@ -390,6 +398,7 @@ def test_condition_number_is_reported_and_warned_about_with_the_ridge_named():
     assert ridged.condition == pytest.approx((1e12 + shift) / (1 + shift), rel=1e-6) and ridged.condition < 1e5
 
 
+@pytest.mark.slow
 def test_condition_estimate_for_large_covariances_matches_numpy():
     generator = torch.Generator().manual_seed(2)
     basis, _ = torch.linalg.qr(torch.randn(600, 600, generator=generator, dtype=torch.float64))

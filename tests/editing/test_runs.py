@@ -235,6 +235,7 @@ def test_run_stem_refuses_an_editor_without_letters(editor):
         run_stem(editor, settings(), {"seed": 0})
 
 
+@pytest.mark.slow
 def test_run_stem_is_the_same_in_other_processes():
     code = (
         "import sys, json; sys.path.insert(0, sys.argv[1]); from test_runs import settings; "
@@ -462,6 +463,7 @@ with run_lock(sys.argv[1], sys.argv[2]):
 """
 
 
+@pytest.mark.slow
 def test_run_lock_excludes_another_process_for_the_same_stem_only(tmp_path):
     folder = tmp_path / "new" / "out"
     holder = subprocess.Popen(

@@ -91,12 +91,14 @@ def _assert_same(model, layer: int, site: str, batch) -> None:
     assert not fast_gradient[batch[3].max() + 1 :].any(), "rows without a read get no gradient"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("site", SITES)
 @pytest.mark.parametrize("layer", [0, 1, 2, 3])
 def test_fast_matches_full_logits_and_gradient(model4, layer, site):
     _assert_same(model4, layer, site, _batch(model4.cfg.d_vocab))
 
 
+@pytest.mark.slow
 def test_fast_matches_full_with_every_shift_at_position_zero(model4):
     """No row has a prefix: the cached keys/values are empty."""
     reads = ((0, 0), (0, 4), (1, 5), (2, 2), (3, 3), (4, 6))
@@ -108,6 +110,7 @@ def test_fast_matches_full_with_one_read_at_the_shift(model4):
     _assert_same(model4, 2, "resid_post", _batch(model4.cfg.d_vocab, reads=((2, 5),)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("site", SITES)
 def test_initial_is_the_hooked_activation(model4, site):
     batch = _batch(model4.cfg.d_vocab)
@@ -124,6 +127,7 @@ def test_initial_is_the_hooked_activation(model4, site):
         assert torch.equal(forward.initial, expected)
 
 
+@pytest.mark.slow
 def test_zero_shift_gives_the_model_logits(model4):
     batch = _batch(model4.cfg.d_vocab)
     with torch.no_grad():
@@ -139,6 +143,7 @@ def test_zero_shift_gives_the_model_logits(model4):
     "flag, value",
     [("parallel_attn_mlp", True), ("architecture", "GPT2LMHeadModel"), ("attn_scores_soft_cap", 50.0)],
 )
+@pytest.mark.slow
 def test_unsupported_configuration_falls_back_to_full(model4, monkeypatch, flag, value):
     batch = _batch(model4.cfg.d_vocab)
     monkeypatch.setattr(model4.cfg, flag, value)
@@ -161,6 +166,7 @@ def test_legacy_hooked_transformer_is_not_supported():
         assert forward(torch.zeros_like(forward.initial)).shape == (len(batch[3]), model.cfg.d_vocab)
 
 
+@pytest.mark.slow
 def test_failed_self_check_warns_and_falls_back(model4, monkeypatch):
     """A model the flags let through but whose fast logits differ from its own must get the full forward."""
     batch = _batch(model4.cfg.d_vocab)
@@ -210,6 +216,7 @@ def test_bad_input_raises_kis_error(model4, build):
             forward(torch.zeros(len(LENGTHS), model4.cfg.d_model + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_fast_matches_full_on_smollm2(smollm2):
     """The real model: HF Llama attention under the bridge, GQA (9 query / 3 kv heads), its own rope_theta."""

@@ -14,7 +14,7 @@ from kis_lens.corpus import embedded_sample_texts
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.facts import load_facts
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "matrices.py"
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "matrices.py"
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def covariances(tiny_gpt2):
     return {layer: moment.compute(torch.float64) for layer, moment in moments.items()}
 
 
+@pytest.mark.slow
 def test_reference_per_pair_p_equals_kis_lens(bench, tiny_gpt2, covariances):
     facts = load_facts("counterfact-known")[:4]
     fast = bench.kis_lens_p_matrices(tiny_gpt2, facts, [0, 1, 2], covariances, prepend_bos=False)
@@ -42,6 +43,7 @@ def test_reference_per_pair_p_equals_kis_lens(bench, tiny_gpt2, covariances):
         np.testing.assert_allclose(np.diag(slow.numpy()), 1.0, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [3, 5])
 def test_reference_runs_the_originals_n_squared_plus_2n_forwards(bench, tiny_gpt2, covariances, n):
     """Compute_PMatrix.py: per row a forward for C⁻¹k_i and one for k_i, per entry one for k_j; C inverted once."""

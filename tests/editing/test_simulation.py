@@ -39,6 +39,7 @@ def simulation(tmp_path_factory):
     return run_edit_simulation(EditSimConfig(**SMALL, output_dir=str(output))), output
 
 
+@pytest.mark.slow
 def test_interference_identity_sum_p_r_equals_output_change(simulation):
     """Identity check of the algebra, not a test of a prediction: k_u ΣΔW_i = Σ_i P[i,u] r_i for rank-one ΔW_i.
 
@@ -54,6 +55,7 @@ def test_interference_identity_sum_p_r_equals_output_change(simulation):
     assert rome["predicted_vs_measured_output_drift"]["pearson"] > 0.999999
 
 
+@pytest.mark.slow
 def test_final_edited_weights_reproduce_the_patched_outputs(simulation):
     """With the summed ΔW written into W_out, a plain forward gives m + kΔW at every fact's subject token."""
     result, _ = simulation
@@ -61,6 +63,7 @@ def test_final_edited_weights_reproduce_the_patched_outputs(simulation):
         assert result.summary[name]["weights_check"]["max_relative_error_of_output_change"] < 1e-4
 
 
+@pytest.mark.slow
 def test_rome_records_the_logprob_drift_of_the_really_edited_model(simulation):
     """Every ROME step scores the unedited facts with ΔW applied to W_out; the last step is the final weights check.
 
@@ -92,6 +95,7 @@ def _subject_outputs(model, layer, prompts):
     return torch.stack(keys), torch.stack(outputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-llama"])
 def test_sequential_rome_edits_move_unedited_outputs_by_sum_p_r_in_real_forwards(model_name):
     """Six ROME edits written one after another into W_out: after each, a real forward of six never-edited
@@ -133,6 +137,7 @@ def test_sequential_rome_edits_move_unedited_outputs_by_sum_p_r_in_real_forwards
     assert p.abs().max() > 0.01  # the keys superpose: the identity has something to check
 
 
+@pytest.mark.slow
 def test_orthogonal_control_has_no_interference(simulation):
     """With whitened-orthogonal keys the unedited facts' outputs do not move (float64 round-off only)."""
     result, _ = simulation
@@ -142,6 +147,7 @@ def test_orthogonal_control_has_no_interference(simulation):
     assert max(result.curves["rome"]["unedited_output_drift"]) > 1e-3
 
 
+@pytest.mark.slow
 def test_curves_are_complete_and_edits_land(simulation):
     """ROME reaches its target exactly on the newest edit; every step of every condition is recorded."""
     result, _ = simulation
@@ -152,6 +158,7 @@ def test_curves_are_complete_and_edits_land(simulation):
     assert 0 < result.summary["null_space_rank"] < 256
 
 
+@pytest.mark.slow
 def test_json_and_figures_are_written(simulation):
     """edit_sim.json reloads to the same curves; both HTML figures exist and the figure function returns both."""
     result, output = simulation
@@ -174,6 +181,7 @@ def test_bad_settings_raise_kis_error(tmp_path):
         EditSimConfig(conditions=("rome", "fancy")).check()
 
 
+@pytest.mark.slow
 def test_cli_runs_and_reports_errors(tmp_path, capsys):
     """`kis edit-sim` writes its results; a bad layer exits with code 2 and a message."""
     args = [

@@ -97,6 +97,7 @@ def _numpy_p(keys: np.ndarray, covariance: np.ndarray) -> np.ndarray:
     return p
 
 
+@pytest.mark.slow
 def test_accessor_matches_the_forward(setup):
     """hook_post @ W_out + b_out reproduces hook_mlp_out, so the accessor holds the weight the forward uses."""
     model, _, _, keys, outputs = setup
@@ -105,6 +106,7 @@ def test_accessor_matches_the_forward(setup):
     torch.testing.assert_close(predicted, outputs, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_rank_one_edit_moves_fact_j_by_p_times_fact_i(setup):
     """After a rank-one edit of fact i, Δoutput(j) = P[i, j] · Δoutput(i) in the real forward, for every i and j."""
     model, covariance, facts, keys, outputs = setup
@@ -125,6 +127,7 @@ def test_rank_one_edit_moves_fact_j_by_p_times_fact_i(setup):
         assert np.abs(p_reference[i]).max() >= 1.0 - 1e-12  # the diagonal is 1: the identity is not trivially zero
 
 
+@pytest.mark.slow
 def test_memit_residual_follows_least_squares(setup):
     """A MEMIT edit leaves λ(λI + G)⁻¹R on its keys, and its ΔW equals the primal solve (λC + KᵀK)⁻¹KᵀR."""
     model, covariance, facts, keys, outputs = setup
@@ -148,6 +151,7 @@ def test_memit_residual_follows_least_squares(setup):
         )
 
 
+@pytest.mark.slow
 def test_current_output_as_target_is_a_no_op(setup):
     """v = the current output gives ΔW = 0 and leaves every fact's output unchanged."""
     model, covariance, facts, keys, outputs = setup
@@ -159,6 +163,7 @@ def test_current_output_as_target_is_a_no_op(setup):
     torch.testing.assert_close(edited, outputs, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_apply_then_restore_is_exact_even_after_an_error(setup):
     """The context manager restores the original bits, also when the block raises."""
     model, covariance, _, keys, outputs = setup
@@ -173,6 +178,7 @@ def test_apply_then_restore_is_exact_even_after_an_error(setup):
     assert torch.equal(handle.weight, before)
 
 
+@pytest.mark.slow
 def test_orthogonal_keys_do_not_interfere(setup):
     """Whitened Gram–Schmidt keys are C⁻¹-orthogonal, so a rank-one edit of one moves the others by < 1e-8."""
     model, covariance, _, keys, _ = setup
@@ -194,6 +200,7 @@ def test_orthogonal_keys_do_not_interfere(setup):
     assert np.abs(real_p - np.eye(N_FACTS)).max() > 1e-3  # the real keys do interfere
 
 
+@pytest.mark.slow
 def test_batch_of_one_is_the_rank_one_edit(setup):
     """MEMIT on one fact equals ROME at λ = 0, and ROME scaled by g/(g + λ) otherwise (g = kᵀC⁻¹k)."""
     model, covariance, _, keys, outputs = setup
@@ -207,6 +214,7 @@ def test_batch_of_one_is_the_rank_one_edit(setup):
         torch.testing.assert_close(batch, rank_one * g / (g + weight_lambda), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_alphaedit_stays_in_the_null_space(setup):
     """AlphaEdit's ΔW has no component along the preserved eigenvectors and matches a dense numpy solve."""
     model, covariance, _, keys, outputs = setup
@@ -230,6 +238,7 @@ def test_alphaedit_stays_in_the_null_space(setup):
     np.testing.assert_allclose(delta.numpy(), reference, atol=1e-8 * np.abs(reference).max())
 
 
+@pytest.mark.slow
 def test_value_search_raises_target_new(setup):
     """A few steps of the value search (ROME's compute_v, three templates) raise log p(target_new).
 

@@ -274,6 +274,7 @@ def tiny_cli_model():
     return load_model("tiny-gpt2", device="cpu")
 
 
+@pytest.mark.slow
 def test_npz_round_trip_and_merge(tmp_path, tiny_cli_model):
     texts = list(open_corpus(EMBEDDED_CORPUS).texts(stop=16))
     for name, part in (("a", texts[:8]), ("b", texts[8:]), ("ab", texts)):

@@ -27,7 +27,7 @@ from kis_lens.facts import load_facts
 from kis_lens.tiny import tiny_model
 from kis_lens.w_out import output_weight
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import mirrors  # noqa: E402
 
 ARCHITECTURES = ("gpt2", "llama")
@@ -162,6 +162,7 @@ def rome_deltas(architecture: str, fact) -> dict[str, dict[str, torch.Tensor]]:
     return _ROME[architecture]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ROME_NAMES)
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_rome_family_equals_mirror(architecture, variant, facts):
@@ -169,6 +170,7 @@ def test_rome_family_equals_mirror(architecture, variant, facts):
     assert relative(deltas["kis"][variant], deltas["mirror"][variant], f"{architecture} {variant}") <= TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_rome_variants_differ_and_swaps_fail(architecture, facts):
     """k̄ ≠ k here, so the three key choices give different ΔW; each kis editor fails against the others' mirrors."""
@@ -185,6 +187,7 @@ def test_rome_variants_differ_and_swaps_fail(architecture, facts):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_memit_equals_mirror(architecture, facts):
     t = tiny(architecture)
@@ -218,6 +221,7 @@ def test_memit_equals_mirror(architecture, facts):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_alphaedit_equals_mirror_over_two_batches(architecture, facts):
     t = tiny(architecture)
@@ -283,6 +287,7 @@ SITES = {  # site: (mirror hook, templates, clamp_norm_factor)
 _SEARCH: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, int]] = {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("site", tuple(SITES))
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

@@ -1,0 +1,99 @@
+"""The package is a map of the pipeline: every module imports only modules below it (lazy imports included)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "kis_lens"
+
+# Bottom to top. A module may import from any earlier level, never from its own level or a later one.
+LEVELS: list[tuple[str, ...]] = [
+    ("errors", "_version", "tiny", "docs", "docs.verdict"),
+    ("io", "layout", "facts", "tokens", "stats", "matrices", "gguf"),
+    ("models", "file_errors"),
+    ("hooks", "corpus", "distributed", "w_out", "editing.shifted_forward_plan"),
+    ("keys", "covariance", "storage", "fingerprint", "editing.shifted_forward", "editing.runs"),
+    ("config", "editing.templates"),
+    ("classify", "results", "flags", "cache_pass"),
+    ("cache_job",),
+    ("runner",),
+    ("quarters",),
+    (
+        "analysis",
+        "uncertainty",
+        "editing.weights",
+        "editing.editors",
+        "editing.values",
+        "editing.counterfact",
+        "editing.evaluation",
+        "editing.metrics",
+        "editing.verdicts",
+        "docs.reproduction",
+    ),
+    ("plots", "editing.registry", "editing.options"),
+    ("report", "reproduction_plots", "editing.lifelong_files"),
+    ("editing.simulation_plots", "editing.lifelong_plots"),
+    ("editing.lifelong_report", "docs.lifelong_verdicts"),
+    ("editing.simulation", "editing.lifelong_config", "editing.results", "docs.lifelong", "editing.api"),
+    # The lifelong loop, bottom to top: what its editors share, what it measures, its steps, its record, its files.
+    ("editing.lifelong_bench",),
+    ("editing.lifelong_probes",),
+    ("editing.lifelong_steps",),
+    ("editing.lifelong_result",),
+    ("editing.lifelong_identity",),
+    ("editing.lifelong",),
+    # A study across finished runs: which runs form one, its tables, then the study that gathers them.
+    ("editing.study_runs",),
+    ("editing.study_collapse", "editing.study_prediction", "editing.study_predictors", "editing.study_paired"),
+    ("editing.lifelong_study",),
+    ("docs.lifelong_study",),
+    ("reproduce", "editing", "trace"),
+    # Entry points.
+    ("cli", "__init__"),
+]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    name = ".".join(parts)
+    return "__init__" if name == "__init__" else name.removesuffix(".__init__")
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kis_lens"):
+            found.add(node.module.removeprefix("kis_lens").lstrip(".") or "__init__")
+        elif isinstance(node, ast.Import):
+            found.update(
+                alias.name.removeprefix("kis_lens.") for alias in node.names if alias.name.startswith("kis_lens.")
+            )
+    return found
+
+
+def test_every_module_has_a_level():
+    """A new module must be placed in the pipeline on purpose."""
+    level_of = {module for level in LEVELS for module in level}
+    modules = {_module_name(path) for path in PACKAGE.rglob("*.py")}
+    assert modules - level_of == set(), "add these modules to LEVELS"
+    assert level_of - modules == set(), "LEVELS names modules that no longer exist"
+
+
+def test_imports_only_go_down_the_pipeline():
+    """No module imports one at its own level or above it, so data flows one way and there are no cycles."""
+    level_of = {module: index for index, level in enumerate(LEVELS) for module in level}
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        for target in _imports(path):
+            if target != module and level_of[target] >= level_of[module]:
+                upward.append(f"{module} (level {level_of[module]}) imports {target} (level {level_of[target]})")
+    assert upward == []
+
+
+def test_result_readers_do_not_import_the_jobs():
+    """analysis, plots and report read results files; they never need the job modules that write them."""
+    jobs = {"runner", "cache_job", "covariance", "reproduce", "cli"}
+    for reader in ("analysis", "plots", "report", "results"):
+        assert _imports(PACKAGE / f"{reader}.py") & jobs == set(), reader

@@ -13,10 +13,12 @@ import time
 from dataclasses import replace
 from typing import Callable, Sequence
 
-from kis_lens.config import CacheCovConfig, ModelOptions, RunConfig, check_outputs
+from kis_lens._version import __version__
+from kis_lens.config import DEFAULT_OUTPUT_DIR, CacheCovConfig, ModelOptions, RunConfig, check_outputs
 from kis_lens.errors import KisError
 from kis_lens.file_errors import file_failure_message
 from kis_lens.flags import add_config_flags, config_from_args, default_of, flag
+from kis_lens.layout import latest_results
 from kis_lens.matrices import MATRIX_NAMES
 from kis_lens.runner import run_matrices
 
@@ -249,8 +251,12 @@ def _report_command(args: argparse.Namespace) -> None:
     from kis_lens.report import report_from_results
 
     check_outputs({"output": args.output})
+    results = args.results
+    if results is None:
+        results = latest_results(DEFAULT_OUTPUT_DIR)
+        print(f"kis report: no --results given; the latest run under {DEFAULT_OUTPUT_DIR}/ is {results.parent}")
     report, table = report_from_results(
-        args.results, args.output, top_k=args.top_k, threshold=args.threshold, sections=[run_report_sections]
+        results, args.output, top_k=args.top_k, threshold=args.threshold, sections=[run_report_sections]
     )
     print(f"report: {report}\nper-layer table: {table}")
 
@@ -261,7 +267,11 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
     parser = _subcommand(sub, "report", "write one self-contained HTML report (and a per-layer CSV) of a saved run")
     top_k, threshold = default_of(report_from_results, "top_k"), default_of(report_from_results, "threshold")
     flag(
-        parser, "results", required=True, help="run folder, its results.safetensors, or an --output_dir holding one run"
+        parser,
+        "results",
+        default=None,
+        help=f"run folder, its results.safetensors, or an --output_dir holding one run (default: the latest run "
+        f"under {DEFAULT_OUTPUT_DIR}/)",
     )
     flag(parser, "output", default=None, help="the HTML file to write (default <run folder>/report.html)")
     flag(
@@ -399,11 +409,22 @@ def _trace_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_trace_command)
 
 
+FIRST_STEPS = """first steps:
+  kis all --model_name tiny-gpt2 --knowledge_type all    # the main job on a tiny offline model, in seconds
+  kis all --report                                       # SmolLM2-135M: 30 layers, 128 facts (~4 min, 2 CPU cores)
+  kis report                                             # write report.html of the latest run
+each command's flags: kis <command> --help"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `kis` command."""
     parser = argparse.ArgumentParser(
-        prog="kis", description="Knowledge superposition matrices on TransformerLens models."
+        prog="kis",
+        description="Knowledge superposition matrices on TransformerLens models.",
+        epilog=FIRST_STEPS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"kis_lens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "all": ("keys once, then all four matrices for every layer", MATRIX_NAMES),
@@ -434,8 +455,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the `kis` command line; return the exit code."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = ["all"]  # `kis` alone runs the main job on the embedded defaults
+    if not argv:  # `kis` alone shows what there is to run, and runs nothing
+        parser.print_help()
+        return 0
     try:
         args = parser.parse_args(argv)  # an original script's flag with a value kis cannot map raises KisError
         args.argv = argv  # the command as typed, recorded by the commands that keep it

@@ -32,6 +32,7 @@ from kis_lens.storage import DEFAULT_STATS_DTYPE, STATS_DTYPES
 KNOWLEDGE_TYPES: tuple[str, ...] = ("known", "unknown", "all", "mix")
 FACT_ORDERS: tuple[str, ...] = ("sample", "first")
 LAYOUTS: tuple[str, ...] = ("kis", "original")
+DEFAULT_OUTPUT_DIR = "results"  # where every job writes unless --output_dir says otherwise, and where kis report looks
 # Settings and command options that name where a job writes, and whether each is a folder or a file: their
 # folders are checked for writability before any compute (check_outputs). A new output setting adds its name.
 # stats_dir is not one: a folder of finished caches may be read-only, and the cache job checks it before computing.
@@ -253,7 +254,7 @@ class ModelOptions:
     prepend_bos: bool | None = setting(
         None, "BOS before each text (auto: what the model's HF tokenizer does)", none="auto"
     )
-    output_dir: str = setting("results", "where caches and results go")
+    output_dir: str = setting(DEFAULT_OUTPUT_DIR, "where caches and results go")
     seed: int = setting(0, "random seed (of the fact sample; of the noise in kis trace)")
     progress: bool = setting(True, "progress bars")
 

@@ -92,6 +92,14 @@ def run_of_results_file(path: str | Path) -> tuple[Path, str, str, str] | None:
     return (Path(*parts[:-5]) if len(parts) > 5 else Path("."), parts[-4], parts[-3], parts[-2])
 
 
+def latest_results(output_dir: str | Path) -> Path:
+    """Return the most recently written results.safetensors under <output_dir>/runs; KisError when there is none."""
+    found = list(Path(output_dir).glob(f"{RUNS_FOLDER}/**/{RESULTS_FILE}"))
+    if not found:
+        raise KisError(f"no run under {output_dir}/{RUNS_FOLDER}: run `kis all` first, or pass --results <run folder>")
+    return max(found, key=lambda path: (path.stat().st_mtime_ns, str(path)))
+
+
 def find_results(path: str | Path) -> Path:
     """Return the results.safetensors of a run folder, a results file, or an output dir holding exactly one run."""
     path = Path(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,17 @@ def test_belongs_to_run_is_the_model_and_the_fields_asked_for():
     )
     assert not layout.belongs_to_run({"model": {"name": "m"}, "config": {}}, run, layout.EDIT_SIM_RUN_FIELDS)
     assert not layout.belongs_to_run({"model": {"name": "other"}}, run)
+
+
+def test_latest_results_is_the_newest_run_and_none_is_an_error_naming_the_fix(tmp_path):
+    with pytest.raises(KisError, match="run `kis all` first"):
+        layout.latest_results(tmp_path)
+    older = layout.run_dir(tmp_path, "m", "all", 8, "subject_last") / "results.safetensors"
+    newer = layout.run_dir(tmp_path, "m", "known", 4, "subject_last") / "results.safetensors"
+    for path, seconds in ((older, 2_000_000_000), (newer, 2_000_000_100)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (seconds, seconds))
+    assert layout.latest_results(tmp_path) == newer
+    os.utime(older, (2_000_000_200, 2_000_000_200))
+    assert layout.latest_results(tmp_path) == older

@@ -475,3 +475,34 @@ def test_unknown_original_value_is_a_clear_error(tmp_path, capsys, args, fragmen
     assert fragment in err, err
     with pytest.raises(KisError, match="is not accepted"):
         build_parser().parse_args(args)
+
+
+def test_bare_kis_prints_the_help_and_first_steps_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage: kis" in out and "first steps:" in out and "kis all --model_name tiny-gpt2" in out
+    assert list(tmp_path.iterdir()) == []  # no results folder: nothing ran
+
+
+def test_version_prints_the_package_version(capsys):
+    from kis_lens import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"kis_lens {__version__}"
+
+
+@pytest.mark.slow
+def test_report_without_results_writes_the_latest_runs_report_and_says_which(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--model_name", "tiny-gpt2", "--knowledge_type", "all", "--max_tokens", "400", "--no_progress"]
+    assert main(["all", *tiny, "--record_size", "4"]) == 0
+    assert main(["all", *tiny, "--record_size", "6"]) == 0
+    capsys.readouterr()
+    assert main(["report"]) == 0
+    out = capsys.readouterr().out
+    newest = tmp_path / "results" / "runs" / "tiny-gpt2" / "all_sample_size_6" / "subject_last"
+    assert f"the latest run under results/ is {newest.relative_to(tmp_path)}" in out
+    assert (newest / "report.html").is_file()
+    assert not (newest.parent.parent / "all_sample_size_4" / "subject_last" / "report.html").exists()

@@ -60,10 +60,12 @@ def select_facts(config: RunConfig, model: HookedModel | None = None) -> list[Fa
             progress=config.progress,
         )
         facts = split.select(facts, config.knowledge_type)
-        if not facts:
+        if len(facts) < 2:  # one fact has no pair: every matrix would be its diagonal alone
             raise KisError(
-                f"{split.model_name} has no {config.knowledge_type} facts among the {split.n_facts} of "
-                f"{config.facts} (top-{split.top_k}, split in {path}): use --knowledge_type all or another facts file"
+                f"{split.model_name} has {len(facts) or 'no'} {config.knowledge_type} fact{'s' * (len(facts) != 1)} "
+                f"among the {split.n_facts} of {config.facts} (top-{split.top_k}, split in {path}), too few for a "
+                "pair (a random-weight model such as tiny-gpt2 knows almost none): use --knowledge_type all or "
+                "another facts file"
             )
     # How many facts a model knows is not the user's choice: use what there is. For all/mix, sample_facts
     # refuses a record_size beyond the file, as it always did.

@@ -506,3 +506,13 @@ def test_report_without_results_writes_the_latest_runs_report_and_says_which(tmp
     assert f"the latest run under results/ is {newest.relative_to(tmp_path)}" in out
     assert (newest / "report.html").is_file()
     assert not (newest.parent.parent / "all_sample_size_4" / "subject_last" / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_known_facts_of_a_random_weight_model_are_refused_naming_knowledge_type_all(tmp_path, capsys):
+    """tiny-gpt2 knows one of the 436 facts: a one-fact run has no pair, so the default is refused with the fix."""
+    args = ["all", "--model_name", "tiny-gpt2", "--output_dir", str(tmp_path), "--max_tokens", "400", "--no_progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "too few for a pair" in err and "use --knowledge_type all" in err
+    assert not (tmp_path / "runs").exists()

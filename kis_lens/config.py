@@ -38,6 +38,7 @@ DEFAULT_OUTPUT_DIR = "results"  # where every job writes unless --output_dir say
 # stats_dir is not one: a folder of finished caches may be read-only, and the cache job checks it before computing.
 OUTPUT_OPTIONS: dict[str, str] = {
     "output_dir": "folder",
+    "docs_dir": "folder",
     "figures_dir": "folder",
     "doc_path": "file",
     "numbers_path": "file",

@@ -13,7 +13,8 @@ model), so readers and writers of a result agree by calling the same function. U
 - ``edit_sim/<model>/layer_<L>_n<N>/edit_sim.json``: an edit simulation
 - ``lifelong/<model>/layer_<L>/lifelong_<stem>.json``: lifelong runs
 
-and ``benchmarks/results/reproduction_<model>.json``: the numbers of `kis reproduce` (unless --numbers_path).
+- ``reproduction/<model>/``: `kis reproduce`'s document, figures and numbers (``--docs_dir .``: the repository's
+  ``docs/`` and ``benchmarks/results/``)
 
 Older kis_lens wrote traces and lifelong runs model-first (``<model>/trace/``, ``<model>/lifelong/layer_<L>/``).
 Readers find them there too; a job about to write moves the older folder it writes into to the kind-first place
@@ -225,9 +226,36 @@ def adopt_legacy_folder(old: Path, new: Path) -> None:
 REPRODUCTION_PREFIX = "reproduction_"
 
 
-def reproduction_numbers_path(model: str, numbers_path: str | Path | None = None) -> Path:
-    """Return where `kis reproduce` writes numbers: numbers_path, else benchmarks/results/reproduction_<model>.json."""
-    return Path(numbers_path or f"benchmarks/results/{REPRODUCTION_PREFIX}{model}.json")
+REPRODUCTION_FOLDER = "reproduction"
+
+
+def reproduction_paths(
+    output_dir: str | Path,
+    model: str,
+    docs_dir: str | Path | None = None,
+    doc_path: str | Path | None = None,
+    figures_dir: str | Path | None = None,
+    numbers_path: str | Path | None = None,
+) -> tuple[Path, Path, Path]:
+    """Return where `kis reproduce` writes (document, figures folder, numbers JSON).
+
+    Under <output_dir>/reproduction/<model>/ by default, so a run in a clone never overwrites the committed docs;
+    with docs_dir (a repository root, e.g. "."), where the repository keeps them: docs/reproduction.md,
+    docs/figures/reproduction/ and benchmarks/results/reproduction_<model>.json. An explicit path wins.
+    """
+    if docs_dir is None:
+        base = Path(output_dir) / REPRODUCTION_FOLDER / path_component(model, "model name")
+        defaults = (base / "reproduction.md", base / "figures", base / f"{REPRODUCTION_PREFIX}{model}.json")
+    else:
+        root = Path(docs_dir)
+        defaults = (
+            root / "docs" / "reproduction.md",
+            root / "docs" / "figures" / "reproduction",
+            root / "benchmarks" / "results" / f"{REPRODUCTION_PREFIX}{model}.json",
+        )
+    chosen = (doc_path, figures_dir, numbers_path)
+    doc, figures, numbers = (Path(given) if given else default for given, default in zip(chosen, defaults))
+    return doc, figures, numbers
 
 
 def reproduction_files(folder: str | Path) -> list[Path]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -38,7 +37,7 @@ from kis_lens.facts import Fact, load_facts, sample_facts
 from kis_lens.hooks import layer_range
 from kis_lens.io import atomic_write, save_json
 from kis_lens.keys import compute_keys
-from kis_lens.layout import reproduction_numbers_path
+from kis_lens.layout import reproduction_paths
 from kis_lens.matrices import MATRIX_NAMES, Whitener, all_matrices
 from kis_lens.models import HookedModel, load_model, model_info, random_init_twin
 from kis_lens.quarters import QUARTERS, merged, quarter_second_moments
@@ -65,10 +64,16 @@ FRACTIONS: dict[str, tuple[str, ...]] = dict(zip(BUDGET_FRACTIONS, (QUARTERS[:1]
 class ReproduceConfig(ClassifyConfig):
     """Settings of a reproduction run: the classify-facts settings (model, facts, top_k), then the run's own."""
 
-    doc_path: str = setting("docs/reproduction.md", "the Markdown document written")
-    figures_dir: str = setting("docs/figures/reproduction", "where the HTML figures go")
+    docs_dir: str | None = setting(
+        None,
+        "a repository root whose docs/ and benchmarks/results/ receive the document, figures and numbers "
+        "(. in a kis_lens clone regenerates the committed ones)",
+        none="{output_dir}/reproduction/{model}",
+    )
+    doc_path: str | None = setting(None, "the Markdown document written", none="reproduction.md under docs_dir")
+    figures_dir: str | None = setting(None, "where the HTML figures go", none="figures under docs_dir")
     numbers_path: str | None = setting(
-        None, "the JSON of every number", none="benchmarks/results/reproduction_{model}.json"
+        None, "the JSON of every number", none="reproduction_{model}.json under docs_dir"
     )
     n_top_pairs: int = setting(10, "most superposed pairs listed per layer")
     bootstrap_resamples: int = setting(DEFAULT_RESAMPLES, "bootstrap resamples of the facts for every interval")
@@ -278,14 +283,17 @@ def reproduce(config: ReproduceConfig = ReproduceConfig(), model: HookedModel | 
     for layer in sorted({layers[0], layers[len(layers) // 2], layers[-1]}):
         pairs = top_pairs(measured.result.layer("p_matrix", layer), facts, k=config.n_top_pairs)
         report.top_pairs[layer] = [_pair_record(pair) for pair in pairs]
-    numbers = reproduction_numbers_path(info.name, config.numbers_path)
+    doc, figures, numbers = reproduction_paths(
+        config.output_dir, info.name, config.docs_dir, config.doc_path, config.figures_dir, config.numbers_path
+    )
+    report.settings |= {"doc_path": str(doc), "figures_dir": str(figures)}  # where they went, for the doc's links
     report.model_sizes = model_size_rows(report, numbers.parent)
 
     report.verdicts = judge(report)
-    report.figures = write_figures(measured.result, report, Path(config.figures_dir))
+    report.figures = write_figures(measured.result, report, figures)
     timings["total"] = time.perf_counter() - started
     report.seconds = {key: round(value, 1) for key, value in timings.items()}
     save_json(numbers, report.to_dict())
     text = reproduction_markdown(report)
-    atomic_write(config.doc_path, lambda temp: temp.write_text(text, encoding="utf-8"))
+    atomic_write(doc, lambda temp: temp.write_text(text, encoding="utf-8"))
     return report

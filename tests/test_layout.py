@@ -42,8 +42,17 @@ def test_every_path_spelled_out():
     assert layout.edit_sim_dir(out, "gpt2", 4, 20) == out / "edit_sim/gpt2/layer_4_n20"
     assert layout.lifelong_dir(out, "gpt2", 4) == out / "lifelong/gpt2/layer_4"
     assert layout.legacy_lifelong_dir(out, "gpt2", 4) == out / "gpt2/lifelong/layer_4"
-    assert layout.reproduction_numbers_path("gpt2") == Path("benchmarks/results/reproduction_gpt2.json")
-    assert layout.reproduction_numbers_path("gpt2", "n.json") == Path("n.json")
+    assert layout.reproduction_paths("out", "gpt2") == (
+        Path("out/reproduction/gpt2/reproduction.md"),
+        Path("out/reproduction/gpt2/figures"),
+        Path("out/reproduction/gpt2/reproduction_gpt2.json"),
+    )
+    assert layout.reproduction_paths("out", "gpt2", docs_dir=".") == (
+        Path("docs/reproduction.md"),
+        Path("docs/figures/reproduction"),
+        Path("benchmarks/results/reproduction_gpt2.json"),
+    )
+    assert layout.reproduction_paths("out", "gpt2", ".", numbers_path="n.json")[2] == Path("n.json")
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\\b"])

@@ -208,7 +208,8 @@ def _header(report: Reproduction) -> list[str]:
         "",
         "```bash",
         f"kis reproduce --model_name {model['name']}"
-        + ("" if cov["max_tokens"] is None else f" --max_tokens {cov['max_tokens']}"),
+        + ("" if cov["max_tokens"] is None else f" --max_tokens {cov['max_tokens']}")
+        + " --docs_dir .",
         "```",
         "",
         f"- **Known facts**: {model['name']} knows **{known['n_known']} of {known['n_facts']}** shipped CounterFact "

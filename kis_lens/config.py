@@ -226,9 +226,21 @@ def borrow(block: type, *names: str, **defaults: Any) -> Callable[[type], type]:
             if name not in block.__dataclass_fields__:
                 raise TypeError(f"{block.__name__} has no setting {name!r} for {cls.__name__} to borrow")
             _restate(cls, block.__dataclass_fields__[name], defaults.get(name, Override()))
+        cls.__borrowed__ = {**cls.__dict__.get("__borrowed__", {}), **dict.fromkeys((*names, *defaults), block)}
         return cls
 
     return decorate
+
+
+def help_group(config_class: type, name: str) -> str | None:
+    """Return the --help section of a setting: its block's HELP_GROUP (a borrowed one's too); None for a job's own."""
+    for cls in config_class.__mro__:
+        if name in vars(cls).get("__borrowed__", {}):
+            return help_group(vars(cls)["__borrowed__"][name], name)
+    for cls in reversed(config_class.__mro__):  # the block that first declares it, before a job that restates it
+        if name in vars(cls).get("__annotations__", {}) and "HELP_GROUP" in vars(cls):
+            return vars(cls)["HELP_GROUP"]
+    return None
 
 
 def block_of(config: Any, block: type[Block]) -> Block:
@@ -240,6 +252,8 @@ def block_of(config: Any, block: type[Block]) -> Block:
 class ModelOptions:
     """The settings every job shares: which model, where it runs, in what dtype, and where results go."""
 
+    HELP_GROUP = "model and output"  # the --help section of its flags (kis_lens.flags)
+
     model_name: str = setting(DEFAULT_MODEL, "alias, hub name or local dir")
     device: str | None = setting(None, "cpu or cuda", none="cuda when available")
     # None: float32 when loading by name; a model object passed in keeps its own dtype.
@@ -247,7 +261,7 @@ class ModelOptions:
     # sums, here it is the model's dtype: kis always adds float32 activations into float64 totals.
     dtype: str | None = setting(
         None,
-        "model dtype; statistics stay float32/64 (--precision: the original's spelling)",
+        "model dtype; statistics stay float32/64",
         choices=sorted(DTYPES),
         none="float32",
         aliases=("precision",),
@@ -279,6 +293,8 @@ class ModelOptions:
 class LayerOptions(ModelOptions):
     """Which layers a job covers."""
 
+    HELP_GROUP = "layers"  # the --help section of its flags (kis_lens.flags)
+
     start_layer: int | None = setting(None, "first layer", none="0")
     end_layer: int | None = setting(None, "last layer, inclusive", none="the last")
 
@@ -286,6 +302,8 @@ class LayerOptions(ModelOptions):
 @dataclass(frozen=True)
 class FactOptions(ModelOptions):
     """Which facts a job reads keys of, and where in the prompt."""
+
+    HELP_GROUP = "facts"  # the --help section of its flags (kis_lens.flags)
 
     facts: str = setting(
         DEFAULT_FACTS,
@@ -312,7 +330,7 @@ class FactOptions(ModelOptions):
     )
     token_position: str = setting(
         "subject_last",
-        "where keys are read (--fact_token: the original's spelling)",
+        "where keys are read",
         choices=TOKEN_POSITIONS,
         aliases=("fact_token",),
     )
@@ -331,6 +349,8 @@ class FactOptions(ModelOptions):
 @dataclass(frozen=True)
 class CorpusOptions(ModelOptions):
     """The corpus C = E[k kᵀ] is estimated on, its sample and token budget, batching and where its caches live."""
+
+    HELP_GROUP = "corpus (for C)"  # the --help section of its flags (kis_lens.flags)
 
     corpus: str = setting(
         EMBEDDED_CORPUS,
@@ -366,8 +386,7 @@ class CorpusOptions(ModelOptions):
     max_tokens: int | None = setting(100_000, "corpus tokens for C", none="no limit", cli_none=0)
     batch_token: int | None = setting(
         None,
-        "tokens per forward batch, padding included (--batch_tokens: the original's spelling; any: its word for "
-        "the default)",
+        "tokens per forward batch, padding included (any: the original's word for the default)",
         none="n_ctx",
         cli_none="any",
         aliases=("batch_tokens",),
@@ -394,6 +413,8 @@ class CorpusOptions(ModelOptions):
 @dataclass(frozen=True)
 class CacheOptions(CorpusOptions):
     """The covariance job's request: the corpus block, then how the caches are stored, checkpointed and bounded."""
+
+    HELP_GROUP = "covariance cache"  # the --help section of its flags (kis_lens.flags)
 
     stats_dtype: str = setting(
         DEFAULT_STATS_DTYPE,

@@ -13,10 +13,12 @@ import typing
 from dataclasses import MISSING, Field, fields, is_dataclass
 from typing import Any, Callable, Sequence
 
-from kis_lens.config import RunConfig, ValueAlias, check_outputs
+from kis_lens.config import RunConfig, ValueAlias, check_outputs, help_group
 from kis_lens.errors import KisError
 
 BOOL_CHOICES: dict[str, bool | None] = {"auto": None, "true": True, "false": False}
+ORIGINAL_GROUP = "the original scripts' spellings (each sets the setting it names)"
+OWN_GROUP = "settings of this command"
 
 
 def _spellings(name: str) -> list[str]:
@@ -64,7 +66,7 @@ class _ValueAliasAction(argparse.Action):
             setattr(namespace, self.dest, target)
 
 
-def _add_value_alias(parser: argparse.ArgumentParser, dest: str, alias: ValueAlias) -> None:
+def _add_value_alias(parser: argparse._ActionsContainer, dest: str, alias: ValueAlias) -> None:
     """Add one of the original scripts' flags that sets ``dest`` through its table of values."""
     parser.add_argument(
         *_spellings(alias.name),
@@ -130,6 +132,14 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
     config_from_args leaves those fields to the dataclass defaults.
     """
     hints = typing.get_type_hints(config_class)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    later: list[tuple[Any, Any]] = []  # the original scripts' spellings, added after every setting
+
+    def group(title: str) -> argparse._ArgumentGroup:
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        return groups[title]
+
     for item in fields(config_class):
         if item.name in skip:
             continue
@@ -140,13 +150,13 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
             )
         kind, optional = _field_kind(hints[item.name])
         help_text = item.metadata["help"]
-        for alias in item.metadata.get("value_aliases", ()):
-            _add_value_alias(parser, item.name, alias)
+        home = group(help_group(config_class, item.name) or OWN_GROUP)
+        later += [(item.name, alias) for alias in item.metadata.get("value_aliases", ())]
         aliases = [spelling for alias in item.metadata.get("aliases", ()) for spelling in _spellings(alias)]
         if kind is bool and not optional:
             name, action = (f"no_{item.name}", "store_false") if item.default else (item.name, "store_true")
-            help_text = f"turn off {help_text}" if item.default else help_text
-            parser.add_argument(
+            help_text = f"turn off: {help_text} (on by default)" if item.default else help_text
+            home.add_argument(
                 *_spellings(name), dest=item.name, action=action, default=argparse.SUPPRESS, help=help_text
             )
             continue
@@ -165,7 +175,14 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
             options["type"] = _number_or_none(kind, item.metadata["cli_none"]) if "cli_none" in item.metadata else kind
             if "choices" in item.metadata:
                 options["choices"] = item.metadata["choices"]
-        parser.add_argument(*_spellings(item.name), *aliases, **options)
+        home.add_argument(*_spellings(item.name), **options)
+        if aliases:  # the same option under the original scripts' names, listed last so --help reads as kis's
+            later.append((aliases, {**options, "help": f"= --{item.name}"}))
+    for name_or_spellings, alias_or_options in later:
+        if isinstance(alias_or_options, ValueAlias):
+            _add_value_alias(group(ORIGINAL_GROUP), name_or_spellings, alias_or_options)
+        else:
+            group(ORIGINAL_GROUP).add_argument(*name_or_spellings, **alias_or_options)
 
 
 def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, **overrides: Any) -> Any:

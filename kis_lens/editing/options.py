@@ -22,6 +22,8 @@ SEARCH = ValueSearch()  # the value search's defaults
 class EditorOptions(ModelOptions):
     """The model options, then what every editing job sets: where and how many edits, the editors' solve, C."""
 
+    HELP_GROUP = "editing"  # the --help section of its flags (kis_lens.flags)
+
     layer: int = setting(4, "ROME's edit layer (W_out), and the last of MEMIT's layers")
     n_edits: int | None = setting(None, "facts edited one after another", none="every record", cli_none="all")
     n_unedited: int = setting(64, "how many never-edited facts to watch for drift")

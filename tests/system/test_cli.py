@@ -516,3 +516,29 @@ def test_known_facts_of_a_random_weight_model_are_refused_naming_knowledge_type_
     err = capsys.readouterr().err
     assert "too few for a pair" in err and "use --knowledge_type all" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_help_groups_the_settings_by_block_and_lists_the_original_spellings_last(capsys):
+    with pytest.raises(SystemExit):
+        main(["all", "--help"])
+    out = capsys.readouterr().out
+    sections = [line[:-1] for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert sections == [
+        "options",
+        "model and output",
+        "layers",
+        "facts",
+        "corpus (for C)",
+        "settings of this command",
+        "the original scripts' spellings (each sets the setting it names)",
+    ]
+    original = out[out.index("the original scripts' spellings") :]
+    for spelling in ("--precision", "--fact_token", "--batch_tokens", "--ds_name", "--download", "--dataset"):
+        assert (
+            spelling in original
+            and spelling not in out[: out.index("the original scripts' spellings")].split("\n\n", 1)[1]
+        )
+    assert "--no_progress" in out and "turn off: progress bars (on by default)" in out
+    with pytest.raises(SystemExit):
+        main(["lifelong", "--help"])
+    assert "turn off: continue an interrupted run" in capsys.readouterr().out

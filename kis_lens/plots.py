@@ -18,6 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 from jaxtyping import Float
 from plotly.colors import sample_colorscale
+from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 from torch import Tensor
 
@@ -437,25 +438,37 @@ def band_figure(x: Sequence[float], panels: dict[str, Sequence[Band]], x_title: 
     return figure
 
 
-def write_html_figures(figures: Mapping[str, go.Figure], folder: str | Path) -> dict[str, Path]:
-    """Write each figure as standalone HTML (Plotly from its CDN) atomically into folder; return {name: path}."""
-    paths = {}
-    for name, figure in figures.items():
-        html = figure.to_html(include_plotlyjs="cdn", full_html=True)
-        paths[name] = atomic_write(
-            Path(folder) / f"{name}.html", lambda temp, html=html: temp.write_text(html, encoding="utf-8")
-        )
-    return paths
+PLOTLY_BUNDLE = "plotly.min.js"  # written once per figures folder: the HTML loads it from beside itself, offline
 
 
-def write_figure_files(figure: go.Figure, html: str | Path) -> dict[str, str | None]:
-    """Write a figure as interactive HTML and, when Plotly's static export (kaleido) works, a PNG beside it."""
+def _write_plotly_bundle(folder: Path) -> None:
+    """Write Plotly's JavaScript into folder unless the same bundle is already there."""
+    bundle, script = folder / PLOTLY_BUNDLE, get_plotlyjs()
+    if not bundle.is_file() or bundle.read_text(encoding="utf-8") != script:
+        atomic_write(bundle, lambda temp: temp.write_text(script, encoding="utf-8"))
+
+
+def write_figure_files(figure: go.Figure, html: str | Path, png: bool = True) -> dict[str, str | None]:
+    """Write a figure as interactive HTML (Plotly from plotly.min.js beside it, never a CDN) and, when png and
+    Plotly's static export (kaleido) works, a PNG beside it; return {"html": path, "png": path or None}."""
     html = Path(html)
     html.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(html, lambda temp: figure.write_html(str(temp), include_plotlyjs="cdn"))
-    png: str | None = str(html.with_suffix(".png"))
+    _write_plotly_bundle(html.parent)
+    text = figure.to_html(include_plotlyjs="directory", full_html=True)
+    atomic_write(html, lambda temp: temp.write_text(text, encoding="utf-8"))
+    if not png:
+        return {"html": str(html), "png": None}
+    image: str | None = str(html.with_suffix(".png"))
     try:
-        atomic_write(png, lambda temp: figure.write_image(str(temp), format="png", width=1000, scale=1))
+        atomic_write(image, lambda temp: figure.write_image(str(temp), format="png", width=1000, scale=1))
     except Exception:  # noqa: BLE001 - kaleido or its browser missing: the HTML is still there
-        png = None
-    return {"html": str(html), "png": png}
+        image = None
+    return {"html": str(html), "png": image}
+
+
+def write_html_figures(figures: Mapping[str, go.Figure], folder: str | Path) -> dict[str, Path]:
+    """Write each figure as HTML into folder (write_figure_files, no PNG); return {name: path}."""
+    return {
+        name: Path(write_figure_files(figure, Path(folder) / f"{name}.html", png=False)["html"])
+        for name, figure in figures.items()
+    }

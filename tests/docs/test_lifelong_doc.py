@@ -289,7 +289,7 @@ def test_write_lifelong_doc_atomic_and_links(tmp_path):
     assert f"({link})" in text and (doc.parent / link).exists()
     assert sorted(path.name for path in folder.iterdir()) == sorted(
         [file_name(result) for result in standard_results().values()]
-        + ["lifelong_interference.html", "lifelong_metrics.html"]
+        + ["lifelong_interference.html", "lifelong_metrics.html", "plotly.min.js"]
     )
     assert [path.name for path in doc.parent.iterdir()] == ["lifelong.md"]  # no temp file left
 

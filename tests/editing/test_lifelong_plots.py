@@ -15,6 +15,7 @@ from lifelong_fixtures import (
     standard_results,
     write_results,
 )
+from plotly.offline import get_plotlyjs
 
 from kis_lens import layout
 from kis_lens.editing import lifelong_files as files
@@ -110,8 +111,14 @@ def test_interference_figure_pairs_correlations_and_subsample():
 def test_write_figures_atomic(tmp_path):
     paths = plots.write_lifelong_figures(standard_results(), tmp_path)
     assert paths == {name: tmp_path / f"{name}.html" for name in plots.FIGURE_NAMES}
-    assert "cdn.plot.ly" in paths["lifelong_metrics"].read_text(encoding="utf-8")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["lifelong_interference.html", "lifelong_metrics.html"]
+    text = paths["lifelong_metrics"].read_text(encoding="utf-8")
+    assert "cdn.plot.ly" not in text and '<script charset="utf-8" src="plotly.min.js">' in text  # offline
+    assert (paths["lifelong_metrics"].parent / "plotly.min.js").read_text(encoding="utf-8") == get_plotlyjs()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "lifelong_interference.html",
+        "lifelong_metrics.html",
+        "plotly.min.js",
+    ]
     only_none = plots.write_lifelong_figures({"none": make_result("none")}, tmp_path / "none")
     assert list(only_none) == ["lifelong_metrics"]
 

@@ -151,10 +151,14 @@ class EditSession:
             layer: Whitener.from_covariance(c, ridge=settings.ridge, label=f"C at layer {layer}")
             for layer, c in session.covariances.items()
         }
+        # Generating templates costs hundreds of forwards: only for the editors that read them (all, when unnamed).
+        chosen = [EDITORS[name] for name in editors] if editors else list(EDITORS.values())
         if rome_templates is None:
-            rome_templates = rome_context_templates(model, seed=settings.template_seed)
+            wanted = any(not editor.multi_layer and editor.name != "none" for editor in chosen)
+            rome_templates = rome_context_templates(model, seed=settings.template_seed) if wanted else []
         if memit_templates is None:
-            memit_templates = memit_context_templates(model, seed=settings.template_seed)
+            wanted = any(editor.multi_layer for editor in chosen)
+            memit_templates = memit_context_templates(model, seed=settings.template_seed) if wanted else []
         session.rome_templates = _cut(list(rome_templates), settings.value_prompts)
         session.memit_templates = [list(group) for group in memit_templates]
         if "alphaedit" in editors:
@@ -218,7 +222,7 @@ def check_edit_layer(model: HookedModel, layer: int) -> None:
 
 
 def _cut(templates: list[str], count: int | None) -> list[str]:
-    if count is None:
+    if count is None or not templates:  # no templates: the session's editors read none
         return templates
     if not 1 <= count <= len(templates):
         raise KisError(f"value_prompts must lie in 1..{len(templates)} (the templates), got {count}")

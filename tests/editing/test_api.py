@@ -139,8 +139,21 @@ def test_bad_requests_name_the_fix(model, covariances):
 def test_rome_makes_smollm2_say_the_new_target(smollm2):
     """On the real model the original ROME edit wins: p(Rome) > p(Paris) after, not before; restored after."""
     start = output_weight(smollm2, 4).read()
-    with kl.edit(smollm2, TOWER, "rome", covariance_tokens=20_000, settings=EditorSettings(value_prompts=4)) as out:
+    with kl.edit(smollm2, TOWER, "rome", covariance_tokens=8_000, settings=EditorSettings(value_prompts=4)) as out:
         pre, post = out.metrics[0]["pre"], out.metrics[0]["post"]
         assert not pre["success"] and post["success"]
         assert post["target_new_logprob"] > pre["target_new_logprob"] + 2.0
     assert torch.equal(output_weight(smollm2, 4).read(), start)
+
+
+@pytest.mark.slow
+def test_a_session_generates_only_the_templates_its_editors_read(model, covariances):
+    """Templates cost hundreds of forwards: ROME's for the ROME family, MEMIT's for MEMIT/AlphaEdit, none for none."""
+    rome = EditSession.create(model, FAST, {1: covariances[1]}, editors=["rome"])
+    assert rome.rome_templates and rome.memit_templates == []
+    memit = EditSession.create(model, EditorSettings(layer=1, memit_span=2), covariances, editors=["memit"])
+    assert memit.memit_templates and memit.rome_templates == []
+    nothing = EditSession.create(model, FAST, {1: covariances[1]}, editors=["none"])
+    assert nothing.rome_templates == [] and nothing.memit_templates == []
+    both = EditSession.create(model, EditorSettings(layer=1, memit_span=2), covariances)
+    assert both.rome_templates and both.memit_templates

@@ -105,14 +105,15 @@ def quarter_second_moments(
         quarters[quarter] = estimate_second_moments(
             model, texts, layers, batch_token=config.batch_token, prepend_bos=prepend_bos, progress=config.progress
         )
-    seconds = time.perf_counter() - started
+    # Rounded once, as the caches record it: a rerun that reads them then reports the very same number.
+    seconds = round(time.perf_counter() - started, 2)
     for quarter, moments in quarters.items():
         for layer, moment in moments.items():
             metadata = covariance_key(QUARTER_CORPUS, model, layer).to_metadata()
             metadata.update(
                 max_tokens=config.max_tokens,
                 quarter=quarter,
-                seconds=round(seconds, 2),
+                seconds=seconds,
                 model_dtype=model_info(model).dtype,
                 corpus_credit=EMBEDDED_WIKIPEDIA_CREDIT,
             )

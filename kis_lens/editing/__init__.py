@@ -5,8 +5,9 @@
 - ``editors``:  ROME, MEMIT and AlphaEdit deltas, C⁻¹ solves, whitened-orthogonal keys
 - ``values``:   the one value search (``compute_target``: ROME's compute_v, MEMIT's compute_z), target log-probs
 - ``simulation``: the patched-output edit simulation (``EditSimConfig``, ``run_edit_simulation``)
-- ``registry``: the editors by name; ``lifelong``: the real sequential run (``kis lifelong``)
-- ``metrics``:  summary numbers; ``simulation_plots`` / ``lifelong_plots``: figures and report sections
+- ``registry``: the editors by name; ``api``: ``kl.edit``, a few edits in EasyEdit's terms
+- ``lifelong``: the real sequential run (``kis lifelong``; its parts in ``lifelong_*``, a study in ``study_*``)
+- ``metrics``:  summary numbers; ``simulation_plots`` / ``lifelong_plots``: figures (the README's Layout lists all)
 
 >>> from kis_lens.editing import applied_delta, rome_delta
 """

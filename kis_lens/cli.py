@@ -18,7 +18,7 @@ from kis_lens.config import DEFAULT_OUTPUT_DIR, CacheCovConfig, ModelOptions, Ru
 from kis_lens.errors import KisError
 from kis_lens.file_errors import file_failure_message
 from kis_lens.flags import add_config_flags, config_from_args, default_of, flag
-from kis_lens.layout import latest_results, reproduction_paths
+from kis_lens.layout import latest_results
 from kis_lens.matrices import MATRIX_NAMES
 from kis_lens.runner import run_matrices
 
@@ -302,15 +302,7 @@ def _reproduce_command(args: argparse.Namespace) -> None:
     )
     for verdict in report.verdicts:
         print(f"  {verdict.claim}: {verdict.verdict}")
-    doc, _, numbers = reproduction_paths(
-        config.output_dir,
-        report.model["name"],
-        config.docs_dir,
-        config.doc_path,
-        config.figures_dir,
-        config.numbers_path,
-    )
-    print(f"document: {doc}\nnumbers: {numbers}")
+    print(f"document: {report.settings['doc_path']}\nnumbers: {report.settings['numbers_path']}")
 
 
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:

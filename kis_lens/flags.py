@@ -133,7 +133,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
     """
     hints = typing.get_type_hints(config_class)
     groups: dict[str, argparse._ArgumentGroup] = {}
-    later: list[tuple[Any, Any]] = []  # the original scripts' spellings, added after every setting
+    # The original scripts' spellings, added after every setting so --help lists them last.
+    value_aliases: list[tuple[str, ValueAlias]] = []
+    alias_spellings: list[tuple[list[str], dict[str, Any]]] = []
 
     def group(title: str) -> argparse._ArgumentGroup:
         if title not in groups:
@@ -151,7 +153,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
         kind, optional = _field_kind(hints[item.name])
         help_text = item.metadata["help"]
         home = group(help_group(config_class, item.name) or OWN_GROUP)
-        later += [(item.name, alias) for alias in item.metadata.get("value_aliases", ())]
+        value_aliases += [(item.name, alias) for alias in item.metadata.get("value_aliases", ())]
         aliases = [spelling for alias in item.metadata.get("aliases", ()) for spelling in _spellings(alias)]
         if kind is bool and not optional:
             name, action = (f"no_{item.name}", "store_false") if item.default else (item.name, "store_true")
@@ -176,13 +178,12 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
             if "choices" in item.metadata:
                 options["choices"] = item.metadata["choices"]
         home.add_argument(*_spellings(item.name), **options)
-        if aliases:  # the same option under the original scripts' names, listed last so --help reads as kis's
-            later.append((aliases, {**options, "help": f"= --{item.name}"}))
-    for name_or_spellings, alias_or_options in later:
-        if isinstance(alias_or_options, ValueAlias):
-            _add_value_alias(group(ORIGINAL_GROUP), name_or_spellings, alias_or_options)
-        else:
-            group(ORIGINAL_GROUP).add_argument(*name_or_spellings, **alias_or_options)
+        if aliases:  # the same option under the original scripts' names
+            alias_spellings.append((aliases, {**options, "help": f"= --{item.name}"}))
+    for dest, alias in value_aliases:
+        _add_value_alias(group(ORIGINAL_GROUP), dest, alias)
+    for spellings, options in alias_spellings:
+        group(ORIGINAL_GROUP).add_argument(*spellings, **options)
 
 
 def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, **overrides: Any) -> Any:

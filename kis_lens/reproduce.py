@@ -286,7 +286,8 @@ def reproduce(config: ReproduceConfig = ReproduceConfig(), model: HookedModel | 
     doc, figures, numbers = reproduction_paths(
         config.output_dir, info.name, config.docs_dir, config.doc_path, config.figures_dir, config.numbers_path
     )
-    report.settings |= {"doc_path": str(doc), "figures_dir": str(figures)}  # where they went, for the doc's links
+    # Where they went: the doc's links and the CLI's summary read these.
+    report.settings |= {"doc_path": str(doc), "figures_dir": str(figures), "numbers_path": str(numbers)}
     report.model_sizes = model_size_rows(report, numbers.parent)
 
     report.verdicts = judge(report)

@@ -121,8 +121,10 @@ def _requests(
 
 def _scores(model: HookedModel, facts: Sequence[Fact], layer: int) -> list[dict[str, Any]]:
     """Return log p(target_new) and log p(target_true) of each fact's rewrite prompt, and whether new wins."""
-    new = target_logprobs(model, layer, [edit_prompt(model, fact, fact.target_new or "") for fact in facts])
-    true = target_logprobs(model, layer, [edit_prompt(model, fact, fact.target_true) for fact in facts])
+    targets = [fact.target_new or "" for fact in facts] + [fact.target_true for fact in facts]
+    prompts = [edit_prompt(model, fact, target) for fact, target in zip([*facts, *facts], targets)]
+    scores = target_logprobs(model, layer, prompts)  # both targets of every fact in one batched pass
+    new, true = scores[: len(facts)], scores[len(facts) :]
     return [
         {"target_new_logprob": float(n), "target_true_logprob": float(t), "success": bool(n > t)}
         for n, t in zip(new, true)

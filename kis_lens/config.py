@@ -232,11 +232,15 @@ def borrow(block: type, *names: str, **defaults: Any) -> Callable[[type], type]:
     return decorate
 
 
-def help_group(config_class: type, name: str) -> str | None:
-    """Return the --help section of a setting: its block's HELP_GROUP (a borrowed one's too); None for a job's own."""
+def help_groups(config_class: type) -> dict[str, str | None]:
+    """Return every setting's --help section: its block's HELP_GROUP (a borrowed one's too); None for a job's own."""
+    return {item.name: _help_group(config_class, item.name) for item in fields(config_class)}
+
+
+def _help_group(config_class: type, name: str) -> str | None:
     for cls in config_class.__mro__:
         if name in vars(cls).get("__borrowed__", {}):
-            return help_group(vars(cls)["__borrowed__"][name], name)
+            return _help_group(vars(cls)["__borrowed__"][name], name)
     for cls in reversed(config_class.__mro__):  # the block that first declares it, before a job that restates it
         if name in vars(cls).get("__annotations__", {}) and "HELP_GROUP" in vars(cls):
             return vars(cls)["HELP_GROUP"]

@@ -13,7 +13,7 @@ import typing
 from dataclasses import MISSING, Field, fields, is_dataclass
 from typing import Any, Callable, Sequence
 
-from kis_lens.config import RunConfig, ValueAlias, check_outputs, help_group
+from kis_lens.config import RunConfig, ValueAlias, check_outputs, help_groups
 from kis_lens.errors import KisError
 
 BOOL_CHOICES: dict[str, bool | None] = {"auto": None, "true": True, "false": False}
@@ -132,6 +132,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
     config_from_args leaves those fields to the dataclass defaults.
     """
     hints = typing.get_type_hints(config_class)
+    sections = help_groups(config_class)
     groups: dict[str, argparse._ArgumentGroup] = {}
     # The original scripts' spellings, added after every setting so --help lists them last.
     value_aliases: list[tuple[str, ValueAlias]] = []
@@ -152,7 +153,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
             )
         kind, optional = _field_kind(hints[item.name])
         help_text = item.metadata["help"]
-        home = group(help_group(config_class, item.name) or OWN_GROUP)
+        home = group(sections[item.name] or OWN_GROUP)
         value_aliases += [(item.name, alias) for alias in item.metadata.get("value_aliases", ())]
         aliases = [spelling for alias in item.metadata.get("aliases", ()) for spelling in _spellings(alias)]
         if kind is bool and not optional:

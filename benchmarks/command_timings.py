@@ -4,8 +4,7 @@
     .venv/bin/python benchmarks/render.py                     # puts the numbers into README.md
 
 The first run estimates C; the second and third reuse every cache, and a fourth is profiled to say where the
-remaining seconds go. Entries this script does not measure are kept as they are: the CI run (copied by hand
-from a `.ci/run` log in a fresh clone) and the cached rerun before issue 12 (measured on that commit).
+remaining seconds go. Entries this script does not measure are kept as they are.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 The flags of a job are generated from its config dataclass (kis_lens.flags reads each field's type, default and
 help), so a default lives only on its field. Only command options that are not settings of a job are declared here.
+Every job that writes results also writes its run file (kis_lens.run_file; where: kis_lens.layout), which
+`kis --config FILE` reruns.
 """
 
 from __future__ import annotations
@@ -11,15 +13,25 @@ import shlex
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 from kis_lens._version import __version__
 from kis_lens.config import DEFAULT_OUTPUT_DIR, CacheCovConfig, ModelOptions, RunConfig, check_outputs
 from kis_lens.errors import KisError
 from kis_lens.file_errors import file_failure_message
-from kis_lens.flags import add_config_flags, config_from_args, default_of, flag
-from kis_lens.layout import latest_results
+from kis_lens.flags import (
+    RUN_FILE_OPTION,
+    WRITE_RUN_FILE_DEST,
+    add_config_flags,
+    config_from_args,
+    default_of,
+    flag,
+    given_settings,
+)
+from kis_lens.layout import latest_results, run_file_beside, run_file_in
 from kis_lens.matrices import MATRIX_NAMES
+from kis_lens.run_file import run_file_command, write_run_file
 from kis_lens.runner import run_matrices
 
 
@@ -28,6 +40,12 @@ def _subcommand(sub: argparse._SubParsersAction, name: str, help_text: str) -> a
     parser = sub.add_parser(name, help=help_text, description=help_text)
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
+
+
+def _write_run_file(args: argparse.Namespace, config: ModelOptions, path: Path) -> None:
+    """Write the job's run file to path (every setting, for `kis --config`) and say where."""
+    written = write_run_file(path, args.command, config)
+    print(f"run file: {written} (rerun: kis --config {shlex.quote(str(written))})")
 
 
 def _print_result_paths(config: RunConfig, started: float, result) -> None:
@@ -42,6 +60,7 @@ def _matrices_command(names: Sequence[str]) -> Callable[[argparse.Namespace], No
         started = time.perf_counter()
         result = run_matrices(config, names=names)
         _print_result_paths(config, started, result)
+        _write_run_file(args, config, run_file_in(result.path.parent))
         if getattr(args, "report", False):
             from kis_lens.editing.results import run_report_sections
             from kis_lens.report import write_report_files
@@ -58,7 +77,7 @@ def cache_cov_config(args: argparse.Namespace) -> CacheCovConfig:
     --sample_size without --max_tokens lifts the token budget: every token of those texts, or of the whole corpus
     for --sample_size all (what the original Cache_Cov.py's --sample_size all read).
     """
-    given = vars(args)
+    given = given_settings(args, CacheCovConfig)  # a run file's settings count as given
     unlimited = "sample_size" in given and "max_tokens" not in given
     return config_from_args(args, CacheCovConfig, **({"max_tokens": None} if unlimited else {}))
 
@@ -68,12 +87,15 @@ def _cache_cov_command(args: argparse.Namespace) -> None:
     from kis_lens.runner import cache_covariance_job
 
     rank, _ = init_from_env()  # under torchrun: join the group, shard the corpus, all-reduce the sums
-    config = cache_cov_config(args)
+    requested = cache_cov_config(args)
+    config = requested
     if config.device is None and local_device():
         config = replace(config, device=local_device())
     report = cache_covariance_job(config)
     if rank == 0:
         print(f"done: {report.summary()}")
+        if report.paths:  # the requested config: each rank of a rerun under torchrun picks its own device again
+            _write_run_file(args, requested, run_file_in(next(iter(report.paths.values())).parent, args.command))
 
 
 def _merge_stats_command(args: argparse.Namespace) -> None:
@@ -236,6 +258,7 @@ def _classify_facts_command(args: argparse.Namespace) -> None:
         f"{split.n_facts} facts of {config.facts} (target in its top-{split.top_k}); {len(split.unknown)} unknown"
     )
     print(f"split: {path} (used by --knowledge_type known|unknown with the same --output_dir)")
+    _write_run_file(args, config, run_file_beside(path))
 
 
 def _classify_parser(sub: argparse._SubParsersAction) -> None:
@@ -256,7 +279,13 @@ def _report_command(args: argparse.Namespace) -> None:
         results = latest_results(DEFAULT_OUTPUT_DIR)
         print(f"kis report: no --results given; the latest run under {DEFAULT_OUTPUT_DIR}/ is {results.parent}")
     report, table = report_from_results(
-        results, args.output, top_k=args.top_k, threshold=args.threshold, sections=[run_report_sections]
+        results,
+        args.output,
+        top_k=args.top_k,
+        threshold=args.threshold,
+        sections=[run_report_sections],
+        thin=args.thin,
+        self_contained=args.self_contained,
     )
     print(f"report: {report}\nper-layer table: {table}")
 
@@ -264,7 +293,9 @@ def _report_command(args: argparse.Namespace) -> None:
 def _report_parser(sub: argparse._SubParsersAction) -> None:
     from kis_lens.report import report_from_results
 
-    parser = _subcommand(sub, "report", "write one self-contained HTML report (and a per-layer CSV) of a saved run")
+    parser = _subcommand(
+        sub, "report", "write the HTML report (plotly.min.js beside it) and a per-layer CSV of a saved run"
+    )
     top_k, threshold = default_of(report_from_results, "top_k"), default_of(report_from_results, "threshold")
     flag(
         parser,
@@ -288,6 +319,13 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
         default=threshold,
         help=f"|value| above which a pair counts as overlapping (default {threshold})",
     )
+    flag(parser, "thin", action="store_true", help="smaller report: heatmaps at 8 bits a value, no histograms or KDEs")
+    flag(
+        parser,
+        "self_contained",
+        action="store_true",
+        help="embed Plotly (4.8 MB) in report.html instead of writing plotly.min.js beside it",
+    )
     parser.set_defaults(handler=_report_command)
 
 
@@ -303,6 +341,7 @@ def _reproduce_command(args: argparse.Namespace) -> None:
     for verdict in report.verdicts:
         print(f"  {verdict.claim}: {verdict.verdict}")
     print(f"document: {report.settings['doc_path']}\nnumbers: {report.settings['numbers_path']}")
+    _write_run_file(args, config, run_file_beside(report.settings["numbers_path"]))
 
 
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
@@ -311,7 +350,7 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
     parser = _subcommand(
         sub,
         "reproduce",
-        "classify facts, cache C on the offline Wikipedia, all matrices on every layer, write docs/reproduction.md",
+        "classify facts, cache C on four token quarters, all matrices on every layer, judge each claim of the paper",
     )
     add_config_flags(parser, ReproduceConfig, skip=("prepend_bos",))  # reproduce follows the model's own BOS convention
     parser.set_defaults(handler=_reproduce_command)
@@ -337,6 +376,7 @@ def _edit_sim_command(args: argparse.Namespace) -> None:
         corr = result.summary["rome"]["predicted_vs_measured_logprob_drift"]
         print(f"  P-predicted vs measured drift (ROME): Spearman {corr['spearman']}")
     print(f"results: {result.path} (+ edit_retention.html, edit_interference.html)")
+    _write_run_file(args, config, run_file_in(result.path.parent))
 
 
 def _edit_sim_parser(sub: argparse._SubParsersAction) -> None:
@@ -369,6 +409,7 @@ def _lifelong_command(args: argparse.Namespace) -> None:
     folder = next(iter(results.values())).path.parent
     stems = ", ".join(result.settings["run_stem"] for result in results.values())
     print(f"results: {folder} ({stems}; figures lifelong_metrics.html, lifelong_interference.html)")
+    _write_run_file(args, config, run_file_in(folder, args.command))  # the run the folder's figures show
 
 
 def _lifelong_parser(sub: argparse._SubParsersAction) -> None:
@@ -397,6 +438,7 @@ def _trace_command(args: argparse.Namespace) -> None:
     print(f"peak layer {result.peak_layer} (mean IE {ie[result.peak_layer]:.4f}, last layer left out)")
     print(f"early-to-middle peak layer {result.peak_layer_early} (mean IE {ie[result.peak_layer_early]:.4f})")
     print(f"results: {result.path}")
+    _write_run_file(args, config, run_file_beside(result.path))
 
 
 def _trace_parser(sub: argparse._SubParsersAction) -> None:
@@ -413,6 +455,7 @@ FIRST_STEPS = """first steps:
   kis all --model_name tiny-gpt2 --knowledge_type all    # the main job on a tiny offline model, in seconds
   kis all --report                                       # SmolLM2-135M: 30 layers, 128 facts (~4 min, 2 CPU cores)
   kis report                                             # write report.html of the latest run
+  kis --config results/runs/.../run.yaml                 # rerun a job from the run file it wrote
 each command's flags: kis <command> --help"""
 
 
@@ -451,6 +494,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write_config_only(args: argparse.Namespace) -> None:
+    """Write the run file of the parsed settings to --write_config's path, running nothing (`kis --config` runs it)."""
+    config = cache_cov_config(args) if args.command == "cache-cov" else config_from_args(args, args.config_class)
+    path = write_run_file(getattr(args, WRITE_RUN_FILE_DEST), args.command, config)
+    print(f"run file: {path} (run it: kis --config {shlex.quote(str(path))})")
+
+
+def _commands_with_run_files(parser: argparse.ArgumentParser) -> list[str]:
+    """Return the subcommands that take --config (every job with a config)."""
+    (action,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return [
+        name
+        for name, sub in action.choices.items()
+        if any(RUN_FILE_OPTION in option.option_strings for option in sub._actions)
+    ]
+
+
+def with_run_file_command(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Return argv with the run file's command put first when `kis --config FILE [flags]` names no command."""
+    if not argv or not argv[0].startswith("-") or argv[0] in ("-h", "--help", "--version"):
+        return argv
+    path = None
+    for index, word in enumerate(argv):
+        if word == RUN_FILE_OPTION and index + 1 < len(argv):
+            path = argv[index + 1]
+        elif word.startswith(f"{RUN_FILE_OPTION}="):
+            path = word.split("=", 1)[1]
+    if path is None:
+        return argv
+    command = run_file_command(path)
+    commands = _commands_with_run_files(parser)
+    if command not in commands:
+        raise KisError(
+            f"run file {path} is of `kis {command}`, which takes no run file: use one of {', '.join(commands)}"
+        )
+    return [command, *argv]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `kis` command line; return the exit code."""
     parser = build_parser()
@@ -459,6 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        argv = with_run_file_command(argv, parser)
         args = parser.parse_args(argv)  # an original script's flag with a value kis cannot map raises KisError
         args.argv = argv  # the command as typed, recorded by the commands that keep it
     except KisError as error:
@@ -467,7 +549,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kis: error: {error}", file=sys.stderr)
         return 2
     try:
-        args.handler(args)
+        if getattr(args, WRITE_RUN_FILE_DEST, None) is not None:
+            _write_config_only(args)
+        else:
+            args.handler(args)
     except KisError as error:
         if args.debug:
             raise

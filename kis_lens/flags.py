@@ -1,8 +1,9 @@
 """The flags of a job, generated from its config dataclass: one option per field, parsed back into the config.
 
 ``add_config_flags`` reads each field's type, default and help metadata (kis_lens.config.setting), so a default
-lives only on its field; ``config_from_args`` turns the parsed flags back into the config. ``flag`` declares the
-few command options that are not settings of a job, under the same two spellings.
+lives only on its field, and adds ``--config RUN.yaml`` (a run file, kis_lens.run_file); ``config_from_args`` turns
+the run file's settings and the parsed flags, which win, back into the config. ``flag`` declares the few command
+options that are not settings of a job, under the same two spellings.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from typing import Any, Callable, Sequence
 
 from kis_lens.config import RunConfig, ValueAlias, check_outputs, help_groups
 from kis_lens.errors import KisError
+from kis_lens.run_file import field_kind, settings_from_file
 
 BOOL_CHOICES: dict[str, bool | None] = {"auto": None, "true": True, "false": False}
 ORIGINAL_GROUP = "the original scripts' spellings (each sets the setting it names)"
 OWN_GROUP = "settings of this command"
+RUN_FILE_OPTION = "--config"
+RUN_FILE_DEST = "run_file"  # not "config": the namespace also carries every setting by its own name
+WRITE_RUN_FILE_DEST = "write_config"
 
 
 def _spellings(name: str) -> list[str]:
@@ -87,15 +92,6 @@ def default_of(owner: Any, name: str) -> Any:
     return inspect.signature(owner).parameters[name].default
 
 
-def _field_kind(hint: Any) -> tuple[type, bool]:
-    """Return (base type, whether None is allowed) of a field annotation such as ``int | None``."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if optional:
-        (hint,) = [arg for arg in args if arg is not type(None)]
-    return typing.get_origin(hint) or hint, optional
-
-
 def _number_or_none(kind: type, word: Any) -> Callable[[str], Any]:
     """Return the flag type of a number field whose CLI value ``word`` (its cli_none: 0, "all", "any") means None."""
 
@@ -129,8 +125,25 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
     A field's ``aliases`` are more names of the same option; its ``value_aliases`` are the original scripts' flags
     that set it through a table of their values; its ``cli_none`` is the CLI value that parses to None (a number
     field then takes that word too: --sample_size all). Unset options stay out of the namespace, so
-    config_from_args leaves those fields to the dataclass defaults.
+    config_from_args leaves those fields to the run file's values (--config), else to the dataclass defaults.
     """
+    # In the parser's own "options" section, beside --debug: it is no setting, and the sections name blocks.
+    parser.add_argument(
+        RUN_FILE_OPTION,
+        dest=RUN_FILE_DEST,
+        metavar="RUN.yaml",
+        default=None,
+        help="read every setting from a run file (the .yaml every kis job writes beside its results, e.g. run.yaml); "
+        "flags given here override it",
+    )
+    flag(
+        parser,
+        WRITE_RUN_FILE_DEST,
+        metavar="RUN.yaml",
+        default=None,
+        help="write the run file of these settings to RUN.yaml and stop, running nothing",
+    )
+    parser.set_defaults(config_class=config_class)  # what --write_config writes, read by kis_lens.cli
     hints = typing.get_type_hints(config_class)
     sections = help_groups(config_class)
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -151,7 +164,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
                 f"{config_class.__name__}.{item.name} needs a default and help: "
                 "declare it with kis_lens.config.setting()"
             )
-        kind, optional = _field_kind(hints[item.name])
+        kind, optional = field_kind(hints[item.name])
         help_text = item.metadata["help"]
         home = group(sections[item.name] or OWN_GROUP)
         value_aliases += [(item.name, alias) for alias in item.metadata.get("value_aliases", ())]
@@ -187,19 +200,18 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
         group(ORIGINAL_GROUP).add_argument(*spellings, **options)
 
 
-def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, **overrides: Any) -> Any:
-    """Return the config (RunConfig by default) the parsed flags describe; unset fields keep the dataclass defaults.
-
-    Settings no job can run (a NaN, a folder that cannot be written) raise KisError here, before any model loads.
-    """
+def given_settings(args: argparse.Namespace, config_class: type = RunConfig) -> dict[str, Any]:
+    """Return the settings args give, as config values: the run file's (--config), then the flags', which win."""
     given = vars(args)
     hints = typing.get_type_hints(config_class)
     values: dict[str, Any] = {}
+    if given.get(RUN_FILE_DEST) is not None:
+        values.update(settings_from_file(given[RUN_FILE_DEST], given.get("command"), config_class))
     for item in fields(config_class):
         if item.name not in given:
             continue
         value = given[item.name]
-        kind, optional = _field_kind(hints[item.name])
+        kind, optional = field_kind(hints[item.name])
         if kind is bool and optional and isinstance(value, str):
             value = BOOL_CHOICES[value]
         elif kind is tuple and isinstance(value, str):
@@ -207,6 +219,22 @@ def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, *
         elif "parse" in item.metadata and isinstance(value, str):
             value = item.metadata["parse"](value)  # after argparse, so its KisError reaches the user as written
         values[item.name] = value
-    config = config_class(**{**values, **overrides})
+    return values
+
+
+def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, **overrides: Any) -> Any:
+    """Return the config (RunConfig by default) the run file and the flags describe; unset fields keep the defaults.
+
+    Settings no job can run (a NaN, a folder that cannot be written) raise KisError here, before any model loads.
+    """
+    values = given_settings(args, config_class)
+    run_file = getattr(args, RUN_FILE_DEST, None)
+    try:
+        config = config_class(**{**values, **overrides})
+    except KisError as error:
+        if run_file is None:
+            raise
+        # The value may be the file's or a flag's: say both places to look.
+        raise KisError(f"{error} (settings read from {run_file}, then the flags given)") from None
     check_outputs({item.name: getattr(config, item.name) for item in fields(config)})
     return config

@@ -88,9 +88,10 @@ def to_tokens(
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Return right-padded token ids and attention mask (1 = real token) of texts, with the model's BOS rule.
 
-    prepend_bos None: BOS in front exactly when the model's own Hugging Face tokenizer adds it (SmolLM2 and Llama
-    do, GPT-2 does not), the rule every kis job uses; True/False forces it. The mask, not the pad id, says
-    which tokens are real, so a BOS whose id is also the pad id stays a real token.
+    prepend_bos None: BOS in front exactly when the model's own Hugging Face tokenizer adds it (Llama does; GPT-2
+    and SmolLM2's GGUF tokenizer do not), the rule every kis job uses; True/False forces it. TransformerLens'
+    ``model.to_tokens`` prepends BOS by default, so its ids give other activations. The mask, not the pad id,
+    says which tokens are real, so a BOS whose id is also the pad id stays a real token.
     """
     if isinstance(texts, str):
         texts = [texts]

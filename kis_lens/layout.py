@@ -16,6 +16,11 @@ model), so readers and writers of a result agree by calling the same function. U
 - ``reproduction/<model>/``: `kis reproduce`'s document, figures and numbers (``--docs_dir .``: the repository's
   ``docs/`` and ``benchmarks/results/``)
 
+Every job run from the CLI also leaves a run file (every setting, for ``kis --config``; kis_lens.run_file) beside
+what it wrote: ``run.yaml`` in a folder of one run (a matrices run, an edit simulation), ``<result stem>.yaml``
+beside a result that shares its folder with others (a trace, a split, a reproduction's numbers), and
+``<command>.yaml`` in a folder several runs write into (``cache-cov.yaml``, ``lifelong.yaml``).
+
 Older kis_lens wrote traces and lifelong runs model-first (``<model>/trace/``, ``<model>/lifelong/layer_<L>/``).
 Readers find them there too; a job about to write moves the older folder it writes into to the kind-first place
 (``writable_trace_path``, ``writable_lifelong_dir``).
@@ -363,3 +368,22 @@ def belongs_to_run(settings: Mapping[str, Any], run_settings: Mapping[str, Any],
         return False
     config, run_config = settings.get("config") or {}, run_settings.get("config") or {}
     return all(config.get(name) is not None and config.get(name) == run_config.get(name) for name in fields)
+
+
+# ------------------------------------------------------------------------------------------------ run files
+
+RUN_FILE = "run.yaml"
+RUN_FILE_SUFFIX = ".yaml"
+
+
+def run_file_in(folder: str | Path, command: str | None = None) -> Path:
+    """Return a folder's run file: run.yaml for a folder of one run, <command>.yaml where several runs write."""
+    return Path(folder) / (RUN_FILE if command is None else f"{path_component(command, 'command')}{RUN_FILE_SUFFIX}")
+
+
+def run_file_beside(result_file: str | Path) -> Path:
+    """Return the run file of one result among others in its folder: the result's name with .yaml."""
+    result_file = Path(result_file)
+    path = result_file.with_suffix(RUN_FILE_SUFFIX)
+    # A result that is itself .yaml (a --numbers_path given so) keeps its name: the run file goes beside it.
+    return path if path != result_file else result_file.with_name(f"{result_file.stem}.run{RUN_FILE_SUFFIX}")

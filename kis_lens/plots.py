@@ -5,19 +5,28 @@ Every function returns a ``plotly.graph_objects.Figure``; show it with ``fig.sho
 ``fig.write_html(path)``.
 
 >>> fig = layer_heatmaps(result, "p_matrix")   # drag the slider through the layers
+
+Every figure of a run is titled with its model. A slider heatmap colours each layer on its own range when the
+layers differ by orders of magnitude (colour_ranges); packed_layer_heatmaps is the same figure for a page that
+stores every layer packed (float16 or 8 bits) and draws one at a time, what kis_lens.report uses.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 from dataclasses import dataclass
+from html import escape as html_escape
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
+import torch
 from jaxtyping import Float
-from plotly.colors import sample_colorscale
+from plotly.colors import qualitative, sample_colorscale
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 from torch import Tensor
@@ -39,6 +48,14 @@ HEATMAP_COLORSCALE = "RdBu_r"  # diverging: blue negative, white 0, red positive
 MAX_TICK_LABELS = 40
 # The KDE is exact (O(values × grid)); above this many values it uses a seeded subsample.
 MAX_KDE_POINTS = 20_000
+# Beyond this many layers a histogram grid shows evenly spaced layers (first and last included), not all of them.
+MAX_HISTOGRAM_PANELS = 12
+HISTOGRAM_COLUMNS = 4
+ColourScale = Literal["auto", "layer", "shared"]
+# "auto" colours each layer on its own range once the layers' largest |off-diagonal| differ by more than this
+# factor: on one shared range a layer 1000× smaller than the largest draws as blank white.
+LAYER_RANGE_RATIO = 10.0
+Precision = Literal["f16", "u8"]
 
 
 @dataclass(frozen=True)
@@ -87,13 +104,45 @@ def layer_colors(n: int) -> list[str]:
     return sample_colorscale("Viridis", [i / max(n - 1, 1) for i in range(n)])
 
 
-def _colour_range(name: str, matrices: Sequence[Tensor]) -> tuple[float, float]:
-    if matrix_style(name).bounded:
-        return -1.0, 1.0
-    # Unbounded (Q): symmetric around 0 from the off-diagonal values, so the large diagonal saturates.
-    limit = max(off_diagonal_values(matrix).abs().max().item() for matrix in matrices)
-    limit = limit if limit > 0 else 1.0
-    return -limit, limit
+def result_model_name(result: RunResult) -> str | None:
+    """Return the model a run measured (its model record, else its config), None when neither names it."""
+    model = (result.settings.get("model") or {}).get("name") or (result.settings.get("config") or {}).get("model_name")
+    return str(model) if model else None
+
+
+def titled(text: str, model_name: str | None) -> str:
+    """Return a figure title naming its model first ("model: text"), text alone when the model is unknown."""
+    return f"{model_name}: {text}" if model_name else text
+
+
+def _off_diagonal_limit(matrix: Tensor) -> float:
+    """Return the largest finite |off-diagonal value| of a matrix, 1.0 when there is none (or it is 0)."""
+    values = off_diagonal_values(matrix).abs()
+    values = values[torch.isfinite(values)]
+    limit = values.max().item() if values.numel() else 0.0
+    return limit if limit > 0 else 1.0
+
+
+def colour_ranges(
+    name: str, matrices: Sequence[Tensor], colour_scale: ColourScale = "auto"
+) -> list[tuple[float, float]]:
+    """Return each matrix's (zmin, zmax): −1..1 for bounded matrices, else ±max |off-diagonal|, per layer or shared.
+
+    "shared": one range over all matrices; "layer": each its own; "auto": −1..1 when bounded, else per layer once
+    the layers' ranges differ by more than LAYER_RANGE_RATIO (so no layer draws blank), shared otherwise.
+    """
+    if colour_scale not in ("auto", "layer", "shared"):
+        raise KisError(f"colour_scale must be 'auto', 'layer' or 'shared', got {colour_scale!r}")
+    if colour_scale == "auto" and matrix_style(name).bounded:
+        return [(-1.0, 1.0)] * len(matrices)
+    # Symmetric around 0 from the off-diagonal values, so the large diagonal of Q saturates instead of washing out.
+    limits = [_off_diagonal_limit(matrix) for matrix in matrices]
+    per_layer = colour_scale == "layer" or (
+        colour_scale == "auto" and bool(limits) and max(limits) > LAYER_RANGE_RATIO * min(limits)
+    )
+    if not per_layer:
+        limits = [max(limits, default=1.0)] * len(matrices)
+    return [(-limit, limit) for limit in limits]
 
 
 def heatmap_trace(
@@ -109,7 +158,7 @@ def heatmap_trace(
         raise KisError(f"need a square [fact, fact] matrix matching {len(facts)} facts, got {tuple(matrix.shape)}")
     style = matrix_style(name)
     labels = [fact_label(i, fact) for i, fact in enumerate(facts)]
-    zmin, zmax = zrange or _colour_range(name, [matrix])
+    zmin, zmax = zrange or colour_ranges(name, [matrix])[0]
     where = "" if layer is None else f"layer {layer}"
     return go.Heatmap(
         z=matrix.detach().float().cpu().numpy(),
@@ -123,7 +172,7 @@ def heatmap_trace(
         name=where or style.symbol,
         visible=visible,
         hovertemplate=(
-            "row i: %{y}<br>column j: %{x}<br>" + style.symbol + "[i, j] = %{z:.4f}<extra>" + where + "</extra>"
+            "row i: %{y}<br>column j: %{x}<br>" + style.symbol + "[i, j] = %{z:.4g}<extra>" + where + "</extra>"
         ),
     )
 
@@ -140,13 +189,17 @@ def _heatmap_axes(fig: go.Figure, facts: Sequence[Fact]) -> None:
 
 
 def heatmap(
-    matrix: Float[Tensor, "fact fact"], facts: Sequence[Fact], name: str = "p_matrix", layer: int | None = None
+    matrix: Float[Tensor, "fact fact"],
+    facts: Sequence[Fact],
+    name: str = "p_matrix",
+    layer: int | None = None,
+    model_name: str | None = None,
 ) -> go.Figure:
     """Return a heatmap of one layer's matrix: diverging colours centred on 0 (−1..1 for P and cosines)."""
     style = matrix_style(name)
     fig = go.Figure(heatmap_trace(matrix, facts, name, layer))
     suffix = "" if layer is None else f", layer {layer}"
-    fig.update_layout(title_text=f"{style.title}{suffix}", height=650, width=760)
+    fig.update_layout(title_text=titled(f"{style.title}{suffix}", model_name), height=650, width=760)
     _heatmap_axes(fig, facts)
     return fig
 
@@ -157,36 +210,15 @@ def result_heatmap(result: RunResult, name: str = "p_matrix", layer: int | None 
     layer = result.layers[0] if layer is None else layer
     if layer not in result.layers:
         raise KisError(f"layer {layer} not in these results: they hold layers {result.layers}")
-    return heatmap(result.layer(name, layer), result.facts, name, layer)
+    return heatmap(result.layer(name, layer), result.facts, name, layer, result_model_name(result))
 
 
-def layer_heatmaps(result: RunResult, name: str = "p_matrix") -> go.Figure:
-    """Return one figure holding every layer's heatmap of a matrix, with a slider to pick the layer."""
-    require_matrices(result, [name])
-    style = matrix_style(name)
-    matrices = [result.layer(name, layer) for layer in result.layers]
-    zrange = _colour_range(name, matrices)
-    fig = go.Figure(
-        [
-            heatmap_trace(matrix, result.facts, name, layer, zrange=zrange, visible=index == 0)
-            for index, (layer, matrix) in enumerate(zip(result.layers, matrices))
-        ]
-    )
-    steps = [
-        {
-            "method": "update",
-            "label": str(layer),
-            "args": [
-                {"visible": [other == index for other in range(len(result.layers))]},
-                {"title": {"text": f"{style.title}, layer {layer}"}},
-            ],
-        }
-        for index, layer in enumerate(result.layers)
-    ]
+def _slider_layout(fig: go.Figure, result: RunResult, steps: list[dict[str, Any]], title: str) -> None:
+    """Lay out a one-heatmap-at-a-time figure: title, the layer slider below the x axis, square cells."""
     # The slider sits below the x axis: leave room for the rotated fact ticks and the axis title.
     ticks_shown = len(result.facts) <= MAX_TICK_LABELS
     fig.update_layout(
-        title_text=f"{style.title}, layer {result.layers[0]}",
+        title_text=title,
         sliders=[
             {
                 "active": 0,
@@ -200,7 +232,201 @@ def layer_heatmaps(result: RunResult, name: str = "p_matrix") -> go.Figure:
         margin={"b": 260 if ticks_shown else 140},
     )
     _heatmap_axes(fig, result.facts)
+
+
+def layer_heatmaps(result: RunResult, name: str = "p_matrix", colour_scale: ColourScale = "auto") -> go.Figure:
+    """Return one figure holding every layer's heatmap of a matrix, with a slider to pick the layer (colour_ranges)."""
+    require_matrices(result, [name])
+    style, model = matrix_style(name), result_model_name(result)
+    matrices = [result.layer(name, layer) for layer in result.layers]
+    ranges = colour_ranges(name, matrices, colour_scale)
+    fig = go.Figure(
+        [
+            heatmap_trace(matrix, result.facts, name, layer, zrange=zrange, visible=index == 0)
+            for index, (layer, matrix, zrange) in enumerate(zip(result.layers, matrices, ranges))
+        ]
+    )
+    steps = [
+        {
+            "method": "update",
+            "label": str(layer),
+            "args": [
+                {"visible": [other == index for other in range(len(result.layers))]},
+                {"title": {"text": titled(f"{style.title}, layer {layer}", model)}},
+            ],
+        }
+        for index, layer in enumerate(result.layers)
+    ]
+    _slider_layout(fig, result, steps, titled(f"{style.title}, layer {result.layers[0]}", model))
     return fig
+
+
+# --------------------------------------------------------------------- heatmaps whose layers load on demand
+
+
+def encode_layer(matrix: Float[Tensor, "fact fact"], precision: Precision = "f16") -> dict[str, Any]:
+    """Return one layer's matrix packed for the page: base64 of float16 values over the largest |value| ("f16",
+    about 3 significant digits) or of 8-bit steps between min and max ("u8", 255 = not finite); a symmetric matrix
+    keeps its upper triangle (row by row, diagonal included) only."""
+    values = matrix.detach().double().cpu().numpy()
+    n = values.shape[0]
+    finite = values[np.isfinite(values)]
+    # Symmetric within float32 rounding (Q and the cosines): the lower triangle repeats the upper one.
+    triangle = bool(np.allclose(values, values.T, rtol=1e-5, atol=0.0, equal_nan=True))
+    flat = values[np.triu_indices(n)] if triangle else values.ravel()
+    packed: dict[str, Any] = {"encoding": precision, "triangle": triangle}
+    if precision == "f16":
+        # Scaling by the largest |value| keeps Q (activation², far beyond float16's 65504) in range.
+        scale = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+        data = (flat / scale).astype("<f2").tobytes()
+        packed["scale"] = scale
+    elif precision == "u8":
+        low = float(finite.min()) if finite.size else 0.0
+        high = float(finite.max()) if finite.size else 0.0
+        step = (high - low) / 254 if high > low else 1.0
+        steps = np.full(flat.shape, 255, dtype=np.uint8)
+        ok = np.isfinite(flat)
+        steps[ok] = np.clip(np.rint((flat[ok] - low) / step), 0, 254).astype(np.uint8)
+        data = steps.tobytes()
+        packed.update(offset=low, step=step)
+    else:
+        raise KisError(f"precision must be 'f16' or 'u8', got {precision!r}")
+    packed["data"] = base64.b64encode(data).decode("ascii")
+    return packed
+
+
+def decode_layer(packed: Mapping[str, Any], n: int) -> np.ndarray:
+    """Return the [n, n] float64 matrix of one encode_layer payload (what the page's script draws)."""
+    raw = base64.b64decode(packed["data"])
+    if packed["encoding"] == "f16":
+        flat = np.frombuffer(raw, dtype="<f2").astype(np.float64) * packed["scale"]
+    else:
+        steps = np.frombuffer(raw, dtype=np.uint8)
+        flat = np.where(steps == 255, np.nan, packed["offset"] + steps * packed["step"])
+    if not packed["triangle"]:
+        return flat.reshape(n, n)
+    matrix = np.empty((n, n))
+    rows, columns = np.triu_indices(n)
+    matrix[rows, columns] = flat
+    matrix[columns, rows] = flat
+    return matrix
+
+
+# Decodes a layer (as decode_layer) and draws it when the slider moves: the page holds every layer packed, and only
+# the shown one as a Plotly trace. Defined once per page whatever the number of figures.
+LAYER_HEATMAP_JS = """
+(function (root) {
+  if (root.kisLayers) return;
+  function bytes(text) {
+    var binary = atob(text), out = new Uint8Array(binary.length);
+    for (var i = 0; i < binary.length; i++) out[i] = binary.charCodeAt(i);
+    return out;
+  }
+  function half(h) {
+    var sign = h & 0x8000 ? -1 : 1, exponent = (h >> 10) & 0x1f, fraction = h & 0x3ff;
+    if (exponent === 0) return sign * fraction * Math.pow(2, -24);
+    if (exponent === 31) return fraction ? NaN : sign * Infinity;
+    return sign * (1 + fraction / 1024) * Math.pow(2, exponent - 15);
+  }
+  function decode(layer, n) {
+    var raw = bytes(layer.data), count = layer.encoding === "f16" ? raw.length / 2 : raw.length;
+    var flat = new Array(count), i, j, k = 0;
+    if (layer.encoding === "f16") {
+      var view = new DataView(raw.buffer);
+      for (i = 0; i < count; i++) flat[i] = half(view.getUint16(2 * i, true)) * layer.scale;
+    } else {
+      for (i = 0; i < count; i++) flat[i] = raw[i] === 255 ? NaN : layer.offset + raw[i] * layer.step;
+    }
+    var z = [];
+    for (i = 0; i < n; i++) z.push(new Array(n));
+    for (i = 0; i < n; i++) {
+      for (j = layer.triangle ? i : 0; j < n; j++) {
+        z[i][j] = flat[k++];
+        if (layer.triangle) z[j][i] = z[i][j];
+      }
+    }
+    return z;
+  }
+  function plot(id, figure, packed, config) {
+    var element = document.getElementById(id);
+    function shown(index) {
+      var layer = packed.layers[index];
+      var trace = {z: [decode(layer, packed.n)], zmin: [layer.zmin], zmax: [layer.zmax]};
+      trace.meta = ["layer " + layer.layer];
+      return [trace, {"title.text": layer.title}];
+    }
+    var first = shown(0);
+    figure.data[0].z = first[0].z[0];
+    figure.data[0].zmin = first[0].zmin[0];
+    figure.data[0].zmax = first[0].zmax[0];
+    figure.data[0].meta = first[0].meta[0];
+    figure.layout.title = {text: first[1]["title.text"]};
+    Plotly.newPlot(element, figure.data, figure.layout, config).then(function () {
+      element.on("plotly_sliderchange", function (event) {
+        var update = shown(Number(event.step.value));
+        Plotly.update(element, update[0], update[1]);
+      });
+    });
+  }
+  root.kisLayers = {decode: decode, plot: plot};
+})(typeof window !== "undefined" ? window : globalThis);
+"""
+
+
+def _script_json(value: str) -> str:
+    """Return JSON that is safe inside a <script> element (no "<", ">" or "&" that could end or open a tag)."""
+    return value.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+@dataclass(frozen=True)
+class LayerHeatmaps:
+    """A layer-slider heatmap whose layers are stored packed (encode_layer) and drawn one at a time by the page."""
+
+    figure: go.Figure  # one heatmap trace without z; the slider's steps carry the layer index as their value
+    packed: dict[str, Any]  # {"n": facts, "layers": [encode_layer(...) + layer, title, zmin, zmax]}
+
+    def to_html(self, div_id: str = "kis-heatmap", config: Mapping[str, Any] | None = None, **_: Any) -> str:
+        """Return the figure's <div> and the script that draws it (needs Plotly loaded on the page first)."""
+        figure_json = _script_json(pio.to_json(self.figure, validate=False))
+        packed_json = _script_json(json.dumps(self.packed, separators=(",", ":")))
+        config_json = _script_json(json.dumps(dict(config or {})))
+        height = self.figure.layout.height or 760
+        return (
+            f'<div id="{html_escape(div_id)}" class="plotly-graph-div" style="height:{height}px;width:100%;"></div>'
+            f'<script type="text/javascript">{LAYER_HEATMAP_JS}'
+            f"kisLayers.plot({json.dumps(div_id)}, {figure_json}, {packed_json}, {config_json});</script>"
+        )
+
+
+def packed_layer_heatmaps(
+    result: RunResult, name: str = "p_matrix", precision: Precision = "f16", colour_scale: ColourScale = "auto"
+) -> LayerHeatmaps:
+    """Return layer_heatmaps for a page: each layer packed at `precision` and drawn only when the slider shows it."""
+    require_matrices(result, [name])
+    style, model = matrix_style(name), result_model_name(result)
+    matrices = [result.layer(name, layer) for layer in result.layers]
+    ranges = colour_ranges(name, matrices, colour_scale)
+    layers = [
+        {
+            "layer": layer,
+            "title": titled(f"{style.title}, layer {layer}", model),
+            "zmin": zmin,
+            "zmax": zmax,
+            **encode_layer(matrix, precision),
+        }
+        for layer, matrix, (zmin, zmax) in zip(result.layers, matrices, ranges)
+    ]
+    trace = heatmap_trace(matrices[0], result.facts, name, zrange=ranges[0])
+    trace.z = None  # drawn from the packed layers by the page
+    trace.hovertemplate = trace.hovertemplate.replace("<extra></extra>", "<extra>%{meta}</extra>")
+    fig = go.Figure(trace)
+    # "skip": Plotly moves the slider only; the page's script swaps the layer in (value: its index).
+    steps = [
+        {"method": "skip", "label": str(layer), "value": str(index), "args": []}
+        for index, layer in enumerate(result.layers)
+    ]
+    _slider_layout(fig, result, steps, layers[0]["title"])
+    return LayerHeatmaps(fig, {"n": len(result.facts), "layers": layers})
 
 
 def _values_by_layer(result: RunResult, name: str) -> dict[int, np.ndarray]:
@@ -208,18 +434,43 @@ def _values_by_layer(result: RunResult, name: str) -> dict[int, np.ndarray]:
     return {layer: off_diagonal_values(result.layer(name, layer)).cpu().numpy() for layer in result.layers}
 
 
-def histogram_figure(result: RunResult, name: str = "p_matrix", bins: int = 60) -> go.Figure:
-    """Return overlaid density histograms of a matrix's off-diagonal values, one bar trace per layer, shared bins."""
+def evenly_spaced_layers(layers: Sequence[int], count: int) -> list[int]:
+    """Return at most count of the layers, evenly spaced, first and last included (all of them when few)."""
+    if count < 1:
+        raise KisError(f"need at least one layer to show, got {count}")
+    if len(layers) <= count:
+        return list(layers)
+    return [layers[i] for i in sorted({round(i) for i in np.linspace(0, len(layers) - 1, count)})]
+
+
+def histogram_figure(
+    result: RunResult, name: str = "p_matrix", bins: int = 60, layers: Sequence[int] | None = None
+) -> go.Figure:
+    """Return density histograms of a matrix's off-diagonal values, one panel per layer on shared bins and x axis
+    (layers: which ones; default all, or MAX_HISTOGRAM_PANELS evenly spaced ones when there are more)."""
     if bins < 1:
         raise KisError(f"bins must be at least 1, got {bins}")
     style = matrix_style(name)
     values = _values_by_layer(result, name)
-    everything = np.concatenate(list(values.values()))
-    edges = np.histogram_bin_edges(everything, bins=bins)
+    shown = evenly_spaced_layers(result.layers, MAX_HISTOGRAM_PANELS) if layers is None else list(layers)
+    missing = [layer for layer in shown if layer not in values]
+    if missing or not shown:
+        raise KisError(f"layers {missing or shown} not in these results: they hold layers {result.layers}")
+    everything = np.concatenate([values[layer] for layer in shown])
+    edges = np.histogram_bin_edges(everything[np.isfinite(everything)], bins=bins)
     centres, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
-    fig = go.Figure()
-    for (layer, layer_values), colour in zip(values.items(), layer_colors(len(values))):
-        density, _ = np.histogram(layer_values, bins=edges, density=True)
+    columns = min(HISTOGRAM_COLUMNS, len(shown))
+    rows = math.ceil(len(shown) / columns)
+    fig = make_subplots(
+        rows=rows,
+        cols=columns,
+        shared_xaxes="all",
+        subplot_titles=[f"layer {layer}" for layer in shown],
+        horizontal_spacing=0.06,
+        vertical_spacing=min(0.12, 0.5 / rows),
+    )
+    for index, (layer, colour) in enumerate(zip(shown, layer_colors(len(shown)))):
+        density, _ = np.histogram(values[layer], bins=edges, density=True)
         fig.add_trace(
             go.Bar(
                 x=centres,
@@ -227,18 +478,21 @@ def histogram_figure(result: RunResult, name: str = "p_matrix", bins: int = 60) 
                 width=widths,
                 name=f"layer {layer}",
                 marker_color=colour,
-                opacity=0.55,
-                hovertemplate=f"layer {layer}<br>{style.symbol} ≈ %{{x:.3f}}<br>density %{{y:.3f}}<extra></extra>",
-            )
+                showlegend=False,
+                hovertemplate=f"layer {layer}<br>{style.symbol} ≈ %{{x:.3g}}<br>density %{{y:.3g}}<extra></extra>",
+            ),
+            row=index // columns + 1,
+            col=index % columns + 1,
         )
+    which = "" if len(shown) == len(result.layers) else f" ({len(shown)} of {len(result.layers)} layers)"
     fig.update_layout(
-        title_text=f"{style.title}: off-diagonal values by layer",
-        barmode="overlay",
+        title_text=titled(f"{style.title}: off-diagonal values by layer{which}", result_model_name(result)),
         bargap=0,
-        xaxis_title=style.axis_label,
-        yaxis_title="probability density (1 / value unit)",
-        legend_title_text="click to hide/show",
+        height=190 * rows + 150,
     )
+    # One axis title for the grid: on the bottom-left panel, as the panels share their x axis.
+    fig.update_xaxes(title_text=style.axis_label, row=rows, col=1)
+    fig.update_yaxes(title_text="density", col=1)
     return fig
 
 
@@ -284,10 +538,11 @@ def kde_figure(
     for (layer, sample), colour in zip(samples.items(), layer_colors(len(samples))):
         if not widths[layer] > 0:
             continue  # every value equal: no density to draw
+        # float32 halves what a page stores per curve; a density needs no more than 7 digits.
         fig.add_trace(
             go.Scatter(
-                x=grid,
-                y=gaussian_kde(sample, grid, widths[layer]),
+                x=grid.astype(np.float32),
+                y=gaussian_kde(sample, grid, widths[layer]).astype(np.float32),
                 mode="lines",
                 name=f"layer {layer}",
                 line={"color": colour},
@@ -295,7 +550,10 @@ def kde_figure(
             )
         )
     fig.update_layout(
-        title_text=f"{style.title}: kernel density of off-diagonal values (Gaussian, Scott's bandwidth)",
+        title_text=titled(
+            f"{style.title}: kernel density of off-diagonal values (Gaussian, Scott's bandwidth)",
+            result_model_name(result),
+        ),
         xaxis_title=style.axis_label,
         yaxis_title="probability density (1 / value unit)",
         legend_title_text="click to hide/show",
@@ -334,7 +592,12 @@ def layer_trends_figure(
     fig.update_xaxes(title_text="layer", dtick=1 if len(result.layers) <= 16 else None)
     fig.update_yaxes(title_text="excess kurtosis (0 = Gaussian, dimensionless)", row=1, col=1)
     fig.update_yaxes(title_text="mean |value| (Q in activation², others dimensionless)", type="log", row=1, col=2)
-    fig.update_layout(title_text="Superposition by layer: heavy tails and magnitude of off-diagonal values", height=480)
+    fig.update_layout(
+        title_text=titled(
+            "Superposition by layer: heavy tails and magnitude of off-diagonal values", result_model_name(result)
+        ),
+        height=480,
+    )
     return fig
 
 
@@ -367,7 +630,9 @@ def orthogonality_figure(result: RunResult, threshold: float = DEFAULT_THRESHOLD
             )
         )
     fig.update_layout(
-        title_text="Does whitening make knowledge orthogonal? Mean |cos| of off-diagonal fact pairs",
+        title_text=titled(
+            "Does whitening make knowledge orthogonal? Mean |cos| of off-diagonal fact pairs", result_model_name(result)
+        ),
         xaxis_title="layer",
         yaxis_title="mean |cosine| (dimensionless)",
         yaxis_rangemode="tozero",
@@ -390,17 +655,34 @@ class Band:
     low: Sequence[float] | None = None
     high: Sequence[float] | None = None
     dash: str | None = None
+    color: str | None = None  # None: band_figure gives each distinct name its own colour
 
 
-def band_figure(x: Sequence[float], panels: dict[str, Sequence[Band]], x_title: str, title: str) -> go.Figure:
+def band_colors(panels: Mapping[str, Sequence[Band]]) -> dict[str, str]:
+    """Return {band name: colour}: a band's own colour, else the next unused one of a qualitative palette, so every
+    series differs from every other and a name repeated across panels keeps one colour (and one legend entry)."""
+    names = list(dict.fromkeys(band.name for bands in panels.values() for band in bands))
+    given = {band.name: band.color for bands in panels.values() for band in bands if band.color}
+    palette = [c for c in (qualitative.D3 if len(names) <= 10 else qualitative.Dark24) if c not in given.values()]
+    free = iter(palette * (len(names) // max(len(palette), 1) + 1))
+    return {name: given.get(name) or next(free) for name in names}
+
+
+def band_figure(
+    x: Sequence[float],
+    panels: dict[str, Sequence[Band]],
+    x_title: str,
+    title: str,
+    model_name: str | None = None,
+) -> go.Figure:
     """Return one panel per entry of `panels` (key: y-axis title), each line drawn with its shaded interval."""
     if not panels:
         raise KisError("band_figure needs at least one panel")
     figure = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.06)
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#7f7f7f"]
+    colors, in_legend = band_colors(panels), set()
     for row, (y_title, bands) in enumerate(panels.items(), start=1):
-        for index, band in enumerate(bands):
-            color = palette[index % len(palette)]
+        for band in bands:
+            color = colors[band.name]
             if band.low is not None and band.high is not None:
                 figure.add_trace(
                     go.Scatter(
@@ -410,7 +692,7 @@ def band_figure(x: Sequence[float], panels: dict[str, Sequence[Band]], x_title: 
                         mode="lines",
                         fillcolor=color,
                         opacity=0.18,
-                        line={"width": 0},
+                        line={"width": 0, "color": color},
                         hoverinfo="skip",
                         showlegend=False,
                         legendgroup=band.name,
@@ -425,27 +707,29 @@ def band_figure(x: Sequence[float], panels: dict[str, Sequence[Band]], x_title: 
                     mode="lines+markers",
                     name=band.name,
                     legendgroup=band.name,
-                    showlegend=row == 1 or band.name not in {b.name for b in panels[next(iter(panels))]},
+                    showlegend=band.name not in in_legend,  # once per series, in whichever panel it first appears
                     line={"color": color, "dash": band.dash},
-                    marker={"size": 4},
+                    marker={"size": 4, "color": color},
                 ),
                 row=row,
                 col=1,
             )
+            in_legend.add(band.name)
         figure.update_yaxes(title_text=y_title, row=row, col=1)
     figure.update_xaxes(title_text=x_title, row=len(panels), col=1)
-    figure.update_layout(title=title, height=260 * len(panels) + 120, template="plotly_white")
+    figure.update_layout(title=titled(title, model_name), height=260 * len(panels) + 120, template="plotly_white")
     return figure
 
 
 PLOTLY_BUNDLE = "plotly.min.js"  # written once per figures folder: the HTML loads it from beside itself, offline
 
 
-def _write_plotly_bundle(folder: Path) -> None:
-    """Write Plotly's JavaScript into folder unless the same bundle is already there."""
-    bundle, script = folder / PLOTLY_BUNDLE, get_plotlyjs()
+def write_plotly_bundle(folder: str | Path) -> Path:
+    """Write Plotly's JavaScript into folder unless the same bundle is already there; return its path."""
+    bundle, script = Path(folder) / PLOTLY_BUNDLE, get_plotlyjs()
     if not bundle.is_file() or bundle.read_text(encoding="utf-8") != script:
         atomic_write(bundle, lambda temp: temp.write_text(script, encoding="utf-8"))
+    return bundle
 
 
 def write_figure_files(figure: go.Figure, html: str | Path, png: bool = True) -> dict[str, str | None]:
@@ -453,7 +737,7 @@ def write_figure_files(figure: go.Figure, html: str | Path, png: bool = True) ->
     Plotly's static export (kaleido) works, a PNG beside it; return {"html": path, "png": path or None}."""
     html = Path(html)
     html.parent.mkdir(parents=True, exist_ok=True)
-    _write_plotly_bundle(html.parent)
+    write_plotly_bundle(html.parent)
     text = figure.to_html(include_plotlyjs="directory", full_html=True)
     atomic_write(html, lambda temp: temp.write_text(text, encoding="utf-8"))
     if not png:

@@ -1,8 +1,14 @@
-"""One self-contained HTML report of a run (Plotly JS embedded, works offline): settings, the per-layer
-table, the figures and the most superposed pairs. Other modules add sections without editing this one.
+"""One HTML report of a run, offline: settings, the per-layer table, the figures and the most superposed pairs.
+Other modules add sections without editing this one.
 
 >>> from kis_lens.report import write_report
->>> write_report(load_result("results/runs/..."))          # -> <run dir>/report.html
+>>> write_report(load_result("results/runs/..."))          # -> <run dir>/report.html (+ plotly.min.js beside it)
+
+Size: Plotly's JavaScript (4.8 MB) sits beside the report as plotly.min.js, shared with any figures in that folder
+(self_contained=True embeds it: one file to mail, 4.8 MB larger). Each matrix's per-layer heatmaps are stored
+packed (float16 relative to the layer's largest |value|, upper triangle of symmetric matrices) and drawn when the
+slider reaches them, so 128 facts × 30 layers stay under 5 MB; thin=True also drops the histograms and KDEs and
+keeps 8 bits per heatmap value.
 
 Extra sections are always passed in, never registered globally: ``extra_sections=[("Editing", [fig1, fig2]),
 ReportSection("Notes", html="<p>…</p>")]`` for sections already built, ``sections=[provider]`` for functions
@@ -35,7 +41,18 @@ from kis_lens.analysis import (
 from kis_lens.errors import KisError
 from kis_lens.io import atomic_write
 from kis_lens.layout import SUMMARY_CSV_NAME, find_results, report_path, summary_csv_path
-from kis_lens.plots import layer_trends_figure, matrix_figures, matrix_style, orthogonality_figure
+from kis_lens.plots import (
+    PLOTLY_BUNDLE,
+    LayerHeatmaps,
+    histogram_figure,
+    kde_figure,
+    layer_trends_figure,
+    matrix_style,
+    orthogonality_figure,
+    packed_layer_heatmaps,
+    result_model_name,
+    write_plotly_bundle,
+)
 from kis_lens.results import RunResult, load_result
 
 PAPER = (
@@ -49,7 +66,7 @@ class ReportSection:
     """A titled block of the report: optional intro text, figures, then trusted HTML (tables, notes)."""
 
     title: str
-    figures: list[go.Figure] = field(default_factory=list)
+    figures: list[go.Figure | LayerHeatmaps] = field(default_factory=list)
     html: str = ""  # inserted as is: escape any user text with html.escape
     intro: str = ""  # plain text, escaped on output
 
@@ -69,10 +86,10 @@ def as_section(section: SectionLike) -> ReportSection:
     title, content = section
     if isinstance(content, str):
         return ReportSection(title, html=content)
-    if isinstance(content, go.Figure):
+    if isinstance(content, (go.Figure, LayerHeatmaps)):
         return ReportSection(title, figures=[content])
     figures = list(content)
-    if not all(isinstance(figure, go.Figure) for figure in figures):
+    if not all(isinstance(figure, (go.Figure, LayerHeatmaps)) for figure in figures):
         raise KisError(f"section {title!r}: content must be a plotly Figure, a list of Figures or an HTML string")
     return ReportSection(title, figures=figures)
 
@@ -84,6 +101,7 @@ class Report:
     html: str
     n_figures: int
     section_titles: list[str]
+    bundle: str | None = PLOTLY_BUNDLE  # the script file the HTML loads from beside itself; None: Plotly inside
 
 
 def format_number(value: Any) -> str:
@@ -146,9 +164,14 @@ def _pairs_table(pairs: Sequence[SuperposedPair], symbol: str) -> str:
 
 
 def standard_sections(
-    result: RunResult, names: Sequence[str] | None = None, top_k: int = 10, threshold: float = DEFAULT_THRESHOLD
+    result: RunResult,
+    names: Sequence[str] | None = None,
+    top_k: int = 10,
+    threshold: float = DEFAULT_THRESHOLD,
+    thin: bool = False,
 ) -> list[ReportSection]:
-    """Return the built-in sections: settings, per-layer table, trends, one per matrix, top pairs."""
+    """Return the built-in sections: settings, per-layer table, trends, one per matrix, top pairs (thin: each
+    matrix's heatmaps only, 8 bits a value, no histogram or KDE)."""
     names = require_matrices(result, names)
     config = result.settings.get("config") or {}
     model = result.settings.get("model") or {}
@@ -201,13 +224,24 @@ def standard_sections(
         )
     )
     sections.append(table)
+    stored = (
+        "8 bits between the layer's min and max (thin report)"
+        if thin
+        else "float16 relative to the layer's largest |value|, about 3 significant digits"
+    )
     for name in names:
         style = matrix_style(name)
+        figures: list[go.Figure | LayerHeatmaps] = [packed_layer_heatmaps(result, name, "u8" if thin else "f16")]
+        if not thin:
+            figures += [histogram_figure(result, name), kde_figure(result, name)]
         sections.append(
             ReportSection(
                 style.title,
-                figures=matrix_figures(result, name),
-                intro=f"{style.axis_label}. Heatmap: drag the slider to change layer; hover names both facts.",
+                figures=figures,
+                intro=(
+                    f"{style.axis_label}. Heatmap: drag the slider to change layer; hover names both facts; "
+                    f"values stored as {stored} (the exact ones are in the results file)."
+                ),
             )
         )
     pair_blocks = []
@@ -241,6 +275,14 @@ ORTHOGONALITY_HEADERS: dict[str, str] = {
     "activation_kurtosis": "activation excess kurtosis",
 }
 
+# Copied without the plotly.min.js beside it, the report says why it shows no figures instead of staying blank.
+_MISSING_PLOTLY = (
+    '<p id="kis-no-plotly" class="warn" hidden>The figures need plotly.min.js beside this file (kis writes it '
+    "there; kis report --self_contained writes one file with Plotly inside).</p>"
+    '<script type="text/javascript">if (typeof Plotly === "undefined") '
+    'document.getElementById("kis-no-plotly").hidden = false;</script>'
+)
+
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;\
 padding:1rem 2rem;color:#222}
@@ -249,12 +291,12 @@ table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}\
 th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:left}
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 details{margin:.3rem 0}summary{cursor:pointer}.figure{margin:1rem 0}.meta{color:#666;font-size:.9rem}
-nav a{margin-right:1rem}.wide{overflow-x:auto}
+nav a{margin-right:1rem}.wide{overflow-x:auto}.warn{background:#fff3cd;padding:.5rem;border:1px solid #e0c36c}
 """
 
 
 def _title(result: RunResult) -> str:
-    model = (result.settings.get("model") or {}).get("name", "model")
+    model = result_model_name(result) or "model"
     return f"Knowledge superposition: {model}, {len(result.facts)} facts, layers {result.layers[0]}–{result.layers[-1]}"
 
 
@@ -266,11 +308,14 @@ def build_report(
     threshold: float = DEFAULT_THRESHOLD,
     *,
     sections: Sequence[SectionProvider] = (),
+    thin: bool = False,
+    self_contained: bool = False,
 ) -> Report:
-    """Return the rendered report: standard sections, then those of each provider in `sections`, then extra_sections."""
+    """Return the rendered report: standard sections, then those of each provider in `sections`, then extra_sections
+    (thin: see standard_sections; self_contained: Plotly inside the HTML, else loaded from plotly.min.js beside it)."""
     if top_k < 1:
         raise KisError(f"top_k must be at least 1, got {top_k}")
-    built = standard_sections(result, names, top_k, threshold)
+    built = standard_sections(result, names, top_k, threshold, thin)
     for provider in sections:
         built.extend(as_section(section) for section in provider(result))
     built.extend(as_section(section) for section in extra_sections)
@@ -295,16 +340,21 @@ def build_report(
     nav = "".join(f'<a href="#section-{n}">{html.escape(s.title)}</a>' for n, s in enumerate(built, start=1))
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = html.escape(str(result.path)) if result.path else "in memory"
+    plotly = (
+        f'<script type="text/javascript">{get_plotlyjs()}</script>'
+        if self_contained
+        else f'<script type="text/javascript" charset="utf-8" src="{PLOTLY_BUNDLE}"></script>'
+    )
     document = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
-        f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
+        f"{plotly}</head><body>{_MISSING_PLOTLY}"
         f"<h1>{html.escape(title)}</h1>"
         f'<p class="meta">kis_lens {__version__} · {created} · results: {source} · {html.escape(PAPER)}</p>'
         f"<nav>{nav}</nav>{''.join(parts)}</body></html>"
     )
-    return Report(document, n_figures, [section.title for section in built])
+    return Report(document, n_figures, [section.title for section in built], None if self_contained else PLOTLY_BUNDLE)
 
 
 def write_report(
@@ -316,13 +366,22 @@ def write_report(
     threshold: float = DEFAULT_THRESHOLD,
     *,
     sections: Sequence[SectionProvider] = (),
+    thin: bool = False,
+    self_contained: bool = False,
 ) -> Path:
-    """Write the report HTML atomically (default: report.html beside the results) and return its path."""
+    """Write the report HTML atomically (default: report.html beside the results), with plotly.min.js beside it
+    unless self_contained, and return its path."""
     if path is None:
         if result.path is None:
             raise KisError("this result was never saved: pass a path for the report")
         path = report_path(result.path)
-    report = build_report(result, extra_sections, names, top_k, threshold, sections=sections)
+    report = build_report(
+        result, extra_sections, names, top_k, threshold, sections=sections, thin=thin, self_contained=self_contained
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if report.bundle is not None:
+        write_plotly_bundle(path.parent)
     return atomic_write(path, lambda temp: temp.write_text(report.html, encoding="utf-8"))
 
 
@@ -333,9 +392,19 @@ def write_report_files(
     threshold: float = DEFAULT_THRESHOLD,
     *,
     sections: Sequence[SectionProvider] = (),
+    thin: bool = False,
+    self_contained: bool = False,
 ) -> tuple[Path, Path]:
     """Write a run's report.html (with the providers' `sections`) and layer_summary.csv beside it; return both paths."""
-    written = write_report(result, output, top_k=top_k, threshold=threshold, sections=sections)
+    written = write_report(
+        result,
+        output,
+        top_k=top_k,
+        threshold=threshold,
+        sections=sections,
+        thin=thin,
+        self_contained=self_contained,
+    )
     return written, write_csv(summary_table(result, threshold=threshold), summary_csv_path(written))
 
 
@@ -346,6 +415,16 @@ def report_from_results(
     threshold: float = DEFAULT_THRESHOLD,
     *,
     sections: Sequence[SectionProvider] = (),
+    thin: bool = False,
+    self_contained: bool = False,
 ) -> tuple[Path, Path]:
     """Load a saved run (folder, file, or output dir with one run) and write its report and CSV; return both paths."""
-    return write_report_files(load_result(find_results(results)), output, top_k, threshold, sections=sections)
+    return write_report_files(
+        load_result(find_results(results)),
+        output,
+        top_k,
+        threshold,
+        sections=sections,
+        thin=thin,
+        self_contained=self_contained,
+    )

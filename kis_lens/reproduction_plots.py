@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import plotly.graph_objects as go
+
 from kis_lens.docs.reproduction import BUDGET_FRACTIONS, Reproduction, interval
 from kis_lens.plots import (
     Band,
@@ -16,6 +18,7 @@ from kis_lens.plots import (
     histogram_figure,
     layer_trends_figure,
     orthogonality_figure,
+    result_model_name,
     write_figure_files,
 )
 from kis_lens.results import RunResult
@@ -27,8 +30,8 @@ def _band(name: str, rows: Sequence[Mapping[str, Any]], matrix: str, statistic: 
     return Band(name, [b["value"] for b in bounds], [b["low"] for b in bounds], [b["high"] for b in bounds], dash)
 
 
-def write_figures(result: RunResult, report: Reproduction, folder: Path) -> list[dict[str, str | None]]:
-    """Write the reproduction's figures (HTML, plus PNG when possible); return their paths."""
+def reproduction_figures(result: RunResult, report: Reproduction) -> dict[str, go.Figure]:
+    """Return the reproduction's figures by file stem, each titled with the model."""
     rows = report.layers
     layers = [row["layer"] for row in rows]
     null = {row["layer"]: row for row in report.null_model.get("layers", [])}
@@ -60,15 +63,24 @@ def write_figures(result: RunResult, report: Reproduction, folder: Path) -> list
         ],
         "condition number of C (log10)": [Band("cond(C)", [math.log10(row["condition"]) for row in rows])],
     }
+    model = result_model_name(result)
     figures = {
         "error_bars": band_figure(
-            layers, panels, "layer", "Per-layer statistics with 95% bootstrap intervals over facts"
+            layers, panels, "layer", "Per-layer statistics with 95% bootstrap intervals over facts", model
         ),
         "convergence": band_figure(
-            layers, convergence, "layer", "Does the token budget suffice? P at ¼, ½ and all tokens"
+            layers, convergence, "layer", "Does the token budget suffice? P at ¼, ½ and all tokens", model
         ),
         "layer_trends": layer_trends_figure(result, ["p_matrix", "whitening_cos", "activation_cos"]),
         "orthogonality": orthogonality_figure(result),
         "p_histogram": histogram_figure(result, "p_matrix"),
     }
-    return [write_figure_files(figure, folder / f"{name}.html") for name, figure in figures.items()]
+    return figures
+
+
+def write_figures(result: RunResult, report: Reproduction, folder: Path) -> list[dict[str, str | None]]:
+    """Write the reproduction's figures (HTML, plus PNG when possible); return their paths."""
+    return [
+        write_figure_files(figure, folder / f"{name}.html")
+        for name, figure in reproduction_figures(result, report).items()
+    ]

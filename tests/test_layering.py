@@ -15,6 +15,7 @@ LEVELS: list[tuple[str, ...]] = [
     ("hooks", "corpus", "distributed", "w_out", "editing.shifted_forward_plan"),
     ("keys", "covariance", "storage", "fingerprint", "editing.shifted_forward", "editing.runs"),
     ("config", "editing.templates"),
+    ("run_file",),
     ("classify", "results", "flags", "cache_pass"),
     ("cache_job",),
     ("runner",),

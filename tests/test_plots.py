@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import shutil
+import subprocess
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -12,6 +17,14 @@ from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.matrices import MATRIX_NAMES, all_matrices
 from kis_lens.plots import (
+    LAYER_HEATMAP_JS,
+    MAX_HISTOGRAM_PANELS,
+    Band,
+    band_figure,
+    colour_ranges,
+    decode_layer,
+    encode_layer,
+    evenly_spaced_layers,
     gaussian_kde,
     heatmap,
     histogram_figure,
@@ -20,7 +33,9 @@ from kis_lens.plots import (
     layer_trends_figure,
     matrix_figures,
     orthogonality_figure,
+    packed_layer_heatmaps,
     result_heatmap,
+    result_model_name,
     scott_bandwidth,
 )
 from kis_lens.results import RunResult
@@ -122,8 +137,10 @@ def test_histogram_densities_per_layer_on_shared_bins(result):
         assert np.asarray(trace.y) == pytest.approx(expected)
         assert np.asarray(trace.x) == pytest.approx((edges[:-1] + edges[1:]) / 2)
         assert (np.asarray(trace.y) * np.asarray(trace.width)).sum() == pytest.approx(1.0)
-    assert fig.layout.barmode == "overlay"
-    assert_labelled(fig)
+    # Small multiples: one panel per layer, each on its own axes, titled with its layer.
+    assert len({(trace.xaxis, trace.yaxis) for trace in fig.data}) == len(LAYERS)
+    assert [annotation.text for annotation in fig.layout.annotations] == [f"layer {layer}" for layer in LAYERS]
+    assert fig.layout.title.text and fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
 
 
 def test_kde_curves_match_scipy_per_layer(result):
@@ -131,7 +148,8 @@ def test_kde_curves_match_scipy_per_layer(result):
     assert len(fig.data) == len(LAYERS)
     for layer, trace in zip(LAYERS, fig.data):
         reference = stats.gaussian_kde(loop_off_diagonal(result.layer("p_matrix", layer)))
-        assert np.asarray(trace.y) == pytest.approx(reference(np.asarray(trace.x)), rel=1e-9)
+        # Stored as float32 (half the page size of float64): equal to scipy to float32 precision.
+        assert np.asarray(trace.y) == pytest.approx(reference(np.asarray(trace.x, dtype=np.float64)), rel=1e-5)
     assert "Scott" in fig.layout.title.text
     assert_labelled(fig)
 
@@ -176,3 +194,168 @@ def test_matrix_figures_and_unknown_matrix(result):
     assert len(matrix_figures(result, "q_matrix")) == 3
     with pytest.raises(KisError, match="not in these results"):
         histogram_figure(result, "r_matrix")
+
+
+# ------------------------------------------------------------------ colour ranges, packed layers, small multiples
+
+
+def q_result(scales: tuple[float, ...] = (1.0, 1000.0), n_facts: int = 5) -> RunResult:
+    """Return a run holding only Q, layer l being layer 0's matrix times scales[l]."""
+    generator = torch.Generator().manual_seed(11)
+    keys = torch.randn(n_facts, 7, generator=generator, dtype=torch.float64)
+    base = keys @ keys.T
+    stacked = torch.stack([base * scale for scale in scales])
+    settings = {"model": {"name": "synthetic-q"}}
+    return RunResult({"q_matrix": stacked}, list(range(len(scales))), make_facts(n_facts), settings)
+
+
+def numpy_limit(matrix: torch.Tensor) -> float:
+    values = matrix.numpy()
+    return float(np.abs(values[~np.eye(len(values), dtype=bool)]).max())
+
+
+def test_q_layers_a_thousand_fold_apart_each_get_their_own_colour_range():
+    run = q_result()
+    limits = [numpy_limit(run.layer("q_matrix", layer)) for layer in run.layers]
+    assert limits[1] == pytest.approx(1000 * limits[0])
+    fig = layer_heatmaps(run, "q_matrix")
+    for trace, limit in zip(fig.data, limits):
+        assert (trace.zmin, trace.zmax) == (pytest.approx(-limit), pytest.approx(limit))
+    packed = packed_layer_heatmaps(run, "q_matrix").packed["layers"]
+    assert [(layer["zmin"], layer["zmax"]) for layer in packed] == [
+        (pytest.approx(-limit), pytest.approx(limit)) for limit in limits
+    ]
+    # Forced one shared range: layer 0 would draw as blank white, 1000× inside the range.
+    shared = layer_heatmaps(run, "q_matrix", colour_scale="shared")
+    assert [(trace.zmin, trace.zmax) for trace in shared.data] == [
+        (pytest.approx(-limits[1]), pytest.approx(limits[1]))
+    ] * 2
+
+
+def test_colour_ranges_share_similar_layers_and_keep_bounded_matrices_on_minus_one_to_one(result):
+    near = q_result((1.0, 3.0))
+    assert len({trace.zmax for trace in layer_heatmaps(near, "q_matrix").data}) == 1  # within 10×: comparable
+    assert layer_heatmaps(near, "q_matrix").data[0].zmax == pytest.approx(numpy_limit(near.layer("q_matrix", 1)))
+    assert colour_ranges("p_matrix", list(result.matrices["p_matrix"])) == [(-1.0, 1.0)] * len(LAYERS)
+    own = colour_ranges("p_matrix", list(result.matrices["p_matrix"]), "layer")
+    limits = [numpy_limit(matrix) for matrix in result.matrices["p_matrix"]]
+    assert np.array(own) == pytest.approx(np.array([(-limit, limit) for limit in limits]))
+    with pytest.raises(KisError, match="colour_scale"):
+        colour_ranges("q_matrix", [], "per-layer")
+
+
+@pytest.mark.parametrize("precision", ["f16", "u8"])
+def test_packed_layers_decode_to_the_matrix_at_the_stored_precision(precision):
+    generator = torch.Generator().manual_seed(2)
+    keys = torch.randn(9, 4, generator=generator, dtype=torch.float64) * 300  # Q far beyond float16's 65504
+    symmetric, asymmetric = keys @ keys.T, torch.randn(9, 9, generator=generator, dtype=torch.float64)
+    asymmetric[2, 3] = float("nan")
+    for matrix, triangle in ((symmetric, True), (asymmetric, False)):
+        packed = encode_layer(matrix, precision)
+        assert packed["triangle"] is triangle
+        values = len(base64.b64decode(packed["data"])) // (2 if precision == "f16" else 1)
+        assert values == (45 if triangle else 81)  # upper triangle with the diagonal: 9·10/2
+        decoded, exact = decode_layer(packed, 9), matrix.numpy()
+        finite = np.isfinite(exact)
+        assert np.isnan(decoded[~finite]).all()
+        if precision == "f16":
+            scale = np.abs(exact[finite]).max()
+            expected = (exact / scale).astype(np.float16).astype(np.float64) * scale
+            assert decoded[finite] == pytest.approx(expected[finite], rel=1e-12, abs=scale * 2**-24)
+            assert np.abs(decoded - exact)[finite].max() <= scale * 2**-11
+        else:
+            low, high = exact[finite].min(), exact[finite].max()
+            assert np.abs(decoded - exact)[finite].max() <= (high - low) / 254 / 2 * (1 + 1e-9)
+    with pytest.raises(KisError, match="precision"):
+        encode_layer(symmetric, "f8")
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's decoder")
+def test_the_page_decodes_packed_layers_as_decode_layer_does(tmp_path):
+    generator = torch.Generator().manual_seed(4)
+    matrices = {
+        "f16-full": (torch.randn(6, 6, generator=generator, dtype=torch.float64) * 1e5, "f16"),
+        "f16-triangle": (torch.eye(6, dtype=torch.float64) + 0.25, "f16"),
+        "u8-full": (torch.randn(6, 6, generator=generator, dtype=torch.float64), "u8"),
+    }
+    matrices["u8-full"][0][1, 1] = float("inf")
+    packed = {name: encode_layer(matrix, precision) for name, (matrix, precision) in matrices.items()}
+    script = tmp_path / "decode.js"
+    script.write_text(
+        LAYER_HEATMAP_JS
+        + f"const packed = {json.dumps(packed)};\n"
+        + "const out = {};\nfor (const name in packed) out[name] = globalThis.kisLayers.decode(packed[name], 6)"
+        + ".map(row => row.map(v => Number.isNaN(v) ? null : v));\nconsole.log(JSON.stringify(out));\n",
+        encoding="utf-8",
+    )
+    decoded = json.loads(subprocess.run(["node", str(script)], capture_output=True, check=True, text=True).stdout)
+    for name, layer in packed.items():
+        page = np.array([[np.nan if v is None else v for v in row] for row in decoded[name]], dtype=np.float64)
+        np.testing.assert_array_equal(page, decode_layer(layer, 6))
+
+
+def test_packed_heatmap_holds_every_layer_and_draws_only_one(result):
+    packed = packed_layer_heatmaps(result, "q_matrix")
+    assert len(packed.figure.data) == 1 and packed.figure.data[0].z is None
+    assert [layer["layer"] for layer in packed.packed["layers"]] == list(LAYERS)
+    for index, layer in enumerate(packed.packed["layers"]):
+        assert decode_layer(layer, 6) == pytest.approx(result.matrices["q_matrix"][index].numpy(), rel=2e-3, abs=1e-6)
+        assert layer["title"] == f"synthetic: Q matrix (key dot products), layer {LAYERS[index]}"
+    steps = packed.figure.layout.sliders[0].steps
+    assert [(step.method, step.label, step.value) for step in steps] == [
+        ("skip", "1", "0"),
+        ("skip", "3", "1"),
+        ("skip", "4", "2"),
+    ]
+    page = packed.to_html(div_id="heat-1", config={"displaylogo": False})
+    assert 'id="heat-1"' in page and "kisLayers.plot(" in page and "<b>" not in page
+
+
+def test_histogram_of_many_layers_shows_evenly_spaced_labelled_panels():
+    run = q_result(tuple(1.0 + layer / 10 for layer in range(30)))
+    fig = histogram_figure(run, "q_matrix")
+    shown = evenly_spaced_layers(run.layers, MAX_HISTOGRAM_PANELS)
+    assert shown[0] == 0 and shown[-1] == 29 and len(shown) == MAX_HISTOGRAM_PANELS == len(set(shown))
+    assert len(fig.data) == MAX_HISTOGRAM_PANELS
+    assert len({trace.xaxis for trace in fig.data}) == MAX_HISTOGRAM_PANELS  # one panel each
+    assert [annotation.text for annotation in fig.layout.annotations] == [f"layer {layer}" for layer in shown]
+    assert [trace.name for trace in fig.data] == [f"layer {layer}" for layer in shown]
+    assert not fig.layout.showlegend and all(trace.showlegend is False for trace in fig.data)
+    assert "12 of 30 layers" in fig.layout.title.text
+    # Shared bins and x axis: every panel's bars sit on the same centres.
+    assert all(np.asarray(trace.x) == pytest.approx(np.asarray(fig.data[0].x)) for trace in fig.data)
+    chosen = histogram_figure(run, "q_matrix", layers=[2, 7])
+    assert [annotation.text for annotation in chosen.layout.annotations] == ["layer 2", "layer 7"]
+    with pytest.raises(KisError, match="layers \\[40\\] not in these results"):
+        histogram_figure(run, "q_matrix", layers=[2, 40])
+
+
+def test_band_figure_gives_every_series_its_own_colour():
+    panels = {
+        "a": [Band("quarter", [1, 2], [0, 1], [2, 3]), Band("half", [1, 2]), Band("halves", [1, 1], dash="dash")],
+        "b": [Band("quarter", [2, 2]), Band("all", [3, 3])],
+        "c": [Band("cond", [4, 4], color="#000000")],
+    }
+    fig = band_figure([0, 1], panels, "layer", "title", model_name="m")
+    lines = {trace.name: trace.line.color for trace in fig.data if trace.mode == "lines+markers"}
+    assert set(lines) == {"quarter", "half", "halves", "all", "cond"} and lines["cond"] == "#000000"
+    assert len(set(lines.values())) == len(lines)
+    assert [trace.name for trace in fig.data if trace.showlegend] == ["quarter", "half", "halves", "all", "cond"]
+    assert fig.layout.title.text == "m: title"
+
+
+def test_every_run_figure_names_its_model(result):
+    figures = [
+        result_heatmap(result, "p_matrix", 3),
+        layer_heatmaps(result, "q_matrix"),
+        histogram_figure(result, "p_matrix"),
+        kde_figure(result, "p_matrix", grid_points=16),
+        layer_trends_figure(result),
+        orthogonality_figure(result),
+    ]
+    assert all(fig.layout.title.text.startswith("synthetic: ") for fig in figures)
+    steps = figures[1].layout.sliders[0].steps
+    assert all(step.args[1]["title"]["text"].startswith("synthetic: ") for step in steps)
+    assert heatmap(result.layer("p_matrix", 1), result.facts, model_name="gpt2").layout.title.text.startswith("gpt2: ")
+    unnamed = RunResult(result.matrices, result.layers, result.facts, {})
+    assert result_model_name(unnamed) is None and histogram_figure(unnamed).layout.title.text.startswith("P matrix")

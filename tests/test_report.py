@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -24,6 +26,7 @@ from kis_lens.facts import Fact
 from kis_lens.io import save_json
 from kis_lens.layout import edit_sim_dir, find_results
 from kis_lens.matrices import MATRIX_NAMES, all_matrices
+from kis_lens.plots import PLOTLY_BUNDLE, decode_layer
 from kis_lens.report import (
     ReportSection,
     build_report,
@@ -63,22 +66,104 @@ def saved(tmp_path_factory) -> RunResult:
     return result
 
 
-def test_report_holds_every_part_and_is_self_contained():
+def packed_heatmaps(page: str) -> dict[str, dict]:
+    """Return {div id: packed layers} of every on-demand heatmap a report page draws (its kisLayers.plot calls)."""
+    decoder, found = json.JSONDecoder(), {}
+    for call in page.split("kisLayers.plot(")[1:]:
+        div_id, end = decoder.raw_decode(call)
+        figure, end = decoder.raw_decode(call, end + 2)
+        packed, _ = decoder.raw_decode(call, end + 2)
+        found[div_id] = {"figure": figure, **packed}
+    return found
+
+
+def test_report_holds_every_part_and_loads_plotly_from_beside_itself():
     result = synthetic_result()
     report = build_report(result, top_k=4)
     assert report.n_figures == STANDARD_FIGURES
     assert report.html.count('class="plotly-graph-div"') == STANDARD_FIGURES
     assert report.section_titles[:2] == ["Run settings", "Superposition across layers"]
     assert "Top 4 most superposed pairs per layer" in report.section_titles
-    # Offline: the plotly bundle is inline and nothing is fetched from the network.
-    assert get_plotlyjs()[:200] in report.html
-    assert not re.search(r"<script[^>]+src=", report.html)
-    assert "cdn." not in report.html.split(get_plotlyjs())[1]
+    # Offline: Plotly comes from plotly.min.js beside the file (write_report puts it there), nothing from a network.
+    assert report.bundle == PLOTLY_BUNDLE
+    assert re.findall(r"<script[^>]+src=\"([^\"]+)\"", report.html) == [PLOTLY_BUNDLE]
+    assert get_plotlyjs()[:200] not in report.html and "cdn." not in report.html
     # One collapsible top-pairs table per matrix and layer, 4 ranked rows each.
     assert report.html.count("<details><summary>layer ") == len(MATRIX_NAMES) * len(LAYERS)
     # User text is escaped everywhere (tables, and the JSON inside the plot scripts).
     assert "&lt;b&gt;Tag &amp; Co&lt;/b&gt;" in report.html
     assert "<b>Tag" not in report.html and "<i>Owner" not in report.html
+    # Every layer of every matrix is in the page (drawn when the slider reaches it).
+    heatmaps = packed_heatmaps(report.html)
+    assert [len(packed["layers"]) for packed in heatmaps.values()] == [len(LAYERS)] * len(MATRIX_NAMES)
+
+
+def test_self_contained_report_embeds_plotly():
+    report = build_report(synthetic_result(), names=["p_matrix"], self_contained=True)
+    assert report.bundle is None
+    assert get_plotlyjs()[:200] in report.html
+    assert not re.search(r"<script[^>]+src=", report.html)
+    assert "cdn." not in report.html.split(get_plotlyjs())[1]
+
+
+def test_thin_report_keeps_summary_tables_and_every_heatmap_layer_at_8_bits():
+    result = synthetic_result()
+    full, thin = build_report(result), build_report(result, thin=True)
+    assert thin.n_figures == 2 + len(MATRIX_NAMES)  # trends, then one heatmap per matrix: no histograms, no KDEs
+    assert thin.section_titles == full.section_titles and len(thin.html) < len(full.html)
+    for name, packed in zip(MATRIX_NAMES, packed_heatmaps(thin.html).values()):
+        for index, layer in enumerate(packed["layers"]):
+            assert layer["encoding"] == "u8"
+            exact = result.matrices[name][index].numpy()
+            assert np.abs(decode_layer(layer, packed["n"]) - exact).max() <= np.ptp(exact) / 254 / 2 * (1 + 1e-9)
+
+
+def large_result(n_facts: int = 128, n_layers: int = 30, width: int = 48) -> RunResult:
+    """Return a run of n_facts facts × n_layers layers with fact texts as long as CounterFact's and Q growing ~10×
+    every 10 layers; the matrices are [fact, fact] whatever the model's d_mlp (width here)."""
+    generator = torch.Generator().manual_seed(7)
+    stacked: dict[str, list[torch.Tensor]] = {name: [] for name in MATRIX_NAMES}
+    for layer in range(n_layers):
+        scale = 10.0 ** (layer / 10)
+        corpus = (torch.randn(200, width, generator=generator, dtype=torch.float64) + 0.3) * scale
+        keys = (torch.randn(n_facts, width, generator=generator, dtype=torch.float64) + 0.3) * scale
+        for name, matrix in all_matrices(keys, corpus.T @ corpus / 200).items():
+            stacked[name].append(matrix.float())
+    facts = [
+        Fact(str(i), f"Subject number {i} of Somewhere", "The mother tongue of {} is the language of", f"Answer{i}")
+        for i in range(n_facts)
+    ]
+    settings = {"model": {"name": "HuggingFaceTB/SmolLM2-135M", "d_mlp": 1536}, "config": {"seed": 0}}
+    return RunResult({k: torch.stack(v) for k, v in stacked.items()}, list(range(n_layers)), facts, settings)
+
+
+@pytest.fixture(scope="module")
+def large() -> RunResult:
+    return large_result()
+
+
+def test_report_of_128_facts_by_30_layers_is_under_5_mb_with_every_layer_heatmap(large, tmp_path):
+    path = write_report(large, tmp_path / "report.html")
+    page = path.read_text(encoding="utf-8")
+    assert path.stat().st_size < 5_000_000
+    assert (tmp_path / PLOTLY_BUNDLE).read_text(encoding="utf-8") == get_plotlyjs()
+    heatmaps = packed_heatmaps(page)
+    assert len(heatmaps) == len(MATRIX_NAMES)
+    for name, packed in zip(MATRIX_NAMES, heatmaps.values()):
+        assert packed["n"] == 128 and [layer["layer"] for layer in packed["layers"]] == large.layers
+        for index, layer in enumerate(packed["layers"]):
+            exact = large.matrices[name][index].double().numpy()
+            scale = np.abs(exact).max()
+            assert layer["encoding"] == "f16" and layer["scale"] == pytest.approx(scale)
+            # Stored precision: float16 of value / scale, the symmetric matrices' lower triangle from the upper.
+            stored = (exact / scale).astype(np.float16).astype(np.float64) * scale
+            assert np.abs(decode_layer(layer, 128) - stored).max() <= scale * 2**-11
+            assert np.abs(decode_layer(layer, 128) - exact).max() <= scale * 2**-11
+        # Q spans 1000× over the layers: each layer's colours cover its own values, none drawn blank.
+        if name == "q_matrix":
+            first, last = packed["layers"][0], packed["layers"][-1]
+            assert last["zmax"] > 100 * first["zmax"]
+    assert build_report(large, thin=True).html.encode().__len__() < len(page.encode()) / 1.5
 
 
 def test_report_lists_the_largest_pair_first():
@@ -121,6 +206,7 @@ def test_write_report_and_cli(saved, tmp_path, capsys):
     assert find_results(output_dir) == saved.path  # an --output_dir with one run is enough
     path = write_report(saved)
     assert path == run_folder / "report.html" and path.read_text().startswith("<!DOCTYPE html>")
+    assert (run_folder / PLOTLY_BUNDLE).is_file()  # the report's Plotly, beside it
     assert main(["report", "--results", str(output_dir), "--output", str(tmp_path / "r.html"), "--top_k", "3"]) == 0
     assert (tmp_path / "r.html").is_file()
     with open(tmp_path / "layer_summary.csv", newline="") as handle:
@@ -204,8 +290,7 @@ def test_report_renders_in_headless_chromium(saved, tmp_path):
     from selenium.webdriver.chrome.service import Service
 
     report = build_report(saved)
-    page = tmp_path / "report.html"
-    page.write_text(report.html, encoding="utf-8")
+    page = write_report(saved, tmp_path / "report.html")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (
@@ -240,6 +325,21 @@ def test_report_renders_in_headless_chromium(saved, tmp_path):
             ".filter(p => p.querySelector('.main-svg')).length"
         )
         assert drawn == report.n_figures
+        # The packed heatmaps: layer 0 drawn at first; moving a slider draws the layer it reaches.
+        heatmaps = list(packed_heatmaps(report.html))
+        q_plot = heatmaps[MATRIX_NAMES.index("q_matrix")]
+        shown = "const gd = document.getElementById(arguments[0]); return [gd.layout.title.text, gd.data[0].z];"
+        title, z = driver.execute_script(shown, q_plot)
+        assert title.endswith("layer 0") and np.asarray(z, dtype=float) == pytest.approx(
+            saved.layer("q_matrix", 0).numpy(), rel=1e-3
+        )
+        driver.execute_script(
+            "document.getElementById(arguments[0]).emit('plotly_sliderchange', {step: {value: '2'}});", q_plot
+        )
+        title, z = driver.execute_script(shown, q_plot)
+        assert title.endswith("layer 2") and np.asarray(z, dtype=float) == pytest.approx(
+            saved.layer("q_matrix", 2).numpy(), rel=1e-3
+        )
         errors = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
         assert errors == []
         screenshot = Path(os.environ.get("KIS_REPORT_SCREENSHOT", tmp_path / "report.png"))

@@ -343,9 +343,10 @@ def update_norm_figure(runs: Sequence[Mapping[str, Any]]) -> go.Figure:
                     marker={"color": colour, "symbol": "circle-open", "size": 12},
                 )
             )
+    model = shared_text({str(i): run for i, run in enumerate(runs)}, model_name) if runs else "model"
     figure.update_layout(
-        title="‖ΔW‖_F of each update (edit layer); circles: disabling edits (‖ΔW‖ > 10× running median, then a "
-        "perplexity jump)",
+        title=f"{model}: ‖ΔW‖_F of each update (edit layer); circles: disabling edits (‖ΔW‖ > 10× running median, "
+        "then a perplexity jump)",
         xaxis_title="edit",
         yaxis_title="‖ΔW‖_F",
         yaxis_type="log",

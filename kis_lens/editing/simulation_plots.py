@@ -98,7 +98,9 @@ def interference_figure(result: dict[str, Any]) -> go.Figure:
         figure.update_xaxes(title_text="predicted ‖Σ P[i,u] r_i‖ / ‖m_u‖", row=1, col=column)
     figure.update_yaxes(title_text="measured ‖Δm_u‖ / ‖m_u‖", row=1, col=1)
     figure.update_yaxes(title_text="measured |Δ log p(true)|", row=1, col=2)
-    figure.update_layout(title="Interference predicted from P vs measured, unedited facts after every edit", height=420)
+    model = result.get("settings", {}).get("model", {}).get("name", "")
+    title = "Interference predicted from P vs measured, unedited facts after every edit"
+    figure.update_layout(title=f"{model}: {title}" if model else title, height=420)
     return figure
 
 

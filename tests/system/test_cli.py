@@ -328,6 +328,8 @@ def test_cache_cov_token_budget(monkeypatch):
     seen = []
 
     class Report:
+        paths: dict = {}  # no caches written, so no run file beside them
+
         def summary(self):
             return "ok"
 

@@ -224,7 +224,9 @@ def test_a_covariance_checkpoint_without_its_progress_is_refused(tmp_path):
 def _report_command_doing(action):
     """Return a stand-in for report_from_results (its signature: the parser reads its defaults) that runs action."""
 
-    def report_from_results(results, output=None, top_k=10, threshold=0.5, *, sections=()):
+    def report_from_results(
+        results, output=None, top_k=10, threshold=0.5, *, sections=(), thin=False, self_contained=False
+    ):
         return action()
 
     return report_from_results

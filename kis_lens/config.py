@@ -232,6 +232,21 @@ def borrow(block: type, *names: str, **defaults: Any) -> Callable[[type], type]:
     return decorate
 
 
+def field_kind(hint: Any) -> tuple[type, bool]:
+    """Return (base type, whether None is allowed) of a field annotation such as ``int | None``."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        (hint,) = [arg for arg in args if arg is not type(None)]
+    return typing.get_origin(hint) or hint, optional
+
+
+def field_kinds(config_class: type) -> dict[str, tuple[type, bool]]:
+    """Return {setting: (base type, whether None is allowed)} of every field of a config class."""
+    hints = typing.get_type_hints(config_class)
+    return {item.name: field_kind(hints[item.name]) for item in fields(config_class)}
+
+
 def help_groups(config_class: type) -> dict[str, str | None]:
     """Return every setting's --help section: its block's HELP_GROUP (a borrowed one's too); None for a job's own."""
     return {item.name: _help_group(config_class, item.name) for item in fields(config_class)}

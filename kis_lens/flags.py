@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import typing
 from dataclasses import MISSING, Field, fields, is_dataclass
 from typing import Any, Callable, Sequence
 
-from kis_lens.config import RunConfig, ValueAlias, check_outputs, help_groups
+from kis_lens.config import RunConfig, ValueAlias, check_outputs, field_kinds, help_groups
 from kis_lens.errors import KisError
-from kis_lens.run_file import field_kind, settings_from_file
+from kis_lens.run_file import settings_from_file
 
 BOOL_CHOICES: dict[str, bool | None] = {"auto": None, "true": True, "false": False}
 ORIGINAL_GROUP = "the original scripts' spellings (each sets the setting it names)"
@@ -144,7 +143,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
         help="write the run file of these settings to RUN.yaml and stop, running nothing",
     )
     parser.set_defaults(config_class=config_class)  # what --write_config writes, read by kis_lens.cli
-    hints = typing.get_type_hints(config_class)
+    kinds = field_kinds(config_class)
     sections = help_groups(config_class)
     groups: dict[str, argparse._ArgumentGroup] = {}
     # The original scripts' spellings, added after every setting so --help lists them last.
@@ -164,7 +163,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
                 f"{config_class.__name__}.{item.name} needs a default and help: "
                 "declare it with kis_lens.config.setting()"
             )
-        kind, optional = field_kind(hints[item.name])
+        kind, optional = kinds[item.name]
         help_text = item.metadata["help"]
         home = group(sections[item.name] or OWN_GROUP)
         value_aliases += [(item.name, alias) for alias in item.metadata.get("value_aliases", ())]
@@ -203,7 +202,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
 def given_settings(args: argparse.Namespace, config_class: type = RunConfig) -> dict[str, Any]:
     """Return the settings args give, as config values: the run file's (--config), then the flags', which win."""
     given = vars(args)
-    hints = typing.get_type_hints(config_class)
+    kinds = field_kinds(config_class)
     values: dict[str, Any] = {}
     if given.get(RUN_FILE_DEST) is not None:
         values.update(settings_from_file(given[RUN_FILE_DEST], given.get("command"), config_class))
@@ -211,7 +210,7 @@ def given_settings(args: argparse.Namespace, config_class: type = RunConfig) -> 
         if item.name not in given:
             continue
         value = given[item.name]
-        kind, optional = field_kind(hints[item.name])
+        kind, optional = kinds[item.name]
         if kind is bool and optional and isinstance(value, str):
             value = BOOL_CHOICES[value]
         elif kind is tuple and isinstance(value, str):

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import yaml
 
 from kis_lens._version import __version__
-from kis_lens.config import help_groups
+from kis_lens.config import field_kind, help_groups
 from kis_lens.errors import KisError
 from kis_lens.io import atomic_write
 
@@ -27,15 +27,6 @@ COMMAND_KEY = "command"
 VERSION_KEY = "kis_lens_version"
 CONFIG_KEY = "config"
 TOP_KEYS: tuple[str, ...] = (COMMAND_KEY, VERSION_KEY, CONFIG_KEY)
-
-
-def field_kind(hint: Any) -> tuple[type, bool]:
-    """Return (base type, whether None is allowed) of a field annotation such as ``int | None``."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if optional:
-        (hint,) = [arg for arg in args if arg is not type(None)]
-    return typing.get_origin(hint) or hint, optional
 
 
 def _plain(value: Any) -> Any:

@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kis_lens.config import FactOptions, ModelOptions, at_least, borrow, setting
+from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, Override, at_least, borrow, setting
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts
 from kis_lens.fingerprint import fingerprint_matches, model_fingerprint
@@ -41,9 +41,11 @@ SPLIT_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
+@borrow(CorpusOptions, prepend_bos=Override(section=ModelOptions.HELP_GROUP))  # BOS before each fact prompt
 @borrow(FactOptions, "facts")
 class ClassifyConfig(ModelOptions):
-    """Settings of `kis classify-facts`: which facts to split into known/unknown, and the top-k test."""
+    """Settings of `kis classify-facts`: which facts to split into known/unknown, and the top-k test (no seed: the
+    split takes every fact)."""
 
     top_k: int = setting(1, "known when the target's first token is in the top-k next tokens")
 

@@ -157,7 +157,7 @@ def _stats_parsers(sub: argparse._SubParsersAction) -> None:
     cache = _subcommand(
         sub, "cache-cov", "estimate and cache C = E[k kᵀ] for every layer in one pass (resumable; torchrun shards it)"
     )
-    add_config_flags(cache, CacheCovConfig, skip=("seed",))  # the covariance job samples nothing
+    add_config_flags(cache, CacheCovConfig)
     cache.set_defaults(handler=_cache_cov_command)
     merge = _subcommand(sub, "merge-stats", "merge caches computed on separate machines (sums and counts add)")
     merge.add_argument(
@@ -265,7 +265,7 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
     from kis_lens.classify import ClassifyConfig
 
     parser = _subcommand(sub, "classify-facts", "split the facts into known/unknown for a model (top-k next token)")
-    add_config_flags(parser, ClassifyConfig, skip=("seed",))  # classifying samples nothing
+    add_config_flags(parser, ClassifyConfig)
     parser.set_defaults(handler=_classify_facts_command)
 
 
@@ -352,7 +352,7 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
         "reproduce",
         "classify facts, cache C on four token quarters, all matrices on every layer, judge each claim of the paper",
     )
-    add_config_flags(parser, ReproduceConfig, skip=("prepend_bos",))  # reproduce follows the model's own BOS convention
+    add_config_flags(parser, ReproduceConfig)
     parser.set_defaults(handler=_reproduce_command)
 
 
@@ -385,9 +385,7 @@ def _edit_sim_parser(sub: argparse._SubParsersAction) -> None:
     parser = _subcommand(
         sub, "edit-sim", "patched-output edit simulation: real vs whitened-orthogonal keys, P-predicted interference"
     )
-    add_config_flags(
-        parser, EditSimConfig, skip=("prepend_bos",)
-    )  # the simulation follows the model's own BOS convention
+    add_config_flags(parser, EditSimConfig)
     parser.set_defaults(handler=_edit_sim_command)
 
 
@@ -420,7 +418,7 @@ def _lifelong_parser(sub: argparse._SubParsersAction) -> None:
         "lifelong",
         "hundreds of real sequential edits (ROME, r-/p-ROME, MEMIT, AlphaEdit, EMMET, none), CounterFact metrics",
     )
-    add_config_flags(parser, LifelongConfig, skip=("prepend_bos",))  # follows the model's own BOS convention
+    add_config_flags(parser, LifelongConfig)
     parser.set_defaults(handler=_lifelong_command)
 
 

@@ -1,11 +1,13 @@
 """Settings of the jobs: blocks of settings, each declared once, that the job configs are composed of.
 
-A block is a frozen dataclass of the settings one concern needs: ``ModelOptions`` (model, device, dtype, BOS,
-output folder, seed, progress; every block builds on it), ``LayerOptions``, ``FactOptions``, ``CorpusOptions``
-(the corpus C is estimated on: what the covariance job reads) and ``CacheOptions`` (how the cache job stores and
-checkpoints it). A job config inherits the blocks it honours in full (``RunConfig``, ``CacheCovConfig``), takes
-single settings of another block with ``borrow`` and restates a default with ``with_defaults``, so every setting is
-declared once and scripts still construct configs with flat keywords; ``block_of`` projects a config onto a block.
+A block is a frozen dataclass of the settings one concern needs: ``ModelOptions`` (model, device, dtype, output
+folder, progress; every block builds on it), ``LayerOptions``, ``FactOptions`` (the facts and their sample's seed),
+``CorpusOptions`` (the corpus C is estimated on and whether BOS precedes its texts: what the covariance job reads)
+and ``CacheOptions`` (how the cache job stores and checkpoints it). A job config inherits the blocks it honours in
+full (``RunConfig``, ``CacheCovConfig``), takes single settings of another block with ``borrow`` and restates a
+default with ``with_defaults``, so every setting is declared once and scripts still construct configs with flat
+keywords; ``block_of`` projects a config onto a block. A config holds only the settings its job honours: one it
+cannot run is left out (and so gets no flag), never inherited and then refused.
 Each field carries its CLI help (and choices) as metadata: ``kis_lens.flags`` builds the flags from the fields and
 parses them back. ``__post_init__`` refuses settings no job can run, with a ``KisError`` naming the problem and the fix.
 """
@@ -178,11 +180,16 @@ _BLOCKS_DEFAULT: Any = object()  # an Override that changes only the help keeps 
 
 @dataclass(frozen=True)
 class Override:
-    """A restated setting's new default (unless only its help changes) and its help for this job (None: the block's)."""
+    """A restated setting's new default (unless only its help changes) and its help for this job (None: the block's).
+
+    section: the --help section it is listed in for this job (None: its block's HELP_GROUP), for a setting borrowed
+    from a block whose section would mislead there (BOS of a job that reads no corpus).
+    """
 
     default: Any = _BLOCKS_DEFAULT
     help: str | None = None
     none: str | None = None
+    section: str | None = None
 
 
 Block = TypeVar("Block")
@@ -192,7 +199,8 @@ def _restate(cls: type, source: Field, change: Any) -> None:
     """Give cls its own copy of a block's field, with another default and help, before @dataclass reads cls."""
     override = change if isinstance(change, Override) else Override(change)
     metadata = dict(source.metadata)
-    metadata.update({key: value for key, value in (("help", override.help), ("none", override.none)) if value})
+    changes = (("help", override.help), ("none", override.none), ("section", override.section))
+    metadata.update({key: value for key, value in changes if value})
     own = dict(cls.__dict__.get("__annotations__", {}))
     # An inherited field keeps its place in the field order; a borrowed one comes before the class's own fields.
     cls.__annotations__ = {source.name: source.type, **own}
@@ -248,8 +256,11 @@ def field_kinds(config_class: type) -> dict[str, tuple[type, bool]]:
 
 
 def help_groups(config_class: type) -> dict[str, str | None]:
-    """Return every setting's --help section: its block's HELP_GROUP (a borrowed one's too); None for a job's own."""
-    return {item.name: _help_group(config_class, item.name) for item in fields(config_class)}
+    """Return every setting's --help section: its block's HELP_GROUP (a borrowed one's too, unless its Override names
+    a section); None for a job's own."""
+    return {
+        item.name: item.metadata.get("section") or _help_group(config_class, item.name) for item in fields(config_class)
+    }
 
 
 def _help_group(config_class: type, name: str) -> str | None:
@@ -285,11 +296,7 @@ class ModelOptions:
         none="float32",
         aliases=("precision",),
     )
-    prepend_bos: bool | None = setting(
-        None, "BOS before each text (auto: what the model's HF tokenizer does)", none="auto"
-    )
     output_dir: str = setting(DEFAULT_OUTPUT_DIR, "where caches and results go")
-    seed: int = setting(0, "random seed (of the fact sample; of the noise in kis trace)")
     progress: bool = setting(True, "progress bars")
 
     def __post_init__(self) -> None:
@@ -297,7 +304,8 @@ class ModelOptions:
             raise KisError(f"model_name must be a model name, alias or local directory, not {self.model_name!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise KisError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        if self.prepend_bos not in (None, True, False):
+        # CorpusOptions declares prepend_bos; the jobs that tokenize prompts but read no corpus borrow it.
+        if getattr(self, "prepend_bos", None) not in (None, True, False):
             raise KisError(f"prepend_bos must be True, False or None (auto), not {self.prepend_bos!r}")
         # Before any subclass's own checks, which may build objects (ValueSearch) that would blame a NaN on
         # the wrong name; a subclass that says more about a NaN (RunConfig's ridge) checks it before this.
@@ -347,6 +355,7 @@ class FactOptions(ModelOptions):
         "which record_size facts: sample = a seeded sample, first = the file's first ones in order (the original's)",
         choices=FACT_ORDERS,
     )
+    seed: int = setting(0, "random seed of the fact sample")
     token_position: str = setting(
         "subject_last",
         "where keys are read",
@@ -409,6 +418,10 @@ class CorpusOptions(ModelOptions):
         none="n_ctx",
         cli_none="any",
         aliases=("batch_tokens",),
+    )
+    # Part of a cache's identity: the covariance job's request (CacheOptions) carries it with the corpus.
+    prepend_bos: bool | None = setting(
+        None, "BOS before each text (auto: what the model's HF tokenizer does)", none="auto"
     )
     stats_dir: str | None = setting(
         None,

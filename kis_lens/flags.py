@@ -117,8 +117,10 @@ def _shown_default(item: Field) -> str:
     return f"{shown}; {meta['cli_none']} = {meta['none']}" if "cli_none" in meta else shown
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: Sequence[str] = ()) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
     """Add one option (--snake_case and --kebab-case) per field of a config dataclass, from its type and metadata.
+
+    Every field gets its flag: a setting a job cannot honour is no field of its config (kis_lens.config).
 
     bool: --no_<name> when the default is True, else --<name>; ``bool | None``: auto|true|false; tuple: comma-separated.
     A field's ``aliases`` are more names of the same option; its ``value_aliases`` are the original scripts' flags
@@ -156,8 +158,6 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
         return groups[title]
 
     for item in fields(config_class):
-        if item.name in skip:
-            continue
         if "help" not in item.metadata or item.default is MISSING:
             raise TypeError(
                 f"{config_class.__name__}.{item.name} needs a default and help: "

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from kis_lens.analysis import SuperposedPair, orthogonality_comparison, summarize_matrix, top_pairs
 from kis_lens.classify import ClassifyConfig, ensure_split
-from kis_lens.config import CorpusOptions, FactOptions, Override, RunConfig, at_least, borrow, setting
+from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, Override, RunConfig, at_least, borrow, setting
 from kis_lens.corpus import EMBEDDED_WIKIPEDIA_CREDIT
 from kis_lens.docs.reproduction import (
     BUDGET_FRACTIONS,
@@ -59,10 +59,17 @@ FRACTIONS: dict[str, tuple[str, ...]] = dict(zip(BUDGET_FRACTIONS, (QUARTERS[:1]
 
 
 @dataclass(frozen=True)
-@borrow(FactOptions, record_size=Override(help="known facts sampled"))
+@borrow(
+    FactOptions,
+    "facts",
+    seed=Override(help="random seed of the known-fact sample, the bootstrap, the permutations and the null weights"),
+    record_size=Override(help="known facts sampled"),
+)
 @borrow(CorpusOptions, max_tokens=Override(None, none="the whole corpus, ~1.2 M tokens"), batch_token=Override())
-class ReproduceConfig(ClassifyConfig):
-    """Settings of a reproduction run: the classify-facts settings (model, facts, top_k), then the run's own."""
+@borrow(ClassifyConfig, "top_k")
+class ReproduceConfig(ModelOptions):
+    """Settings of a reproduction run: the model options, the facts and classify-facts' top_k, the token budget,
+    then the run's own. No prepend_bos: reproduce follows the model's own BOS convention."""
 
     docs_dir: str | None = setting(
         None,
@@ -82,8 +89,7 @@ class ReproduceConfig(ClassifyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.prepend_bos is not None:
-            raise KisError("reproduce follows the model's own BOS convention: leave prepend_bos as None (auto)")
+        at_least("top_k", self.top_k, 1)
         at_least("record_size", self.record_size, 1)
         at_least("max_tokens", self.max_tokens, 1, none_means="the whole corpus")
         at_least("batch_token", self.batch_token, 1, none_means="n_ctx")

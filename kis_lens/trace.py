@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from kis_lens.config import FactOptions, ModelOptions, at_least, borrow, setting
+from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, Override, at_least, borrow, setting
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts
 from kis_lens.io import save_json
@@ -51,9 +51,10 @@ KINDS: tuple[str, ...] = tuple(KIND_HOOKS)
 
 
 @dataclass(frozen=True)
-@borrow(FactOptions, facts="known-1000")  # ROME traces its known facts
+@borrow(CorpusOptions, prepend_bos=Override(section=ModelOptions.HELP_GROUP))  # BOS before each fact prompt
+@borrow(FactOptions, facts="known-1000", seed=Override(help="random seed of the noise"))  # ROME traces its known facts
 class TraceConfig(ModelOptions):
-    """Settings of a causal trace: the model options (seed: the noise's), then the facts, the noise, the states."""
+    """Settings of a causal trace: the model options, then the facts, the noise (and its seed), the states."""
 
     n_facts: int = setting(100, "facts traced (the first ones in file order that pass --only_known)")
     samples: int = setting(10, "noise samples per fact (ROME: 10)")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from collections import defaultdict
 from dataclasses import dataclass, fields, is_dataclass
 
 import pytest
 
 from kis_lens.classify import ClassifyConfig
+from kis_lens.cli import build_parser, main
 from kis_lens.config import (
     CacheCovConfig,
     CacheOptions,
@@ -18,6 +20,7 @@ from kis_lens.config import (
     RunConfig,
     block_of,
     borrow,
+    help_groups,
     setting,
     with_defaults,
 )
@@ -152,3 +155,78 @@ def test_editing_configs_refuse_what_only_lifelong_can_run():
         EditSimConfig(n_edits=None)
     with pytest.raises(KisError, match="covariance_weight must be >= 0"):
         EditSimConfig(covariance_weight=None)
+
+
+def config_subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Return {name: subparser} of every `kis` subcommand whose flags are generated from a job config."""
+    (action,) = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    return {name: sub for name, sub in action.choices.items() if sub.get_default("config_class") is not None}
+
+
+def test_every_setting_of_every_job_has_its_flag():
+    """No job's parser leaves out a field of its config: a setting a job cannot honour is no field of its config."""
+    commands = config_subcommands()
+    assert {sub.get_default("config_class") for sub in commands.values()} == set(JOB_CONFIGS)
+    for name, sub in commands.items():
+        config_class = sub.get_default("config_class")
+        # By the setting's own spelling: an original script's flag (--ds_name) sets the same dest without being it.
+        spellings = {spelling for action in sub._actions for spelling in action.option_strings}
+        missing = [
+            item.name for item in fields(config_class) if not {f"--{item.name}", f"--no_{item.name}"} & spellings
+        ]
+        assert not missing, f"kis {name} has no flag for {config_class.__name__} settings {missing}"
+
+
+# The settings only some jobs honour: prepend_bos where the job tokenizes with a BOS of the user's choosing (the
+# others follow the model's convention), seed where it draws something at random.
+HONOURED = {
+    RunConfig: {"prepend_bos", "seed"},
+    CacheCovConfig: {"prepend_bos"},  # samples nothing (a shuffled corpus has its own corpus_seed)
+    ClassifyConfig: {"prepend_bos"},  # classifies every fact
+    ReproduceConfig: {"seed"},
+    TraceConfig: {"prepend_bos", "seed"},
+    EditSimConfig: {"seed"},
+    LifelongConfig: {"seed"},
+}
+
+
+def test_a_job_config_holds_only_the_settings_it_honours():
+    assert set(HONOURED) == set(JOB_CONFIGS)
+    for config_class, honoured in HONOURED.items():
+        names = {item.name for item in fields(config_class)}
+        assert names & {"prepend_bos", "seed"} == honoured, config_class.__name__
+    with pytest.raises(TypeError, match="prepend_bos"):
+        LifelongConfig(prepend_bos=True)
+    with pytest.raises(TypeError, match="seed"):
+        CacheCovConfig(seed=3)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lifelong", "--prepend_bos", "true"],
+        ["edit-sim", "--prepend-bos", "false"],
+        ["reproduce", "--prepend_bos", "true"],
+        ["cache-cov", "--seed", "3"],
+        ["classify-facts", "--seed", "3"],
+    ],
+)
+def test_a_setting_the_job_does_not_have_is_an_unknown_flag(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {' '.join(argv[1:])}" in capsys.readouterr().err
+
+
+def test_the_cache_request_keeps_the_bos_the_job_was_given():
+    """A covariance cache's identity depends on BOS: the block the cache job receives carries it."""
+    assert block_of(CacheCovConfig(prepend_bos=False), CacheOptions).prepend_bos is False
+    assert block_of(RunConfig(prepend_bos=True), CacheOptions).prepend_bos is True
+    assert block_of(LifelongConfig(), CacheOptions).prepend_bos is None  # the model's own convention
+
+
+def test_borrowed_bos_stays_in_the_model_section_of_jobs_without_a_corpus():
+    assert help_groups(RunConfig)["prepend_bos"] == CorpusOptions.HELP_GROUP
+    for config_class in (ClassifyConfig, TraceConfig):
+        assert help_groups(config_class)["prepend_bos"] == ModelOptions.HELP_GROUP
+        assert help_groups(config_class)["facts"] == FactOptions.HELP_GROUP

@@ -24,7 +24,10 @@ DEFAULT_EDITORS: tuple[str, ...] = ("rome", "r-rome", "p-rome", "memit", "alphae
 
 
 @dataclass(frozen=True)
-@with_defaults(corpus=Override(help=f"corpus for C and held-out text: {EMBEDDED_CORPUS} or a file"))
+@with_defaults(
+    corpus=Override(help=f"corpus for C and held-out text: {EMBEDDED_CORPUS} or a file"),
+    seed=Override(help="random seed of the edit order, the watched facts, the context templates and the bootstrap"),
+)
 class LifelongConfig(EditorOptions):
     """Every setting of a lifelong-editing run: the editing block, then the run's own."""
 
@@ -57,8 +60,6 @@ class LifelongConfig(EditorOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.prepend_bos is not None:
-            raise KisError("lifelong follows the model's own BOS convention: leave prepend_bos as None (auto)")
         at_least("n_edits", self.n_edits, 1, none_means="all")
         at_least("value_prompts", self.value_prompts, 1, none_means="all")
         for name in ("eval_every", "probe_every", "batch_size", "value_steps", "n_unedited", "memit_span", "bootstrap"):

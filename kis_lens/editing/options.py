@@ -9,18 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, RunConfig, borrow, setting
+from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, Override, RunConfig, borrow, setting
 from kis_lens.editing.values import ValueSearch
 
 SEARCH = ValueSearch()  # the value search's defaults
 
 
 @dataclass(frozen=True)
-@borrow(FactOptions, "facts")
+@borrow(
+    FactOptions,
+    "facts",
+    seed=Override(help="random seed of which facts are edited and watched, in what order, and the context templates"),
+)
 @borrow(CorpusOptions, "corpus", "max_tokens")
 @borrow(RunConfig, "ridge")
 class EditorOptions(ModelOptions):
-    """The model options, then what every editing job sets: where and how many edits, the editors' solve, C."""
+    """The model options, then what every editing job sets: where and how many edits, the editors' solve, C.
+
+    No prepend_bos: the editing jobs follow the model's own BOS convention (and C is cached under it).
+    """
 
     HELP_GROUP = "editing"  # the --help section of its flags (kis_lens.flags)
 

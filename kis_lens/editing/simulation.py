@@ -86,8 +86,6 @@ class EditSimConfig(EditorOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.prepend_bos is not None:
-            raise KisError("edit-sim follows the model's own BOS convention: leave prepend_bos as None (auto)")
         at_least("max_tokens", self.max_tokens, 1, none_means="no limit")
         if not self.ridge >= 0:  # also refuses NaN
             raise KisError(f"ridge must be zero or positive, not {self.ridge}: e.g. --ridge 1e-6")

@@ -119,15 +119,15 @@ def test_bad_input_exits_2_without_traceback(tmp_path, args, message):
 
 # --- Flags generated from the config dataclasses: one default per setting, both spellings, clear errors. ---
 
-# command -> (its config, the fields it deliberately leaves off the command line)
+# command -> its config, every field of which is a flag (tests/test_config.py checks that no field is left off)
 CONFIG_COMMANDS = {
-    **{name: (RunConfig, ()) for name in ("all", "p-matrix", "q-matrix", "whitening-cos", "activation-cos")},
-    "cache-cov": (CacheCovConfig, ("seed",)),
-    "classify-facts": (ClassifyConfig, ("seed",)),
-    "reproduce": (ReproduceConfig, ("prepend_bos",)),
-    "edit-sim": (EditSimConfig, ("prepend_bos",)),
-    "lifelong": (LifelongConfig, ("prepend_bos",)),
-    "trace": (TraceConfig, ()),
+    **{name: RunConfig for name in ("all", "p-matrix", "q-matrix", "whitening-cos", "activation-cos")},
+    "cache-cov": CacheCovConfig,
+    "classify-facts": ClassifyConfig,
+    "reproduce": ReproduceConfig,
+    "edit-sim": EditSimConfig,
+    "lifelong": LifelongConfig,
+    "trace": TraceConfig,
 }
 REQUIRED_ARGS = {
     "merge-stats": ["a.safetensors", "--output_dir", "out"],
@@ -142,11 +142,6 @@ def subcommands() -> dict:
     parser = build_parser()
     (action,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
     return dict(action.choices)
-
-
-def exposed(config_class: type, skip: tuple) -> list:
-    """Return the config fields a command puts on the command line."""
-    return [item for item in fields(config_class) if item.name not in skip]
 
 
 def flag_spellings(item) -> list[str]:
@@ -185,7 +180,7 @@ INT_NONE_FIELDS = {"start_layer", "end_layer", "sample_size", "batch_token", "ma
 
 @pytest.mark.parametrize("command", list(CONFIG_COMMANDS))
 def test_flag_defaults_are_the_config_defaults(command, monkeypatch, capsys):
-    config_class, skip = CONFIG_COMMANDS[command]
+    config_class = CONFIG_COMMANDS[command]
     args = build_parser().parse_args([command])
     assert config_from_args(args, config_class) == config_class()  # unset flags leave the dataclass default
     monkeypatch.setenv("COLUMNS", "1000")
@@ -193,7 +188,7 @@ def test_flag_defaults_are_the_config_defaults(command, monkeypatch, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    for item in exposed(config_class, skip):
+    for item in fields(config_class):
         if isinstance(item.default, bool):
             continue
         shown = item.metadata.get("none") if item.default is None else str(item.default)
@@ -207,9 +202,9 @@ def test_flag_defaults_are_the_config_defaults(command, monkeypatch, capsys):
 
 @pytest.mark.parametrize("command", list(CONFIG_COMMANDS))
 def test_both_spellings_parse_to_the_same_config(command):
-    config_class, skip = CONFIG_COMMANDS[command]
+    config_class = CONFIG_COMMANDS[command]
     parser = build_parser()
-    for item in exposed(config_class, skip):
+    for item in fields(config_class):
         tokens, expected = non_default_cli_value(item)
         configs = [
             config_from_args(parser.parse_args([command, spelling, *tokens]), config_class)
@@ -228,19 +223,15 @@ def test_both_spellings_parse_to_the_same_config(command):
 
 @pytest.mark.parametrize("command", list(CONFIG_COMMANDS))
 def test_help_lists_every_config_field(command, monkeypatch, capsys):
-    config_class, skip = CONFIG_COMMANDS[command]
+    config_class = CONFIG_COMMANDS[command]
     monkeypatch.setenv("COLUMNS", "1000")
     with pytest.raises(SystemExit):
         main([command, "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    for item in exposed(config_class, skip):
+    for item in fields(config_class):
         for spelling in flag_spellings(item):
             assert spelling in help_text, spelling
         assert item.metadata["help"] in help_text, item.name
-    for name in skip:
-        assert f"--{name} " not in help_text
-    if config_class is RunConfig and not skip:
-        assert {item.name for item in exposed(config_class, skip)} == {item.name for item in fields(RunConfig)}
 
 
 @pytest.mark.parametrize(
@@ -295,7 +286,7 @@ def test_configs_validate_and_keep_keyword_construction():
     config = RunConfig(model_name="tiny-gpt2", knowledge_type="all", record_size=16, max_tokens=2000)
     assert isinstance(config, ModelOptions) and config.dtype is None and config.output_dir == "results"
     assert RunConfig(**config.to_dict()) == config
-    assert isinstance(ReproduceConfig(), ClassifyConfig) and ReproduceConfig().model_name == RunConfig().model_name
+    assert ReproduceConfig().model_name == RunConfig().model_name and ReproduceConfig().top_k == ClassifyConfig().top_k
     for bad, message in [
         (dict(knowledge_type="some"), "unknown knowledge_type 'some': use one of known, unknown, all, mix"),
         (dict(fact_order="random"), "unknown fact_order 'random': use one of sample, first"),
@@ -315,8 +306,11 @@ def test_configs_validate_and_keep_keyword_construction():
             RunConfig(**bad)
     with pytest.raises(KisError, match="top_k must be at least 1"):
         ClassifyConfig(top_k=0)
-    with pytest.raises(KisError, match="BOS"):
-        ReproduceConfig(prepend_bos=True)
+    with pytest.raises(KisError, match="top_k must be at least 1"):
+        ReproduceConfig(top_k=0)
+    for borrowing in (ClassifyConfig, TraceConfig):  # BOS borrowed from the corpus block is checked there too
+        with pytest.raises(KisError, match="prepend_bos must be True, False or None"):
+            borrowing(prepend_bos="yes")
     with pytest.raises(KisError, match="unknown condition"):
         EditSimConfig(conditions=("rome", "fancy"))
     assert EditSimConfig(model_name="tiny-gpt2", layer=0, n_edits=6, batch_size=3).dtype is None

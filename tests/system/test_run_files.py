@@ -36,10 +36,8 @@ COMMANDS: dict[str, type] = {
     "edit-sim": EditSimConfig,
     "lifelong": LifelongConfig,
 }
-# What a non-default value must respect beyond its type: BOS is the model's own in these jobs, and the simulation
-# needs numbers where lifelong takes None. (Settings bounded by each other, batch_size <= n_edits and
-# max_rows > samples, stay in bounds at default + 1.)
-KEEP_DEFAULT = {ReproduceConfig: {"prepend_bos"}, EditSimConfig: {"prepend_bos"}, LifelongConfig: {"prepend_bos"}}
+# What a non-default value must respect beyond its type: the simulation needs numbers where lifelong takes None.
+# (Settings bounded by each other, batch_size <= n_edits and max_rows > samples, stay in bounds at default + 1.)
 NONE_REFUSED = {(EditSimConfig, "n_edits"), (EditSimConfig, "covariance_weight")}
 TINY_RUN = ["--knowledge_type", "all", "--record_size", "8", "--max_tokens", "1500", "--no_progress", "--device", "cpu"]
 
@@ -69,9 +67,8 @@ def other_value(config_class: type, item) -> object:
 
 
 def non_default(config_class: type) -> object:
-    """Return the config with every setting at a valid value other than its default (a few kept, KEEP_DEFAULT)."""
-    kept = KEEP_DEFAULT.get(config_class, set())
-    values = {item.name: other_value(config_class, item) for item in fields(config_class) if item.name not in kept}
+    """Return the config with every setting at a valid value other than its default."""
+    values = {item.name: other_value(config_class, item) for item in fields(config_class)}
     return config_class(**values)
 
 
@@ -99,9 +96,8 @@ def test_every_job_config_has_a_command_here():
 def test_a_run_file_reads_back_as_the_same_config(command, tmp_path):
     config_class = COMMANDS[command]
     config = non_default(config_class)
-    kept = KEEP_DEFAULT.get(config_class, set())
     for item in fields(config_class):  # every setting differs, so a setting the writer drops fails the round trip
-        assert item.name in kept or getattr(config, item.name) != item.default, item.name
+        assert getattr(config, item.name) != item.default, item.name
     path = write_run_file(tmp_path / "run.yaml", command, config)
     assert load_config(command, ["--config", str(path)]) == config
     data = read_run_file(path)

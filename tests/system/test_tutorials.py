@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -156,18 +157,21 @@ def test_the_install_cell_installs_from_the_project_url_where_kis_lens_is_missin
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_tutorial_runs_without_errors_and_leaves_no_file_behind(path, tmp_path):
+def test_tutorial_runs_without_errors_and_leaves_no_file_behind(path):
     """Runs on the tiny model in memory (the stored notebook is never rewritten), in an empty working directory
     with TMPDIR pointing at an empty folder: both must be empty again afterwards."""
     nbformat = pytest.importorskip("nbformat", reason="needs nbformat (pip install nbformat nbclient ipykernel)")
     pytest.importorskip("nbclient", reason="needs nbclient (pip install nbformat nbclient ipykernel)")
     before = path.read_bytes()
     notebook = nbformat.read(path, as_version=4)  # run_notebook discards its stored outputs first
-    workdir, tmpdir = tmp_path / "cwd", tmp_path / "tmp"
-    workdir.mkdir(), tmpdir.mkdir()
-    # raises CellExecutionError, naming the cell, on the first error; 900 s a cell: 05 on a busy 2-core CPU
-    used = execute.run_notebook(notebook, CI_MODEL, workdir, tmpdir, tmp_path / "caches", timeout=900)
-    assert os.listdir(tmpdir) == [] and os.listdir(workdir) == []  # no temp folder, no file left behind
+    # A short folder, not tmp_path: under a TMPDIR as long as pytest's, Chrome (kaleido's PNG export) cannot open
+    # its socket, fails to start and leaves its own folders behind.
+    with tempfile.TemporaryDirectory(prefix="kis_tutorial_test_") as scratch:
+        workdir, tmpdir = Path(scratch, "cwd"), Path(scratch, "tmp")
+        workdir.mkdir(), tmpdir.mkdir()
+        # raises CellExecutionError, naming the cell, on the first error; 900 s a cell: 05 on a busy 2-core CPU
+        used = execute.run_notebook(notebook, CI_MODEL, workdir, tmpdir, Path(scratch, "caches"), timeout=900)
+        assert os.listdir(tmpdir) == [] and os.listdir(workdir) == []  # no temp folder, no file left behind
     assert path.read_bytes() == before
     assert used["model"] in (CI_MODEL, "tiny-gpt2")  # KIS_TUTORIAL_MODEL reached the kernel (04 is always tiny)
     executed = json.loads(nbformat.writes(notebook))

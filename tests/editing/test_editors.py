@@ -8,20 +8,17 @@ import torch
 
 from kis_lens.corpus import embedded_sample_texts
 from kis_lens.covariance import estimate_second_moments
-from kis_lens.editing import (
-    ValueSearch,
+from kis_lens.editing.editors import (
     alphaedit_delta,
-    applied_delta,
-    compute_target,
-    edit_prompt,
     memit_delta,
     memit_residual,
     null_space_projector,
     rank_one_delta,
     rome_delta,
-    target_logprobs,
     whitened_orthogonal_keys,
 )
+from kis_lens.editing.values import ValueSearch, compute_target, edit_prompt, target_logprobs
+from kis_lens.editing.weights import applied_delta
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts
 from kis_lens.keys import locate_subject

@@ -11,9 +11,11 @@ import torch
 from kis_lens.cli import main
 from kis_lens.corpus import embedded_sample_texts
 from kis_lens.covariance import estimate_second_moments
-from kis_lens.editing import apply_delta, edit_prompt, rome_delta
+from kis_lens.editing.editors import rome_delta
 from kis_lens.editing.simulation import EditSimConfig, run_edit_simulation
 from kis_lens.editing.simulation_plots import editing_figures
+from kis_lens.editing.values import edit_prompt
+from kis_lens.editing.weights import apply_delta
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts, sample_facts
 from kis_lens.hooks import mlp_out_hook_name

@@ -142,6 +142,7 @@ def large() -> RunResult:
     return large_result()
 
 
+@pytest.mark.slow  # builds a 128 × 30 report (~7 s)
 def test_report_of_128_facts_by_30_layers_is_under_5_mb_with_every_layer_heatmap(large, tmp_path):
     path = write_report(large, tmp_path / "report.html")
     page = path.read_text(encoding="utf-8")

@@ -89,6 +89,7 @@ def test_new_matrices_rows_render_the_counted_forwards(render):
     assert "N² + 2N" in row and "315× (N = 8; original extrapolated from 50 timed forwards at 0.10 s each" in row
 
 
+@pytest.mark.slow  # renders the whole study (~18 s)
 def test_lifelong_doc_is_generated_from_the_committed_results():
     """docs/lifelong.md is benchmarks/lifelong.py's rendering of benchmarks/results/lifelong/*.json."""
     spec = importlib.util.spec_from_file_location("kis_benchmarks_lifelong", ROOT / "benchmarks" / "lifelong.py")

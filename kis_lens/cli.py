@@ -42,10 +42,10 @@ def _subcommand(sub: argparse._SubParsersAction, name: str, help_text: str) -> a
     return parser
 
 
-def _write_run_file(args: argparse.Namespace, config: ModelOptions, path: Path) -> None:
+def _write_run_file(args: argparse.Namespace, config: ModelOptions, path: Path, verb: str = "rerun") -> None:
     """Write the job's run file to path (every setting, for `kis --config`) and say where."""
     written = write_run_file(path, args.command, config)
-    print(f"run file: {written} (rerun: kis --config {shlex.quote(str(written))})")
+    print(f"run file: {written} ({verb}: kis --config {shlex.quote(str(written))})")
 
 
 def _print_result_paths(config: RunConfig, started: float, result) -> None:
@@ -495,8 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _write_config_only(args: argparse.Namespace) -> None:
     """Write the run file of the parsed settings to --write_config's path, running nothing (`kis --config` runs it)."""
     config = cache_cov_config(args) if args.command == "cache-cov" else config_from_args(args, args.config_class)
-    path = write_run_file(getattr(args, WRITE_RUN_FILE_DEST), args.command, config)
-    print(f"run file: {path} (run it: kis --config {shlex.quote(str(path))})")
+    _write_run_file(args, config, Path(getattr(args, WRITE_RUN_FILE_DEST)), "run it")
 
 
 def _commands_with_run_files(parser: argparse.ArgumentParser) -> list[str]:
@@ -513,12 +512,10 @@ def with_run_file_command(argv: list[str], parser: argparse.ArgumentParser) -> l
     """Return argv with the run file's command put first when `kis --config FILE [flags]` names no command."""
     if not argv or not argv[0].startswith("-") or argv[0] in ("-h", "--help", "--version"):
         return argv
-    path = None
-    for index, word in enumerate(argv):
-        if word == RUN_FILE_OPTION and index + 1 < len(argv):
-            path = argv[index + 1]
-        elif word.startswith(f"{RUN_FILE_OPTION}="):
-            path = word.split("=", 1)[1]
+    # Only --config is read here (as argparse reads it: "--config F" or "--config=F"); the job's parser reads the rest.
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument(RUN_FILE_OPTION, dest="path", default=None)
+    path = first.parse_known_args(argv)[0].path
     if path is None:
         return argv
     command = run_file_command(path)

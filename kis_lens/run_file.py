@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import shlex
-import typing
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,7 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from kis_lens._version import __version__
-from kis_lens.config import field_kind, help_groups
+from kis_lens.config import field_kinds, help_groups
 from kis_lens.errors import KisError
 from kis_lens.io import atomic_write
 
@@ -166,9 +165,8 @@ def _example(item: Field) -> str:
     return f"`{item.name}: {_yaml_value(item.default)}` (its default)"
 
 
-def _checked(path: Path, item: Field, hint: Any, value: Any) -> Any:
+def _checked(path: Path, item: Field, kind: type, optional: bool, value: Any) -> Any:
     """Return a run file's value of one setting as the config holds it; KisError naming the key if it is no fit."""
-    kind, optional = field_kind(hint)
     meta = item.metadata
     written = value  # named in the message as the file has it, before any conversion
 
@@ -204,7 +202,7 @@ def _checked(path: Path, item: Field, hint: Any, value: Any) -> Any:
         ok = isinstance(value, list) and all(isinstance(part, str) for part in value)
         value = tuple(value) if ok else value
     else:  # a field type this reader does not know: a new kind of setting needs a rule here
-        raise TypeError(f"run files cannot read setting {item.name} of type {hint}")
+        raise TypeError(f"run files cannot read setting {item.name} of type {kind}")
     if not ok:
         raise refuse()
     choices = meta.get("choices")
@@ -245,11 +243,11 @@ def settings_from_file(path: str | Path, command: str | None, config_class: type
             f"`kis --config {path}` (or `kis {written_for} --config {path}`)"
         )
     settings: Mapping[Any, Any] = data[CONFIG_KEY]
-    hints = typing.get_type_hints(config_class)
+    kinds = field_kinds(config_class)
     items = {item.name: item for item in fields(config_class)}
     values: dict[str, Any] = {}
     for key, value in settings.items():
         if key not in items:
             raise _unknown_key(path, command, config_class, key)
-        values[key] = _checked(path, items[key], hints[key], value)
+        values[key] = _checked(path, items[key], *kinds[key], value)
     return values

@@ -15,14 +15,14 @@ from safetensors.torch import load_file
 from kis_lens import __version__
 from kis_lens.classify import ClassifyConfig
 from kis_lens.cli import build_parser, cache_cov_config, main
-from kis_lens.config import CacheCovConfig, RunConfig
+from kis_lens.config import CacheCovConfig, RunConfig, field_kind
 from kis_lens.editing.lifelong_config import LifelongConfig
 from kis_lens.editing.simulation import EditSimConfig
 from kis_lens.errors import KisError
 from kis_lens.flags import config_from_args
 from kis_lens.layout import run_file_beside, run_file_in
 from kis_lens.reproduce import ReproduceConfig
-from kis_lens.run_file import field_kind, read_run_file, run_file_command, settings_from_file, write_run_file
+from kis_lens.run_file import read_run_file, run_file_command, settings_from_file, write_run_file
 from kis_lens.trace import TraceConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -135,7 +135,7 @@ def copy_study(source: Path, traces: Path, log: Path | None) -> None:
 def write_study_figures() -> None:
     """Write the study's figures as PNG (embedded in the doc) and HTML, into docs/figures/lifelong."""
     from kis_lens.editing.lifelong_plots import study_figure, update_norm_figure
-    from kis_lens.plots import write_figure_files
+    from kis_lens.figure_files import write_figure_files
 
     runs, _, _ = _study_inputs()
     for name, figure in zip(STUDY_FIGURES, (study_figure(runs), update_norm_figure(runs))):

@@ -39,20 +39,11 @@ from kis_lens.analysis import (
     write_csv,
 )
 from kis_lens.errors import KisError
+from kis_lens.figure_files import PLOTLY_BUNDLE, write_plotly_bundle
 from kis_lens.io import atomic_write
 from kis_lens.layout import SUMMARY_CSV_NAME, find_results, report_path, summary_csv_path
-from kis_lens.plots import (
-    PLOTLY_BUNDLE,
-    LayerHeatmaps,
-    histogram_figure,
-    kde_figure,
-    layer_trends_figure,
-    matrix_style,
-    orthogonality_figure,
-    packed_layer_heatmaps,
-    result_model_name,
-    write_plotly_bundle,
-)
+from kis_lens.plot_distributions import histogram_figure, kde_figure, layer_trends_figure, orthogonality_figure
+from kis_lens.plots import LayerHeatmaps, matrix_style, packed_layer_heatmaps, result_model_name
 from kis_lens.results import RunResult, load_result
 
 PAPER = (

@@ -12,15 +12,9 @@ from typing import Any, Mapping, Sequence
 import plotly.graph_objects as go
 
 from kis_lens.docs.reproduction import BUDGET_FRACTIONS, Reproduction, interval
-from kis_lens.plots import (
-    Band,
-    band_figure,
-    histogram_figure,
-    layer_trends_figure,
-    orthogonality_figure,
-    result_model_name,
-    write_figure_files,
-)
+from kis_lens.figure_files import write_figure_files
+from kis_lens.plot_distributions import Band, band_figure, histogram_figure, layer_trends_figure, orthogonality_figure
+from kis_lens.plots import result_model_name
 from kis_lens.results import RunResult
 
 

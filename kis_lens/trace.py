@@ -34,11 +34,11 @@ from torch import Tensor
 from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, Override, at_least, borrow, setting
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts
+from kis_lens.figure_files import write_figure_files
 from kis_lens.io import save_json
 from kis_lens.keys import locate_subject
 from kis_lens.layout import writable_trace_path
 from kis_lens.models import HookedModel, load_model, model_device, model_info, resolve_prepend_bos
-from kis_lens.plots import write_figure_files
 from kis_lens.tokens import encode, pad_batch, pad_token_id
 
 EMBED_HOOK = "hook_embed"  # token embedding only (GPT-2's wte, before positions), as ROME noises ``wte``

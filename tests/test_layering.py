@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kis_lens"
 # Bottom to top. A module may import from any earlier level, never from its own level or a later one.
 LEVELS: list[tuple[str, ...]] = [
     ("errors", "_version", "tiny", "docs", "docs.verdict"),
-    ("io", "layout", "facts", "tokens", "stats", "matrices", "gguf"),
+    ("io", "layout", "facts", "tokens", "stats", "matrices", "gguf", "blocks"),
     ("models", "file_errors"),
     ("hooks", "corpus", "distributed", "w_out", "editing.shifted_forward_plan"),
     ("keys", "covariance", "storage", "fingerprint", "editing.shifted_forward", "editing.runs"),
@@ -32,7 +32,8 @@ LEVELS: list[tuple[str, ...]] = [
         "editing.verdicts",
         "docs.reproduction",
     ),
-    ("plots", "editing.registry", "editing.options"),
+    ("plots", "figure_files", "editing.registry", "editing.options"),
+    ("plot_distributions",),  # styles and titles its figures with plots
     ("report", "reproduction_plots", "editing.lifelong_files"),
     ("editing.simulation_plots", "editing.lifelong_plots"),
     ("editing.lifelong_report", "docs.lifelong_verdicts"),
@@ -96,5 +97,5 @@ def test_imports_only_go_down_the_pipeline():
 def test_result_readers_do_not_import_the_jobs():
     """analysis, plots and report read results files; they never need the job modules that write them."""
     jobs = {"runner", "cache_job", "covariance", "reproduce", "cli"}
-    for reader in ("analysis", "plots", "report", "results"):
+    for reader in ("analysis", "plots", "plot_distributions", "report", "results"):
         assert _imports(PACKAGE / f"{reader}.py") & jobs == set(), reader

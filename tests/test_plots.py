@@ -1,4 +1,5 @@
-"""kis_lens.plots: the traces, values, hover text and labels of every figure; the KDE against scipy."""
+"""kis_lens.plots and kis_lens.plot_distributions: the traces, values, hover text and labels of every figure; the KDE
+against scipy."""
 
 from __future__ import annotations
 
@@ -16,27 +17,29 @@ from scipy import stats
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
 from kis_lens.matrices import MATRIX_NAMES, all_matrices
-from kis_lens.plots import (
-    LAYER_HEATMAP_JS,
+from kis_lens.plot_distributions import (
     MAX_HISTOGRAM_PANELS,
     Band,
     band_figure,
-    colour_ranges,
-    decode_layer,
-    encode_layer,
     evenly_spaced_layers,
     gaussian_kde,
-    heatmap,
     histogram_figure,
     kde_figure,
-    layer_heatmaps,
     layer_trends_figure,
     matrix_figures,
     orthogonality_figure,
+    scott_bandwidth,
+)
+from kis_lens.plots import (
+    LAYER_HEATMAP_JS,
+    colour_ranges,
+    decode_layer,
+    encode_layer,
+    heatmap,
+    layer_heatmaps,
     packed_layer_heatmaps,
     result_heatmap,
     result_model_name,
-    scott_bandwidth,
 )
 from kis_lens.results import RunResult
 

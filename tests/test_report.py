@@ -23,10 +23,11 @@ from kis_lens.editing.results import run_report_sections
 from kis_lens.editing.simulation import EditSimConfig, EditSimResult
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
+from kis_lens.figure_files import PLOTLY_BUNDLE
 from kis_lens.io import save_json
 from kis_lens.layout import edit_sim_dir, find_results
 from kis_lens.matrices import MATRIX_NAMES, all_matrices
-from kis_lens.plots import PLOTLY_BUNDLE, decode_layer
+from kis_lens.plots import decode_layer
 from kis_lens.report import (
     ReportSection,
     build_report,

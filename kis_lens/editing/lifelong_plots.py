@@ -32,7 +32,7 @@ from kis_lens.editing.lifelong_files import (
     shared_text,
 )
 from kis_lens.errors import KisError
-from kis_lens.plots import write_html_figures
+from kis_lens.figure_files import write_html_figures
 
 FIGURE_NAMES: tuple[str, ...] = ("lifelong_metrics", "lifelong_interference")
 # (step key, panel title, log y) of the metrics figure, row by row, two panels a row.

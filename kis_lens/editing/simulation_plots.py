@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from kis_lens.plots import write_html_figures
+from kis_lens.figure_files import write_html_figures
 from kis_lens.report import ReportSection
 
 CONDITION_LABELS: dict[str, str] = {

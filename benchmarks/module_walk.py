@@ -11,6 +11,9 @@ loop counts once. The collapsed tree is walked depth-first, noting the module of
 frame returned to; a stay is a maximal run of consecutive notes in one module. Per module: its stays (entries)
 and where each came from. The issue's target: every module entered at most twice. "loop_bodies_merged" repeats
 the numbers with a loop whose body makes several calls (next batch, then run it) merged to one iteration too.
+"reader" walks the tree as a reader of the code does: a function already read is not read again (its later calls
+are skipped), and besides the stays it counts the calls into each module from another one (a return to a module
+is not a new jump for a reader who keeps their place).
 """
 
 from __future__ import annotations
@@ -152,6 +155,36 @@ def walk(root: Call) -> list[tuple[str, str, str]]:
     return notes
 
 
+def reader_notes(root: Call) -> list[tuple[str, str, str]]:
+    """Return the walk's notes when every function is read once: a call of a function already read is skipped."""
+    read: set[tuple[str, str]] = set()
+    notes: list[tuple[str, str, str]] = []
+
+    def visit(call: Call) -> None:
+        read.add(call.key)
+        notes.append((call.module, call.function, "call"))
+        for child in call.children:
+            if child.key not in read:
+                visit(child)
+                notes.append((call.module, call.function, "return"))
+
+    for top in root.children:
+        if top.key not in read:
+            visit(top)
+    return notes
+
+
+def call_entries(notes: list[tuple[str, str, str]]) -> dict[str, int]:
+    """Return per module how many times the walk calls into it from another module (returns left out)."""
+    entries: Counter[str] = Counter()
+    previous_module: str | None = None
+    for module, _, how in notes:
+        if how == "call" and module != previous_module:
+            entries[module] += 1
+        previous_module = module
+    return dict(sorted(entries.items(), key=lambda item: (-item[1], item[0])))
+
+
 def stays(notes: list[tuple[str, str, str]]) -> dict[str, Any]:
     """Return the walk's stays per module, the total, the returns to a module already left, and where each came from."""
     entries: Counter[str] = Counter()
@@ -192,7 +225,10 @@ def module_walk(arguments: list[str], output_dir: str | Path) -> dict[str, Any]:
         raise SystemExit(f"kis {' '.join(arguments)} exited with {code}")
     found = {"command": f"kis {' '.join(arguments)} --output_dir <tmp>", **stays(walk(root))}
     collapse_loop_bodies(root)
-    return {**found, "loop_bodies_merged": stays(walk(root))}
+    read_once = reader_notes(root)
+    calls = call_entries(read_once)
+    reader = {**stays(read_once), "call_entries": calls, "max_call_entries": max(calls.values(), default=0)}
+    return {**found, "loop_bodies_merged": stays(walk(root)), "reader": reader}
 
 
 def walk_kis_all(output_dir: str | Path) -> dict[str, Any]:
@@ -227,6 +263,13 @@ def main() -> int:
         )
         for module, count in list(numbers["entries"].items())[:8]:
             print(f"  {module:28s} {count}")
+        reader = numbers["reader"]
+        print(
+            f"  read once: {reader['total_stays']} stays, most entered {reader['max_entries']}x; calls into a module "
+            f"from another: {sum(reader['call_entries'].values())}, most {reader['max_call_entries']}x"
+        )
+        for module, count in list(reader["call_entries"].items())[:8]:
+            print(f"    {module:26s} {count} calls in, {reader['entries'][module]} stays")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
     return 0
 

@@ -6,6 +6,7 @@ import importlib.util
 import warnings
 
 import pytest
+import torch
 import transformer_lens
 
 from kis_lens.tiny import tiny_hooked_transformer, tiny_model
@@ -47,6 +48,20 @@ def tiny(request):
 def tiny_gpt2():
     """A random-weight 3-layer GPT-2-style TransformerBridge."""
     return tiny_model("gpt2", n_layers=3)
+
+
+# The tiny models' matrices are too small for a second intra-op thread to help, and on a busy 2-core machine its
+# spin-waits made a tiny-model covariance pass 10-20x slower (0.5 s with one thread, 7-11 s with two). The real
+# model is big enough to gain from every core, so its tests keep torch's default.
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_the_model_size(request):
+    """Run each test on one intra-op thread, except those with the real SmolLM2 (torch's default count)."""
+    torch.set_num_threads(DEFAULT_THREADS if "smollm2" in request.fixturenames else 1)
+    yield
+    torch.set_num_threads(DEFAULT_THREADS)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

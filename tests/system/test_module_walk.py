@@ -24,6 +24,22 @@ def _module_walk():
     return module
 
 
+def test_a_reader_reads_each_function_once_and_counts_calls_into_a_module():
+    """The reader's walk skips a function already read; a return to a module is a stay but not a call into it."""
+    walk = _module_walk()
+    Call = walk.Call
+    root = Call("", "<root>")
+    walk.add_child(root, Call("runner", "run", [Call("keys", "k", [Call("tokens", "pad")]), Call("tokens", "pad")]))
+    walk.add_child(root, Call("results", "save", [Call("keys", "k"), Call("layout", "path")]))
+    notes = walk.reader_notes(root)
+    assert [(module, how) for module, _, how in notes] == [
+        ("runner", "call"), ("keys", "call"), ("tokens", "call"), ("keys", "return"), ("runner", "return"),
+        ("results", "call"), ("layout", "call"), ("results", "return"),
+    ]  # fmt: skip
+    assert walk.call_entries(notes) == {"keys": 1, "layout": 1, "results": 1, "runner": 1, "tokens": 1}
+    assert walk.stays(notes)["entries"] == {"keys": 2, "runner": 2, "results": 2, "layout": 1, "tokens": 1}
+
+
 @pytest.mark.slow
 def test_collapsing_merges_loop_iterations_and_keeps_re_entries():
     """Consecutive calls of one function merge (their children aligned); a module left and entered again counts."""

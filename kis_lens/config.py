@@ -4,24 +4,34 @@ A block is a frozen dataclass of the settings one concern needs: ``ModelOptions`
 folder, progress; every block builds on it), ``LayerOptions``, ``FactOptions`` (the facts and their sample's seed),
 ``CorpusOptions`` (the corpus C is estimated on and whether BOS precedes its texts: what the covariance job reads)
 and ``CacheOptions`` (how the cache job stores and checkpoints it). A job config inherits the blocks it honours in
-full (``RunConfig``, ``CacheCovConfig``), takes single settings of another block with ``borrow`` and restates a
-default with ``with_defaults``, so every setting is declared once and scripts still construct configs with flat
-keywords; ``block_of`` projects a config onto a block. A config holds only the settings its job honours: one it
-cannot run is left out (and so gets no flag), never inherited and then refused.
-Each field carries its CLI help (and choices) as metadata: ``kis_lens.flags`` builds the flags from the fields and
-parses them back. ``__post_init__`` refuses settings no job can run, with a ``KisError`` naming the problem and the fix.
+full (``RunConfig``, ``CacheCovConfig``), takes single settings of another block with ``borrow``, restates a default
+with ``with_defaults`` and may nest a block whole as one field (the editing jobs' ``value_search``), so every setting
+is declared once; ``block_of`` projects a config onto a block. A config holds only the settings its job honours: one
+it cannot run is left out (and so gets no flag), never inherited and then refused. That machinery is
+kis_lens.blocks' (re-exported here for the jobs). Each field carries its CLI help (and choices) as metadata:
+``kis_lens.flags`` builds the flags from the fields and parses them back. ``__post_init__`` refuses settings no job
+can run, with a ``KisError`` naming the problem and the fix.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import numbers
-import typing
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Mapping
 
+from kis_lens.blocks import (  # noqa: F401 (the composing helpers are re-exported: the jobs import them from here)
+    Override,
+    ValueAlias,
+    at_least,
+    block_of,
+    borrow,
+    check_finite_settings,
+    field_kind,
+    field_kinds,
+    help_groups,
+    setting,
+    with_defaults,
+)
 from kis_lens.corpus import CORPUS_ORDERS, DEFAULT_SHUFFLE_BUFFER, EMBEDDED_CORPUS, WIKIPEDIA_CONFIG
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE
@@ -46,99 +56,6 @@ OUTPUT_OPTIONS: dict[str, str] = {
     "numbers_path": "file",
     "output": "file",
 }
-
-
-@dataclass(frozen=True)
-class ValueAlias:
-    """A flag of the original scripts that sets a setting through a table of its own values."""
-
-    name: str  # the flag without dashes, e.g. "ds_name"
-    values: Mapping[str, Any]  # flag value -> setting value (None: the setting is left as it is)
-    help: str
-    bare: str | None = None  # the value a bare flag stands for (e.g. --download = --download 1)
-    refusal: str | None = None  # why a value outside the table is refused (None: the table's values are listed)
-
-
-def setting(
-    default: Any,
-    help: str,
-    *,
-    choices: Sequence[str] | None = None,
-    none: str | None = None,
-    cli_none: Any = None,
-    aliases: Sequence[str] = (),
-    value_aliases: Sequence[ValueAlias] = (),
-    infinite: str | None = None,
-    parse: Callable[[str], Any] | None = None,
-) -> Any:
-    """Return a dataclass field with its CLI help as metadata.
-
-    choices: the values the CLI accepts; none: what a None default means, shown in --help;
-    cli_none: the CLI value that stands for None (e.g. 0 for "no token limit", or a word such as "all" that an int
-        flag then accepts besides numbers: kis_lens.cli reads it, nothing else);
-    aliases: other names of the same flag (the original scripts' spellings, e.g. "fact_token");
-    value_aliases: the original scripts' flags that set this setting through a table of their values;
-    infinite: what inf means for a float setting that accepts it (every other float setting must be finite);
-    parse: turns the flag's text into the value (e.g. parse_bytes for "24GB"), raising KisError on bad text.
-    """
-    metadata: dict[str, Any] = {"help": help}
-    if aliases:
-        metadata["aliases"] = tuple(aliases)
-    if value_aliases:
-        metadata["value_aliases"] = tuple(value_aliases)
-    if choices is not None:
-        metadata["choices"] = tuple(choices)
-    if none is not None:
-        metadata["none"] = none
-    if cli_none is not None:
-        metadata["cli_none"] = cli_none
-    if infinite is not None:
-        metadata["infinite"] = infinite
-    if parse is not None:
-        metadata["parse"] = parse
-    return field(default=default, metadata=metadata)
-
-
-def at_least(name: str, value: int | None, minimum: int, none_means: str | None = None) -> None:
-    """Raise KisError unless value is an int >= minimum (or None where none_means says what None does)."""
-    if value is None and none_means is not None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        fix = f" (or None for {none_means})" if none_means is not None else ""
-        raise KisError(f"{name} must be at least {minimum}{fix}, not {value!r}: pass --{name} {minimum} or more")
-
-
-@functools.cache
-def _float_fields(config_class: type) -> tuple[tuple[Field, bool], ...]:
-    """Return (field, whether None is allowed) of each float or float | None field of a config dataclass."""
-    hints = typing.get_type_hints(config_class)
-    found = []
-    for item in fields(config_class):
-        args = typing.get_args(hints[item.name]) or (hints[item.name],)
-        if [arg for arg in args if arg is not type(None)] == [float]:
-            found.append((item, type(None) in args))
-    return tuple(found)
-
-
-def check_finite_settings(config: Any) -> None:
-    """Raise KisError for a float setting of config that is NaN, inf (unless its field accepts inf) or no number.
-
-    Every float field is checked, so a new setting is covered without a line of its own; None passes where the
-    annotation allows it, and a field declared with ``setting(..., infinite=...)`` takes inf.
-    """
-    for item, optional in _float_fields(type(config)):
-        value = getattr(config, item.name)
-        if value is None and optional:
-            continue
-        number = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
-        if number and (math.isfinite(value) or "infinite" in item.metadata):
-            continue
-        if item.default is None or item.default is MISSING:
-            fix = f"leave --{item.name} out for {item.metadata.get('none', 'its default')}, or give a number"
-        else:
-            fix = f"e.g. --{item.name} {item.default} (its default)"
-        kind = "a number" if "infinite" in item.metadata else "a finite number"
-        raise KisError(f"--{item.name} must be {kind}, not {value!r}: {fix}")
 
 
 def check_outputs(values: Mapping[str, Any]) -> None:
@@ -175,109 +92,6 @@ def parse_bytes(text: str | int | None) -> int | None:
     return int(value)
 
 
-_BLOCKS_DEFAULT: Any = object()  # an Override that changes only the help keeps the block's default
-
-
-@dataclass(frozen=True)
-class Override:
-    """A restated setting's new default (unless only its help changes) and its help for this job (None: the block's).
-
-    section: the --help section it is listed in for this job (None: its block's HELP_GROUP), for a setting borrowed
-    from a block whose section would mislead there (BOS of a job that reads no corpus).
-    """
-
-    default: Any = _BLOCKS_DEFAULT
-    help: str | None = None
-    none: str | None = None
-    section: str | None = None
-
-
-Block = TypeVar("Block")
-
-
-def _restate(cls: type, source: Field, change: Any) -> None:
-    """Give cls its own copy of a block's field, with another default and help, before @dataclass reads cls."""
-    override = change if isinstance(change, Override) else Override(change)
-    metadata = dict(source.metadata)
-    changes = (("help", override.help), ("none", override.none), ("section", override.section))
-    metadata.update({key: value for key, value in changes if value})
-    own = dict(cls.__dict__.get("__annotations__", {}))
-    # An inherited field keeps its place in the field order; a borrowed one comes before the class's own fields.
-    cls.__annotations__ = {source.name: source.type, **own}
-    default = source.default if override.default is _BLOCKS_DEFAULT else override.default
-    setattr(cls, source.name, field(default=default, metadata=metadata))
-    cls.__restated__ = (*cls.__dict__.get("__restated__", ()), source.name)
-
-
-def with_defaults(**defaults: Any) -> Callable[[type], type]:
-    """Class decorator (below @dataclass): restate inherited settings with this job's defaults (or Override)."""
-
-    def decorate(cls: type) -> type:
-        for name, change in defaults.items():
-            owners = [base for base in cls.__mro__[1:] if name in getattr(base, "__dataclass_fields__", {})]
-            if not owners:
-                raise TypeError(f"{cls.__name__} inherits no setting {name!r} to give another default")
-            _restate(cls, owners[0].__dataclass_fields__[name], change)
-        return cls
-
-    return decorate
-
-
-def borrow(block: type, *names: str, **defaults: Any) -> Callable[[type], type]:
-    """Class decorator (below @dataclass): take single settings of a block the job does not honour in full.
-
-    names keep the block's default; keyword names take this job's default (a value, or an Override).
-    """
-
-    def decorate(cls: type) -> type:
-        for name in reversed((*names, *defaults)):  # each goes first: reversed, they keep the order given
-            if name not in block.__dataclass_fields__:
-                raise TypeError(f"{block.__name__} has no setting {name!r} for {cls.__name__} to borrow")
-            _restate(cls, block.__dataclass_fields__[name], defaults.get(name, Override()))
-        cls.__borrowed__ = {**cls.__dict__.get("__borrowed__", {}), **dict.fromkeys((*names, *defaults), block)}
-        return cls
-
-    return decorate
-
-
-def field_kind(hint: Any) -> tuple[type, bool]:
-    """Return (base type, whether None is allowed) of a field annotation such as ``int | None``."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if optional:
-        (hint,) = [arg for arg in args if arg is not type(None)]
-    return typing.get_origin(hint) or hint, optional
-
-
-def field_kinds(config_class: type) -> dict[str, tuple[type, bool]]:
-    """Return {setting: (base type, whether None is allowed)} of every field of a config class."""
-    hints = typing.get_type_hints(config_class)
-    return {item.name: field_kind(hints[item.name]) for item in fields(config_class)}
-
-
-def help_groups(config_class: type) -> dict[str, str | None]:
-    """Return every setting's --help section: its block's HELP_GROUP (a borrowed one's too, unless its Override names
-    a section); None for a job's own."""
-    return {
-        item.name: item.metadata.get("section") or _help_group(config_class, item.name) for item in fields(config_class)
-    }
-
-
-def _help_group(config_class: type, name: str) -> str | None:
-    for cls in config_class.__mro__:
-        if name in vars(cls).get("__borrowed__", {}):
-            return _help_group(vars(cls)["__borrowed__"][name], name)
-    for cls in reversed(config_class.__mro__):  # the block that first declares it, before a job that restates it
-        if name in vars(cls).get("__annotations__", {}) and "HELP_GROUP" in vars(cls):
-            return vars(cls)["HELP_GROUP"]
-    return None
-
-
-def block_of(config: Any, block: type[Block]) -> Block:
-    """Return the block's settings as config has them; settings config lacks keep the block's defaults."""
-    return block(**{item.name: getattr(config, item.name) for item in fields(block) if hasattr(config, item.name)})
-
-
 @dataclass(frozen=True)
 class ModelOptions:
     """The settings every job shares: which model, where it runs, in what dtype, and where results go."""
@@ -307,8 +121,8 @@ class ModelOptions:
         # CorpusOptions declares prepend_bos; the jobs that tokenize prompts but read no corpus borrow it.
         if getattr(self, "prepend_bos", None) not in (None, True, False):
             raise KisError(f"prepend_bos must be True, False or None (auto), not {self.prepend_bos!r}")
-        # Before any subclass's own checks, which may build objects (ValueSearch) that would blame a NaN on
-        # the wrong name; a subclass that says more about a NaN (RunConfig's ridge) checks it before this.
+        # Before any subclass's own checks (a nested block, such as ValueSearch, checked its own on construction);
+        # a subclass that says more about a NaN (RunConfig's ridge) checks it before this.
         check_finite_settings(self)
 
     def to_dict(self) -> dict[str, Any]:

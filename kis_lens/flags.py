@@ -1,19 +1,22 @@
 """The flags of a job, generated from its config dataclass: one option per field, parsed back into the config.
 
-``add_config_flags`` reads each field's type, default and help metadata (kis_lens.config.setting), so a default
-lives only on its field, and adds ``--config RUN.yaml`` (a run file, kis_lens.run_file); ``config_from_args`` turns
-the run file's settings and the parsed flags, which win, back into the config. ``flag`` declares the few command
-options that are not settings of a job, under the same two spellings.
+``add_config_flags`` reads each setting's type, default and help metadata (kis_lens.blocks.setting), so a default
+lives only on its field, and adds ``--config RUN.yaml`` (a run file, kis_lens.run_file). A block nested in the config
+(its ``value_search``) is flattened: each of its settings is a flag of its own under the block's prefix
+(--value_steps; kis_lens.blocks.flat_settings). ``config_from_args`` turns the run file's settings and the parsed
+flags, which win, back into the config, a nested flag into its block. ``flag`` declares the few command options
+that are not settings of a job, under the same two spellings.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
-from dataclasses import MISSING, Field, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from typing import Any, Callable, Sequence
 
-from kis_lens.config import RunConfig, ValueAlias, check_outputs, field_kinds, help_groups
+from kis_lens.blocks import FlatSetting, ValueAlias, flat_settings, with_flat
+from kis_lens.config import RunConfig, check_outputs
 from kis_lens.errors import KisError
 from kis_lens.run_file import settings_from_file
 
@@ -107,8 +110,8 @@ def _number_or_none(kind: type, word: Any) -> Callable[[str], Any]:
     return parse
 
 
-def _shown_default(item: Field) -> str:
-    """Return how --help states a field's default."""
+def _shown_default(item: FlatSetting) -> str:
+    """Return how --help states a setting's default."""
     meta = item.metadata
     if item.default is None:
         shown = meta.get("none", "none")
@@ -118,15 +121,16 @@ def _shown_default(item: Field) -> str:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """Add one option (--snake_case and --kebab-case) per field of a config dataclass, from its type and metadata.
+    """Add one option (--snake_case and --kebab-case) per setting of a config dataclass, from its type and metadata.
 
-    Every field gets its flag: a setting a job cannot honour is no field of its config (kis_lens.config).
+    Every setting gets its flag: a setting a job cannot honour is no field of its config (kis_lens.config), and a
+    nested block's settings are flags under its prefix, listed in the block's own --help section.
 
     bool: --no_<name> when the default is True, else --<name>; ``bool | None``: auto|true|false; tuple: comma-separated.
-    A field's ``aliases`` are more names of the same option; its ``value_aliases`` are the original scripts' flags
+    A setting's ``aliases`` are more names of the same option; its ``value_aliases`` are the original scripts' flags
     that set it through a table of their values; its ``cli_none`` is the CLI value that parses to None (a number
     field then takes that word too: --sample_size all). Unset options stay out of the namespace, so
-    config_from_args leaves those fields to the run file's values (--config), else to the dataclass defaults.
+    config_from_args leaves those settings to the run file's values (--config), else to the dataclass defaults.
     """
     # In the parser's own "options" section, beside --debug: it is no setting, and the sections name blocks.
     parser.add_argument(
@@ -145,8 +149,6 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
         help="write the run file of these settings to RUN.yaml and stop, running nothing",
     )
     parser.set_defaults(config_class=config_class)  # what --write_config writes, read by kis_lens.cli
-    kinds = field_kinds(config_class)
-    sections = help_groups(config_class)
     groups: dict[str, argparse._ArgumentGroup] = {}
     # The original scripts' spellings, added after every setting so --help lists them last.
     value_aliases: list[tuple[str, ValueAlias]] = []
@@ -157,42 +159,35 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
             groups[title] = parser.add_argument_group(title)
         return groups[title]
 
-    for item in fields(config_class):
-        if "help" not in item.metadata or item.default is MISSING:
-            raise TypeError(
-                f"{config_class.__name__}.{item.name} needs a default and help: "
-                "declare it with kis_lens.config.setting()"
-            )
-        kind, optional = kinds[item.name]
-        help_text = item.metadata["help"]
-        home = group(sections[item.name] or OWN_GROUP)
-        value_aliases += [(item.name, alias) for alias in item.metadata.get("value_aliases", ())]
-        aliases = [spelling for alias in item.metadata.get("aliases", ()) for spelling in _spellings(alias)]
+    for item in flat_settings(config_class):  # TypeError there for a field not declared with setting()
+        kind, optional, meta = item.kind, item.optional, item.metadata
+        help_text = meta["help"]
+        home = group(item.section or OWN_GROUP)
+        value_aliases += [(item.name, alias) for alias in meta.get("value_aliases", ())]
         if kind is bool and not optional:
-            name, action = (f"no_{item.name}", "store_false") if item.default else (item.name, "store_true")
+            negate = "no_" if item.default else ""
+            action = "store_false" if item.default else "store_true"
+            options: dict[str, Any] = {"dest": item.name, "action": action, "default": argparse.SUPPRESS}
             help_text = f"turn off: {help_text} (on by default)" if item.default else help_text
-            home.add_argument(
-                *_spellings(name), dest=item.name, action=action, default=argparse.SUPPRESS, help=help_text
-            )
-            continue
-        options: dict[str, Any] = {
-            "dest": item.name,
-            "default": argparse.SUPPRESS,
-            "help": f"{help_text} (default {_shown_default(item)})",
-        }
-        if kind is bool:
-            options["choices"] = tuple(BOOL_CHOICES)
-        elif kind is tuple:
-            options["metavar"] = "A,B,..."
-        elif "parse" in item.metadata:
-            options["metavar"] = item.name.upper()  # the text stays text here; config_from_args parses it
+            home.add_argument(*_spellings(negate + item.name), **options, help=help_text)
         else:
-            options["type"] = _number_or_none(kind, item.metadata["cli_none"]) if "cli_none" in item.metadata else kind
-            if "choices" in item.metadata:
-                options["choices"] = item.metadata["choices"]
-        home.add_argument(*_spellings(item.name), **options)
-        if aliases:  # the same option under the original scripts' names
-            alias_spellings.append((aliases, {**options, "help": f"= --{item.name}"}))
+            negate = ""
+            options = {"dest": item.name, "default": argparse.SUPPRESS}
+            options["help"] = f"{help_text} (default {_shown_default(item)})"
+            if kind is bool:
+                options["choices"] = tuple(BOOL_CHOICES)
+            elif kind is tuple:
+                options["metavar"] = "A,B,..."
+            elif "parse" in meta:
+                options["metavar"] = item.name.upper()  # the text stays text here; config_from_args parses it
+            else:
+                options["type"] = _number_or_none(kind, meta["cli_none"]) if "cli_none" in meta else kind
+                if "choices" in meta:
+                    options["choices"] = meta["choices"]
+            home.add_argument(*_spellings(item.name), **options)
+        aliases = [spelling for alias in meta.get("aliases", ()) for spelling in _spellings(negate + alias)]
+        if aliases:  # the same option under the original scripts' names (a bool's: --no_fast_values)
+            alias_spellings.append((aliases, {**options, "help": f"= --{negate}{item.name}"}))
     for dest, alias in value_aliases:
         _add_value_alias(group(ORIGINAL_GROUP), dest, alias)
     for spellings, options in alias_spellings:
@@ -200,25 +195,28 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
 
 
 def given_settings(args: argparse.Namespace, config_class: type = RunConfig) -> dict[str, Any]:
-    """Return the settings args give, as config values: the run file's (--config), then the flags', which win."""
+    """Return the settings args give, as config values: the run file's (--config), then the flags', which win.
+
+    A nested block given by the file or by any flag of its settings is a value of the block (its other settings:
+    the file's, else the config's default block's); KisError from the block's own checks.
+    """
     given = vars(args)
-    kinds = field_kinds(config_class)
     values: dict[str, Any] = {}
     if given.get(RUN_FILE_DEST) is not None:
         values.update(settings_from_file(given[RUN_FILE_DEST], given.get("command"), config_class))
-    for item in fields(config_class):
+    flat: dict[str, Any] = {}
+    for item in flat_settings(config_class):
         if item.name not in given:
             continue
         value = given[item.name]
-        kind, optional = kinds[item.name]
-        if kind is bool and optional and isinstance(value, str):
+        if item.kind is bool and item.optional and isinstance(value, str):
             value = BOOL_CHOICES[value]
-        elif kind is tuple and isinstance(value, str):
+        elif item.kind is tuple and isinstance(value, str):
             value = tuple(part.strip() for part in value.split(",") if part.strip())
         elif "parse" in item.metadata and isinstance(value, str):
             value = item.metadata["parse"](value)  # after argparse, so its KisError reaches the user as written
-        values[item.name] = value
-    return values
+        flat[item.name] = value
+    return with_flat(config_class, values, flat)
 
 
 def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, **overrides: Any) -> Any:
@@ -226,7 +224,7 @@ def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, *
 
     Settings no job can run (a NaN, a folder that cannot be written) raise KisError here, before any model loads.
     """
-    values = given_settings(args, config_class)
+    values = given_settings(args, config_class)  # a bad setting of the run file or a nested block's flag: named there
     run_file = getattr(args, RUN_FILE_DEST, None)
     try:
         config = config_class(**{**values, **overrides})

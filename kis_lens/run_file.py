@@ -1,24 +1,26 @@
 """Run files: every setting of a `kis` job, written as YAML beside its results and read back by `kis --config`.
 
 A run file holds the subcommand, the kis_lens version and every field of the job's config, defaults included, under
-a comment header saying how to rerun it. ``write_run_file`` writes one atomically; ``settings_from_file`` reads one
-back for a command and returns its settings as config values, refusing an unknown key, a file of another command
-and a value of the wrong type with a KisError naming the key and the fix. kis_lens.flags lays the flags given on
-the command line over them.
+a comment header saying how to rerun it; a nested block (``value_search``) is a nested mapping of its settings.
+``write_run_file`` writes one atomically; ``settings_from_file`` reads one back for a command and returns its
+settings as config values, refusing an unknown key, a file of another command and a value of the wrong type with a
+KisError naming the key and the fix. A nested setting written flat, by its flag's name or an alias (value_steps,
+kl_factor: how run files held it before its block was nested), reads into its block. kis_lens.flags lays the flags
+given on the command line over them.
 """
 
 from __future__ import annotations
 
 import difflib
 import shlex
-from dataclasses import MISSING, Field, fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from kis_lens._version import __version__
-from kis_lens.config import field_kinds, help_groups
+from kis_lens.blocks import FlatSetting, flat_settings, help_groups, with_flat
 from kis_lens.errors import KisError
 from kis_lens.io import atomic_write
 
@@ -29,7 +31,10 @@ TOP_KEYS: tuple[str, ...] = (COMMAND_KEY, VERSION_KEY, CONFIG_KEY)
 
 
 def _plain(value: Any) -> Any:
-    """Return a setting as YAML's safe dumper takes it: tuples as lists, paths as the text they were given as."""
+    """Return a setting as YAML's safe dumper takes it: tuples as lists, paths as the text they were given as, a
+    nested block as the mapping of its settings."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {item.name: _plain(getattr(value, item.name)) for item in fields(value)}
     if isinstance(value, (tuple, list)):
         return [_plain(part) for part in value]
     if isinstance(value, Path):
@@ -45,20 +50,24 @@ def _yaml_value(value: Any) -> str:
     return text[1:-1]
 
 
-def _shown(item: Field, value: Any) -> str:
+def _shown(item: FlatSetting, value: Any) -> str:
     """Return a value as the file writes it, with what null means for this setting."""
     none = item.metadata.get("none")
     return f"null = {none}" if value is None and none else _yaml_value(value)
 
 
-def _note(item: Field, value: Any) -> str:
+def _note(item: FlatSetting, value: Any) -> str:
     """Return what null means here, and the default when the value is another, so edited settings stand out."""
     notes = []
     if value is None and item.metadata.get("none"):
         notes.append(_shown(item, value))
-    if item.default is not MISSING and _plain(item.default) != _plain(value):
+    if _plain(item.default) != _plain(value):
         notes.append(f"default {_shown(item, item.default)}")
     return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _help(metadata: Mapping[str, Any]) -> str:
+    return " ".join(str(metadata.get("help", "")).split())
 
 
 def run_file_text(command: str, config: Any, path: str | Path) -> str:
@@ -76,13 +85,17 @@ def run_file_text(command: str, config: Any, path: str | Path) -> str:
     ]
     sections = help_groups(type(config))
     section: str | None = ""
-    for item in fields(config):
-        if sections[item.name] != section:  # one comment line per block of settings, as `kis <command> --help`
-            section = sections[item.name]
+    block: str | None = None
+    for item in flat_settings(type(config)):
+        name = item.block or item.name
+        if sections[name] != section:  # one comment line per block of settings, as `kis <command> --help`
+            section = sections[name]
             lines.append(f"  # {section or f'settings of kis {command}'}")
-        value = getattr(config, item.name)
-        help_text = " ".join(str(item.metadata.get("help", "")).split())
-        lines.append(f"  {item.name}: {_yaml_value(value)}  # {help_text}{_note(item, value)}")
+        if item.block is not None and item.block != block:  # a nested block: its mapping's key, then its settings
+            lines.append(f"  {item.block}:  # {_help(type(config).__dataclass_fields__[item.block].metadata)}")
+        block, value = item.block, item.value_of(config)
+        indent = "    " if item.block else "  "
+        lines.append(f"{indent}{item.item.name}: {_yaml_value(value)}  # {_help(item.metadata)}{_note(item, value)}")
     text = "\n".join(lines) + "\n"
     expected = {
         COMMAND_KEY: command,
@@ -149,35 +162,37 @@ def run_file_command(path: str | Path) -> str:
     return command
 
 
-def _describe(kind: type, optional: bool, item: Field) -> str:
+def _describe(item: FlatSetting) -> str:
     """Return what a setting's value must be, in words."""
+    kind, meta = item.kind, item.metadata
     words = {bool: "true or false", int: "a whole number", float: "a number", str: "text", tuple: "a list"}
     text = words.get(kind, kind.__name__)
-    if "choices" in item.metadata:
-        text = f"{'a list of' if kind is tuple else 'one of'} {', '.join(map(str, item.metadata['choices']))}"
-    if optional:
-        text += f", or null ({item.metadata.get('none', 'unset')})"
+    if "choices" in meta:
+        text = f"{'a list of' if kind is tuple else 'one of'} {', '.join(map(str, meta['choices']))}"
+    if item.optional:
+        text += f", or null ({meta.get('none', 'unset')})"
     return text
 
 
-def _example(item: Field) -> str:
+def _example(item: FlatSetting) -> str:
     """Return a line that would be right: the setting at its default."""
-    return f"`{item.name}: {_yaml_value(item.default)}` (its default)"
+    where = f" under `{item.block}:`" if item.block else ""
+    return f"`{item.item.name}: {_yaml_value(item.default)}`{where} (its default)"
 
 
-def _checked(path: Path, item: Field, kind: type, optional: bool, value: Any) -> Any:
+def _checked(path: Path, item: FlatSetting, value: Any) -> Any:
     """Return a run file's value of one setting as the config holds it; KisError naming the key if it is no fit."""
-    meta = item.metadata
+    kind, meta = item.kind, item.metadata
     written = value  # named in the message as the file has it, before any conversion
 
     def refuse() -> KisError:
         return KisError(
-            f"run file {path}: setting {item.name} is {written!r}, which is not {_describe(kind, optional, item)}: "
+            f"run file {path}: setting {item.key} is {written!r}, which is not {_describe(item)}: "
             f"write e.g. {_example(item)}"
         )
 
     if value is None:
-        if optional:
+        if item.optional:
             return None
         raise refuse()
     # The flags' words for None ("all", "any") read the same here; numbers such as 0 do not, so a value the
@@ -188,7 +203,7 @@ def _checked(path: Path, item: Field, kind: type, optional: bool, value: Any) ->
         try:
             return meta["parse"](value)
         except KisError as error:
-            raise KisError(f"run file {path}: setting {item.name}: {error}") from None
+            raise KisError(f"run file {path}: setting {item.key}: {error}") from None
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
@@ -202,7 +217,7 @@ def _checked(path: Path, item: Field, kind: type, optional: bool, value: Any) ->
         ok = isinstance(value, list) and all(isinstance(part, str) for part in value)
         value = tuple(value) if ok else value
     else:  # a field type this reader does not know: a new kind of setting needs a rule here
-        raise TypeError(f"run files cannot read setting {item.name} of type {kind}")
+        raise TypeError(f"run files cannot read setting {item.key} of type {kind}")
     if not ok:
         raise refuse()
     choices = meta.get("choices")
@@ -211,19 +226,23 @@ def _checked(path: Path, item: Field, kind: type, optional: bool, value: Any) ->
     return value
 
 
-def _unknown_key(path: Path, command: str | None, config_class: type, key: Any) -> KisError:
-    """Return the error of a key that is no setting of the command, with the setting it likely meant."""
-    names = [item.name for item in fields(config_class)]
-    owner = next((item.name for item in fields(config_class) if key in item.metadata.get("aliases", ())), None)
+def _unknown_key(path: Path, command: str | None, config_class: type, key: Any, block: str | None = None) -> KisError:
+    """Return the error of a key that is no setting (of the nested block, if one is named), with its likely meaning."""
+    settings = flat_settings(config_class)
+    if block is None:  # the config's fields, and its nested settings by their flags' names
+        names = [item.block or item.name for item in settings] + [item.name for item in settings if item.block]
+    else:
+        names = [item.item.name for item in settings if item.block == block]
+    owner = next((item for item in settings if item.block == block and key in item.metadata.get("aliases", ())), None)
     if owner is not None:
-        hint = f"{key} is the original scripts' name of {owner}: write {owner} instead"
+        hint = f"{key} is the original scripts' name of {owner.item.name}: write {owner.item.name} instead"
     else:
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         hint += "remove it, or fix its name"
     where = f"`kis {command}`" if command else config_class.__name__
     return KisError(
-        f"run file {path}: unknown setting {key!r} for {where}: {hint} "
+        f"run file {path}: unknown setting {key!r}{f' under {block}:' if block else ''} for {where}: {hint} "
         f"(`kis {command or '<command>'} --help` lists the settings)"
     )
 
@@ -232,7 +251,9 @@ def settings_from_file(path: str | Path, command: str | None, config_class: type
     """Return the settings of a run file for `kis <command>`, checked and typed as config_class's fields.
 
     command None (a parser without subcommands) skips the command check. Settings the file leaves out are left out,
-    so they keep the config's defaults: a hand-written file may name only some.
+    so they keep the config's defaults: a hand-written file may name only some. A nested block's mapping may name
+    only some of its settings too (the rest: the config's default block's), and a nested setting written flat by
+    its flag's name or an alias (as older run files held it) reads into its block.
     """
     path = Path(path)
     data = read_run_file(path)
@@ -242,12 +263,43 @@ def settings_from_file(path: str | Path, command: str | None, config_class: type
             f"run file {path} is of `kis {written_for}`, not `kis {command}`: rerun it with "
             f"`kis --config {path}` (or `kis {written_for} --config {path}`)"
         )
-    settings: Mapping[Any, Any] = data[CONFIG_KEY]
-    kinds = field_kinds(config_class)
-    items = {item.name: item for item in fields(config_class)}
+    settings = flat_settings(config_class)
+    own = {item.name: item for item in settings if item.block is None}
+    blocks = {item.block for item in settings if item.block is not None}
+    flat_names = {
+        name: item for item in settings if item.block for name in (item.name, *item.metadata.get("aliases", ()))
+    }
     values: dict[str, Any] = {}
-    for key, value in settings.items():
-        if key not in items:
+    nested: dict[str, Any] = {}  # flag name → value of each nested setting the file gives
+
+    def give(item: FlatSetting, value: Any) -> None:
+        if item.name in nested:
+            raise KisError(
+                f"run file {path}: {item.key} is given twice (under {item.block}: and flat, or by two of its names, "
+                f"{item.name} and its aliases): keep one"
+            )
+        nested[item.name] = _checked(path, item, value)
+
+    for key, value in data[CONFIG_KEY].items():
+        if key in own:
+            values[key] = _checked(path, own[key], value)
+        elif key in blocks:
+            inner = {item.item.name: item for item in settings if item.block == key}
+            if not isinstance(value, Mapping):
+                first = next(iter(inner.values()))
+                raise KisError(
+                    f"run file {path}: {key} must map its settings to values (e.g. `{first.item.name}: "
+                    f"{_yaml_value(first.default)}` indented on the line below it), not {value!r}"
+                )
+            for name, part in value.items():
+                if name not in inner:
+                    raise _unknown_key(path, command, config_class, name, key)
+                give(inner[name], part)
+        elif key in flat_names:
+            give(flat_names[key], value)
+        else:
             raise _unknown_key(path, command, config_class, key)
-        values[key] = _checked(path, items[key], *kinds[key], value)
-    return values
+    try:
+        return with_flat(config_class, values, nested)
+    except KisError as error:
+        raise KisError(f"run file {path}: {error}") from None

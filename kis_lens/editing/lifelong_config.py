@@ -10,13 +10,12 @@ never-edited facts, the edit layer's norm and conditioning, and the interference
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kis_lens.config import Override, at_least, setting, with_defaults
 from kis_lens.corpus import EMBEDDED_CORPUS
-from kis_lens.editing.options import SEARCH, EditorOptions
+from kis_lens.editing.options import EditorOptions
 from kis_lens.editing.registry import EDITOR_NAMES, EditorSettings, get_editor
-from kis_lens.editing.values import ValueSearch
 from kis_lens.errors import KisError
 
 EDITORS: tuple[str, ...] = EDITOR_NAMES
@@ -39,12 +38,10 @@ class LifelongConfig(EditorOptions):
     probe_every: int = setting(10, "the cheap metrics (efficacy on all edits so far, perplexity, drift) this often")
     null_relative: bool = setting(False, "AlphaEdit's threshold × the largest singular value (not the original)")
     emmet_weight: float = setting(1.0, "emmet's λ in C⁻¹Kᵀ(λI + K C⁻¹ Kᵀ)⁻¹R")
-    kl_factor: float = setting(SEARCH.kl_factor, "weight of the KL term at the subject of '{subject} is a'")
-    value_weight_decay: float = setting(SEARCH.weight_decay, "ROME's weight decay ‖δ‖/‖v‖² on the value shift")
-    clamp_norm_factor: float = setting(SEARCH.clamp_norm_factor, "ROME: ‖δ‖ ≤ this × ‖v‖")
-    memit_clamp_norm_factor: float = setting(0.75, "MEMIT/AlphaEdit: ‖δ‖ ≤ this × ‖z‖")
+    memit_clamp_norm_factor: float = setting(
+        0.75, "MEMIT/AlphaEdit: ‖δ‖ ≤ this × ‖z‖ (ROME: --value_clamp_norm_factor)"
+    )
     value_prompts: int | None = setting(None, "use only the first N of ROME's 21 templates", none="all 21")
-    fast_values: bool = setting(SEARCH.fast, "the exact fast forward in the value search where the architecture allows")
     unedited_facts: str = setting("known-1000", "facts never edited, watched for drift: known-1000 or a path")
     heldout_texts: int = setting(16, "held-out texts (after those C read) for perplexity")
     heldout_tokens: int = setting(128, "tokens per held-out text")
@@ -62,7 +59,7 @@ class LifelongConfig(EditorOptions):
         super().__post_init__()
         at_least("n_edits", self.n_edits, 1, none_means="all")
         at_least("value_prompts", self.value_prompts, 1, none_means="all")
-        for name in ("eval_every", "probe_every", "batch_size", "value_steps", "n_unedited", "memit_span", "bootstrap"):
+        for name in ("eval_every", "probe_every", "batch_size", "n_unedited", "memit_span", "bootstrap"):
             at_least(name, getattr(self, name), 1)
         for name in ("heldout_texts", "fluency_prompts", "edit_perplexity_texts"):
             at_least(name, getattr(self, name), 0)
@@ -89,23 +86,20 @@ class LifelongConfig(EditorOptions):
             raise KisError(f"ridge and emmet_weight must be zero or positive, got {self.ridge}, {self.emmet_weight}")
         if not 0 <= self.retention_threshold <= 1 or not self.perplexity_ratio > 1:
             raise KisError("retention_threshold must lie in [0, 1] and perplexity_ratio be > 1")
-        self.editor_settings  # noqa: B018 (validates the value-search settings)
+        if not self.memit_clamp_norm_factor > 0:  # the value search checks the rest of its settings itself
+            raise KisError(
+                f"memit_clamp_norm_factor must be positive, not {self.memit_clamp_norm_factor}: "
+                "e.g. --memit_clamp_norm_factor 0.75 (its default)"
+            )
 
     @property
     def editor_settings(self) -> EditorSettings:
-        """Return the editors' hyperparameters."""
-        search = dict(
-            steps=self.value_steps,
-            lr=self.value_lr,
-            kl_factor=self.kl_factor,
-            weight_decay=self.value_weight_decay,
-            fast=self.fast_values,
-        )
+        """Return the editors' hyperparameters: the value search as configured (MEMIT's with its own clamp)."""
         return EditorSettings(
             layer=self.layer,
             memit_span=self.memit_span,
-            rome_search=ValueSearch(clamp_norm_factor=self.clamp_norm_factor, **search),
-            memit_search=ValueSearch(clamp_norm_factor=self.memit_clamp_norm_factor, **search),
+            rome_search=self.value_search,
+            memit_search=replace(self.value_search, clamp_norm_factor=self.memit_clamp_norm_factor),
             covariance_weight=self.covariance_weight,
             null_threshold=self.null_threshold,
             null_relative=self.null_relative,

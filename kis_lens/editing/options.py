@@ -1,8 +1,9 @@
 """The settings every editing job shares (EditorOptions): the edit layer, the facts edited and watched, the solve.
 
 ``kis edit-sim`` (EditSimConfig) and ``kis lifelong`` (LifelongConfig) inherit this block; edit-sim restates the
-defaults it runs smaller with. The value search's defaults are ``ValueSearch``'s (ROME's GPT-2 XL hparams), read
-from it rather than written again.
+defaults it runs smaller with. The value search is nested whole: ``value_search`` is a ``ValueSearch`` (ROME's GPT-2
+XL hparams by default), which the jobs hand to the editors as it is; its settings' flags are --value_<name>
+(kis_lens.blocks.flat_settings).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from dataclasses import dataclass
 
 from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, Override, RunConfig, borrow, setting
 from kis_lens.editing.values import ValueSearch
-
-SEARCH = ValueSearch()  # the value search's defaults
 
 
 @dataclass(frozen=True)
@@ -40,11 +39,6 @@ class EditorOptions(ModelOptions):
     )
     null_threshold: float = setting(2e-2, "AlphaEdit's null space: singular values of C below this")
     null_l2: float = setting(10.0, "AlphaEdit's L2 term α")
-    value_steps: int = setting(
-        SEARCH.steps,
-        "gradient steps of the value search (compute_v / compute_z; --v_steps: edit-sim's former name)",
-        aliases=("v_steps",),
-    )
-    value_lr: float = setting(
-        SEARCH.lr, "learning rate of the value search (--v_lr: edit-sim's former name)", aliases=("v_lr",)
+    value_search: ValueSearch = setting(
+        ValueSearch(), "the value search (ROME's compute_v, MEMIT's compute_z): the target value each edit writes"
     )

@@ -42,7 +42,7 @@ from kis_lens.editing.metrics import correlations, fraction
 from kis_lens.editing.options import EditorOptions
 from kis_lens.editing.registry import check_edit_layer
 from kis_lens.editing.templates import rome_context_templates
-from kis_lens.editing.values import EditPrompt, ValueSearch, compute_target, edit_prompt, target_logprobs
+from kis_lens.editing.values import EditPrompt, compute_target, edit_prompt, target_logprobs
 from kis_lens.editing.weights import applied_delta
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts, sample_facts
@@ -63,8 +63,6 @@ from kis_lens.tokens import pad_batch, pad_token_id
 from kis_lens.w_out import output_weight
 
 CONDITIONS: tuple[str, ...] = ("rome", "rome_orthogonal", "alphaedit", "memit")
-# edit_sim.json records the value search under the names edit-sim first gave it.
-SAVED_NAMES: dict[str, str] = {"value_steps": "v_steps", "value_lr": "v_lr"}
 
 
 @dataclass(frozen=True)
@@ -90,10 +88,6 @@ class EditSimConfig(EditorOptions):
         if not self.ridge >= 0:  # also refuses NaN
             raise KisError(f"ridge must be zero or positive, not {self.ridge}: e.g. --ridge 1e-6")
         self.check()
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the settings as a JSON-ready dict, under the names edit_sim.json has always used."""
-        return {SAVED_NAMES.get(name, name): value for name, value in super().to_dict().items()}
 
     def check(self) -> None:
         """Raise KisError for settings the simulation cannot run (also run on construction)."""
@@ -179,9 +173,8 @@ def _prepare(config: EditSimConfig, model: HookedModel) -> _Bench:
     edited = facts[: config.n_edits]
     # the one value search of kis lifelong (ROME's compute_v over its context templates), on the unedited model
     templates = rome_context_templates(model, seed=config.seed)
-    search = ValueSearch(steps=config.value_steps, lr=config.value_lr)
     shifts = [
-        compute_target(model, layer, fact, templates, search, "mlp_out", prepend_bos).delta
+        compute_target(model, layer, fact, templates, config.value_search, "mlp_out", prepend_bos).delta
         for fact in tqdm(edited, desc="target values", disable=not config.progress, dynamic_ncols=True, leave=False)
     ]
     targets = outputs[: config.n_edits] + torch.stack(shifts)

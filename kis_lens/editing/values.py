@@ -8,7 +8,6 @@ value step): v = output + δ, with a weight decay on δ and ROME's trust region 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -16,6 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from kis_lens.blocks import at_least, check_finite_settings, setting
 from kis_lens.editing.shifted_forward import shifted_forward, site_hook_name
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact
@@ -114,24 +114,40 @@ def frozen_parameters(model: HookedModel) -> Iterator[HookedModel]:
 
 @dataclass(frozen=True)
 class ValueSearch:
-    """The value search's settings; the defaults are ROME's GPT-2 XL hparams (MEMIT: clamp_norm_factor 0.75)."""
+    """The value search's settings; the defaults are ROME's GPT-2 XL hparams (MEMIT: clamp_norm_factor 0.75).
 
-    steps: int = 20
-    lr: float = 0.5
-    kl_factor: float = 0.0625
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    stop_loss: float = 5e-2
-    fast: bool = True  # the exact fast forward (kis_lens.editing.shifted_forward) where the architecture allows
+    The editing jobs nest it whole (EditorOptions.value_search): each setting's flag is --value_<name>, and its
+    aliases are ROME's hparam names and the flat names older configs gave it (kis_lens.blocks.flat_settings).
+    """
+
+    HELP_GROUP = "value search"  # the --help section of its flags (kis_lens.flags)
+    FLAG_PREFIX = "value_"  # its settings' flags: --value_steps, --value_lr, …
+
+    steps: int = setting(20, "gradient steps of the value search, per fact and update", aliases=("v_steps",))
+    lr: float = setting(0.5, "learning rate of the value search", aliases=("v_lr",))
+    kl_factor: float = setting(
+        0.0625, "weight of the KL term at the subject of '{subject} is a'", aliases=("kl_factor",)
+    )
+    weight_decay: float = setting(0.5, "ROME's weight decay ‖δ‖/‖v‖² on the value shift")
+    clamp_norm_factor: float = setting(
+        4.0,
+        "ROME's trust region ‖δ‖ ≤ this × ‖v‖ (kis lifelong's MEMIT/AlphaEdit: --memit_clamp_norm_factor)",
+        aliases=("clamp_norm_factor",),
+    )
+    stop_loss: float = setting(5e-2, "a fact's search stops once its loss is below this (negative: never early)")
+    fast: bool = setting(
+        True, "the exact fast forward in the value search where the architecture allows", aliases=("fast_values",)
+    )
 
     def __post_init__(self) -> None:
-        numbers = (self.lr, self.kl_factor, self.weight_decay, self.clamp_norm_factor, self.stop_loss)
-        if not all(math.isfinite(number) for number in numbers):
-            raise KisError(f"value-search settings must be finite numbers, got {numbers}")
-        if self.steps < 1 or not self.lr > 0:
-            raise KisError(f"the value search needs steps >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
-        if self.kl_factor < 0 or self.weight_decay < 0 or not self.clamp_norm_factor > 0:
-            raise KisError("kl_factor and weight_decay must be >= 0 and clamp_norm_factor > 0")
+        check_finite_settings(self)
+        at_least(f"{self.FLAG_PREFIX}steps", self.steps, 1)
+        for name in ("lr", "clamp_norm_factor", "kl_factor", "weight_decay"):
+            value, positive = getattr(self, name), name in ("lr", "clamp_norm_factor")
+            if value < 0 or (positive and value == 0):
+                flag, default = self.FLAG_PREFIX + name, type(self).__dataclass_fields__[name].default
+                bound = "positive" if positive else "zero or more"
+                raise KisError(f"--{flag} must be {bound}, not {value}: e.g. --{flag} {default} (its default)")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from kis_lens.config import RunConfig
 from kis_lens.editing.lifelong import run_lifelong
 from kis_lens.editing.lifelong_config import DEFAULT_EDITORS, LifelongConfig
 from kis_lens.editing.lifelong_result import collapse_summary, disabling_edits, judged_pairs
-from kis_lens.editing.values import edit_prompt, target_logprobs
+from kis_lens.editing.values import ValueSearch, edit_prompt, target_logprobs
 from kis_lens.errors import KisError
 from kis_lens.facts import facts_path
 from kis_lens.hooks import mlp_out_hook_name
@@ -42,7 +42,7 @@ SMALL: dict[str, Any] = dict(
     probe_every=2,
     batch_size=3,
     max_tokens=4000,
-    value_steps=4,
+    value_search=ValueSearch(steps=4),
     value_prompts=3,
     n_unedited=4,
     heldout_texts=3,
@@ -500,8 +500,8 @@ def test_bad_settings_are_refused_with_the_fix(tiny_model, tmp_path):
         LifelongConfig(editors=("rome", "fancy"))
     with pytest.raises(KisError, match="finite"):
         LifelongConfig(covariance_weight=float("nan"))
-    with pytest.raises(KisError, match="finite"):
-        LifelongConfig(value_lr=float("inf"))
+    with pytest.raises(KisError, match="--value_lr must be a finite number"):
+        LifelongConfig(value_search=ValueSearch(lr=float("inf")))
     with pytest.raises(KisError, match="ask for fewer"):
         run_lifelong(LifelongConfig(**{**SMALL, "n_edits": 10_000}, output_dir=str(tmp_path)), model=tiny_model)
     with pytest.raises(KisError, match="choose a layer"):

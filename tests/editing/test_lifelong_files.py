@@ -165,6 +165,36 @@ def test_legacy_files_are_keyed_by_what_they_ran(tmp_path):
     assert len(files.lifelong_run_groups(tmp_path)) == 2  # a legacy set never mixes with a new one
 
 
+# The value search's settings as runs recorded them before the search was nested in the config (value_search).
+FLAT_VALUE_SEARCH = {
+    "value_steps": 20,
+    "value_lr": 0.5,
+    "kl_factor": 0.0625,
+    "value_weight_decay": 0.5,
+    "clamp_norm_factor": 4.0,
+    "fast_values": True,
+}
+
+
+@pytest.mark.parametrize("shape", ["nested", "flat"])
+def test_runs_recording_the_value_search_nested_or_flat_both_load_and_render(tmp_path, shape):
+    """This kis records the value search as a block (settings.config.value_search, as LifelongConfig.to_dict gives
+    it); finished runs of an older kis hold its settings flat: a folder of either loads, groups and renders."""
+    from kis_lens.docs.lifelong import render_lifelong_markdown
+    from kis_lens.editing.lifelong_config import LifelongConfig
+
+    recorded = {"value_search": LifelongConfig().to_dict()["value_search"]} if shape == "nested" else FLAT_VALUE_SEARCH
+    results = standard_results()
+    for result in results.values():
+        result["settings"]["config"].update(recorded)
+        result["settings"]["identity"]["config"].update(recorded)
+    write_results(tmp_path, results)
+    found = files.load_lifelong_results(tmp_path)
+    assert found == loaded(results) and len(files.lifelong_run_groups(tmp_path)) == 1
+    text = render_lifelong_markdown(found)
+    assert ('"value_search": {' in text) == (shape == "nested") and ('"value_steps": 20' in text) == (shape == "flat")
+
+
 def test_a_cut_value_search_is_named_in_every_table():
     """A run with fewer prompts or steps than the originals' value search says "(cut)"; a full one does not."""
     full = {"settings": {"editor": {"name": "rome", "value_prompts_used": 21, "rome_search": {"steps": 20}}}}

@@ -14,7 +14,7 @@ from kis_lens.covariance import estimate_second_moments
 from kis_lens.editing.editors import rome_delta
 from kis_lens.editing.simulation import EditSimConfig, run_edit_simulation
 from kis_lens.editing.simulation_plots import editing_figures
-from kis_lens.editing.values import edit_prompt
+from kis_lens.editing.values import ValueSearch, edit_prompt
 from kis_lens.editing.weights import apply_delta
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts, sample_facts
@@ -29,7 +29,7 @@ SMALL = dict(
     n_unedited=6,
     batch_size=3,
     max_tokens=4000,
-    value_steps=3,
+    value_search=ValueSearch(steps=3),
     progress=False,
 )
 

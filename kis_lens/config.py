@@ -8,7 +8,7 @@ full (``RunConfig``, ``CacheCovConfig``), takes single settings of another block
 with ``with_defaults`` and may nest a block whole as one field (the editing jobs' ``value_search``), so every setting
 is declared once; ``block_of`` projects a config onto a block. A config holds only the settings its job honours: one
 it cannot run is left out (and so gets no flag), never inherited and then refused. That machinery is
-kis_lens.blocks' (re-exported here for the jobs). Each field carries its CLI help (and choices) as metadata:
+kis_lens.blocks'. Each field carries its CLI help (and choices) as metadata:
 ``kis_lens.flags`` builds the flags from the fields and parses them back. ``__post_init__`` refuses settings no job
 can run, with a ``KisError`` naming the problem and the fix.
 """
@@ -19,19 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from kis_lens.blocks import (  # noqa: F401 (the composing helpers are re-exported: the jobs import them from here)
-    Override,
-    ValueAlias,
-    at_least,
-    block_of,
-    borrow,
-    check_finite_settings,
-    field_kind,
-    field_kinds,
-    help_groups,
-    setting,
-    with_defaults,
-)
+from kis_lens.blocks import ValueAlias, at_least, check_finite_settings, setting
 from kis_lens.corpus import CORPUS_ORDERS, DEFAULT_SHUFFLE_BUFFER, EMBEDDED_CORPUS, WIKIPEDIA_CONFIG
 from kis_lens.errors import KisError
 from kis_lens.facts import DEFAULT_FACTS, DEFAULT_RECORD_SIZE

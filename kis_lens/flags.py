@@ -224,10 +224,9 @@ def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, *
 
     Settings no job can run (a NaN, a folder that cannot be written) raise KisError here, before any model loads.
     """
-    values = given_settings(args, config_class)  # a bad setting of the run file or a nested block's flag: named there
     run_file = getattr(args, RUN_FILE_DEST, None)
-    try:
-        config = config_class(**{**values, **overrides})
+    try:  # a nested block checks its settings as given_settings builds it, the config's own when it is built
+        config = config_class(**{**given_settings(args, config_class), **overrides})
     except KisError as error:
         if run_file is None:
             raise

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from kis_lens.blocks import block_of
 from kis_lens.cache_job import cache_second_moments
-from kis_lens.config import CacheOptions, CorpusOptions, ModelOptions, block_of
+from kis_lens.config import CacheOptions, CorpusOptions, ModelOptions
 from kis_lens.corpus import EMBEDDED_CORPUS, TextRange, corpus_texts, open_corpus
 from kis_lens.errors import KisError
 from kis_lens.layout import quarter_stats_path

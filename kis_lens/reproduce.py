@@ -21,8 +21,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kis_lens.analysis import SuperposedPair, orthogonality_comparison, summarize_matrix, top_pairs
+from kis_lens.blocks import Override, at_least, borrow, setting
 from kis_lens.classify import ClassifyConfig, ensure_split
-from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, Override, RunConfig, at_least, borrow, setting
+from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, RunConfig
 from kis_lens.corpus import EMBEDDED_WIKIPEDIA_CREDIT
 from kis_lens.docs.reproduction import (
     BUDGET_FRACTIONS,

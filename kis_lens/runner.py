@@ -16,16 +16,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kis_lens._version import __version__
+from kis_lens.blocks import block_of
 from kis_lens.cache_job import CacheReport, cache_second_moments
-from kis_lens.config import (
-    KNOWLEDGE_TYPES,
-    CacheCovConfig,
-    CacheOptions,
-    CorpusOptions,
-    ModelOptions,
-    RunConfig,
-    block_of,
-)
+from kis_lens.config import KNOWLEDGE_TYPES, CacheCovConfig, CacheOptions, CorpusOptions, ModelOptions, RunConfig
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact, load_facts, sample_facts
 from kis_lens.hooks import layer_range

@@ -31,7 +31,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, Override, at_least, borrow, setting
+from kis_lens.blocks import Override, at_least, borrow, setting
+from kis_lens.config import CorpusOptions, FactOptions, ModelOptions
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts
 from kis_lens.figure_files import write_figure_files

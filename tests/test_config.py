@@ -9,23 +9,21 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 
 import pytest
 
-from kis_lens.blocks import field_kinds, flat_settings, is_nested, with_flat
-from kis_lens.classify import ClassifyConfig
-from kis_lens.cli import build_parser, main
-from kis_lens.config import (
-    CacheCovConfig,
-    CacheOptions,
-    CorpusOptions,
-    FactOptions,
-    ModelOptions,
+from kis_lens.blocks import (
     Override,
-    RunConfig,
     block_of,
     borrow,
+    field_kinds,
+    flat_settings,
     help_groups,
+    is_nested,
     setting,
     with_defaults,
+    with_flat,
 )
+from kis_lens.classify import ClassifyConfig
+from kis_lens.cli import build_parser, main
+from kis_lens.config import CacheCovConfig, CacheOptions, CorpusOptions, FactOptions, ModelOptions, RunConfig
 from kis_lens.editing.lifelong_config import LifelongConfig
 from kis_lens.editing.options import EditorOptions
 from kis_lens.editing.simulation import EditSimConfig

@@ -7,8 +7,9 @@ import random
 
 import pytest
 
+from kis_lens.blocks import block_of
 from kis_lens.cache_job import cache_second_moments
-from kis_lens.config import CacheOptions, RunConfig, block_of
+from kis_lens.config import CacheOptions, RunConfig
 from kis_lens.corpus import (
     EMBEDDED_CORPUS,
     WIKIPEDIA_CONFIG,

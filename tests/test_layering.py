@@ -99,3 +99,30 @@ def test_result_readers_do_not_import_the_jobs():
     jobs = {"runner", "cache_job", "covariance", "reproduce", "cli"}
     for reader in ("analysis", "plots", "plot_distributions", "report", "results"):
         assert _imports(PACKAGE / f"{reader}.py") & jobs == set(), reader
+
+
+def _offered_imports(path: Path) -> list[str]:
+    """Return the kis_lens names a module imports only to offer them: marked unused (noqa F401), aliased to
+    themselves (`import x as x`), or listed in its __all__."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    offered, imported = [], set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kis_lens"):
+            marked = any("noqa: F401" in lines[number - 1] for number in range(node.lineno, node.end_lineno + 1))
+            offered += [alias.name for alias in node.names if marked or alias.asname == alias.name]
+            imported |= {alias.asname or alias.name for alias in node.names}
+        elif isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "__all__" for target in node.targets):
+            offered += [element.value for element in node.value.elts if element.value in imported]
+    return offered
+
+
+def test_no_module_but_the_package_offers_names_it_imports():
+    """Each name is imported from the module that defines it: no shim or re-export, bar the package's own front."""
+    offering = {
+        _module_name(path): _offered_imports(path)
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if _module_name(path) != "__init__"
+    }
+    assert {module: names for module, names in offering.items() if names} == {}
+    assert "load_model" in _offered_imports(PACKAGE / "__init__.py")  # the front the README documents

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from kis_lens.blocks import block_of
 from kis_lens.cli import build_parser, cache_cov_config, main
-from kis_lens.config import CacheCovConfig, CacheOptions, RunConfig, block_of
+from kis_lens.config import CacheCovConfig, CacheOptions, RunConfig
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts
 from kis_lens.layout import LEGACY_DIRS, original_npy_path

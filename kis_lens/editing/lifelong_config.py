@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from kis_lens.config import Override, at_least, setting, with_defaults
+from kis_lens.blocks import Override, at_least, setting, with_defaults
 from kis_lens.corpus import EMBEDDED_CORPUS
 from kis_lens.editing.options import EditorOptions
 from kis_lens.editing.registry import EDITOR_NAMES, EditorSettings, get_editor

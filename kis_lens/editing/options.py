@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, Override, RunConfig, borrow, setting
+from kis_lens.blocks import Override, borrow, setting
+from kis_lens.config import CorpusOptions, FactOptions, ModelOptions, RunConfig
 from kis_lens.editing.values import ValueSearch
 
 

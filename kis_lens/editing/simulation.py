@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kis_lens._version import __version__
-from kis_lens.config import Override, at_least, setting, with_defaults
+from kis_lens.blocks import Override, at_least, setting, with_defaults
 from kis_lens.editing.editors import (
     NullSpace,
     alphaedit_update,

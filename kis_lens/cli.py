@@ -1,9 +1,9 @@
 """The `kis` command: one subcommand per step of the original scripts, each a thin call into kis_lens.runner.
 
-The flags of a job are generated from its config dataclass (kis_lens.flags reads each field's type, default and
-help), so a default lives only on its field. Only command options that are not settings of a job are declared here.
-Every job that writes results also writes its run file (kis_lens.run_file; where: kis_lens.layout), which
-`kis --config FILE` reruns.
+The cache commands are kis_lens.cli_stats'. The flags of a job are generated from its config dataclass
+(kis_lens.flags reads each field's type, default and help), so a default lives only on its field. Only command
+options that are not settings of a job are declared here. Every job that writes results also writes its run file
+(kis_lens.run_file; where: kis_lens.layout), which `kis --config FILE` reruns.
 """
 
 from __future__ import annotations
@@ -12,40 +12,27 @@ import argparse
 import shlex
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from kis_lens._version import __version__
-from kis_lens.config import DEFAULT_OUTPUT_DIR, CacheCovConfig, ModelOptions, RunConfig, check_outputs
+from kis_lens.cli_stats import add_stats_commands, cache_cov_config
+from kis_lens.config import DEFAULT_OUTPUT_DIR, RunConfig, check_outputs
 from kis_lens.errors import KisError
 from kis_lens.file_errors import file_failure_message
 from kis_lens.flags import (
     RUN_FILE_OPTION,
     WRITE_RUN_FILE_DEST,
     add_config_flags,
+    add_subcommand,
     config_from_args,
     default_of,
     flag,
-    given_settings,
 )
 from kis_lens.layout import latest_results, run_file_beside, run_file_in
 from kis_lens.matrices import MATRIX_NAMES
-from kis_lens.run_file import run_file_command, write_run_file
+from kis_lens.run_file import announce_run_file, run_file_command
 from kis_lens.runner import run_matrices
-
-
-def _subcommand(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
-    """Add a subcommand; every one takes --debug."""
-    parser = sub.add_parser(name, help=help_text, description=help_text)
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    return parser
-
-
-def _write_run_file(args: argparse.Namespace, config: ModelOptions, path: Path, verb: str = "rerun") -> None:
-    """Write the job's run file to path (every setting, for `kis --config`) and say where."""
-    written = write_run_file(path, args.command, config)
-    print(f"run file: {written} ({verb}: kis --config {shlex.quote(str(written))})")
 
 
 def _print_result_paths(config: RunConfig, started: float, result) -> None:
@@ -60,7 +47,7 @@ def _matrices_command(names: Sequence[str]) -> Callable[[argparse.Namespace], No
         started = time.perf_counter()
         result = run_matrices(config, names=names)
         _print_result_paths(config, started, result)
-        _write_run_file(args, config, run_file_in(result.path.parent))
+        announce_run_file(run_file_in(result.path.parent), args.command, config)
         if getattr(args, "report", False):
             from kis_lens.editing.results import run_report_sections
             from kis_lens.report import write_report_files
@@ -69,172 +56,6 @@ def _matrices_command(names: Sequence[str]) -> Callable[[argparse.Namespace], No
             print(f"report: {report}\nper-layer table: {table}")
 
     return command
-
-
-def cache_cov_config(args: argparse.Namespace) -> CacheCovConfig:
-    """Return the CacheCovConfig of parsed `kis cache-cov` flags.
-
-    --sample_size without --max_tokens lifts the token budget: every token of those texts, or of the whole corpus
-    for --sample_size all (what the original Cache_Cov.py's --sample_size all read).
-    """
-    given = given_settings(args, CacheCovConfig)  # a run file's settings count as given
-    unlimited = "sample_size" in given and "max_tokens" not in given
-    return config_from_args(args, CacheCovConfig, **({"max_tokens": None} if unlimited else {}))
-
-
-def _cache_cov_command(args: argparse.Namespace) -> None:
-    from kis_lens.distributed import init_from_env, local_device
-    from kis_lens.runner import cache_covariance_job
-
-    rank, _ = init_from_env()  # under torchrun: join the group, shard the corpus, all-reduce the sums
-    requested = cache_cov_config(args)
-    config = requested
-    if config.device is None and local_device():
-        config = replace(config, device=local_device())
-    report = cache_covariance_job(config)
-    if rank == 0:
-        print(f"done: {report.summary()}")
-        if report.paths:  # the requested config: each rank of a rerun under torchrun picks its own device again
-            _write_run_file(args, requested, run_file_in(next(iter(report.paths.values())).parent, args.command))
-
-
-def _merge_stats_command(args: argparse.Namespace) -> None:
-    from kis_lens.storage import merge_caches
-
-    check_outputs({"output_dir": args.output_dir})
-    for path in merge_caches(args.inputs, args.output_dir, dtype=args.stats_dtype):
-        print(f"merged: {path}")
-
-
-def _import_stats_command(args: argparse.Namespace) -> None:
-    from kis_lens.storage import import_layer_stats
-
-    check_outputs({"output_dir": args.output_dir})
-    prepend_bos = None if args.prepend_bos is None else args.prepend_bos == "true"
-    path = import_layer_stats(
-        args.npz,
-        args.model_name,
-        args.layer,
-        args.output_dir,
-        args.corpus,
-        prepend_bos=prepend_bos,
-        max_length=args.max_length,
-    )
-    print(
-        f"imported {args.npz} as {path} (C = mom2.mom2 / mom2.count; the model's fingerprint is recorded on first use)"
-    )
-
-
-def _export_stats_command(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from kis_lens.storage import export_npz
-
-    check_outputs({"output": args.output})
-    path = export_npz(args.cache, args.output, precision=args.precision, sample_size=args.sample_size)
-    with np.load(path, allow_pickle=False) as data:
-        sample_size = int(data["sample_size"])
-    layer_name = args.layer_name or "{layer_name}"
-    print(
-        f"exported {args.cache} as {path} "
-        f"(sample_size {sample_size}: ROME loads it only for mom2_n_samples={sample_size})"
-    )
-    print(
-        f"ROME/MEMIT look it up as {layer_name}_{args.precision}_mom2_{sample_size}.npz "
-        f"in their {{model}}/{{dataset}}_stats folder"
-        + (
-            ""
-            if args.layer_name
-            else ", layer_name being hparams.rewrite_module_tmp of the layer (e.g. transformer.h.5.mlp.c_proj)"
-        )
-    )
-
-
-def _stats_parsers(sub: argparse._SubParsersAction) -> None:
-    from kis_lens.storage import STATS_DTYPES, export_npz, import_layer_stats, merge_caches
-
-    stats_dtypes = sorted(STATS_DTYPES)
-    cache = _subcommand(
-        sub, "cache-cov", "estimate and cache C = E[k kᵀ] for every layer in one pass (resumable; torchrun shards it)"
-    )
-    add_config_flags(cache, CacheCovConfig)
-    cache.set_defaults(handler=_cache_cov_command)
-    merge = _subcommand(sub, "merge-stats", "merge caches computed on separate machines (sums and counts add)")
-    merge.add_argument(
-        "inputs", nargs="+", help="cache files, or stats folders whose layer_*_mom2.safetensors are merged by name"
-    )
-    flag(merge, "output_dir", required=True, help="folder for the merged caches")
-    merged_dtype = default_of(merge_caches, "dtype")
-    flag(
-        merge,
-        "stats_dtype",
-        default=merged_dtype,
-        choices=stats_dtypes,
-        help=f"dtype of the stored C (default {merged_dtype})",
-    )
-    importer = _subcommand(
-        sub,
-        "import-stats",
-        "read a ROME/MEMIT/AlphaEdit layer_stats .npz (mom2.mom2 = Σ k kᵀ, mom2.count) as a kis cache",
-    )
-    importer.add_argument("npz", help="the .npz file")
-    flag(importer, "model_name", required=True, help="the model it was computed on (as you pass it to kis)")
-    flag(importer, "layer", type=int, required=True, help="its layer")
-    # Not argparse-required: the handler names the flag and why it is needed in one `kis: error:` line.
-    flag(
-        importer,
-        "prepend_bos",
-        choices=["true", "false"],
-        default=None,
-        help="required: whether BOS preceded each text when it was computed (ROME: the HF tokenizer's default)",
-    )
-    flag(
-        importer,
-        "max_length",
-        type=int,
-        default=None,
-        help="the token length texts were truncated to (ROME: n_positions), recorded when given",
-    )
-    output_dir, corpus = default_of(ModelOptions, "output_dir"), default_of(import_layer_stats, "corpus")
-    flag(importer, "output_dir", default=output_dir, help=f"kis output folder (default {output_dir})")
-    flag(
-        importer,
-        "corpus",
-        default=corpus,
-        help=f"the corpus it was computed on (names the cache folder; default {corpus})",
-    )
-    exporter = _subcommand(
-        sub, "export-stats", "write a kis cache as the layer_stats .npz ROME/MEMIT/AlphaEdit write and load"
-    )
-    exporter.add_argument("cache", help="a layer_*_mom2.safetensors cache")
-    flag(exporter, "output", required=True, help="the .npz to write")
-    precision = default_of(export_npz, "precision")
-    flag(
-        exporter,
-        "precision",
-        default=precision,
-        choices=stats_dtypes,
-        help=f"dtype of the stored sum, ROME's precision (default {precision})",
-    )
-    flag(
-        exporter,
-        "sample_size",
-        type=int,
-        default=None,
-        help=(
-            "the sample_size ROME matches against mom2_n_samples "
-            "(default the cache's sample_size, else its number of texts)"
-        ),
-    )
-    flag(
-        exporter,
-        "layer_name",
-        default=None,
-        help="ROME's module name of the layer, only to print the file name ROME looks for",
-    )
-    merge.set_defaults(handler=_merge_stats_command)
-    importer.set_defaults(handler=_import_stats_command)
-    exporter.set_defaults(handler=_export_stats_command)
 
 
 def _classify_facts_command(args: argparse.Namespace) -> None:
@@ -258,13 +79,13 @@ def _classify_facts_command(args: argparse.Namespace) -> None:
         f"{split.n_facts} facts of {config.facts} (target in its top-{split.top_k}); {len(split.unknown)} unknown"
     )
     print(f"split: {path} (used by --knowledge_type known|unknown with the same --output_dir)")
-    _write_run_file(args, config, run_file_beside(path))
+    announce_run_file(run_file_beside(path), args.command, config)
 
 
 def _classify_parser(sub: argparse._SubParsersAction) -> None:
     from kis_lens.classify import ClassifyConfig
 
-    parser = _subcommand(sub, "classify-facts", "split the facts into known/unknown for a model (top-k next token)")
+    parser = add_subcommand(sub, "classify-facts", "split the facts into known/unknown for a model (top-k next token)")
     add_config_flags(parser, ClassifyConfig)
     parser.set_defaults(handler=_classify_facts_command)
 
@@ -293,7 +114,7 @@ def _report_command(args: argparse.Namespace) -> None:
 def _report_parser(sub: argparse._SubParsersAction) -> None:
     from kis_lens.report import report_from_results
 
-    parser = _subcommand(
+    parser = add_subcommand(
         sub, "report", "write the HTML report (plotly.min.js beside it) and a per-layer CSV of a saved run"
     )
     top_k, threshold = default_of(report_from_results, "top_k"), default_of(report_from_results, "threshold")
@@ -341,13 +162,13 @@ def _reproduce_command(args: argparse.Namespace) -> None:
     for verdict in report.verdicts:
         print(f"  {verdict.claim}: {verdict.verdict}")
     print(f"document: {report.settings['doc_path']}\nnumbers: {report.settings['numbers_path']}")
-    _write_run_file(args, config, run_file_beside(report.settings["numbers_path"]))
+    announce_run_file(run_file_beside(report.settings["numbers_path"]), args.command, config)
 
 
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
     from kis_lens.reproduce import ReproduceConfig
 
-    parser = _subcommand(
+    parser = add_subcommand(
         sub,
         "reproduce",
         "classify facts, cache C on four token quarters, all matrices on every layer, judge each claim of the paper",
@@ -376,13 +197,13 @@ def _edit_sim_command(args: argparse.Namespace) -> None:
         corr = result.summary["rome"]["predicted_vs_measured_logprob_drift"]
         print(f"  P-predicted vs measured drift (ROME): Spearman {corr['spearman']}")
     print(f"results: {result.path} (+ edit_retention.html, edit_interference.html)")
-    _write_run_file(args, config, run_file_in(result.path.parent))
+    announce_run_file(run_file_in(result.path.parent), args.command, config)
 
 
 def _edit_sim_parser(sub: argparse._SubParsersAction) -> None:
     from kis_lens.editing.simulation import EditSimConfig
 
-    parser = _subcommand(
+    parser = add_subcommand(
         sub, "edit-sim", "patched-output edit simulation: real vs whitened-orthogonal keys, P-predicted interference"
     )
     add_config_flags(parser, EditSimConfig)
@@ -407,13 +228,13 @@ def _lifelong_command(args: argparse.Namespace) -> None:
     folder = next(iter(results.values())).path.parent
     stems = ", ".join(result.settings["run_stem"] for result in results.values())
     print(f"results: {folder} ({stems}; figures lifelong_metrics.html, lifelong_interference.html)")
-    _write_run_file(args, config, run_file_in(folder, args.command))  # the run the folder's figures show
+    announce_run_file(run_file_in(folder, args.command), args.command, config)  # the run the folder's figures show
 
 
 def _lifelong_parser(sub: argparse._SubParsersAction) -> None:
     from kis_lens.editing.lifelong_config import LifelongConfig
 
-    parser = _subcommand(
+    parser = add_subcommand(
         sub,
         "lifelong",
         "hundreds of real sequential edits (ROME, r-/p-ROME, MEMIT, AlphaEdit, EMMET, none), CounterFact metrics",
@@ -436,13 +257,13 @@ def _trace_command(args: argparse.Namespace) -> None:
     print(f"peak layer {result.peak_layer} (mean IE {ie[result.peak_layer]:.4f}, last layer left out)")
     print(f"early-to-middle peak layer {result.peak_layer_early} (mean IE {ie[result.peak_layer_early]:.4f})")
     print(f"results: {result.path}")
-    _write_run_file(args, config, run_file_beside(result.path))
+    announce_run_file(run_file_beside(result.path), args.command, config)
 
 
 def _trace_parser(sub: argparse._SubParsersAction) -> None:
     from kis_lens.trace import TraceConfig
 
-    parser = _subcommand(
+    parser = add_subcommand(
         sub, "trace", "ROME's causal trace: indirect effect of restoring each layer's MLP output (to choose the layer)"
     )
     add_config_flags(parser, TraceConfig)
@@ -474,9 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
         "whitening-cos": ("cosine of keys in the whitened space per layer", ("whitening_cos",)),
         "activation-cos": ("cosine of keys per layer", ("activation_cos",)),
     }
-    _stats_parsers(sub)
+    add_stats_commands(sub)
     for name, (help_text, names) in commands.items():
-        command = _subcommand(sub, name, help_text)
+        command = add_subcommand(sub, name, help_text)
         add_config_flags(command, RunConfig)
         command.set_defaults(handler=_matrices_command(names))
         if name == "all":
@@ -495,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _write_config_only(args: argparse.Namespace) -> None:
     """Write the run file of the parsed settings to --write_config's path, running nothing (`kis --config` runs it)."""
     config = cache_cov_config(args) if args.command == "cache-cov" else config_from_args(args, args.config_class)
-    _write_run_file(args, config, Path(getattr(args, WRITE_RUN_FILE_DEST)), "run it")
+    announce_run_file(Path(getattr(args, WRITE_RUN_FILE_DEST)), args.command, config, "run it")
 
 
 def _commands_with_run_files(parser: argparse.ArgumentParser) -> list[str]:

@@ -36,6 +36,13 @@ def _spellings(name: str) -> list[str]:
     return spellings
 
 
+def add_subcommand(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    """Add a `kis` subcommand whose help is its description; every one takes --debug."""
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
 def flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
     """Add a hand-declared option under both spellings."""
     parser.add_argument(*_spellings(name), dest=name, **kwargs)

@@ -114,6 +114,13 @@ def write_run_file(path: str | Path, command: str, config: Any) -> Path:
     return atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
 
 
+def announce_run_file(path: str | Path, command: str, config: Any, verb: str = "rerun") -> Path:
+    """Write the job's run file to path and print where it is and how to run it."""
+    written = write_run_file(path, command, config)
+    print(f"run file: {written} ({verb}: kis --config {shlex.quote(str(written))})")
+    return written
+
+
 def read_run_file(path: str | Path) -> dict[str, Any]:
     """Return a run file's top level (command, kis_lens_version, config); KisError when it is no run file."""
     path = Path(path)

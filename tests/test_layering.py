@@ -52,6 +52,7 @@ LEVELS: list[tuple[str, ...]] = [
     ("docs.lifelong_study",),
     ("reproduce", "editing", "trace"),
     # Entry points.
+    ("cli_stats",),
     ("cli", "__init__"),
 ]
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kis_lens.blocks import block_of
-from kis_lens.cli import build_parser, cache_cov_config, main
+from kis_lens.cli import build_parser, main
+from kis_lens.cli_stats import cache_cov_config
 from kis_lens.config import CacheCovConfig, CacheOptions, RunConfig
 from kis_lens.errors import KisError
 from kis_lens.facts import load_facts

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from kis_lens import __version__
 from kis_lens.blocks import field_kind, flat_settings, is_nested
 from kis_lens.classify import ClassifyConfig
-from kis_lens.cli import build_parser, cache_cov_config, main
+from kis_lens.cli import build_parser, main
+from kis_lens.cli_stats import cache_cov_config
 from kis_lens.config import CacheCovConfig, RunConfig
 from kis_lens.editing.lifelong_config import LifelongConfig
 from kis_lens.editing.simulation import EditSimConfig

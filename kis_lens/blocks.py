@@ -230,20 +230,22 @@ class FlatSetting:
     optional: bool
     section: str | None  # its --help section (None: the job's own settings)
     block: str | None = None  # the config field that holds its nested block (None: a field of the config itself)
+    # Plain attributes, not properties: the flag generator reads them for every setting of every command.
+    metadata: Mapping[str, Any] = field(init=False)  # the declaring field's (help, aliases, choices, …)
+    key: str = field(init=False)  # where it sits in a config: "layer", or "value_search.steps"
 
-    @property
-    def metadata(self) -> Mapping[str, Any]:
-        """Return the declaring field's metadata (help, aliases, choices, …)."""
-        return self.item.metadata
-
-    @property
-    def key(self) -> str:
-        """Return where it sits in a config: "layer", or "value_search.steps"."""
-        return self.name if self.block is None else f"{self.block}.{self.item.name}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metadata", self.item.metadata)
+        object.__setattr__(self, "key", self.name if self.block is None else f"{self.block}.{self.item.name}")
 
     def value_of(self, config: Any) -> Any:
         """Return the setting's value in config."""
         return getattr(getattr(config, self.block) if self.block else config, self.item.name)
+
+
+def flat_values(config: Any) -> dict[str, Any]:
+    """Return every setting of a config by its flag name (a nested block's settings flattened), in field order."""
+    return {item.name: item.value_of(config) for item in flat_settings(type(config))}
 
 
 def _declared(config_class: type, item: Field) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from kis_lens._version import __version__
-from kis_lens.blocks import FlatSetting, flat_settings, help_groups, with_flat
+from kis_lens.blocks import FlatSetting, flat_settings, flat_values, help_groups, with_flat
 from kis_lens.errors import KisError
 from kis_lens.io import atomic_write
 
@@ -86,6 +86,7 @@ def run_file_text(command: str, config: Any, path: str | Path) -> str:
     sections = help_groups(type(config))
     section: str | None = ""
     block: str | None = None
+    values = flat_values(config)
     for item in flat_settings(type(config)):
         name = item.block or item.name
         if sections[name] != section:  # one comment line per block of settings, as `kis <command> --help`
@@ -93,7 +94,7 @@ def run_file_text(command: str, config: Any, path: str | Path) -> str:
             lines.append(f"  # {section or f'settings of kis {command}'}")
         if item.block is not None and item.block != block:  # a nested block: its mapping's key, then its settings
             lines.append(f"  {item.block}:  # {_help(type(config).__dataclass_fields__[item.block].metadata)}")
-        block, value = item.block, item.value_of(config)
+        block, value = item.block, values[item.name]
         indent = "    " if item.block else "  "
         lines.append(f"{indent}{item.item.name}: {_yaml_value(value)}  # {_help(item.metadata)}{_note(item, value)}")
     text = "\n".join(lines) + "\n"

@@ -371,11 +371,13 @@ def render_study_markdown(
             "## Compute",
             "",
             "Each run as `benchmarks/lifelong_runs.py` ran it: one thread, with the other lane "
-            "running beside it (timings labelled concurrent).",
+            "running beside it (timings labelled concurrent). Wall hours are those of the job's last start: a run "
+            "stopped and resumed from its checkpoint counts only the part after the restart here, while the last "
+            "column of the sensitivity table is the run's own compute over all its starts.",
             "",
         ]
         lines += _table(
-            ("job", "command", "hours", "lanes beside", "commit"),
+            ("job", "command", "wall hours (last start)", "lanes beside", "commit"),
             [
                 (
                     e["job"],

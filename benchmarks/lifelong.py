@@ -1,15 +1,16 @@
-"""Copy a set of `kis lifelong` runs into benchmarks/results/lifelong/ and regenerate docs/lifelong.md from them.
+"""Copy `kis lifelong` runs into benchmarks/results/lifelong/ and regenerate docs/lifelong.md from them.
 
-    .venv/bin/python benchmarks/lifelong.py --from results/smollm2-135m/lifelong/layer_4 [--stems S1,S2,...]
+    .venv/bin/python benchmarks/lifelong.py --study results/smollm2-135m/lifelong   # every finished run: a study
+    .venv/bin/python benchmarks/lifelong.py --from results/.../layer_4 [--stems S1,S2,...]   # one set of runs
     .venv/bin/python benchmarks/lifelong.py           # re-render docs/lifelong.md from the committed JSONs
     .venv/bin/python benchmarks/lifelong.py --check   # write nothing; exit 1 when docs/lifelong.md differs
 
---from copies one set of runs (the given stems, else the newest set sharing one identity; partial checkpoints
-never) and replaces the committed set: benchmarks/results/lifelong/ holds exactly one set, so the doc never
-depends on file dates. The committed set is still the legacy one of an older kis (lifelong_<editor>.json: its
-"rome" was p-ROME, its "memit" a one-layer λ = 1 fit, now emmet, its "alphaedit" not the original): the doc says
-so in a "Superseded" banner and marks every verdict superseded. Each JSON records its command in settings.command;
-tests/test_docs_numbers.py fails when the doc is not this script's output.
+--study copies every finished run of a campaign (layer_<L>/ folders; partial checkpoints never), with the causal
+traces and the queue's compute log, and writes the study (kis_lens.docs.lifelong_study): verdicts across edit
+orders, with an "Interim" banner while an editor has fewer than 3 orders. --from copies one set of runs (the given
+stems, else the newest set sharing one identity) and replaces the committed set, so the doc never depends on file
+dates. Each JSON records its command in settings.command; tests/system/test_docs_numbers.py fails when the doc is
+not this script's output.
 """
 
 from __future__ import annotations

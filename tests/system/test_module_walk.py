@@ -14,6 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # these as the pipeline gets there; a change that raises them is a regression.
 MAX_ENTRIES = 92
 MAX_ENTRIES_LOOP_BODIES_MERGED = 58
+# The reader's walk (each function read once): most stays in one module (runner, the driver) and most calls into one
+# module from another (tokens), when the reader's walk was added.
+MAX_READER_ENTRIES = 17
+MAX_READER_CALL_ENTRIES = 7
 
 
 def _module_walk():
@@ -68,5 +72,8 @@ def test_kis_all_enters_no_module_more_often_than_it_does_today(tmp_path):
     found = _module_walk().walk_kis_all(tmp_path)
     assert found["max_entries"] <= MAX_ENTRIES, found["entries"]
     assert found["loop_bodies_merged"]["max_entries"] <= MAX_ENTRIES_LOOP_BODIES_MERGED, found["loop_bodies_merged"]
+    reader = found["reader"]
+    assert reader["max_entries"] <= MAX_READER_ENTRIES, reader["entries"]
+    assert reader["max_call_entries"] <= MAX_READER_CALL_ENTRIES, reader["call_entries"]
     assert {"cli", "runner", "results", "layout"} <= set(found["entries"])  # from the flag to the saved file
     assert found["entries"]["cli"] >= 1 and found["total_stays"] > found["modules"]

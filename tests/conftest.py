@@ -52,14 +52,18 @@ def tiny_gpt2():
 
 # The tiny models' matrices are too small for a second intra-op thread to help, and on a busy 2-core machine its
 # spin-waits made a tiny-model covariance pass 10-20x slower (0.5 s with one thread, 7-11 s with two). The real
-# model is big enough to gain from every core, so its tests keep torch's default.
+# model is big enough to gain from every core. The count is set per test module, not per test: a module's fixtures
+# and its tests must compute on the same count, or float sums differ in the last bit (test_gguf_faults compares
+# logits with torch.equal against its module fixture's).
 DEFAULT_THREADS = torch.get_num_threads()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _threads_for_the_model_size(request):
-    """Run each test on one intra-op thread, except those with the real SmolLM2 (torch's default count)."""
-    torch.set_num_threads(DEFAULT_THREADS if "smollm2" in request.fixturenames else 1)
+    """Run a test module on one intra-op thread, or on torch's default when a test of it uses the real SmolLM2."""
+    items = [item for item in request.session.items if getattr(item, "module", None) is request.module]
+    real_model = any("smollm2" in getattr(item, "fixturenames", ()) for item in items)
+    torch.set_num_threads(DEFAULT_THREADS if real_model else 1)
     yield
     torch.set_num_threads(DEFAULT_THREADS)
 

@@ -30,14 +30,7 @@ def reproduction(tmp_path_factory):
         permutations=100,
         progress=False,
     )
-    # On the one intra-op thread the tests run on (conftest), which a module fixture's setup precedes: the rerun's
-    # matrices must come from the same thread count to match these to the bit.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return reproduce(config), config, folder
-    finally:
-        torch.set_num_threads(threads)
+    return reproduce(config), config, folder
 
 
 @pytest.mark.slow

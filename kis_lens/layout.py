@@ -79,13 +79,6 @@ def part_cache_name(corpus: str, part: str, start: int, stop: int) -> str:
     return f"{corpus}_{path_component(part, 'text range name')}_texts{start}-{stop}"
 
 
-def quarter_stats_path(
-    output_dir: str | Path, model: str, corpus: str, quarter: str, start: int, stop: int, layer: int
-) -> Path:
-    """Return where `kis reproduce` caches a layer's C on one quarter of a corpus, its texts [start, stop)."""
-    return stats_path(output_dir, model, part_cache_name(corpus, quarter, start, stop), layer)
-
-
 # ---------------------------------------------------------------------------------------------- matrices runs
 
 RUNS_FOLDER = "runs"

@@ -3,7 +3,7 @@
 ¼ (q1), ½ (q1+q2) and all of the tokens give the convergence curve of P, and the two disjoint halves (q1+q2 vs
 q3+q4) its estimation noise. The texts are split by their share of the budget; each quarter, a range of the
 corpus' texts, is then a covariance cache job of its own (kis_lens.cache_job: checkpoints, resume, folder locks),
-cached where kis_lens.layout.quarter_stats_path says.
+cached in a folder of its own (kis_lens.layout.part_cache_name).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from kis_lens.cache_job import cache_second_moments
 from kis_lens.config import CacheOptions, CorpusOptions, ModelOptions
 from kis_lens.corpus import EMBEDDED_CORPUS, TextRange, corpus_texts, open_corpus
 from kis_lens.errors import KisError
-from kis_lens.layout import quarter_stats_path
+from kis_lens.layout import stats_path
 from kis_lens.models import HookedModel, model_info, resolve_prepend_bos
 from kis_lens.stats import SecondMoment
 from kis_lens.storage import CacheKey, load_second_moment, read_metadata
@@ -76,18 +76,16 @@ def load_quarter_moments(
 ) -> dict[str, dict[int, SecondMoment]] | None:
     """Return the four quarters' cached moments for every layer, made with this budget and batching, else None."""
     info, corpus = model_info(model), open_corpus(EMBEDDED_CORPUS)
+    prepend_bos = resolve_prepend_bos(model, None)
     quarters: dict[str, dict[int, SecondMoment]] = {}
     for texts in quarter_ranges(model, max_tokens, batch_token):
+        part = corpus.part(texts)  # where and under which identity the cache job put this quarter
         quarters[texts.name] = {}
         for layer in layers:
-            path = quarter_stats_path(
-                output_dir, info.name, corpus.cache_name, texts.name, texts.start, texts.stop, layer
-            )
+            path = stats_path(output_dir, info.name, part.cache_name, layer)
             if not path.is_file():
                 return None
-            key = CacheKey.for_model(
-                info, layer, EMBEDDED_CORPUS, corpus.part(texts).identity, resolve_prepend_bos(model, None)
-            )
+            key = CacheKey.for_model(info, layer, EMBEDDED_CORPUS, part.identity, prepend_bos)
             quarters[texts.name][layer] = load_second_moment(path, expect=key)[0]
     return quarters
 

@@ -16,7 +16,7 @@ def test_every_path_spelled_out():
     assert layout.stats_path(out, "gpt2", "wikipedia", 3) == out / "stats/gpt2/wikipedia_stats/layer_3_mom2.safetensors"
     assert layout.stats_dir(out, "gpt2", "wikipedia", root="cov") == Path("cov/gpt2/wikipedia_stats")
     assert layout.checkpoints_dir(layout.stats_dir(out, "gpt2", "c")) == out / "stats/gpt2/c_stats/checkpoints"
-    assert layout.quarter_stats_path(out, "gpt2", "c", "q1", 40, 95, 0) == (
+    assert layout.stats_path(out, "gpt2", layout.part_cache_name("c", "q1", 40, 95), 0) == (
         out / "stats/gpt2/c_q1_texts40-95_stats/layer_0_mom2.safetensors"
     )
     run = layout.run_dir(out, "gpt2", "known", 128, "subject_last")

@@ -12,7 +12,7 @@ from kis_lens.config import CacheOptions
 from kis_lens.corpus import EMBEDDED_CORPUS, EMBEDDED_WIKIPEDIA_CREDIT, TextRange, corpus_texts, open_corpus
 from kis_lens.covariance import estimate_second_moments
 from kis_lens.errors import KisError
-from kis_lens.layout import quarter_stats_path, stats_path
+from kis_lens.layout import part_cache_name, stats_path
 from kis_lens.models import load_model, resolve_prepend_bos
 from kis_lens.quarters import QUARTERS, load_quarter_moments, quarter_second_moments
 from kis_lens.reproduce import ReproduceConfig
@@ -72,7 +72,8 @@ def test_quarter_caches_live_apart_say_what_they_are_and_are_reused(tmp_path, mo
     runs = _old_quarter_texts(model, BUDGET, model.cfg.n_ctx)
     start = 0
     for quarter, texts in zip(QUARTERS, runs):
-        path = quarter_stats_path(tmp_path, "tiny-gpt2", EMBEDDED_CORPUS, quarter, start, start + len(texts), 1)
+        folder = part_cache_name(EMBEDDED_CORPUS, quarter, start, start + len(texts))
+        path = stats_path(tmp_path, "tiny-gpt2", folder, 1)
         assert path.parent.name == f"wikipedia-offline_{quarter}_texts{start}-{start + len(texts)}_stats"
         metadata = read_metadata(path)
         assert metadata["corpus_identity"] == f"wikipedia-offline|texts[{start}:{start + len(texts)}]"

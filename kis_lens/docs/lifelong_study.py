@@ -62,6 +62,28 @@ def _who(row: Mapping[str, Any]) -> str:
     return f"{editor_label(row['editor'])} (`{row['editor']}`)"
 
 
+def _across_orders(rows: Sequence[Mapping[str, Any]], rule: str) -> list[str]:
+    """Return the lines of a per-editor summary over edit orders of one per-run verdict."""
+    lines = ["", f"Across orders. Rule: {rule}.", ""]
+    if not rows:
+        return [*lines, "No run was judged.", ""]
+    return lines + _table(
+        ("editor", "layer", "orders judged", "seeds", "P − count: median", "range", "across orders"),
+        [
+            (
+                _who(row),
+                row["layer"],
+                row["n_orders"],
+                ", ".join(map(str, row["seeds"])),
+                _f(row["gap_median"]),
+                f"{_f(row['gap_min'])} … {_f(row['gap_max'])}",
+                f"**{row['verdict']}**",
+            )
+            for row in rows
+        ],
+    )
+
+
 def _trace_section(traces: Sequence[Mapping[str, Any]], figures: Mapping[str, str], layers: Sequence[int]) -> list[str]:
     """Return the causal-trace section: each trace's peak layers, its figure, and the edit layers it justifies."""
     lines = ["## The edit layer: ROME's causal trace", ""]
@@ -272,6 +294,9 @@ def render_study_markdown(
             if row.get("output_correlation")
         )
         + ".",
+    ]
+    lines += _across_orders(numbers["prediction_across_orders"], rules["across_orders"])
+    lines += [
         "",
         "## Which earlier edits are lost: P against the count",
         "",
@@ -305,6 +330,7 @@ def render_study_markdown(
             for row in numbers["forgetting_rows"]
         ],
     )
+    lines += _across_orders(numbers["forgetting_across_orders"], rules["across_orders"])
     predictors = numbers["collapse_predictors"]
     lines += ["", "## What predicts the collapse step", "", f"Rule: {rules['predictors']}.", ""]
     if predictors.get("too_few"):

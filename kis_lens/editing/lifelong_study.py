@@ -22,7 +22,14 @@ from typing import Any, Iterable, Mapping
 
 from kis_lens.editing.study_collapse import RULE_COLLAPSE, collapse_by_editor, collapse_rows, rho_alarm_rows
 from kis_lens.editing.study_paired import paired_comparison, paired_rule
-from kis_lens.editing.study_prediction import RULE_FORGETTING, forgetting_rows, prediction_rows
+from kis_lens.editing.study_prediction import (
+    RULE_ACROSS_ORDERS,
+    RULE_FORGETTING,
+    forgetting_across_orders,
+    forgetting_rows,
+    prediction_across_orders,
+    prediction_rows,
+)
 from kis_lens.editing.study_predictors import RULE_PREDICTORS, collapse_predictors
 from kis_lens.editing.study_runs import check_study, identification, run_name, run_settings
 from kis_lens.errors import KisError
@@ -72,19 +79,23 @@ def study(
         runs = load_study(folder_or_runs)
     else:
         runs = check_study(folder_or_runs)
+    predictions, forgetting = prediction_rows(runs), forgetting_rows(runs, n_boot, seed)
     return {
         "runs": [{**identification(run), "source": run_name(run)} for run in runs],
         "rules": {
             "collapse": RULE_COLLAPSE,
             "forgetting": RULE_FORGETTING,
+            "across_orders": RULE_ACROSS_ORDERS,
             "predictors": RULE_PREDICTORS,
             "paired": paired_rule("alphaedit", "rome"),
         },
         "collapse_rows": collapse_rows(runs),
         "collapse_by_editor": collapse_by_editor(runs),
         "rho_alarm_rows": rho_alarm_rows(runs),
-        "prediction_rows": prediction_rows(runs),
-        "forgetting_rows": forgetting_rows(runs, n_boot, seed),
+        "prediction_rows": predictions,
+        "prediction_across_orders": prediction_across_orders(predictions),
+        "forgetting_rows": forgetting,
+        "forgetting_across_orders": forgetting_across_orders(forgetting),
         "collapse_predictors": collapse_predictors(runs, n_boot, seed),
         "paired_comparison": paired_comparison(runs),
     }

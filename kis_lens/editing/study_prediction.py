@@ -7,7 +7,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from kis_lens.editing.lifelong_result import judged_pairs
-from kis_lens.editing.study_runs import NOT_JUDGED, identification, moved_weights, run_name, run_summary
+from kis_lens.editing.study_runs import (
+    NOT_JUDGED,
+    editor_rank,
+    identification,
+    moved_weights,
+    run_name,
+    run_summary,
+)
 from kis_lens.editing.verdicts import PREDICTORS, auroc, clustered_bootstrap
 from kis_lens.errors import KisError
 
@@ -16,6 +23,15 @@ RULE_FORGETTING = (
     "succeeded right after it was made: lost = its rewrite no longer succeeds at the probe. 'P beats the count' only "
     "where the AUROC of P for lost minus the AUROC of later_count, on the same resample of a bootstrap clustered by "
     "edit, has its interval above 0; 'not judged' where no edit was lost or none was kept"
+)
+
+MIN_ORDERS = 3  # issue 20: a claim across edit orders rests on at least three of them
+
+RULE_ACROSS_ORDERS = (
+    "per editor and layer, over its orders whose run was judged: 'in every order' only where the run's verdict holds "
+    f"in each of at least {MIN_ORDERS} orders; 'in k of n orders' where it holds in some, or in every one of fewer "
+    f"than {MIN_ORDERS}; 'in no order' where it holds in none. P minus the count is given as its median and range "
+    "over those orders"
 )
 
 OUTPUT_CORRELATION_NOTE = (
@@ -47,6 +63,61 @@ def prediction_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _prediction_gap(row: Mapping[str, Any]) -> float | None:
+    """Return a prediction row's Spearman of P minus that of the later-edit count (None where not measured)."""
+    gap = ((row.get("prediction_controls") or {}).get("difference") or {}).get("later_count") or {}
+    return gap.get("value")
+
+
+def _forgetting_gap(row: Mapping[str, Any]) -> float | None:
+    """Return a forgetting row's AUROC of P minus that of the later-edit count (None where not measured)."""
+    return (row.get("difference") or {}).get("value")
+
+
+def across_orders(
+    rows: Sequence[Mapping[str, Any]], holds: str, gap: Callable[[Mapping[str, Any]], float | None]
+) -> list[dict[str, Any]]:
+    """Return per editor and layer in how many judged orders a per-run verdict `holds`, and P − count over them."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row["verdict"] != NOT_JUDGED:
+            groups.setdefault((row["editor"], row["layer"]), []).append(row)
+    summary = []
+    for (editor, layer), members in sorted(groups.items(), key=lambda item: (editor_rank(item[0][0]), item[0][1])):
+        n, k = len(members), sum(row["verdict"] == holds for row in members)
+        gaps = [value for value in map(gap, members) if value is not None]
+        if k == n and n >= MIN_ORDERS:
+            verdict = f"{holds} in every order"
+        elif k:
+            verdict = f"{holds} in {k} of {n} orders"
+        else:
+            verdict = f"{holds} in no order"
+        summary.append(
+            {
+                "editor": editor,
+                "layer": layer,
+                "seeds": sorted(int(row["seed"]) for row in members),
+                "n_orders": n,
+                "n_holding": k,
+                "gap_median": float(np.median(gaps)) if gaps else None,
+                "gap_min": min(gaps) if gaps else None,
+                "gap_max": max(gaps) if gaps else None,
+                "verdict": verdict,
+            }
+        )
+    return summary
+
+
+def prediction_across_orders(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Return per editor and layer in how many orders P's prediction is reproduced (rows of prediction_rows)."""
+    return across_orders(rows, "reproduced", _prediction_gap)
+
+
+def forgetting_across_orders(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Return per editor and layer in how many orders P beats the count for lost edits (rows of forgetting_rows)."""
+    return across_orders(rows, "P beats the count", _forgetting_gap)
 
 
 def _forgetting_columns(run: Mapping[str, Any]) -> dict[str, list[Any]]:

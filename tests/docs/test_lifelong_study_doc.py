@@ -47,6 +47,8 @@ def test_the_doc_carries_the_study_verdicts_and_rules():
     for row in numbers["collapse_by_editor"]:
         assert f"**{row['verdict']}**" in text
     assert "**mixed: 2 of 3 orders**" in text  # AlphaEdit vs ROME: one order collapses earlier
+    for row in numbers["prediction_across_orders"] + numbers["forgetting_across_orders"]:
+        assert f"**{row['verdict']}**" in text
     for rule in numbers["rules"].values():
         assert rule.split(":")[0] in text
     assert "Interim" not in text  # three orders each

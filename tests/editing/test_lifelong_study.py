@@ -22,7 +22,12 @@ from kis_lens.editing.study_collapse import (
     rho_alarm_rows,
 )
 from kis_lens.editing.study_paired import paired_comparison
-from kis_lens.editing.study_prediction import forgetting_rows, prediction_rows
+from kis_lens.editing.study_prediction import (
+    forgetting_across_orders,
+    forgetting_rows,
+    prediction_across_orders,
+    prediction_rows,
+)
 from kis_lens.editing.study_predictors import collapse_predictors, cumulative_update_norm
 from kis_lens.editing.study_runs import check_study, run_key
 from kis_lens.editing.verdicts import PREDICTORS
@@ -216,6 +221,49 @@ def test_prediction_rows_take_the_summary_as_written():
     assert row["repeated_subjects"] == {"edits": [5], "pairs_left_out": 1}
     assert row["output_correlation"]["spearman"] == 0.98
     assert row["output_correlation_note"].startswith("listed, not judged")
+
+
+def judged_run(editor: str, seed: int, verdict: str, gap: float | None, layer: int = 4) -> dict[str, Any]:
+    """Return a run whose summary holds a P-prediction verdict and its Spearman gap of P over the count."""
+    controls = {"difference": {"later_count": {"value": gap, "low": None, "high": None}}}
+    verdict_entry = {"verdict": verdict, "reasons": []}
+    return make_run(editor, seed, layer, summary={"prediction_controls": controls, "prediction_verdict": verdict_entry})
+
+
+def test_prediction_across_orders_needs_every_one_of_three_orders():
+    gaps = {0: 0.21, 1: 0.16, 2: 0.05}
+    runs = [judged_run("memit", seed, "reproduced", gap) for seed, gap in gaps.items()]
+    runs += [judged_run("rome", seed, "not reproduced", -0.1 * (seed + 1)) for seed in range(2)]
+    runs += [judged_run("none", 0, "not judged", None)]
+    rows = {row["editor"]: row for row in prediction_across_orders(prediction_rows(runs))}
+
+    assert set(rows) == {"memit", "rome"}  # a run that was not judged is no order of its editor
+    assert rows["memit"]["verdict"] == "reproduced in every order" and rows["memit"]["seeds"] == [0, 1, 2]
+    assert rows["memit"]["gap_median"] == 0.16 and (rows["memit"]["gap_min"], rows["memit"]["gap_max"]) == (0.05, 0.21)
+    assert rows["rome"]["verdict"] == "reproduced in no order" and rows["rome"]["gap_median"] == pytest.approx(-0.15)
+
+    flipped = [judged_run("memit", 2, "not reproduced", -0.01) if index == 2 else run for index, run in enumerate(runs)]
+    (memit,) = [row for row in prediction_across_orders(prediction_rows(flipped)) if row["editor"] == "memit"]
+    assert memit["verdict"] == "reproduced in 2 of 3 orders" and memit["n_holding"] == 2
+    two_orders = prediction_across_orders(prediction_rows(runs[:2]))[0]
+    assert two_orders["verdict"] == "reproduced in 2 of 2 orders"  # every order, but fewer than three
+
+
+def test_forgetting_across_orders_reads_each_runs_auroc_gap_per_layer():
+    rows = [
+        {"editor": "rome", "seed": 0, "layer": 4, "verdict": "P beats the count", "difference": {"value": 0.1}},
+        {
+            "editor": "rome",
+            "seed": 1,
+            "layer": 4,
+            "verdict": "P does not beat the count",
+            "difference": {"value": -0.2},
+        },
+        {"editor": "rome", "seed": 0, "layer": 8, "verdict": "not judged", "difference": None},
+    ]
+    (found,) = forgetting_across_orders(rows)
+    assert (found["layer"], found["verdict"], found["n_orders"]) == (4, "P beats the count in 1 of 2 orders", 2)
+    assert found["gap_median"] == pytest.approx(-0.05)
 
 
 # ---------------------------------------------------------------------------------------------------- forgetting
@@ -451,7 +499,9 @@ def test_study_from_a_folder_and_from_runs(tmp_path):
         "collapse_by_editor",
         "rho_alarm_rows",
         "prediction_rows",
+        "prediction_across_orders",
         "forgetting_rows",
+        "forgetting_across_orders",
         "collapse_predictors",
         "paired_comparison",
     }

@@ -235,8 +235,8 @@ def config_from_args(args: argparse.Namespace, config_class: type = RunConfig, *
     try:  # a nested block checks its settings as given_settings builds it, the config's own when it is built
         config = config_class(**{**given_settings(args, config_class), **overrides})
     except KisError as error:
-        if run_file is None:
-            raise
+        if run_file is None or str(run_file) in str(error):
+            raise  # no run file, or the error already names it
         # The value may be the file's or a flag's: say both places to look.
         raise KisError(f"{error} (settings read from {run_file}, then the flags given)") from None
     check_outputs({item.name: getattr(config, item.name) for item in fields(config)})

@@ -167,6 +167,7 @@ def test_an_unknown_key_is_refused_naming_it_and_the_fix(tmp_path, capsys):
     path.write_text(text.replace("  record_size:", "  record_sise:"), encoding="utf-8")
     err = kis_error(capsys, ["all", "--config", str(path)])
     assert "unknown setting 'record_sise' for `kis all`" in err and "did you mean record_size?" in err
+    assert err.count(str(path)) == 1  # the message names the file once, without "(settings read from …)"
     path.write_text(text.replace("  token_position:", "  fact_token:"), encoding="utf-8")
     err = kis_error(capsys, ["--config", str(path)])
     assert "fact_token is the original scripts' name of token_position: write token_position instead" in err
@@ -448,7 +449,7 @@ def test_a_run_file_of_the_flat_value_settings_still_reads(tmp_path):
             ["setting value_search.steps is 'many'", "`steps: 20` under `value_search:`"],
         ),
         ("  value_search:\n    fast: maybe\n", ["setting value_search.fast is 'maybe'", "true or false"]),
-        ("  value_search:\n    steps: 0\n", ["value_steps must be at least 1", "settings read from"]),
+        ("  value_search:\n    steps: 0\n", ["run file", "value_steps must be at least 1"]),
         ("  value_search:\n    steps: 3\n  value_steps: 4\n", ["value_search.steps is given twice"]),
     ],
 )

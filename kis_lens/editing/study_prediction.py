@@ -91,7 +91,7 @@ def across_orders(
         if k == n and n >= MIN_ORDERS:
             verdict = f"{holds} in every order"
         elif k:
-            verdict = f"{holds} in {k} of {n} orders"
+            verdict = f"{holds} in {k} of {n} order{'s' if n > 1 else ''}"
         else:
             verdict = f"{holds} in no order"
         summary.append(

@@ -41,6 +41,8 @@ def _ci(interval: Mapping[str, Any] | None) -> str:
     """Return 'value [low, high]' of a bootstrap interval, '—' when it was not computed."""
     if not interval or interval.get("value") is None:
         return "—"
+    if interval.get("low") is None and interval.get("high") is None:
+        return _f(interval["value"])  # a value listed without an interval
     return f"{_f(interval['value'])} [{_f(interval.get('low'))}, {_f(interval.get('high'))}]"
 
 

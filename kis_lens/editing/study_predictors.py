@@ -30,7 +30,8 @@ PREDICTOR_COLUMNS: tuple[str, ...] = (
 
 TOO_FEW_RUNS_NOTE = (
     "only {n} run(s) collapsed (< {minimum}): the steps of so few runs cannot separate the predictors, whose values "
-    "all rise with the edits; the numbers are listed, not judged"
+    "all rise with the edits; the numbers are listed, not judged, and without intervals (a bootstrap over so few "
+    "runs resamples the same one or two)"
 )
 
 
@@ -111,7 +112,10 @@ def collapse_predictors(runs: Sequence[Mapping[str, Any]], n_boot: int = 1000, s
     columns |= {name: np.asarray([row[name] for row in rows], dtype=np.float64) for name in PREDICTOR_COLUMNS}
     n_runs = len({row["run"] for row in rows})
     too_few = n_runs < MIN_PREDICTOR_RUNS
-    boot = lambda statistic: clustered_bootstrap(columns, statistic, "run", n_boot, seed)  # noqa: E731
+
+    def boot(statistic: Callable[[dict[str, np.ndarray]], float | None]) -> dict[str, Any]:
+        found = clustered_bootstrap(columns, statistic, "run", n_boot, seed)
+        return {**found, "low": None, "high": None} if too_few else found
 
     def correlation(name: str) -> Callable[[dict[str, np.ndarray]], float | None]:
         return lambda c: spearman(c[name], c["target"])

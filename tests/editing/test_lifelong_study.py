@@ -408,6 +408,8 @@ def test_collapse_predictors_with_too_few_runs_judge_nothing():
     assert found["too_few"] is True and "cannot separate the predictors" in found["note"]
     assert all(item["beats_n_edits"] is None for item in found["predictors"].values())
     assert found["n_runs"] == 3
+    for item in found["predictors"].values():  # listed without an interval: resampling 3 runs says nothing
+        assert item["spearman"]["value"] is not None and item["spearman"]["low"] is item["spearman"]["high"] is None
 
 
 # ------------------------------------------------------------------------------------------------ paired editors

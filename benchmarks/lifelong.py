@@ -10,7 +10,8 @@ traces and the queue's compute log, and writes the study (kis_lens.docs.lifelong
 orders, with an "Interim" banner while an editor has fewer than 3 orders. --from copies one set of runs (the given
 stems, else the newest set sharing one identity) and replaces the committed set, so the doc never depends on file
 dates. Each JSON records its command in settings.command; tests/system/test_docs_numbers.py fails when the doc is
-not this script's output.
+not this script's output. After a study gains runs, re-execute tutorial 05 (`python tutorials/execute.py 05`),
+whose last cell prints the committed study's verdicts: tests/system/test_tutorials.py counts its runs.
 """
 
 from __future__ import annotations

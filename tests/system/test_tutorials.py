@@ -299,3 +299,15 @@ def test_the_editing_tutorials_import_each_name_from_the_module_that_defines_it(
     assert imports
     for module, name in imports:
         assert name in _defined_at_top_level(module), f"{stem}: {name} is not defined in {module}"
+
+
+def test_tutorial_05_shows_the_committed_study_as_it_stands():
+    """Its last cell's stored output counts the committed lifelong runs: re-execute 05 when the study gains runs."""
+    notebook = json.loads((TUTORIALS / "05_watching_lifelong_editing_collapse.ipynb").read_text(encoding="utf-8"))
+    printed = "".join(notebook["cells"][-1]["outputs"][0]["text"])
+    committed = [
+        path
+        for path in (ROOT / "benchmarks" / "results" / "lifelong").rglob("lifelong_*.json")
+        if not path.name.endswith(".partial.json")
+    ]
+    assert printed.startswith(f"{len(committed)} runs\n"), "re-execute it: python tutorials/execute.py 05"

@@ -31,7 +31,8 @@ def write_figure_files(figure: go.Figure, html: str | Path, png: bool = True) ->
     html = Path(html)
     html.parent.mkdir(parents=True, exist_ok=True)
     write_plotly_bundle(html.parent)
-    text = figure.to_html(include_plotlyjs="directory", full_html=True)
+    # The file's stem as the div id (Plotly draws a random one): a figure redrawn unchanged is the same bytes.
+    text = figure.to_html(include_plotlyjs="directory", full_html=True, div_id=html.stem)
     atomic_write(html, lambda temp: temp.write_text(text, encoding="utf-8"))
     if not png:
         return {"html": str(html), "png": None}

@@ -86,6 +86,12 @@ def _across_orders(rows: Sequence[Mapping[str, Any]], rule: str) -> list[str]:
     )
 
 
+def _matched(controls: Sequence[str]) -> str:
+    """Return ' (by name, …)' for the controls that flag the disabling edits as well as low ρ."""
+    names = {"residual_norm": "‖v* − Wk‖", "previous_probe_perplexity": "previous ppl"}
+    return f" (by {', '.join(names.get(name, name) for name in controls)})" if controls else ""
+
+
 def _trace_section(traces: Sequence[Mapping[str, Any]], figures: Mapping[str, str], layers: Sequence[int]) -> list[str]:
     """Return the causal-trace section: each trace's peak layers, its figure, and the edit layers it justifies."""
     lines = ["## The edit layer: ROME's causal trace", ""]
@@ -224,11 +230,23 @@ def render_study_markdown(
     lines += [
         "ρ = (C⁻¹k̄)ᵀk / (C⁻¹k̄)ᵀk̄ is a P entry between a fact's template-averaged and plain keys, known before the "
         "edit is applied. A disabling edit: ‖ΔW‖ above 10× the running median, then held-out perplexity ×1.5. "
-        "AUROC of each score for the disabling edits (— where a run has none).",
+        "AUROC of each score for the disabling edits (— where a run has none). " + f"Rule: {rules['rho_alarm']}.",
         "",
     ]
     lines += _table(
-        ("editor", "order", "layer", "edits", "disabling", "AUROC low ρ", "AUROC ‖v* − Wk‖", "AUROC previous ppl"),
+        (
+            "editor",
+            "order",
+            "layer",
+            "edits",
+            "disabling",
+            "AUROC low ρ",
+            "AUROC ‖v* − Wk‖",
+            "AUROC previous ppl",
+            "low ρ − ‖v* − Wk‖ either way",
+            "low ρ − previous ppl either way",
+            "verdict",
+        ),
         [
             (
                 _who(row),
@@ -239,6 +257,9 @@ def render_study_markdown(
                 _f(row["low_rho"]),
                 _f(row["residual_norm"]),
                 _f(row["previous_probe_perplexity"]),
+                _ci(row["gaps"].get("residual_norm")),
+                _ci(row["gaps"].get("previous_probe_perplexity")),
+                f"**{row['verdict']}**" + _matched(row["matched_by"]),
             )
             for row in numbers["rho_alarm_rows"]
         ],

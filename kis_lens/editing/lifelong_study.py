@@ -20,7 +20,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from kis_lens.editing.study_collapse import RULE_COLLAPSE, collapse_by_editor, collapse_rows, rho_alarm_rows
+from kis_lens.editing.study_collapse import (
+    RULE_COLLAPSE,
+    RULE_RHO_ALARM,
+    collapse_by_editor,
+    collapse_rows,
+    rho_alarm_rows,
+)
 from kis_lens.editing.study_paired import paired_comparison, paired_rule
 from kis_lens.editing.study_prediction import (
     RULE_ACROSS_ORDERS,
@@ -84,6 +90,7 @@ def study(
         "runs": [{**identification(run), "source": run_name(run)} for run in runs],
         "rules": {
             "collapse": RULE_COLLAPSE,
+            "rho_alarm": RULE_RHO_ALARM,
             "forgetting": RULE_FORGETTING,
             "across_orders": RULE_ACROSS_ORDERS,
             "predictors": RULE_PREDICTORS,
@@ -91,7 +98,7 @@ def study(
         },
         "collapse_rows": collapse_rows(runs),
         "collapse_by_editor": collapse_by_editor(runs),
-        "rho_alarm_rows": rho_alarm_rows(runs),
+        "rho_alarm_rows": rho_alarm_rows(runs, n_boot, seed),
         "prediction_rows": predictions,
         "prediction_across_orders": prediction_across_orders(predictions),
         "forgetting_rows": forgetting,

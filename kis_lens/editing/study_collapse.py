@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from kis_lens.editing.study_runs import (
     NO_EDIT_EDITORS,
     NO_WEIGHT_MOVED,
+    NOT_JUDGED,
     collapse_step,
     editor_rank,
     edits_made,
@@ -17,6 +18,7 @@ from kis_lens.editing.study_runs import (
     run_name,
     run_summary,
 )
+from kis_lens.editing.verdicts import auroc, clustered_bootstrap, rho_alarm_columns
 
 RULE_COLLAPSE = (
     "per editor and layer, over its edit orders: 'collapses in every order' when every run's summary records a "
@@ -25,6 +27,38 @@ RULE_COLLAPSE = (
     "collapse step counts a run without collapse as censored at its edit count: where a censored run decides it, "
     "only a lower bound is given (median_above)"
 )
+
+RHO_CONTROLS: tuple[str, ...] = ("residual_norm", "previous_probe_perplexity")  # alarms that need no P
+
+RULE_RHO_ALARM = (
+    "per run with disabling edits: 'low ρ singles them out' only where, for each control, the AUROC of low ρ minus "
+    "the control's read either way, max(A, 1 − A) (a score lower for the disabling edits flags them as well), on the "
+    "same resample of a bootstrap over edits, has its interval above 0; 'a control flags them as well' names the "
+    "controls where it does not; 'low ρ does not flag them' where low ρ's AUROC is 0.5 or below"
+)
+
+
+def _rho_gaps(columns: Mapping[str, Sequence[Any]], n_boot: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Return per control the AUROC of low ρ minus the control's read either way, with its bootstrap interval."""
+
+    def gap(control: str) -> Callable[[dict[str, np.ndarray]], float | None]:
+        def statistic(c: dict[str, np.ndarray]) -> float | None:
+            rho, other = auroc(c["low_rho"], c["disabling"]), auroc(c[control], c["disabling"])
+            return None if rho is None or other is None else rho - max(other, 1.0 - other)
+
+        return statistic
+
+    return {name: clustered_bootstrap(columns, gap(name), "edit_index", n_boot, seed) for name in RHO_CONTROLS}
+
+
+def rho_alarm_verdict(low_rho: float | None, gaps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Return whether low ρ flags a run's disabling edits better than every control read either way (the rule)."""
+    if low_rho is None:
+        return {"verdict": NOT_JUDGED, "matched_by": []}
+    if low_rho <= 0.5:
+        return {"verdict": "low ρ does not flag them", "matched_by": []}
+    matched = [name for name, gap in gaps.items() if gap.get("low") is None or gap["low"] <= 0]
+    return {"verdict": "a control flags them as well" if matched else "low ρ singles them out", "matched_by": matched}
 
 
 def collapse_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -109,13 +143,16 @@ def collapse_by_editor(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     return rows
 
 
-def rho_alarm_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Return the ρ-alarm AUROCs of every run whose edits record ρ (the ROME family), as its summary holds them."""
+def rho_alarm_rows(runs: Sequence[Mapping[str, Any]], n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Return the ρ-alarm AUROCs of every run whose edits record ρ (the ROME family), as its summary holds them,
+    and whether low ρ beats each control (the rule; bootstrapped from the run's edits)."""
     rows = []
     for run in runs:
         alarm = run_summary(run).get("rho_alarm") or {}
         if "low_rho" not in alarm:  # the other editors' alarm holds only a note: ρ is not defined for them
             continue
+        columns = rho_alarm_columns(run.get("edits") or [], run_summary(run).get("disabling_edits") or [], run["steps"])
+        gaps = _rho_gaps(columns, n_boot, seed) if alarm.get("low_rho") is not None else {}
         rows.append(
             {
                 **identification(run),
@@ -124,6 +161,8 @@ def rho_alarm_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "low_rho": alarm.get("low_rho"),
                 "residual_norm": alarm.get("residual_norm"),
                 "previous_probe_perplexity": alarm.get("previous_probe_perplexity"),
+                "gaps": gaps,
+                **rho_alarm_verdict(alarm.get("low_rho"), gaps),
             }
         )
     return rows

@@ -271,8 +271,22 @@ def rho_alarm(
             "n_disabling": len(disabling),
             "note": "ρ is recorded for ROME-family edits only",
         }
+    columns = rho_alarm_columns(edits, disabling, steps)
+    return {
+        "n_edits": len(edits),
+        "n_disabling": int(sum(columns["disabling"])),
+        **{name: auroc(columns[name], columns["disabling"]) for name in RHO_ALARM_SCORES},
+    }
+
+
+RHO_ALARM_SCORES: tuple[str, ...] = ("low_rho", "residual_norm", "previous_probe_perplexity")
+
+
+def rho_alarm_columns(
+    edits: Sequence[Mapping[str, Any]], disabling: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[str, Any]]
+) -> dict[str, list[Any]]:
+    """Return per edit (ROME family: each records ρ) whether it is disabling, and each alarm score (high: alarm)."""
     flagged = {int(item["n_edits"]) for item in disabling}
-    positive = [index + 1 in flagged for index in range(len(edits))]
     probes = [(int(step["n_edits"]), step.get("perplexity")) for step in steps]
 
     def previous_perplexity(n: int) -> float:
@@ -280,9 +294,9 @@ def rho_alarm(
         return float(earlier[-1]) if earlier else float("nan")
 
     return {
-        "n_edits": len(edits),
-        "n_disabling": len(flagged),
-        "low_rho": auroc([-float(edit["rho"]) for edit in edits], positive),
-        "residual_norm": auroc([float(edit.get("residual_norm") or 0.0) for edit in edits], positive),
-        "previous_probe_perplexity": auroc([previous_perplexity(index + 1) for index in range(len(edits))], positive),
+        "edit_index": list(range(len(edits))),
+        "disabling": [index + 1 in flagged for index in range(len(edits))],
+        "low_rho": [-float(edit["rho"]) for edit in edits],
+        "residual_norm": [float(edit.get("residual_norm") or 0.0) for edit in edits],
+        "previous_probe_perplexity": [previous_perplexity(index + 1) for index in range(len(edits))],
     }

@@ -20,6 +20,7 @@ from kis_lens.editing.study_collapse import (
     collapse_by_editor,
     collapse_rows,
     rho_alarm_rows,
+    rho_alarm_verdict,
 )
 from kis_lens.editing.study_paired import paired_comparison
 from kis_lens.editing.study_prediction import (
@@ -30,7 +31,7 @@ from kis_lens.editing.study_prediction import (
 )
 from kis_lens.editing.study_predictors import collapse_predictors, cumulative_update_norm
 from kis_lens.editing.study_runs import check_study, run_key
-from kis_lens.editing.verdicts import PREDICTORS
+from kis_lens.editing.verdicts import PREDICTORS, rho_alarm
 from kis_lens.errors import KisError
 
 N_BOOT = 200
@@ -190,10 +191,58 @@ def test_collapse_is_judged_per_layer():
     assert rows[8]["verdict"] == "collapses in 1 of 2 orders"
 
 
+def rho_run(seed: int, residual_reversed: bool, n_edits: int = 60) -> dict[str, Any]:
+    """Return a ROME run whose 6 disabling edits have the lowest ρ, and the lowest ‖v* − Wk‖ when residual_reversed
+    (else a residual unrelated to them)."""
+    rng = np.random.default_rng(seed)
+    for_disabling = [{"n_edits": index + 1} for index in RHO_DISABLING]
+    edits = make_edits(n_edits)
+    for index, edit in enumerate(edits):
+        hit = index in RHO_DISABLING
+        edit["rho"] = 0.1 * rng.random() if hit else 0.5 + rng.random()
+        if residual_reversed:
+            edit["residual_norm"] = 0.01 * rng.random() if hit else 1.0 + rng.random()
+        else:
+            edit["residual_norm"] = float(rng.random())
+    summary = {"disabling_edits": for_disabling, "rho_alarm": rho_alarm(edits, for_disabling, make_steps(n_edits))}
+    return make_run("rome", seed, 4, n_edits=n_edits, edits=edits, summary=summary)
+
+
+RHO_DISABLING = (7, 15, 23, 31, 42, 55)  # edit indices of rho_run's disabling edits
+
+
 def test_rho_alarm_rows_only_for_runs_with_rho():
-    alarm = {"n_edits": 40, "n_disabling": 2, "low_rho": 0.9, "residual_norm": 0.6, "previous_probe_perplexity": 0.5}
-    rows = rho_alarm_rows([make_run("rome", 0, 4, summary={"rho_alarm": alarm}), make_run("memit", 0, 4)])
-    assert rows == [{"editor": "rome", "seed": 0, "layer": 4, **alarm}]
+    rows = rho_alarm_rows([rho_run(0, False), make_run("memit", 0, 4)], n_boot=N_BOOT)
+    assert [(row["editor"], row["n_disabling"], row["low_rho"]) for row in rows] == [("rome", 6, 1.0)]
+
+
+def test_rho_alarm_verdict_flips_when_a_control_read_reversed_flags_the_edits_too():
+    unrelated, reversed_residual = rho_alarm_rows([rho_run(0, False), rho_run(1, True)], n_boot=N_BOOT)
+    assert unrelated["verdict"] == "low ρ singles them out" and unrelated["matched_by"] == []
+    assert unrelated["gaps"]["residual_norm"]["low"] > 0
+    assert reversed_residual["residual_norm"] == 0.0  # the summary's AUROC as written: lowest for the disabling
+    assert reversed_residual["verdict"] == "a control flags them as well"
+    assert reversed_residual["matched_by"] == ["residual_norm"]
+
+    disabling = [index in RHO_DISABLING for index in range(60)]
+    area = slow_auroc([edit["residual_norm"] for edit in rho_run(0, False)["edits"]], disabling)
+    expected = 1.0 - max(area, 1.0 - area)  # low ρ's AUROC is 1: the disabling edits have the lowest ρ
+    assert unrelated["gaps"]["residual_norm"]["value"] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "low_rho, residual_low, verdict, matched_by",
+    [
+        (0.998, 0.1, "low ρ singles them out", []),
+        (0.998, -0.02, "a control flags them as well", ["residual_norm"]),
+        (0.998, None, "a control flags them as well", ["residual_norm"]),  # no interval: not shown to be better
+        (0.4, 0.1, "low ρ does not flag them", []),
+        (None, 0.1, "not judged", []),  # no disabling edit
+    ],
+)
+def test_rho_alarm_verdict_needs_every_gap_above_zero(low_rho, residual_low, verdict, matched_by):
+    gaps = {"residual_norm": {"low": residual_low}, "previous_probe_perplexity": {"low": 0.2}}
+    assert rho_alarm_verdict(low_rho, gaps) == {"verdict": verdict, "matched_by": matched_by}
 
 
 # ---------------------------------------------------------------------------------------------------- prediction

@@ -89,7 +89,6 @@ LANES: dict[str, list[tuple[str, list[str]]]] = {
         _lifelong("rome", 2),
         _lifelong("r-rome", 0),
         _lifelong("rome", 0, SECOND_LAYER),
-        _lifelong("p-rome", 0),  # back from lane b: measured ROME runs took 0.5-1.5 h, AlphaEdit's 2.3 h
     ],
     "b": [
         _lifelong("none", 0),
@@ -103,6 +102,7 @@ LANES: dict[str, list[tuple[str, list[str]]]] = {
         _trace(1),
         _lifelong("none", 1),
         _lifelong("none", 2),
+        _lifelong("p-rome", 0),  # in lane b: ROME-family runs take about 4 h of compute each at one thread
     ],
 }
 LOG = OUTPUT / "lifelong_runs.jsonl"

@@ -411,6 +411,21 @@ def render_study_markdown(
                 difference_rows,
             )
             lines += [""]
+        edit_rows = [
+            (metric, _f(entry["n_edits"]), entry["n_orders"], _f(entry["n_clusters"]), _ci(entry))
+            for metric, entries in layer["by_edit"].items()
+            for entry in entries[-3:]
+        ]
+        if edit_rows:
+            lines += [
+                "Edit by edit: the two runs of an order edit the same facts, so each earlier edit's rewrite success "
+                "under AlphaEdit minus under ROME at the same probe, averaged over the paired orders' edits, with a "
+                "95% interval from a bootstrap over (order, edit). Retention is the oldest quarter's exactly; "
+                "efficacy counts the edits before the newest (AlphaEdit: before its newest batch).",
+                "",
+            ]
+            lines += _table(("metric", "edits", "orders", "edits compared", "AlphaEdit − ROME"), edit_rows)
+            lines += [""]
     lines += ["## Figures", ""]
     for name, path in figures.items():
         if not name.startswith("causal_trace"):

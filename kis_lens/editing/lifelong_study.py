@@ -104,5 +104,5 @@ def study(
         "forgetting_rows": forgetting,
         "forgetting_across_orders": forgetting_across_orders(forgetting),
         "collapse_predictors": collapse_predictors(runs, n_boot, seed),
-        "paired_comparison": paired_comparison(runs),
+        "paired_comparison": paired_comparison(runs, n_boot=n_boot, bootstrap_seed=seed),
     }

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from kis_lens.editing.study_runs import NOT_JUDGED, collapse_step, edits_made, run_key
+from kis_lens.editing.verdicts import clustered_bootstrap
 
 MIN_PAIRED_ORDERS = 2
 
@@ -32,6 +33,49 @@ def _metric_at(run: Mapping[str, Any], metric: str) -> dict[int, float]:
     return found
 
 
+# Per-edit outcomes a run's pairs hold at each probe (rewrite success of every earlier edit u < n_edits - 1), as the
+# step metric they give: the oldest quarter's retention exactly (u < max(1, n // 4)), and efficacy without the newest.
+PAIRED_EDIT_METRICS: dict[str, Callable[[int, int], bool]] = {
+    "retention_oldest_quarter": lambda u, n: u < max(1, n // 4),
+    "efficacy_on_earlier_edits": lambda u, n: True,
+}
+
+
+def _successes(run: Mapping[str, Any]) -> dict[tuple[int, int], bool]:
+    """Return {(n_edits, edit_index): whether edit u's rewrite succeeds at that probe} from a run's pairs."""
+    pairs = run.get("pairs") or {}
+    columns = [pairs.get(name) or [] for name in ("n_edits", "edit_index", "success_now")]
+    return {(int(n), int(u)): bool(success) for n, u, success in zip(*columns)}
+
+
+def _paired_edit_intervals(
+    orders: Sequence[tuple[int, Mapping[str, Any], Mapping[str, Any]]], n_boot: int, seed: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Return per metric and edit count the mean over paired orders' edits of A's success minus B's on the same edit,
+    with an interval from a bootstrap over (order, edit): the two runs of an order edit the same facts."""
+    successes = [(order, _successes(a), _successes(b)) for order, a, b in orders]
+    counts = sorted(set.intersection(*({n for n, _ in a} & {n for n, _ in b} for _, a, b in successes)))
+    found: dict[str, list[dict[str, Any]]] = {name: [] for name in PAIRED_EDIT_METRICS}
+    for name, counted in PAIRED_EDIT_METRICS.items():
+        for n in counts:
+            cluster, difference = [], []
+            for order, a, b in successes:
+                for (at, u), success in a.items():
+                    if at == n and counted(u, n) and (at, u) in b:
+                        cluster.append(f"{order}/{u}")  # an edit of one order
+                        difference.append(float(success) - float(b[(at, u)]))
+            if not difference:
+                continue
+            columns = {"cluster": cluster, "difference": difference}
+            interval = clustered_bootstrap(columns, _mean_difference, "cluster", n_boot, seed)
+            found[name].append({"n_edits": n, "n_orders": len(successes), **interval})
+    return found
+
+
+def _mean_difference(columns: Mapping[str, np.ndarray]) -> float | None:
+    return float(np.mean(columns["difference"])) if len(columns["difference"]) else None
+
+
 def _collapse_outcome(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
     """Return how A's collapse compares with B's in one order: later, earlier, same step, neither, undecided."""
     step_a, step_b, edits_a, edits_b = collapse_step(a), collapse_step(b), edits_made(a), edits_made(b)
@@ -49,6 +93,8 @@ def paired_comparison(
     editor_a: str = "alphaedit",
     editor_b: str = "rome",
     metrics: Sequence[str] = ("efficacy", "retention_oldest_quarter", "perplexity"),
+    n_boot: int = 1000,
+    bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
     """Return per layer the order-by-order differences A − B of each metric, their collapse steps and the verdict."""
     by_key = {run_key(run): run for run in runs}
@@ -105,6 +151,13 @@ def paired_comparison(
                 "a_collapses_later": sum(order["collapse_outcome"] == "later" for order in orders),
                 "orders_favouring_a": k,
                 "by_metric": {metric: _difference_rows(metric, by_metric[metric]) for metric in metrics},
+                "by_edit": _paired_edit_intervals(
+                    [(order, by_key[(editor_a, order, layer)], by_key[(editor_b, order, layer)]) for order in seeds],
+                    n_boot,
+                    bootstrap_seed,
+                )
+                if seeds
+                else {},
                 "unpaired": sorted(
                     [f"{editor_a} seed {seed}" for seed in seeds_a - seeds_b]
                     + [f"{editor_b} seed {seed}" for seed in seeds_b - seeds_a]

@@ -530,6 +530,61 @@ def test_paired_comparison_keeps_layers_apart():
     ]
 
 
+def success_pairs(n_edits: int, succeeds: Any) -> dict[str, list[Any]]:
+    """Return pairs at probes 10, 20, …: every earlier edit u < n - 1 with success_now = succeeds(u, n)."""
+    rows: dict[str, list[Any]] = {"n_edits": [], "edit_index": [], "success_now": []}
+    for n in range(10, n_edits + 1, 10):
+        for u in range(n - 1):
+            rows["n_edits"].append(n)
+            rows["edit_index"].append(u)
+            rows["success_now"].append(bool(succeeds(u, n)))
+    return rows
+
+
+def slow_paired_mean(runs: list[tuple[dict, dict]], n: int, counted: Any) -> float:
+    """Return the mean over orders' edits u of A's success minus B's at probe n, by plain loops."""
+    differences = []
+    for a, b in runs:
+        found_b = {}
+        for at, u, s in zip(*(b["pairs"][k] for k in ("n_edits", "edit_index", "success_now"))):
+            if at == n:
+                found_b[u] = s
+        for at, u, s in zip(*(a["pairs"][k] for k in ("n_edits", "edit_index", "success_now"))):
+            if at == n and counted(u, n) and u in found_b:
+                differences.append(float(s) - float(found_b[u]))
+    return sum(differences) / len(differences)
+
+
+def test_paired_edits_compare_each_earlier_edit_under_both_editors():
+    """AlphaEdit keeps every edit; ROME loses the oldest ones (order 0) or every third (order 1): the per-edit
+    differences, pooled over the orders, against a plain loop; and the interval flips sign with the editors."""
+    losing = {0: lambda u, n: u >= n // 3, 1: lambda u, n: u % 3 != 0}
+    pairs = {
+        (editor, seed): success_pairs(40, (lambda u, n: True) if editor == "alphaedit" else losing[seed])
+        for editor in ("alphaedit", "rome")
+        for seed in (0, 1)
+    }
+    runs = [make_run(editor, seed, 4, pairs=found) for (editor, seed), found in pairs.items()]
+    by_edit = paired_comparison(runs, n_boot=N_BOOT)["layers"][0]["by_edit"]
+    ordered = [(runs[seed], runs[2 + seed]) for seed in (0, 1)]  # (alphaedit, rome) per order
+
+    retention = {row["n_edits"]: row for row in by_edit["retention_oldest_quarter"]}
+    assert sorted(retention) == [10, 20, 30, 40]
+    expected = slow_paired_mean(ordered, 40, lambda u, n: u < max(1, n // 4))
+    assert retention[40]["value"] == pytest.approx(expected, abs=1e-12) and retention[40]["low"] > 0
+    assert retention[40]["n_clusters"] == 2 * 10 and retention[40]["n_orders"] == 2
+    efficacy = {row["n_edits"]: row for row in by_edit["efficacy_on_earlier_edits"]}
+    assert efficacy[40]["value"] == pytest.approx(slow_paired_mean(ordered, 40, lambda u, n: True), abs=1e-12)
+    assert efficacy[40]["n_clusters"] == 2 * 39
+
+    swapped = [
+        make_run("rome" if run["editor"] == "alphaedit" else "alphaedit", *run_key(run)[1:], pairs=run["pairs"])
+        for run in runs
+    ]
+    flipped = paired_comparison(swapped, n_boot=N_BOOT)["layers"][0]["by_edit"]["retention_oldest_quarter"][-1]
+    assert flipped["value"] == pytest.approx(-expected, abs=1e-12) and flipped["high"] < 0
+
+
 # --------------------------------------------------------------------------------------------------------- study
 def test_study_from_a_folder_and_from_runs(tmp_path):
     runs = [

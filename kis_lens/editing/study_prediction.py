@@ -15,7 +15,7 @@ from kis_lens.editing.study_runs import (
     run_name,
     run_summary,
 )
-from kis_lens.editing.verdicts import PREDICTORS, auroc, clustered_bootstrap
+from kis_lens.editing.verdicts import PREDICTORS, auroc, clustered_auroc_bootstrap, draws_interval
 from kis_lens.errors import KisError
 
 RULE_FORGETTING = (
@@ -143,23 +143,23 @@ def _forgetting_columns(run: Mapping[str, Any]) -> dict[str, list[Any]]:
 
 def _lost_areas(columns: Mapping[str, Sequence[Any]], n_boot: int, seed: int) -> dict[str, Any]:
     """Return the clustered AUROC of each predictor for a lost edit, P minus the count's, and the verdict."""
-
-    def area(name: str) -> Callable[[dict[str, np.ndarray]], float | None]:
-        return lambda c: auroc(c[name], c["lost"])
-
-    def difference(c: dict[str, np.ndarray]) -> float | None:
-        ours, count = auroc(c["predicted"], c["lost"]), auroc(c["later_count"], c["lost"])
-        return None if ours is None or count is None else ours - count
-
-    boot = lambda statistic: clustered_bootstrap(columns, statistic, "edit_index", n_boot, seed)  # noqa: E731
-    gap = boot(difference)
+    draws = clustered_auroc_bootstrap(columns, PREDICTORS, "lost", "edit_index", n_boot, seed)
+    values = {name: auroc(columns[name], columns["lost"]) for name in PREDICTORS}
+    clusters, rows = len(set(columns["edit_index"])), len(columns["lost"])
+    ours, count = values["predicted"], values["later_count"]
+    gap = draws_interval(
+        None if ours is None or count is None else ours - count,
+        draws["predicted"] - draws["later_count"],  # on the same resample
+        clusters,
+        rows,
+    )
     beats = gap["low"] is not None and gap["low"] > 0
     reason = (
         f"AUROC of P minus that of later_count {_fmt(gap['value'])}, CI [{_fmt(gap['low'])}, {_fmt(gap['high'])}]"
         + (" lies above 0" if beats else " does not lie above 0")
     )
     return {
-        "auroc": {name: boot(area(name)) for name in PREDICTORS},
+        "auroc": {name: draws_interval(values[name], draws[name], clusters, rows) for name in PREDICTORS},
         "difference": gap,
         "verdict": "P beats the count" if beats else "P does not beat the count",
         "reasons": [reason],

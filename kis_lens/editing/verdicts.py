@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+from jaxtyping import Float
 
 from kis_lens.errors import KisError
 
@@ -94,6 +95,38 @@ def _columns(pairs: Mapping[str, Sequence], required: Sequence[str]) -> dict[str
     return columns
 
 
+def _check_bootstrap(n_boot: int, level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise KisError(f"level {level} is not a coverage; pass a number between 0 and 1 such as 0.95")
+    if n_boot < 1:
+        raise KisError(f"n_boot {n_boot} must be at least 1; pass e.g. 1000")
+
+
+def _drawn_clusters(n_clusters: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Yield, per resample, the clusters drawn with replacement: the draws of every clustered bootstrap here."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield rng.integers(0, n_clusters, size=n_clusters) if n_clusters else np.zeros(0, dtype=np.int64)
+
+
+def _interval(
+    value: float | None, draws: Sequence[float], skipped: int, level: float, n_clusters: int, n_pairs: int
+) -> dict:
+    """Return a statistic's value with the percentile interval of its finite resampled draws."""
+    tail = (1.0 - level) / 2.0
+    low, high = (float(q) for q in np.quantile(draws, [tail, 1.0 - tail])) if len(draws) else (None, None)
+    return {
+        "value": None if value is None else float(value),
+        "low": low,
+        "high": high,
+        "level": level,
+        "n_clusters": n_clusters,
+        "n_pairs": n_pairs,
+        "n_boot": len(draws) + skipped,
+        "n_skipped": skipped,
+    }
+
+
 def clustered_bootstrap(
     pairs: Mapping[str, Sequence],
     statistic: Callable[[dict[str, np.ndarray]], float | None],
@@ -103,37 +136,76 @@ def clustered_bootstrap(
     level: float = 0.95,
 ) -> dict:
     """Return the statistic with a percentile interval from resampling whole clusters (edits) with replacement."""
-    if not 0.0 < level < 1.0:
-        raise KisError(f"level {level} is not a coverage; pass a number between 0 and 1 such as 0.95")
-    if n_boot < 1:
-        raise KisError(f"n_boot {n_boot} must be at least 1; pass e.g. 1000")
+    _check_bootstrap(n_boot, level)
     columns = _columns(pairs, [cluster])
     labels, members = np.unique(columns[cluster], return_inverse=True)
     order = np.argsort(members, kind="mergesort")
     groups = np.split(order, np.cumsum(np.bincount(members, minlength=len(labels)))[:-1]) if len(labels) else []
-    value = statistic(columns)
-    rng = np.random.default_rng(seed)
     draws, skipped = [], 0
-    for _ in range(n_boot):
-        chosen = rng.integers(0, len(groups), size=len(groups)) if groups else np.zeros(0, dtype=np.int64)
+    for chosen in _drawn_clusters(len(groups), n_boot, seed):
         rows = np.concatenate([groups[i] for i in chosen]) if len(chosen) else np.zeros(0, dtype=np.int64)
         result = statistic({name: values[rows] for name, values in columns.items()})
         if result is None or not np.isfinite(result):
             skipped += 1
         else:
             draws.append(float(result))
-    tail = (1.0 - level) / 2.0
-    low, high = (float(q) for q in np.quantile(draws, [tail, 1.0 - tail])) if draws else (None, None)
-    return {
-        "value": None if value is None else float(value),
-        "low": low,
-        "high": high,
-        "level": level,
-        "n_clusters": int(len(labels)),
-        "n_pairs": int(len(columns[cluster])),
-        "n_boot": n_boot,
-        "n_skipped": skipped,
-    }
+    return _interval(statistic(columns), draws, skipped, level, len(labels), len(columns[cluster]))
+
+
+def auroc_draws(
+    scores: Sequence[float], positive: Sequence[bool], weights: Float[np.ndarray, "draw row"]
+) -> Float[np.ndarray, " draw"]:
+    """Return, per row of weights (how often each sample is in a resample), the AUROC of that resample (NaN for one
+    class): the same value auroc gives on the resample written out, in one pass over the sorted scores."""
+    values, labels = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    keep = np.isfinite(values)
+    order = np.argsort(values[keep], kind="mergesort")
+    values, labels, weights = values[keep][order], labels[keep][order], np.asarray(weights)[:, keep][:, order]
+    if not len(values):
+        return np.full(len(weights), np.nan)
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])  # groups of tied scores
+    pos = np.add.reduceat(weights * labels, starts, axis=1)
+    neg = np.add.reduceat(weights * ~labels, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negatives scored strictly lower than each group
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        area = (pos * (below + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg)
+    area[(n_pos == 0) | (n_neg == 0)] = np.nan
+    return area
+
+
+def clustered_auroc_bootstrap(
+    pairs: Mapping[str, Sequence],
+    scores: Sequence[str],
+    outcome: str,
+    cluster: str = "edit_index",
+    n_boot: int = 1000,
+    seed: int = 0,
+    chunk: int = 200,
+) -> dict[str, Float[np.ndarray, " draw"]]:
+    """Return each score column's AUROC for the outcome on every resample of clustered_bootstrap's draws (same
+    seed, same resamples; NaN for a resample with one class), computed from cluster weights instead of copies."""
+    _check_bootstrap(n_boot, 0.95)
+    columns = _columns(pairs, [cluster, outcome, *scores])
+    labels, members = np.unique(columns[cluster], return_inverse=True)
+    counts = np.stack(
+        [np.bincount(chosen, minlength=len(labels)) for chosen in _drawn_clusters(len(labels), n_boot, seed)]
+    )
+    found: dict[str, list[np.ndarray]] = {name: [] for name in scores}
+    for start in range(0, n_boot, chunk):  # a chunk of draws × rows of weights at a time bounds the memory
+        weights = counts[start : start + chunk][:, members].astype(np.float64)
+        for name in scores:
+            found[name].append(auroc_draws(columns[name], columns[outcome], weights))
+    return {name: np.concatenate(parts) for name, parts in found.items()}
+
+
+def draws_interval(
+    value: float | None, draws: Float[np.ndarray, " draw"], n_clusters: int, n_pairs: int, level: float = 0.95
+) -> dict:
+    """Return a value with the percentile interval of its resampled draws (NaN draws skipped, as clustered_bootstrap
+    skips a resample whose statistic is undefined)."""
+    finite = draws[np.isfinite(draws)]
+    return _interval(value, finite, int(len(draws) - len(finite)), level, n_clusters, n_pairs)
 
 
 def prediction_controls(

@@ -8,7 +8,10 @@ from scipy import stats
 
 from kis_lens.editing import verdicts
 from kis_lens.editing.verdicts import (
+    auroc_draws,
+    clustered_auroc_bootstrap,
     clustered_bootstrap,
+    draws_interval,
     forgetting_auroc,
     judge_prediction_with_controls,
     partial_spearman,
@@ -158,6 +161,50 @@ def test_forgetting_auroc_against_a_pairwise_count():
     assert forgetting_auroc({"s": [1, 2, 3, 4]}, "s", lost=[False, False, True, True]) == 1.0
     assert forgetting_auroc({"s": [7, 7, 7, 7]}, "s", lost=[False, True, False, True]) == 0.5
     assert forgetting_auroc({"s": [1, 2, 3]}, "s", lost=[False, False, False]) is None
+
+
+def pairwise_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Return the AUROC by comparing every finite positive with every finite negative (ties one half)."""
+    keep = np.isfinite(scores)
+    pos, neg = scores[keep & positive], scores[keep & ~positive]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
+
+
+def test_auroc_draws_equal_the_auroc_of_each_resample_written_out():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, 80).astype(float)  # many ties
+    scores[[4, 9]] = np.nan
+    positive = rng.random(80) < 0.3
+    weights = rng.integers(0, 3, size=(25, 80))
+    weights[0] = 0
+    weights[1] = positive  # only positives drawn: one class
+    found = auroc_draws(scores, positive, weights)
+    for draw, counts in enumerate(weights):
+        rows = np.repeat(np.arange(80), counts)
+        expected = pairwise_auroc(scores[rows], positive[rows])
+        assert found[draw] == pytest.approx(expected, abs=1e-12, nan_ok=True), draw
+    assert np.isnan(found[:2]).all()
+
+
+def test_the_weighted_auroc_bootstrap_is_the_clustered_bootstrap_of_the_auroc():
+    """Same seed, same resamples: the fast draws give clustered_bootstrap's interval of the AUROC exactly."""
+    rng = np.random.default_rng(5)
+    n = 400
+    pairs = {
+        "edit_index": rng.integers(0, 60, n),
+        "score": rng.integers(0, 20, n).astype(float),
+        "lost": rng.random(n) < 0.25,
+    }
+    slow = clustered_bootstrap(pairs, lambda c: verdicts.auroc(c["score"], c["lost"]), "edit_index", 300, seed=9)
+    draws = clustered_auroc_bootstrap(pairs, ["score"], "lost", "edit_index", 300, seed=9, chunk=70)["score"]
+    value = verdicts.auroc(pairs["score"], pairs["lost"])
+    fast = draws_interval(value, draws, slow["n_clusters"], slow["n_pairs"])
+    assert fast.keys() == slow.keys()
+    for key, expected in slow.items():
+        assert fast[key] == pytest.approx(expected, abs=1e-12), key
 
 
 def test_collapse_sensitivity_names_the_first_step_each_criterion_holds():

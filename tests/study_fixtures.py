@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from kis_lens.editing.verdicts import rho_alarm
+
 
 def make_identity(editor: str, seed: int, layer: int, n_edits: int, **config: Any) -> dict[str, Any]:
     """Return a run identity shaped like lifelong_identity.identity_of's (config without the presentation fields)."""
@@ -113,3 +117,23 @@ def paired_run(editor: str, seed: int, collapse: int | None, efficacy: float = 0
     """Return a run whose efficacy is `efficacy` at every probe and whose perplexity is 20 + n_edits + seed."""
     steps = make_steps(n_edits, efficacy=lambda n: None if n == 0 else efficacy, **kw)
     return make_run(editor, seed, 4, n_edits=n_edits, collapse=collapse, steps=steps)
+
+
+def rho_run(seed: int, residual_reversed: bool, n_edits: int = 60) -> dict[str, Any]:
+    """Return a ROME run whose 6 disabling edits have the lowest ρ, and the lowest ‖v* − Wk‖ when residual_reversed
+    (else a residual unrelated to them)."""
+    rng = np.random.default_rng(seed)
+    for_disabling = [{"n_edits": index + 1} for index in RHO_DISABLING]
+    edits = make_edits(n_edits)
+    for index, edit in enumerate(edits):
+        hit = index in RHO_DISABLING
+        edit["rho"] = 0.1 * rng.random() if hit else 0.5 + rng.random()
+        if residual_reversed:
+            edit["residual_norm"] = 0.01 * rng.random() if hit else 1.0 + rng.random()
+        else:
+            edit["residual_norm"] = float(rng.random())
+    summary = {"disabling_edits": for_disabling, "rho_alarm": rho_alarm(edits, for_disabling, make_steps(n_edits))}
+    return make_run("rome", seed, 4, n_edits=n_edits, edits=edits, summary=summary)
+
+
+RHO_DISABLING = (7, 15, 23, 31, 42, 55)  # edit indices of rho_run's disabling edits

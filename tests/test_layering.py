@@ -49,6 +49,7 @@ LEVELS: list[tuple[str, ...]] = [
     ("editing.study_runs",),
     ("editing.study_collapse", "editing.study_prediction", "editing.study_predictors", "editing.study_paired"),
     ("editing.lifelong_study",),
+    ("docs.study_sections",),
     ("docs.lifelong_study",),
     ("reproduce", "editing", "trace"),
     # Entry points.

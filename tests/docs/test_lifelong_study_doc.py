@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 
-from study_fixtures import paired_run
+import pytest
+from study_fixtures import paired_run, rho_run
 
 from kis_lens.docs.lifelong_study import render_study_markdown
 from kis_lens.editing.lifelong_plots import study_figure, update_norm_figure
@@ -16,6 +17,11 @@ def _study_runs() -> list[dict]:
     rome = [paired_run("rome", seed, step) for seed, step in enumerate((10, 20, 30))]
     alphaedit = [paired_run("alphaedit", 0, 15), paired_run("alphaedit", 1, None), paired_run("alphaedit", 2, 25)]
     return rome + alphaedit + [paired_run("none", 0, None)]
+
+
+def _study_with_rho() -> list[dict]:
+    """Return a study whose ROME runs record ρ: two orders of rho_run, two of AlphaEdit."""
+    return [rho_run(0, False), rho_run(1, True), paired_run("alphaedit", 0, None), paired_run("alphaedit", 1, 30)]
 
 
 def _tables(text: str) -> list[list[str]]:
@@ -64,3 +70,23 @@ def test_the_study_figures_draw_one_line_per_run():
     assert len(efficacy) == len(runs)
     assert {t.line.dash for t in efficacy} == {"solid", "dash", "dot"}
     update_norm_figure(runs)
+
+
+def _github_anchor(heading: str) -> str:
+    """Return GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return "#" + re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("runs", [_study_runs(), _study_with_rho()], ids=["orders", "rho"])
+def test_the_glance_table_links_real_sections_and_carries_every_verdict(runs):
+    numbers = study(runs, n_boot=50)
+    text = render_study_markdown(runs, n_boot=50)
+    anchors = {_github_anchor(line.lstrip("#")) for line in text.splitlines() if line.startswith("## ")}
+    glance = text.split("## At a glance", 1)[1].split("\n## ", 1)[0]
+    links = re.findall(r"\]\((#[^)]+)\)", glance)
+    assert links and set(links) <= anchors, set(links) - anchors
+    verdicts = [row["verdict"] for row in numbers["collapse_by_editor"] if row["editor"] != "none"]
+    verdicts += [row["verdict"] for row in numbers["prediction_across_orders"] + numbers["forgetting_across_orders"]]
+    verdicts += [layer["verdict"] for layer in numbers["paired_comparison"]["layers"]]
+    verdicts += [row["verdict"] for row in numbers["rho_alarm_rows"]]
+    assert verdicts and all(f"**{verdict}" in glance for verdict in verdicts)

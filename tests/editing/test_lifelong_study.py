@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from study_fixtures import make_edits, make_run, make_steps, paired_run, write_run
+from study_fixtures import RHO_DISABLING, make_edits, make_run, make_steps, paired_run, rho_run, write_run
 
 from kis_lens.editing.lifelong_study import load_study, study
 from kis_lens.editing.study_collapse import (
@@ -31,7 +31,7 @@ from kis_lens.editing.study_prediction import (
 )
 from kis_lens.editing.study_predictors import collapse_predictors, cumulative_update_norm
 from kis_lens.editing.study_runs import check_study, run_key
-from kis_lens.editing.verdicts import PREDICTORS, rho_alarm
+from kis_lens.editing.verdicts import PREDICTORS
 from kis_lens.errors import KisError
 
 N_BOOT = 200
@@ -189,26 +189,6 @@ def test_collapse_is_judged_per_layer():
     rows = {row["layer"]: row for row in collapse_by_editor(runs)}
     assert rows[4]["verdict"] == "collapses in every order" and rows[4]["n_orders"] == 1
     assert rows[8]["verdict"] == "collapses in 1 of 2 orders"
-
-
-def rho_run(seed: int, residual_reversed: bool, n_edits: int = 60) -> dict[str, Any]:
-    """Return a ROME run whose 6 disabling edits have the lowest ρ, and the lowest ‖v* − Wk‖ when residual_reversed
-    (else a residual unrelated to them)."""
-    rng = np.random.default_rng(seed)
-    for_disabling = [{"n_edits": index + 1} for index in RHO_DISABLING]
-    edits = make_edits(n_edits)
-    for index, edit in enumerate(edits):
-        hit = index in RHO_DISABLING
-        edit["rho"] = 0.1 * rng.random() if hit else 0.5 + rng.random()
-        if residual_reversed:
-            edit["residual_norm"] = 0.01 * rng.random() if hit else 1.0 + rng.random()
-        else:
-            edit["residual_norm"] = float(rng.random())
-    summary = {"disabling_edits": for_disabling, "rho_alarm": rho_alarm(edits, for_disabling, make_steps(n_edits))}
-    return make_run("rome", seed, 4, n_edits=n_edits, edits=edits, summary=summary)
-
-
-RHO_DISABLING = (7, 15, 23, 31, 42, 55)  # edit indices of rho_run's disabling edits
 
 
 def test_rho_alarm_rows_only_for_runs_with_rho():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from kis_lens.editing.study_runs import (
     run_name,
     run_summary,
 )
-from kis_lens.editing.verdicts import auroc, clustered_bootstrap, rho_alarm_columns
+from kis_lens.editing.verdicts import auroc, clustered_auroc_bootstrap, draws_interval, rho_alarm_columns
 
 RULE_COLLAPSE = (
     "per editor and layer, over its edit orders: 'collapses in every order' when every run's summary records a "
@@ -40,15 +40,17 @@ RULE_RHO_ALARM = (
 
 def _rho_gaps(columns: Mapping[str, Sequence[Any]], n_boot: int, seed: int) -> dict[str, dict[str, Any]]:
     """Return per control the AUROC of low ρ minus the control's read either way, with its bootstrap interval."""
-
-    def gap(control: str) -> Callable[[dict[str, np.ndarray]], float | None]:
-        def statistic(c: dict[str, np.ndarray]) -> float | None:
-            rho, other = auroc(c["low_rho"], c["disabling"]), auroc(c[control], c["disabling"])
-            return None if rho is None or other is None else rho - max(other, 1.0 - other)
-
-        return statistic
-
-    return {name: clustered_bootstrap(columns, gap(name), "edit_index", n_boot, seed) for name in RHO_CONTROLS}
+    scores = ("low_rho", *RHO_CONTROLS)
+    draws = clustered_auroc_bootstrap(columns, scores, "disabling", "edit_index", n_boot, seed)
+    values = {name: auroc(columns[name], columns["disabling"]) for name in scores}
+    clusters, rows = len(set(columns["edit_index"])), len(columns["disabling"])
+    gaps = {}
+    for name in RHO_CONTROLS:
+        rho, other = values["low_rho"], values[name]
+        value = None if rho is None or other is None else rho - max(other, 1.0 - other)
+        on_each_resample = draws["low_rho"] - np.maximum(draws[name], 1.0 - draws[name])  # NaN: one class
+        gaps[name] = draws_interval(value, on_each_resample, clusters, rows)
+    return gaps
 
 
 def rho_alarm_verdict(low_rho: float | None, gaps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

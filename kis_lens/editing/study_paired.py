@@ -41,11 +41,13 @@ PAIRED_EDIT_METRICS: dict[str, Callable[[int, int], bool]] = {
 }
 
 
-def _successes(run: Mapping[str, Any]) -> dict[tuple[int, int], bool]:
-    """Return {(n_edits, edit_index): whether edit u's rewrite succeeds at that probe} from a run's pairs."""
+def _successes(run: Mapping[str, Any]) -> dict[int, dict[int, bool]]:
+    """Return {n_edits: {edit_index: whether edit u's rewrite succeeds at that probe}} from a run's pairs."""
     pairs = run.get("pairs") or {}
-    columns = [pairs.get(name) or [] for name in ("n_edits", "edit_index", "success_now")]
-    return {(int(n), int(u)): bool(success) for n, u, success in zip(*columns)}
+    found: dict[int, dict[int, bool]] = {}
+    for n, u, success in zip(*(pairs.get(name) or [] for name in ("n_edits", "edit_index", "success_now"))):
+        found.setdefault(int(n), {})[int(u)] = bool(success)
+    return found
 
 
 def _paired_edit_intervals(
@@ -54,16 +56,16 @@ def _paired_edit_intervals(
     """Return per metric and edit count the mean over paired orders' edits of A's success minus B's on the same edit,
     with an interval from a bootstrap over (order, edit): the two runs of an order edit the same facts."""
     successes = [(order, _successes(a), _successes(b)) for order, a, b in orders]
-    counts = sorted(set.intersection(*({n for n, _ in a} & {n for n, _ in b} for _, a, b in successes)))
+    counts = sorted(set.intersection(*(set(a) & set(b) for _, a, b in successes)))
     found: dict[str, list[dict[str, Any]]] = {name: [] for name in PAIRED_EDIT_METRICS}
     for name, counted in PAIRED_EDIT_METRICS.items():
         for n in counts:
             cluster, difference = [], []
             for order, a, b in successes:
-                for (at, u), success in a.items():
-                    if at == n and counted(u, n) and (at, u) in b:
+                for u, success in a[n].items():
+                    if counted(u, n) and u in b[n]:
                         cluster.append(f"{order}/{u}")  # an edit of one order
-                        difference.append(float(success) - float(b[(at, u)]))
+                        difference.append(float(success) - float(b[n][u]))
             if not difference:
                 continue
             columns = {"cluster": cluster, "difference": difference}

@@ -95,11 +95,14 @@ def _columns(pairs: Mapping[str, Sequence], required: Sequence[str]) -> dict[str
     return columns
 
 
-def _check_bootstrap(n_boot: int, level: float) -> None:
-    if not 0.0 < level < 1.0:
-        raise KisError(f"level {level} is not a coverage; pass a number between 0 and 1 such as 0.95")
+def _check_n_boot(n_boot: int) -> None:
     if n_boot < 1:
         raise KisError(f"n_boot {n_boot} must be at least 1; pass e.g. 1000")
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise KisError(f"level {level} is not a coverage; pass a number between 0 and 1 such as 0.95")
 
 
 def _drawn_clusters(n_clusters: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
@@ -136,7 +139,8 @@ def clustered_bootstrap(
     level: float = 0.95,
 ) -> dict:
     """Return the statistic with a percentile interval from resampling whole clusters (edits) with replacement."""
-    _check_bootstrap(n_boot, level)
+    _check_level(level)
+    _check_n_boot(n_boot)
     columns = _columns(pairs, [cluster])
     labels, members = np.unique(columns[cluster], return_inverse=True)
     order = np.argsort(members, kind="mergesort")
@@ -185,7 +189,7 @@ def clustered_auroc_bootstrap(
 ) -> dict[str, Float[np.ndarray, " draw"]]:
     """Return each score column's AUROC for the outcome on every resample of clustered_bootstrap's draws (same
     seed, same resamples; NaN for a resample with one class), computed from cluster weights instead of copies."""
-    _check_bootstrap(n_boot, 0.95)
+    _check_n_boot(n_boot)
     columns = _columns(pairs, [cluster, outcome, *scores])
     labels, members = np.unique(columns[cluster], return_inverse=True)
     counts = np.stack(
@@ -204,6 +208,7 @@ def draws_interval(
 ) -> dict:
     """Return a value with the percentile interval of its resampled draws (NaN draws skipped, as clustered_bootstrap
     skips a resample whose statistic is undefined)."""
+    _check_level(level)
     finite = draws[np.isfinite(draws)]
     return _interval(value, finite, int(len(draws) - len(finite)), level, n_clusters, n_pairs)
 

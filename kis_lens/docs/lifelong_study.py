@@ -25,9 +25,8 @@ from kis_lens.docs.study_sections import (
     trace_section,
 )
 from kis_lens.editing.lifelong_study import study
+from kis_lens.editing.study_prediction import MIN_ORDERS
 from kis_lens.errors import KisError
-
-PLANNED_ORDERS = 3  # edit orders per editor the issue asks for (the doc says when a study has fewer)
 
 
 def render_study_markdown(
@@ -51,7 +50,7 @@ def render_study_markdown(
     orders: dict[str, set[int]] = {}
     for row in numbers["runs"]:
         orders.setdefault(row["editor"], set()).add(int(row["seed"]))
-    short = [editor for editor, seeds in orders.items() if editor != "none" and len(seeds) < PLANNED_ORDERS]
+    short = [editor for editor, seeds in orders.items() if editor != "none" and len(seeds) < MIN_ORDERS]
     lines = [
         f"# Lifelong editing on {model}: {len(runs)} runs, {len(orders)} editors",
         "",
@@ -60,7 +59,7 @@ def render_study_markdown(
     ]
     if short:
         lines += [
-            f"> **Interim.** Fewer than {PLANNED_ORDERS} edit orders so far for: "
+            f"> **Interim.** Fewer than {MIN_ORDERS} edit orders so far for: "
             + ", ".join(f"`{e}` ({len(orders[e])})" for e in short)
             + ". Verdicts across orders are given for what has run; the runs still queued are in "
             "`benchmarks/lifelong_runs.py`.",

@@ -25,7 +25,7 @@ RULE_FORGETTING = (
     "edit, has its interval above 0; 'not judged' where no edit was lost or none was kept"
 )
 
-MIN_ORDERS = 3  # issue 20: a claim across edit orders rests on at least three of them
+MIN_ORDERS = 3  # issue 20: a claim across edit orders rests on at least three (the study doc is interim below)
 
 RULE_ACROSS_ORDERS = (
     "per editor and layer, over its orders whose run was judged: 'in every order' only where the run's verdict holds "

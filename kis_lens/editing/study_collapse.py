@@ -153,8 +153,10 @@ def rho_alarm_rows(runs: Sequence[Mapping[str, Any]], n_boot: int = 1000, seed: 
         alarm = run_summary(run).get("rho_alarm") or {}
         if "low_rho" not in alarm:  # the other editors' alarm holds only a note: ρ is not defined for them
             continue
-        columns = rho_alarm_columns(run.get("edits") or [], run_summary(run).get("disabling_edits") or [], run["steps"])
-        gaps = _rho_gaps(columns, n_boot, seed) if alarm.get("low_rho") is not None else {}
+        gaps = {}
+        if alarm.get("low_rho") is not None:  # both classes present: there are disabling edits to flag
+            disabling = run_summary(run).get("disabling_edits") or []
+            gaps = _rho_gaps(rho_alarm_columns(run.get("edits") or [], disabling, run["steps"]), n_boot, seed)
         rows.append(
             {
                 **identification(run),

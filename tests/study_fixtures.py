@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from kis_lens.editing.verdicts import rho_alarm
+from kis_lens.editing.verdicts import PREDICTORS, rho_alarm
 
 
 def make_identity(editor: str, seed: int, layer: int, n_edits: int, **config: Any) -> dict[str, Any]:
@@ -137,3 +137,37 @@ def rho_run(seed: int, residual_reversed: bool, n_edits: int = 60) -> dict[str, 
 
 
 RHO_DISABLING = (7, 15, 23, 31, 42, 55)  # edit indices of rho_run's disabling edits
+
+
+def forgetting_pairs(case: str, n_edits: int = 40, seed: int = 0) -> dict[str, list[Any]]:
+    """Return pairs at probes 10, 20, 30, 40 where being lost follows P ("P") or only the later count ("count")."""
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[Any]] = {name: [] for name in PREDICTORS}
+    rows |= {"n_edits": [], "case_id": [], "edit_index": [], "later_same_subject": [], "success_now": []}
+    for t in range(10, n_edits + 1, 10):
+        for u in range(t):
+            predicted = float(rng.random())
+            later = t - u - 1
+            lost = predicted > 0.7 if case == "P" else later > 12
+            rows["n_edits"].append(t)
+            rows["case_id"].append(str(1000 + u))
+            rows["edit_index"].append(u)
+            rows["predicted"].append(predicted)
+            rows["later_count"].append(later)
+            rows["later_residual_norm"].append(float(np.sqrt(later + 1) * (1 + 0.1 * rng.random())))
+            rows["predicted_shuffled"].append(float(rng.random()))
+            rows["later_same_subject"].append(1 if u == 3 else 0)  # edit 3's subject is edited again
+            rows["success_now"].append(not lost)
+    return rows
+
+
+def nll_pairs(collapse: int, n_edits: int = 40, seed: int = 0) -> dict[str, list[Any]]:
+    """Return pairs at probes 10, 20, …: each earlier edit's NLL rise follows P before `collapse`, and only the
+    number of later edits from the collapse on (a collapsed model forgets everything, the oldest most)."""
+    rng = np.random.default_rng(seed)
+    rows = forgetting_pairs("P", n_edits, seed)
+    rows["measured_logprob"] = []
+    for t, later, predicted in zip(rows["n_edits"], rows["later_count"], rows["predicted"]):
+        cause = predicted if t < collapse else later / t
+        rows["measured_logprob"].append(float(cause + 0.05 * rng.standard_normal()))
+    return rows

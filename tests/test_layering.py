@@ -50,6 +50,7 @@ LEVELS: list[tuple[str, ...]] = [
     ("editing.study_collapse", "editing.study_prediction", "editing.study_predictors", "editing.study_paired"),
     ("editing.lifelong_study",),
     ("docs.study_sections",),
+    ("docs.study_prediction_sections",),
     ("docs.lifelong_study",),
     ("reproduce", "editing", "trace"),
     # Entry points.

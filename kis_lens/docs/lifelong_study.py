@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
+from kis_lens.docs.study_prediction_sections import before_collapse_section, prediction_sections
 from kis_lens.docs.study_sections import (
     cell,
     collapse_section,
     editor_cell,
     glance_section,
     paired_section,
-    prediction_sections,
     predictors_section,
     rho_section,
     table,
@@ -89,6 +89,7 @@ def render_study_markdown(
     lines += collapse_section(numbers)
     lines += rho_section(numbers)
     lines += prediction_sections(numbers)
+    lines += before_collapse_section(numbers)
     lines += predictors_section(numbers)
     lines += paired_section(numbers)
     lines += ["## Figures", ""]

@@ -1,7 +1,8 @@
 """The sections of a lifelong study's docs/lifelong.md: one function per table group, from study() numbers.
 
-kis_lens.docs.lifelong_study assembles them with the header, the runs, the figures and the compute log; the rules
-printed beside each verdict are those of kis_lens.editing.lifelong_study.
+P's sections (its prediction and the lost edits, over whole runs and before the collapse) are
+kis_lens.docs.study_prediction_sections'. kis_lens.docs.lifelong_study assembles them with the header, the runs,
+the figures and the compute log; the rules printed beside each verdict are those of kis_lens.editing.lifelong_study.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Any, Mapping, Sequence
 
 from kis_lens.docs.verdict import markdown_cell
 from kis_lens.editing.lifelong_files import editor_label
-from kis_lens.editing.verdicts import RULE as PREDICTION_RULE
 
 
 def cell(value: Any, digits: int = 3) -> str:
@@ -54,28 +54,6 @@ def _criterion_order(name: str) -> tuple[int, float, str]:
 def editor_cell(row: Mapping[str, Any]) -> str:
     """Return how the doc names a row's editor: its label and its registry name."""
     return f"{editor_label(row['editor'])} (`{row['editor']}`)"
-
-
-def _across_orders(rows: Sequence[Mapping[str, Any]], rule: str) -> list[str]:
-    """Return the lines of a per-editor summary over edit orders of one per-run verdict."""
-    lines = ["", f"Across orders. Rule: {rule}.", ""]
-    if not rows:
-        return [*lines, "No run was judged.", ""]
-    return lines + table(
-        ("editor", "layer", "orders judged", "seeds", "P − count: median", "range", "across orders"),
-        [
-            (
-                editor_cell(row),
-                row["layer"],
-                row["n_orders"],
-                ", ".join(map(str, row["seeds"])),
-                cell(row["gap_median"]),
-                f"{cell(row['gap_min'])} … {cell(row['gap_max'])}",
-                f"**{row['verdict']}**",
-            )
-            for row in rows
-        ],
-    )
 
 
 def _matched(controls: Sequence[str]) -> str:
@@ -214,103 +192,6 @@ def rho_section(numbers: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def prediction_sections(numbers: Mapping[str, Any]) -> list[str]:
-    """Return P's prediction of the NLL rise and of the lost edits, per order and across orders."""
-    rules = numbers["rules"]
-    lines: list[str] = []
-    lines += ["", "## Does P predict the interference? Against every control", ""]
-    rule = PREDICTION_RULE
-    lines += [
-        "For each earlier edit u at each probe, the target is the rise in u's NLL of its new target since its edit. "
-        "Spearman of each predictor with it, with 95% intervals from a bootstrap clustered by edit (n = the edits "
-        "judged, not the pairs); pairs whose subject is edited again later are left out. " + f"Rule: {rule}.",
-        "",
-    ]
-    prediction = []
-    for row in numbers["prediction_rows"]:
-        controls = row.get("prediction_controls") or {}
-        spearman, difference = controls.get("spearman") or {}, controls.get("difference") or {}
-        prediction.append(
-            (
-                editor_cell(row),
-                row["seed"],
-                row["layer"],
-                cell(row.get("n_edits_judged")),
-                interval_cell(spearman.get("predicted")),
-                interval_cell(spearman.get("later_count")),
-                interval_cell(spearman.get("later_residual_norm")),
-                interval_cell(spearman.get("predicted_shuffled")),
-                interval_cell(difference.get("later_count")),
-                interval_cell(controls.get("partial_given_count")),
-                f"**{row['verdict']}**",
-            )
-        )
-    lines += table(
-        (
-            "editor",
-            "order",
-            "layer",
-            "edits judged",
-            "P",
-            "later-edit count",
-            "√Σ‖r‖² later",
-            "shuffled P",
-            "P − count",
-            "partial given the count",
-            "verdict",
-        ),
-        prediction,
-    )
-    lines += [
-        "",
-        "Listed, never judged (algebraic identities or close to them): P's prediction against the measured change of "
-        "the layer output at k_u — "
-        + "; ".join(
-            f"{row['editor']} order {row['seed']}: {cell((row.get('output_correlation') or {}).get('spearman'))}"
-            for row in numbers["prediction_rows"]
-            if row.get("output_correlation")
-        )
-        + ".",
-    ]
-    lines += _across_orders(numbers["prediction_across_orders"], rules["across_orders"])
-    lines += [
-        "",
-        "## Which earlier edits are lost: P against the count",
-        "",
-        f"Rule: {rules['forgetting']}.",
-        "",
-    ]
-    lines += table(
-        (
-            "editor",
-            "order",
-            "layer",
-            "lost / kept",
-            "AUROC P",
-            "AUROC count",
-            "AUROC shuffled P",
-            "P − count",
-            "verdict",
-        ),
-        [
-            (
-                editor_cell(row),
-                row["seed"],
-                row["layer"],
-                f"{cell(row.get('n_lost'))} / {cell(row.get('n_kept'))}",
-                interval_cell((row.get("auroc") or {}).get("predicted")),
-                interval_cell((row.get("auroc") or {}).get("later_count")),
-                interval_cell((row.get("auroc") or {}).get("predicted_shuffled")),
-                interval_cell(row.get("difference")),
-                f"**{row['verdict']}**",
-            )
-            for row in numbers["forgetting_rows"]
-        ],
-    )
-    lines += _across_orders(numbers["forgetting_across_orders"], rules["across_orders"])
-    return lines
-
-
 def predictors_section(numbers: Mapping[str, Any]) -> list[str]:
     """Return which step-level number tracks the edits left before collapse."""
     rules = numbers["rules"]
@@ -401,6 +282,7 @@ ANCHORS = {
     "collapse": "#collapse",
     "prediction": "#does-p-predict-the-interference-against-every-control",
     "forgetting": "#which-earlier-edits-are-lost-p-against-the-count",
+    "before": "#before-the-collapse-the-same-verdicts-on-the-earlier-probes",
     "rho": "#ρ-as-an-alarm-for-disabling-edits",
     "paired": "#alphaedit-against-rome-order-by-order",
     "predictors": "#what-predicts-the-collapse-step",
@@ -422,6 +304,12 @@ def glance_section(numbers: Mapping[str, Any]) -> list[str]:
         ("P finds the lost edits beyond the count", "forgetting", "forgetting_across_orders"),
     ):
         rows += [(claim(text, section), editor_cell(row), row["layer"], row["verdict"]) for row in numbers[key]]
+    early = numbers["before_collapse"]
+    for text, key in (
+        ("P predicts the NLL rise beyond the count, before the collapse", "prediction_across_orders"),
+        ("P finds the lost edits beyond the count, before the collapse", "forgetting_across_orders"),
+    ):
+        rows += [(claim(text, "before"), editor_cell(row), row["layer"], row["verdict"]) for row in early[key]]
     for row in numbers["rho_alarm_rows"]:
         who, verdict = f"{editor_cell(row)}, order {row['seed']}", row["verdict"] + _matched(row["matched_by"])
         rows.append((claim("low ρ flags the disabling edits", "rho"), who, row["layer"], verdict))

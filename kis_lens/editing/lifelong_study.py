@@ -6,8 +6,9 @@ included) that shares all settings but the editor, the seed, the layer and the n
 read from the runs' JSON files (their summaries are taken as written, never recomputed) or computed from their
 steps, edits and pairs; every verdict follows a rule stated in a RULE_* constant. Nothing is drawn or rendered:
 each function returns plain JSON-able dicts and lists for a renderer or a test to read. This module reads a study
-and gathers its tables: study_runs (keys, the settings check), study_collapse, study_prediction (P and forgetting),
-study_predictors (of collapse) and study_paired (two editors order by order).
+and gathers its tables: study_runs (keys, the settings check), study_collapse, study_prediction (P and forgetting,
+over whole runs and before their collapse), study_predictors (of collapse) and study_paired (two editors order by
+order).
 
 >>> found = study("results/lifelong/smollm2-135m", n_boot=1000)
 >>> found["collapse_by_editor"][0]["verdict"]
@@ -30,10 +31,13 @@ from kis_lens.editing.study_collapse import (
 from kis_lens.editing.study_paired import paired_comparison, paired_rule
 from kis_lens.editing.study_prediction import (
     RULE_ACROSS_ORDERS,
+    RULE_BEFORE_COLLAPSE,
     RULE_FORGETTING,
     forgetting_across_orders,
+    forgetting_before_collapse_rows,
     forgetting_rows,
     prediction_across_orders,
+    prediction_before_collapse_rows,
     prediction_rows,
 )
 from kis_lens.editing.study_predictors import RULE_PREDICTORS, collapse_predictors
@@ -86,6 +90,8 @@ def study(
     else:
         runs = check_study(folder_or_runs)
     predictions, forgetting = prediction_rows(runs), forgetting_rows(runs, n_boot, seed)
+    early_predictions = prediction_before_collapse_rows(runs, n_boot, seed)
+    early_forgetting = forgetting_before_collapse_rows(runs, n_boot, seed)
     return {
         "runs": [{**identification(run), "source": run_name(run)} for run in runs],
         "rules": {
@@ -93,6 +99,7 @@ def study(
             "rho_alarm": RULE_RHO_ALARM,
             "forgetting": RULE_FORGETTING,
             "across_orders": RULE_ACROSS_ORDERS,
+            "before_collapse": RULE_BEFORE_COLLAPSE,
             "predictors": RULE_PREDICTORS,
             "paired": paired_rule("alphaedit", "rome"),
         },
@@ -103,6 +110,12 @@ def study(
         "prediction_across_orders": prediction_across_orders(predictions),
         "forgetting_rows": forgetting,
         "forgetting_across_orders": forgetting_across_orders(forgetting),
+        "before_collapse": {
+            "prediction_rows": early_predictions,
+            "prediction_across_orders": prediction_across_orders(early_predictions),
+            "forgetting_rows": early_forgetting,
+            "forgetting_across_orders": forgetting_across_orders(early_forgetting),
+        },
         "collapse_predictors": collapse_predictors(runs, n_boot, seed),
         "paired_comparison": paired_comparison(runs, n_boot=n_boot, bootstrap_seed=seed),
     }

@@ -6,16 +6,25 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from kis_lens.editing.lifelong_result import judged_pairs
+from kis_lens.editing.lifelong_result import MIN_PREDICTION_EDITS, judged_pairs
 from kis_lens.editing.study_runs import (
     NOT_JUDGED,
+    collapse_step,
     editor_rank,
     identification,
     moved_weights,
+    run_key,
     run_name,
     run_summary,
 )
-from kis_lens.editing.verdicts import PREDICTORS, auroc, clustered_auroc_bootstrap, draws_interval
+from kis_lens.editing.verdicts import (
+    PREDICTORS,
+    auroc,
+    clustered_auroc_bootstrap,
+    draws_interval,
+    judge_prediction_with_controls,
+    prediction_controls,
+)
 from kis_lens.errors import KisError
 
 RULE_FORGETTING = (
@@ -32,6 +41,13 @@ RULE_ACROSS_ORDERS = (
     f"in each of at least {MIN_ORDERS} orders; 'in k of n orders' where it holds in some, or in every one of fewer "
     f"than {MIN_ORDERS}; 'in no order' where it holds in none. P minus the count is given as its median and range "
     "over those orders"
+)
+
+RULE_BEFORE_COLLAPSE = (
+    "per run that collapsed: both verdicts above, by their own rules and bootstrap, on the pairs of the probes before "
+    "its collapse step only (n_edits < the step), where a collapsed model's forgetting of everything cannot carry "
+    f"them; not judged where fewer than {MIN_PREDICTION_EDITS} earlier edits are judged there. A run that never "
+    "collapsed is judged on all its probes above"
 )
 
 OUTPUT_CORRELATION_NOTE = (
@@ -191,6 +207,58 @@ def forgetting_rows(runs: Sequence[Mapping[str, Any]], n_boot: int = 1000, seed:
         else:
             reason = "no edit that first succeeded was lost" if not row["n_lost"] else "every such edit was lost"
             rows.append({**row, "auroc": None, "difference": None, "verdict": NOT_JUDGED, "reasons": [reason]})
+    return rows
+
+
+def before_collapse(run: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Return the run with only the pairs of its probes before its collapse step (None where it did not collapse)."""
+    step = collapse_step(run)
+    if step is None or not moved_weights(run):
+        return None
+    pairs = run.get("pairs") or {}
+    if pairs and "n_edits" not in pairs:
+        raise KisError(f"{run_name(run)}'s pairs lack n_edits: an older kis wrote it; rerun it with `kis lifelong`")
+    keep = [row for row, n_edits in enumerate(pairs.get("n_edits") or []) if int(n_edits) < step]
+    return {**run, "pairs": {name: [column[row] for row in keep] for name, column in pairs.items()}}
+
+
+def prediction_before_collapse_rows(
+    runs: Sequence[Mapping[str, Any]], n_boot: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Return per collapsed run P's controlled prediction of the NLL rise over its probes before the collapse."""
+    rows = []
+    for run in runs:
+        early = before_collapse(run)
+        if early is None:
+            continue
+        pairs = _judged(early)
+        n_judged = len(set(pairs.get("edit_index") or []))
+        row = {**identification(run), "collapse_step": collapse_step(run), "n_edits_judged": n_judged}
+        if n_judged < MIN_PREDICTION_EDITS:
+            reason = f"{n_judged} earlier edits judged before the collapse (< {MIN_PREDICTION_EDITS})"
+            rows.append({**row, "prediction_controls": None, "verdict": NOT_JUDGED, "reasons": [reason]})
+            continue
+        controls = prediction_controls(pairs, "measured_logprob", n_boot, seed)
+        judged = judge_prediction_with_controls(controls)
+        rows.append(
+            {**row, "prediction_controls": controls, "verdict": judged["verdict"], "reasons": judged["reasons"]}
+        )
+    return rows
+
+
+def forgetting_before_collapse_rows(
+    runs: Sequence[Mapping[str, Any]], n_boot: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Return per collapsed run the lost-edit AUROCs of P and the count over its probes before the collapse."""
+    early = [found for found in map(before_collapse, runs) if found is not None]
+    steps = {run_key(run): collapse_step(run) for run in early}
+    rows = []
+    for row in forgetting_rows(early, n_boot, seed):
+        row["collapse_step"] = steps[row["editor"], row["seed"], row["layer"]]
+        if row["verdict"] != NOT_JUDGED and row["n_edits"] < MIN_PREDICTION_EDITS:
+            reason = f"{row['n_edits']} earlier edits judged before the collapse (< {MIN_PREDICTION_EDITS})"
+            row |= {"auroc": None, "difference": None, "verdict": NOT_JUDGED, "reasons": [reason]}
+        rows.append(row)
     return rows
 
 

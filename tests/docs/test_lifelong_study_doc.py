@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from study_fixtures import paired_run, rho_run
+from study_fixtures import make_run, nll_pairs, paired_run, rho_run
 
 from kis_lens.docs.lifelong_study import render_study_markdown
 from kis_lens.editing.lifelong_plots import study_figure, update_norm_figure
@@ -24,6 +24,11 @@ def _study_with_rho() -> list[dict]:
     return [rho_run(0, False), rho_run(1, True), paired_run("alphaedit", 0, None), paired_run("alphaedit", 1, 30)]
 
 
+def _study_collapsing_with_pairs() -> list[dict]:
+    """Return three ROME orders whose pairs follow P before their collapse: every before-collapse verdict judged."""
+    return [make_run("rome", seed, 4, collapse=30, pairs=nll_pairs(30, seed=seed)) for seed in range(3)]
+
+
 def _tables(text: str) -> list[list[str]]:
     tables, current = [], []
     for line in text.splitlines():
@@ -35,9 +40,10 @@ def _tables(text: str) -> list[list[str]]:
     return tables
 
 
-def test_every_table_row_has_as_many_cells_as_its_header():
+@pytest.mark.parametrize("runs", [_study_runs(), _study_collapsing_with_pairs()], ids=["orders", "before"])
+def test_every_table_row_has_as_many_cells_as_its_header(runs):
     """A stray '|' in a header or cell breaks a Markdown table: count unescaped pipes row by row."""
-    text = render_study_markdown(_study_runs(), n_boot=50)
+    text = render_study_markdown(runs, n_boot=50)
     tables = _tables(text)
     assert len(tables) >= 8
     for table in tables:
@@ -77,7 +83,9 @@ def _github_anchor(heading: str) -> str:
     return "#" + re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-@pytest.mark.parametrize("runs", [_study_runs(), _study_with_rho()], ids=["orders", "rho"])
+@pytest.mark.parametrize(
+    "runs", [_study_runs(), _study_with_rho(), _study_collapsing_with_pairs()], ids=["orders", "rho", "before"]
+)
 def test_the_glance_table_links_real_sections_and_carries_every_verdict(runs):
     numbers = study(runs, n_boot=50)
     text = render_study_markdown(runs, n_boot=50)
@@ -89,4 +97,19 @@ def test_the_glance_table_links_real_sections_and_carries_every_verdict(runs):
     verdicts += [row["verdict"] for row in numbers["prediction_across_orders"] + numbers["forgetting_across_orders"]]
     verdicts += [layer["verdict"] for layer in numbers["paired_comparison"]["layers"]]
     verdicts += [row["verdict"] for row in numbers["rho_alarm_rows"]]
+    early = numbers["before_collapse"]
+    verdicts += [row["verdict"] for row in early["prediction_across_orders"] + early["forgetting_across_orders"]]
     assert verdicts and all(f"**{verdict}" in glance for verdict in verdicts)
+
+
+def test_the_before_collapse_section_prints_each_collapsed_runs_verdicts():
+    runs = _study_collapsing_with_pairs()
+    numbers = study(runs, n_boot=50)
+    text = render_study_markdown(runs, n_boot=50)
+    section = text.split("## Before the collapse", 1)[1].split("\n## ", 1)[0]
+    early = numbers["before_collapse"]
+    assert [row["verdict"] for row in early["prediction_across_orders"]] == ["reproduced in every order"]
+    assert "**reproduced in every order**" in section and "**P beats the count in every order**" in section
+    assert section.count("| ROME (original) (`rome`) | 0 | 4 | 30 |") == 2  # one row in each of its two tables
+    steady = [paired_run("alphaedit", seed, None) for seed in range(3)]
+    assert "No run collapsed" in render_study_markdown(steady, n_boot=50)

@@ -11,8 +11,20 @@ from typing import Any
 
 import numpy as np
 import pytest
-from study_fixtures import RHO_DISABLING, make_edits, make_run, make_steps, paired_run, rho_run, write_run
+from scipy import stats
+from study_fixtures import (
+    RHO_DISABLING,
+    forgetting_pairs,
+    make_edits,
+    make_run,
+    make_steps,
+    nll_pairs,
+    paired_run,
+    rho_run,
+    write_run,
+)
 
+from kis_lens.editing.lifelong_result import judged_pairs
 from kis_lens.editing.lifelong_study import load_study, study
 from kis_lens.editing.study_collapse import (
     RULE_COLLAPSE,
@@ -25,13 +37,15 @@ from kis_lens.editing.study_collapse import (
 from kis_lens.editing.study_paired import paired_comparison
 from kis_lens.editing.study_prediction import (
     forgetting_across_orders,
+    forgetting_before_collapse_rows,
     forgetting_rows,
     prediction_across_orders,
+    prediction_before_collapse_rows,
     prediction_rows,
 )
 from kis_lens.editing.study_predictors import collapse_predictors, cumulative_update_norm
 from kis_lens.editing.study_runs import check_study, run_key
-from kis_lens.editing.verdicts import PREDICTORS
+from kis_lens.editing.verdicts import PREDICTORS, judge_prediction_with_controls, prediction_controls
 from kis_lens.errors import KisError
 
 N_BOOT = 200
@@ -296,28 +310,6 @@ def test_forgetting_across_orders_reads_each_runs_auroc_gap_per_layer():
 
 
 # ---------------------------------------------------------------------------------------------------- forgetting
-def forgetting_pairs(case: str, n_edits: int = 40, seed: int = 0) -> dict[str, list[Any]]:
-    """Return pairs at probes 10, 20, 30, 40 where being lost follows P ("P") or only the later count ("count")."""
-    rng = np.random.default_rng(seed)
-    rows: dict[str, list[Any]] = {name: [] for name in PREDICTORS}
-    rows |= {"n_edits": [], "case_id": [], "edit_index": [], "later_same_subject": [], "success_now": []}
-    for t in range(10, n_edits + 1, 10):
-        for u in range(t):
-            predicted = float(rng.random())
-            later = t - u - 1
-            lost = predicted > 0.7 if case == "P" else later > 12
-            rows["n_edits"].append(t)
-            rows["case_id"].append(str(1000 + u))
-            rows["edit_index"].append(u)
-            rows["predicted"].append(predicted)
-            rows["later_count"].append(later)
-            rows["later_residual_norm"].append(float(np.sqrt(later + 1) * (1 + 0.1 * rng.random())))
-            rows["predicted_shuffled"].append(float(rng.random()))
-            rows["later_same_subject"].append(1 if u == 3 else 0)  # edit 3's subject is edited again
-            rows["success_now"].append(not lost)
-    return rows
-
-
 def slow_auroc(scores: list[float], positive: list[bool]) -> float:
     """Return the AUROC by comparing every positive with every negative (ties count one half)."""
     pos = [s for s, p in zip(scores, positive) if p]
@@ -364,6 +356,66 @@ def test_forgetting_is_not_judged_without_both_classes_or_without_a_moved_weight
     assert rows[0]["verdict"] == "not judged" and rows[0]["auroc"] is None and rows[0]["n_lost"] == 0
     assert rows[1]["verdict"] == "not judged" and rows[1]["reasons"] == ["no weight moved"]
     assert forgetting_rows([make_run("rome", 0, 4)], n_boot=10) == []  # no pairs
+
+
+# ------------------------------------------------------------------------------------------------ before collapse
+def slow_before(pairs: dict[str, list[Any]], collapse: int) -> dict[str, list[Any]]:
+    """Return the pairs of probes before the collapse whose subject is never edited again, row by row."""
+    keep = [row for row in range(len(pairs["n_edits"])) if pairs["n_edits"][row] < collapse]
+    keep = [row for row in keep if pairs["later_same_subject"][row] == 0]
+    return {name: [column[row] for row in keep] for name, column in pairs.items()}
+
+
+def test_before_collapse_the_prediction_is_judged_on_the_earlier_probes_only():
+    pairs = nll_pairs(collapse=30)
+    collapsed = make_run("rome", 0, 4, collapse=30, pairs=pairs)
+    everything = prediction_controls(judged_pairs(pairs), "measured_logprob", N_BOOT, 0)
+    assert judge_prediction_with_controls(everything)["verdict"] == "not reproduced"  # the collapse swamps P
+
+    steady = make_run("memit", 0, 4, pairs=nll_pairs(collapse=99))
+    rows = prediction_before_collapse_rows([collapsed, steady, make_run("none", 0, 4, pairs=pairs)], n_boot=N_BOOT)
+    assert len(rows) == 1  # a run that never collapsed is judged on all its probes; `none` moves nothing
+    (row,) = rows
+    assert (row["editor"], row["collapse_step"], row["verdict"]) == ("rome", 30, "reproduced")
+    early = slow_before(pairs, 30)
+    assert row["n_edits_judged"] == len(set(early["edit_index"])) == 20 - 1  # probe 20's edits but edit 3
+    for name in PREDICTORS:
+        expected = stats.spearmanr(early[name], early["measured_logprob"]).statistic
+        assert row["prediction_controls"]["spearman"][name]["value"] == pytest.approx(expected, abs=1e-12)
+    assert row["prediction_controls"]["spearman"]["predicted"]["n_clusters"] == 19
+
+
+def test_before_collapse_the_lost_edits_are_judged_on_the_earlier_probes_only():
+    pairs = forgetting_pairs("P")
+    (row,) = forgetting_before_collapse_rows([make_run("rome", 0, 4, collapse=30, pairs=pairs)], n_boot=N_BOOT)
+    early = slow_before(pairs, 30)
+    lost = [not success for success in early["success_now"]]
+    assert (row["collapse_step"], row["n_pairs"], row["n_lost"]) == (30, len(lost), sum(lost))
+    for name in PREDICTORS:
+        assert row["auroc"][name]["value"] == pytest.approx(slow_auroc(early[name], lost), abs=1e-12)
+    assert row["verdict"] == "P beats the count"
+
+
+def test_before_collapse_too_few_edits_are_not_judged_and_old_pairs_are_refused():
+    early_collapse = make_run("rome", 0, 4, collapse=10, pairs=nll_pairs(collapse=10))  # no probe before it
+    (prediction,) = prediction_before_collapse_rows([early_collapse], n_boot=N_BOOT)
+    assert prediction["verdict"] == "not judged" and prediction["reasons"] == [
+        "0 earlier edits judged before the collapse (< 5)"
+    ]
+    four = make_run("rome", 0, 4, collapse=20, pairs=_only_edits(forgetting_pairs("P"), 4))  # lost and kept
+    (forgetting,) = forgetting_before_collapse_rows([four], n_boot=N_BOOT)
+    assert forgetting["verdict"] == "not judged" and "(< 5)" in forgetting["reasons"][0]
+
+    old = nll_pairs(collapse=30)
+    del old["n_edits"]
+    with pytest.raises(KisError, match="lack n_edits"):
+        prediction_before_collapse_rows([make_run("rome", 0, 4, collapse=30, pairs=old)], n_boot=N_BOOT)
+
+
+def _only_edits(pairs: dict[str, list[Any]], n: int) -> dict[str, list[Any]]:
+    """Return the pairs of the first n earlier edits whose subject is never edited again, lost and kept alike."""
+    keep = [row for row, u in enumerate(pairs["edit_index"]) if u < n + 1 and pairs["later_same_subject"][row] == 0]
+    return {name: [column[row] for row in keep] for name, column in pairs.items()}
 
 
 # ------------------------------------------------------------------------------------------ predictors of collapse
@@ -588,6 +640,7 @@ def test_study_from_a_folder_and_from_runs(tmp_path):
         "prediction_across_orders",
         "forgetting_rows",
         "forgetting_across_orders",
+        "before_collapse",
         "collapse_predictors",
         "paired_comparison",
     }

@@ -40,6 +40,9 @@ MODELS = {
     "04_why_lifelong_editing_fails": "tiny-gpt2",
     "05_watching_lifelong_editing_collapse": "tiny-gpt2",
 }
+# Run before the first cell, never stored: kaleido's Chrome driver (choreographer) logs a recoverable wire error
+# with its traceback now and then while exporting a PNG; the figure is exported all the same (checked below).
+_SETUP = "import logging as _logging\n_logging.getLogger('choreographer').setLevel(_logging.CRITICAL)"
 # Run after the last cell, never stored: what the notebook really used.
 _QUERY = (
     "import json as _json, torch as _torch\n"
@@ -117,6 +120,21 @@ def cells_without_outputs(notebook: dict[str, Any]) -> list[str]:
     return problems
 
 
+def noisy_outputs(notebook: dict[str, Any]) -> list[str]:
+    """Return the code cells whose stored output shows a traceback or a path of a machine (the checkout, home, an
+    installed package's)."""
+    machine = [str(ROOT), str(Path.home()), "site-packages"]
+    problems = []
+    for index, cell in enumerate(notebook["cells"]):
+        for output in cell.get("outputs", []) if cell["cell_type"] == "code" else []:
+            text = "".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/plain", ""))
+            if "Traceback (most recent call last)" in text:
+                problems.append(f"cell {index} (id {cell.get('id')}) stores a traceback")
+            elif any(path in text for path in machine):
+                problems.append(f"cell {index} (id {cell.get('id')}) stores a machine path")
+    return problems
+
+
 def _sync_cells():
     spec = importlib.util.spec_from_file_location("kis_tutorials_sync_cells", TUTORIALS / "sync_cells.py")
     module = importlib.util.module_from_spec(spec)
@@ -146,7 +164,8 @@ def run_notebook(
     for cell in code_cells(notebook):
         cell.outputs, cell.execution_count = [], None
         cell.metadata.pop("execution", None)
-    query = nbformat.v4.new_code_cell(_QUERY)
+    setup, query = nbformat.v4.new_code_cell(_SETUP), nbformat.v4.new_code_cell(_QUERY)
+    notebook.cells.insert(0, setup)
     notebook.cells.append(query)
     environment = {
         **os.environ,
@@ -162,8 +181,9 @@ def run_notebook(
         started[cell_index] = time.perf_counter()
 
     def cell_done(cell: Any, cell_index: int, **_: Any) -> None:
-        if log and cell is not query:
-            print(f"  cell {cell_index:2d} ({cell.id}): {time.perf_counter() - started[cell_index]:6.1f} s", flush=True)
+        if log and cell is not query and cell is not setup:  # the notebook's own index: setup went first
+            seconds = time.perf_counter() - started[cell_index]
+            print(f"  cell {cell_index - 1:2d} ({cell.id}): {seconds:6.1f} s", flush=True)
 
     client = nbclient.NotebookClient(
         notebook,
@@ -178,6 +198,7 @@ def run_notebook(
     try:
         client.execute(env=environment)
     finally:
+        notebook.cells.remove(setup)
         notebook.cells.remove(query)
     facts = json.loads("".join(output.get("text", "") for output in query.outputs if output.get("name") == "stdout"))
     return {**facts, "seconds": round(time.perf_counter() - began)}
@@ -207,7 +228,7 @@ def execute(path: Path, model: str, timeout: int = 1800) -> dict[str, Any]:
     }
     notebook.metadata[METADATA_KEY] = record
     stored = json.loads(nbformat.writes(notebook))
-    problems = cells_without_outputs(stored)
+    problems = cells_without_outputs(stored) + noisy_outputs(stored)
     if any(PLOTLY_JSON in output.get("data", {}) for cell in code_cells(stored) for output in cell["outputs"]):
         problems.append("figures were not exported as PNG (GitHub would show none): pip install kaleido")
     if problems:

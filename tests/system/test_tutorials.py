@@ -241,6 +241,33 @@ def test_every_code_cell_stores_its_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_stored_outputs_show_no_traceback_and_no_machine_path(path):
+    assert execute.noisy_outputs(_notebook(path)) == []
+
+
+def test_noisy_outputs_names_each_cell_with_a_traceback_or_a_machine_path():
+    def cell(text: str, name: str = "stdout") -> dict:
+        return {"cell_type": "code", "id": "c", "outputs": [{"output_type": "stream", "name": name, "text": text}]}
+
+    logged = "JSONError decoding message. Ignoring\nTraceback (most recent call last):\n  File ..."
+    warned = "/opt/venv/lib/python3.11/site-packages/plotly/io/_kaleido.py:1: UserWarning\n"
+    notebook = {
+        "cells": [
+            cell("8 runs\n"),
+            cell(logged, "stderr"),
+            cell(f"wrote {execute.ROOT}/results/x.json\n"),
+            cell(warned, "stderr"),
+            {"cell_type": "markdown", "source": "Traceback (most recent call last)"},
+        ]
+    }
+    assert execute.noisy_outputs(notebook) == [
+        "cell 1 (id c) stores a traceback",
+        "cell 2 (id c) stores a machine path",
+        "cell 3 (id c) stores a machine path",
+    ]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_stored_figures_are_images_github_shows_and_the_notebook_stays_small(path):
     notebook = _notebook(path)
     outputs = _outputs(notebook)

@@ -87,8 +87,9 @@ LANES: dict[str, list[tuple[str, list[str]]]] = {
         _lifelong("rome", 0),
         _lifelong("rome", 1),
         _lifelong("rome", 2),
-        _lifelong("r-rome", 0),
+        # the second layer before r-ROME: a fourth ROME run that collapses lets the collapse predictors be judged
         _lifelong("rome", 0, SECOND_LAYER),
+        _lifelong("r-rome", 0),
     ],
     "b": [
         _lifelong("none", 0),

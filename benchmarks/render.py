@@ -407,8 +407,16 @@ def lifelong_run(result: dict[str, Any], path: Path) -> tuple[str, str, bool]:
     return editor, labels.get(editor, editor), True
 
 
+def lanes_beside(folder: Path) -> dict[str, int]:
+    """Return how many lanes ran beside each job of the study's compute log (folder/compute.jsonl), by job name."""
+    log = folder / "compute.jsonl"
+    entries = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.is_file() else []
+    return {entry["job"]: int(entry.get("lanes_beside") or 0) for entry in entries if entry.get("returncode") == 0}
+
+
 def lifelong_readme_rows(folder: Path) -> list[str]:
     """Return one README row per finished `kis lifelong` run committed in folder (docs/lifelong.md has the rest)."""
+    beside = lanes_beside(folder)
     runs = []
     for path in sorted([*folder.glob("lifelong_*.json"), *folder.glob("layer_*/lifelong_*.json")]):
         if ".partial." in path.name:
@@ -436,11 +444,13 @@ def lifelong_readme_rows(folder: Path) -> list[str]:
             )
         else:
             collapsed = "no collapse" if collapse["step"] is None else f"collapse after {collapse['step']} edits"
+            lanes = beside.get(f"{editor}-seed{settings['config']['seed']}-layer{layer}", 0)
+            concurrent = f", concurrent ({lanes} other lane{'s' if lanes > 1 else ''} beside)" if lanes else ""
             # Whether P predicts the drift is judged against its controls in docs/lifelong.md, not quoted bare here.
             text = (
                 f"{mark}{final['n_edits']} sequential edits: {collapsed}; final efficacy {final['efficacy']:.2f}, "
                 f"perplexity {final['perplexity']:,.1f}; {summary['wall_seconds'] / 60:.0f} min on "
-                f"{settings['threads']} thread(s), {summary['seconds_per_edit']:.1f} s per edit"
+                f"{settings['threads']} thread(s){concurrent}, {summary['seconds_per_edit']:.1f} s per edit"
             )
         rows.append(f"| {where} | {text} |")
     return rows

@@ -163,6 +163,21 @@ def test_readme_lifelong_rows_skip_checkpoints(render, tmp_path):
     assert len(rows) == 1 and rows[0].startswith("| no edit: `kis lifelong --editors none`, seed 0")
 
 
+def test_readme_lifelong_rows_label_a_run_timed_beside_another_lane(render, tmp_path):
+    """A run's minutes are labelled concurrent where the study's compute log says another lane ran beside it."""
+    folder = tmp_path / "lifelong"
+    (source,) = (RESULTS / "lifelong").glob("layer_4/lifelong_rome_seed0_*.json")
+    (folder / "layer_4").mkdir(parents=True)
+    (folder / "layer_4" / source.name).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    (alone,) = render.lifelong_readme_rows(folder)
+    assert "concurrent" not in alone and " min on 1 thread(s), " in alone
+    entry = {"job": "rome-seed0-layer4", "lanes_beside": 1, "returncode": 0, "wall_seconds": 1.0}
+    failed = {**entry, "job": "rome-seed1-layer4", "returncode": 1}
+    (folder / "compute.jsonl").write_text(json.dumps(entry) + "\n" + json.dumps(failed) + "\n", encoding="utf-8")
+    (beside,) = render.lifelong_readme_rows(folder)
+    assert " min on 1 thread(s), concurrent (1 other lane beside), " in beside
+
+
 WALL_TIME = "- Wall time: "
 
 

@@ -270,6 +270,42 @@ def _trace_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_trace_command)
 
 
+def _study_command(args: argparse.Namespace) -> None:
+    from kis_lens.docs.lifelong_study import write_study
+    from kis_lens.layout import lifelong_study_dir, trace_dir
+
+    folder = Path(args.runs) if args.runs else lifelong_study_dir(args.output_dir, args.model_name)
+    traces = Path(args.traces) if args.traces else trace_dir(args.output_dir, args.model_name)
+    started = time.perf_counter()
+    written = write_study(folder, traces, n_boot=args.bootstrap)
+    numbers = written["study"]
+    print(f"done in {time.perf_counter() - started:.1f} s: {len(numbers['runs'])} runs under {folder}")
+    for row in numbers["collapse_by_editor"]:
+        print(f"  {row['editor']:>9}  layer {row['layer']}  collapse, {row['n_orders']} order(s): {row['verdict']}")
+    for row in numbers["prediction_across_orders"]:
+        print(f"  {row['editor']:>9}  layer {row['layer']}  P predicts the NLL rise beyond the count: {row['verdict']}")
+    print(f"study: {written['markdown']}\nnumbers: {written['numbers']}\nfigures: {written['figures']}")
+
+
+def _study_parser(sub: argparse._SubParsersAction) -> None:
+    from kis_lens.models import DEFAULT_MODEL
+
+    parser = add_subcommand(
+        sub, "study", "verdicts across edit orders of finished `kis lifelong` runs: study.md, study.json, figures"
+    )
+    flag(parser, "model_name", default=DEFAULT_MODEL, help=f"whose runs (default {DEFAULT_MODEL})")
+    flag(parser, "output_dir", default=DEFAULT_OUTPUT_DIR, help=f"where kis wrote them (default {DEFAULT_OUTPUT_DIR})")
+    flag(
+        parser,
+        "runs",
+        default=None,
+        help="the folder of the runs, every layer_<L>/ in it (default <output_dir>/lifelong/<model_name>)",
+    )
+    flag(parser, "traces", default=None, help="the `kis trace` outputs (default <output_dir>/trace/<model_name>)")
+    flag(parser, "bootstrap", type=int, default=1000, help="bootstrap resamples of every interval (default 1000)")
+    parser.set_defaults(handler=_study_command)
+
+
 FIRST_STEPS = """first steps:
   kis all --model_name tiny-gpt2 --knowledge_type all    # the main job on a tiny offline model, in seconds
   kis all --report                                       # SmolLM2-135M: 30 layers, 128 facts (~4 min, 2 CPU cores)
@@ -309,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     _report_parser(sub)
     _edit_sim_parser(sub)
     _lifelong_parser(sub)
+    _study_parser(sub)
     _trace_parser(sub)
     return parser
 

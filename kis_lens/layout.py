@@ -182,7 +182,12 @@ def split_path(output_dir: str | Path, model: str, facts_source: str | Path) -> 
 
 def trace_path(output_dir: str | Path, model: str, kind: str, window: int) -> Path:
     """Return the JSON path of a trace: <output_dir>/trace/<model>/causal_trace_<kind>_w<window>.json."""
-    return Path(output_dir) / TRACE_FOLDER / model / f"causal_trace_{kind}_w{window}.json"
+    return trace_dir(output_dir, model) / f"causal_trace_{kind}_w{window}.json"
+
+
+def trace_dir(output_dir: str | Path, model: str) -> Path:
+    """Return the folder of a model's traces: <output_dir>/trace/<model> (trace_path's folder)."""
+    return Path(output_dir) / TRACE_FOLDER / model
 
 
 def legacy_trace_dir(output_dir: str | Path, model: str) -> Path:
@@ -302,9 +307,18 @@ LIFELONG_FILE_PREFIX = "lifelong_"
 LIFELONG_PARTIAL_MARK = ".partial."  # in the name of every checkpoint file (runs.STATE_SUFFIX, TENSORS_SUFFIX)
 
 
+STUDY_FILE = "study"  # <study folder>/study.md and study.json: what `kis study` writes beside a model's runs
+STUDY_FIGURES_FOLDER = "study_figures"
+
+
+def lifelong_study_dir(output_dir: str | Path, model: str) -> Path:
+    """Return the folder of a model's lifelong runs, every layer: <output_dir>/lifelong/<model> (a study)."""
+    return Path(output_dir) / LIFELONG_FOLDER / model
+
+
 def lifelong_dir(output_dir: str | Path, model: str, layer: int) -> Path:
     """Return a lifelong run's folder: <output_dir>/lifelong/<model>/layer_<layer> (one <stem>.json per run)."""
-    return Path(output_dir) / LIFELONG_FOLDER / model / f"{LIFELONG_LAYER_PREFIX}{layer}"
+    return lifelong_study_dir(output_dir, model) / f"{LIFELONG_LAYER_PREFIX}{layer}"
 
 
 def legacy_lifelong_dir(output_dir: str | Path, model: str, layer: int) -> Path:

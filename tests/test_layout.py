@@ -38,9 +38,11 @@ def test_every_path_spelled_out():
     )
     assert layout.split_path(out, "gpt2", "data/known-1000.json") == out / "knowledge/gpt2/known-1000_split.json"
     assert layout.trace_path(out, "gpt2", "mlp", 10) == out / "trace/gpt2/causal_trace_mlp_w10.json"
+    assert layout.trace_dir(out, "gpt2") == out / "trace/gpt2"  # what `kis study` reads by default
     assert layout.legacy_trace_dir(out, "gpt2") == out / "gpt2/trace"  # where an older kis wrote them
     assert layout.edit_sim_dir(out, "gpt2", 4, 20) == out / "edit_sim/gpt2/layer_4_n20"
     assert layout.lifelong_dir(out, "gpt2", 4) == out / "lifelong/gpt2/layer_4"
+    assert layout.lifelong_study_dir(out, "gpt2") == out / "lifelong/gpt2"  # every layer's runs: a study
     assert layout.legacy_lifelong_dir(out, "gpt2", 4) == out / "gpt2/lifelong/layer_4"
     assert layout.reproduction_paths("out", "gpt2") == (
         Path("out/reproduction/gpt2/reproduction.md"),

@@ -5,11 +5,14 @@ study module's constants, printed beside the verdicts they produce, once every v
 of one set of runs is kis_lens.docs.lifelong's.
 
 >>> text = render_study_markdown(load_study("benchmarks/results/lifelong"), traces, figures)
+>>> written = write_study("results/lifelong/smollm2-135m", traces="results/trace/smollm2-135m")  # `kis study`
 """
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from kis_lens.docs.study_prediction_sections import before_collapse_section, prediction_sections
@@ -17,6 +20,7 @@ from kis_lens.docs.study_sections import (
     cell,
     collapse_section,
     editor_cell,
+    figure_line,
     glance_section,
     paired_section,
     predictors_section,
@@ -24,9 +28,13 @@ from kis_lens.docs.study_sections import (
     table,
     trace_section,
 )
-from kis_lens.editing.lifelong_study import study
+from kis_lens.editing.lifelong_plots import study_figure, update_norm_figure
+from kis_lens.editing.lifelong_study import load_study, study
 from kis_lens.editing.study_prediction import MIN_ORDERS
 from kis_lens.errors import KisError
+from kis_lens.figure_files import write_figure_files
+from kis_lens.io import atomic_write, load_json_object, save_json
+from kis_lens.layout import STUDY_FIGURES_FOLDER, STUDY_FILE
 
 
 def render_study_markdown(
@@ -37,13 +45,18 @@ def render_study_markdown(
     *,
     source: str = "benchmarks/results/lifelong",
     n_boot: int = 1000,
+    generator: str = "`benchmarks/lifelong.py` (kis_lens.docs.lifelong_study)",
+    queue: str | None = "`benchmarks/lifelong_runs.py`",
+    numbers: Mapping[str, Any] | None = None,
 ) -> str:
     """Return docs/lifelong.md for a study: collapse per editor and order, its sensitivity, the ρ alarm, the
-    controlled P-prediction verdicts, forgetting, the predictors of the collapse step and AlphaEdit vs ROME."""
+    controlled P-prediction verdicts, forgetting, the predictors of the collapse step and AlphaEdit vs ROME.
+
+    numbers: study(runs) computed already (write_study keeps them); queue: where the runs still to come are listed."""
     if not runs:
         raise KisError("no lifelong runs to write a document from: run `kis lifelong` (benchmarks/lifelong_runs.py)")
     figures = dict(figures or {})
-    numbers = study(list(runs), n_boot=n_boot)
+    numbers = numbers if numbers is not None else study(list(runs), n_boot=n_boot)
     config = (runs[0].get("settings") or {}).get("config") or {}
     model = ((runs[0].get("settings") or {}).get("model") or {}).get("name", config.get("model_name"))
     layers = sorted({int(row["layer"]) for row in numbers["runs"]})
@@ -54,15 +67,15 @@ def render_study_markdown(
     lines = [
         f"# Lifelong editing on {model}: {len(runs)} runs, {len(orders)} editors",
         "",
-        f"Generated from `{source}` by `benchmarks/lifelong.py` (kis_lens.docs.lifelong_study); do not edit by hand.",
+        f"Generated from `{source}` by {generator}; do not edit by hand.",
         "",
     ]
     if short:
         lines += [
             f"> **Interim.** Fewer than {MIN_ORDERS} edit orders so far for: "
             + ", ".join(f"`{e}` ({len(orders[e])})" for e in short)
-            + ". Verdicts across orders are given for what has run; the runs still queued are in "
-            "`benchmarks/lifelong_runs.py`.",
+            + ". Verdicts across orders are given for what has run"
+            + (f"; the runs still queued are in {queue}." if queue else "."),
             "",
         ]
     lines += [
@@ -95,7 +108,7 @@ def render_study_markdown(
     lines += ["## Figures", ""]
     for name, path in figures.items():
         if not name.startswith("causal_trace"):
-            lines += [f"![{name}]({path})", ""]
+            lines += [figure_line(name, path), ""]
     if compute:
         lines += [
             "## Compute",
@@ -144,3 +157,43 @@ def _edits(runs: Sequence[Mapping[str, Any]], row: Mapping[str, Any]) -> str:
         if (run["editor"], config.get("seed"), config.get("layer")) == (row["editor"], row["seed"], row["layer"]):
             return cell(len(run.get("edits") or []))
     return "—"
+
+
+def _trace_figure(path: Path, folder: Path) -> tuple[str, str] | None:
+    """Return a trace's figure name and its link from folder: its PNG, else its HTML (None where neither exists)."""
+    for figure in (path.with_suffix(".png"), path.with_suffix(".html")):
+        if figure.is_file():
+            return path.stem, Path(os.path.relpath(figure, folder)).as_posix()
+    return None
+
+
+def write_study(folder: str | Path, traces: str | Path | None = None, n_boot: int = 1000) -> dict[str, Any]:
+    """Write <folder>/study.md, study.json (every number and verdict) and the study's figures, from every finished
+    lifelong run under folder and the causal traces in traces; return {"markdown", "numbers", "figures", "study"}."""
+    folder = Path(folder)
+    runs = load_study(folder)  # refuses a missing folder, one without finished runs and runs of mixed settings
+    trace_files = sorted(Path(traces).glob("causal_trace_*.json")) if traces and Path(traces).is_dir() else []
+    trace_results = [load_json_object(path, "rerun `kis trace` or remove the file") for path in trace_files]
+    links = dict(filter(None, (_trace_figure(path, folder) for path in trace_files)))
+    numbers = study(runs, n_boot=n_boot)  # before anything is written: a bad n_boot leaves no figure behind
+    figures = folder / STUDY_FIGURES_FOLDER
+    for name, figure in (("lifelong_study", study_figure(runs)), ("lifelong_update_norms", update_norm_figure(runs))):
+        written = write_figure_files(figure, figures / f"{name}.html")
+        links[name] = Path(os.path.relpath(written["png"] or written["html"], folder)).as_posix()
+    text = render_study_markdown(
+        runs,
+        trace_results,
+        links,
+        source=str(folder),
+        n_boot=n_boot,
+        generator="`kis study`",
+        queue=None,
+        numbers=numbers,
+    )
+    markdown = atomic_write(folder / f"{STUDY_FILE}.md", lambda temp: temp.write_text(text, encoding="utf-8"))
+    return {
+        "markdown": markdown,
+        "numbers": save_json(folder / f"{STUDY_FILE}.json", numbers),
+        "figures": figures,
+        "study": numbers,
+    }

@@ -51,6 +51,11 @@ def _criterion_order(name: str) -> tuple[int, float, str]:
     return (0, float(found.group(1)), name) if found else (1, 0.0, name)
 
 
+def figure_line(name: str, path: str) -> str:
+    """Return a figure's Markdown: the image where it is one, a link to its interactive HTML where it is not."""
+    return f"[{name} (interactive)]({path})" if path.endswith(".html") else f"![{name}]({path})"
+
+
 def editor_cell(row: Mapping[str, Any]) -> str:
     """Return how the doc names a row's editor: its label and its registry name."""
     return f"{editor_label(row['editor'])} (`{row['editor']}`)"
@@ -94,7 +99,7 @@ def trace_section(traces: Sequence[Mapping[str, Any]], figures: Mapping[str, str
     ]
     for name, path in figures.items():
         if name.startswith("causal_trace"):
-            lines += [f"![{name}]({path})", ""]
+            lines += [figure_line(name, path), ""]
     return lines
 
 

@@ -272,10 +272,11 @@ def _trace_parser(sub: argparse._SubParsersAction) -> None:
 
 def _study_command(args: argparse.Namespace) -> None:
     from kis_lens.docs.lifelong_study import write_study
-    from kis_lens.layout import lifelong_study_dir, trace_dir
+    from kis_lens.layout import study_folders
 
-    folder = Path(args.runs) if args.runs else lifelong_study_dir(args.output_dir, args.model_name)
-    traces = Path(args.traces) if args.traces else trace_dir(args.output_dir, args.model_name)
+    runs, traces = study_folders(args.output_dir, args.model_name)
+    folder = Path(args.runs) if args.runs else runs
+    traces = Path(args.traces) if args.traces else traces
     started = time.perf_counter()
     written = write_study(folder, traces, n_boot=args.bootstrap)
     numbers = written["study"]
@@ -299,9 +300,15 @@ def _study_parser(sub: argparse._SubParsersAction) -> None:
         parser,
         "runs",
         default=None,
-        help="the folder of the runs, every layer_<L>/ in it (default <output_dir>/lifelong/<model_name>)",
+        help="the folder of the runs, every layer_<L>/ in it (default <output_dir>/lifelong/<model_name>, or an older "
+        "kis's <output_dir>/<model_name>/lifelong)",
     )
-    flag(parser, "traces", default=None, help="the `kis trace` outputs (default <output_dir>/trace/<model_name>)")
+    flag(
+        parser,
+        "traces",
+        default=None,
+        help="the `kis trace` outputs (default <output_dir>/trace/<model_name>, or <output_dir>/<model_name>/trace)",
+    )
     flag(parser, "bootstrap", type=int, default=1000, help="bootstrap resamples of every interval (default 1000)")
     parser.set_defaults(handler=_study_command)
 

@@ -321,9 +321,25 @@ def lifelong_dir(output_dir: str | Path, model: str, layer: int) -> Path:
     return lifelong_study_dir(output_dir, model) / f"{LIFELONG_LAYER_PREFIX}{layer}"
 
 
+def legacy_lifelong_study_dir(output_dir: str | Path, model: str) -> Path:
+    """Return where an older kis wrote a model's lifelong runs: <output_dir>/<model>/lifelong (model-first)."""
+    return Path(output_dir) / model / LIFELONG_FOLDER
+
+
 def legacy_lifelong_dir(output_dir: str | Path, model: str, layer: int) -> Path:
     """Return where an older kis wrote a lifelong run: <output_dir>/<model>/lifelong/layer_<layer> (model-first)."""
-    return Path(output_dir) / model / LIFELONG_FOLDER / f"{LIFELONG_LAYER_PREFIX}{layer}"
+    return legacy_lifelong_study_dir(output_dir, model) / f"{LIFELONG_LAYER_PREFIX}{layer}"
+
+
+def study_folders(output_dir: str | Path, model: str) -> tuple[Path, Path]:
+    """Return (the folder of a model's lifelong runs, of its traces) that `kis study` reads by default: this kis's
+    kind-first folders, or an older kis's model-first ones where only those exist."""
+    runs, traces = lifelong_study_dir(output_dir, model), trace_dir(output_dir, model)
+    if not runs.is_dir() and legacy_lifelong_study_dir(output_dir, model).is_dir():
+        runs = legacy_lifelong_study_dir(output_dir, model)
+    if not traces.is_dir() and legacy_trace_dir(output_dir, model).is_dir():
+        traces = legacy_trace_dir(output_dir, model)
+    return runs, traces
 
 
 def writable_lifelong_dir(output_dir: str | Path, model: str, layer: int) -> Path:

@@ -161,3 +161,13 @@ def test_latest_results_is_the_newest_run_and_none_is_an_error_naming_the_fix(tm
     assert layout.latest_results(tmp_path) == newer
     os.utime(older, (2_000_000_200, 2_000_000_200))
     assert layout.latest_results(tmp_path) == older
+
+
+def test_study_folders_prefer_this_kis_layout_and_fall_back_to_an_older_ones(tmp_path):
+    assert layout.study_folders(tmp_path, "m") == (tmp_path / "lifelong/m", tmp_path / "trace/m")  # neither exists
+    (tmp_path / "m/lifelong").mkdir(parents=True)
+    (tmp_path / "m/trace").mkdir(parents=True)
+    assert layout.study_folders(tmp_path, "m") == (tmp_path / "m/lifelong", tmp_path / "m/trace")
+    (tmp_path / "lifelong/m").mkdir(parents=True)
+    (tmp_path / "trace/m").mkdir(parents=True)
+    assert layout.study_folders(tmp_path, "m") == (tmp_path / "lifelong/m", tmp_path / "trace/m")

@@ -55,6 +55,17 @@ def test_kis_study_writes_the_doc_the_numbers_and_the_figures_of_the_runs_under_
         assert f"({'study_figures/' + name}." in text
 
 
+def test_kis_study_finds_the_runs_and_traces_an_older_kis_wrote_model_first(tmp_path, capsys):
+    for run in _runs():
+        write_run(tmp_path / "m" / "lifelong", run)  # <output_dir>/<model>/lifelong/layer_4: an older kis's layout
+    (tmp_path / "m" / "trace").mkdir()
+    shutil.copyfile(COMMITTED_TRACE, tmp_path / "m" / "trace" / COMMITTED_TRACE.name)
+    assert main(["study", "--output_dir", str(tmp_path), "--model_name", "m", "--bootstrap", "20"]) == 0
+    assert f"5 runs under {tmp_path / 'm' / 'lifelong'}" in capsys.readouterr().out
+    text = (tmp_path / "m" / "lifelong" / "study.md").read_text(encoding="utf-8")
+    assert "| 10 | 100 | 4 | 4 | 0.087 | 0.087 |" in text  # the committed window-10 trace's row
+
+
 def test_kis_study_refuses_a_folder_without_runs_and_a_bad_bootstrap_writing_nothing(tmp_path, capsys):
     assert main(["study", "--runs", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err

@@ -93,8 +93,10 @@ def trace_section(traces: Sequence[Mapping[str, Any]], figures: Mapping[str, str
     lines += [
         "",
         "The indirect effect of restoring the MLP output at the subject's last token (with the subject embeddings "
-        "noised, 3× their std, 10 samples) averaged over known facts. The edits are made at the early peak, and a "
-        f"second layer is run as a check (edit layers in this study: {', '.join(str(layer) for layer in layers)}).",
+        "noised, 3× their std, 10 samples) averaged over known facts. A window of w restores the MLP outputs of w "
+        "consecutive layers around each layer: ROME's trace uses 10, and window 1 restores the layer alone. The edits "
+        "are made at the early peak of the widest window, and a second layer is run as a check (edit layers in this "
+        f"study: {', '.join(str(layer) for layer in layers)}).",
         "",
     ]
     for name, path in figures.items():

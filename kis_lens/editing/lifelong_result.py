@@ -125,15 +125,25 @@ def judged_pairs(pairs: dict[str, list[Any]]) -> dict[str, list[Any]]:
 MIN_PREDICTION_EDITS = 5  # edits with later edits before the P-prediction verdict is computed at all
 
 
+def controlled_prediction(
+    pairs: dict[str, list[Any]], n_boot: int, seed: int, edits_are: str = "edits with later edits"
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Return (the controls, the verdict) of P's prediction of the NLL rise over judged pairs: not judged, without
+    controls, under MIN_PREDICTION_EDITS edits (edits_are says which edits the reason counts)."""
+    n_edits_judged = len(set(pairs.get("edit_index") or []))
+    if n_edits_judged < MIN_PREDICTION_EDITS:
+        reason = f"{n_edits_judged} {edits_are} (< {MIN_PREDICTION_EDITS})"
+        return None, {"verdict": "not judged", "reasons": [reason]}
+    controls = prediction_controls(pairs, "measured_logprob", n_boot, seed)
+    return controls, judge_prediction_with_controls(controls)
+
+
 def _verdict_inputs(config: LifelongConfig, state: RunState) -> dict[str, Any]:
     """Return the collapse sensitivity and the controlled P-prediction verdict of a finished run."""
     pairs = judged_pairs(state.pairs)
-    n_edits_judged = len(set(pairs["edit_index"]))
-    controls, too_few = None, f"{n_edits_judged} edits with later edits (< {MIN_PREDICTION_EDITS})"
-    verdict: dict[str, Any] = {"verdict": "not judged", "reasons": [too_few if state.changed else "no weight moved"]}
-    if state.changed and n_edits_judged >= MIN_PREDICTION_EDITS:
-        controls = prediction_controls(pairs, "measured_logprob", config.bootstrap, config.seed)
-        verdict = judge_prediction_with_controls(controls)
+    controls, verdict = None, {"verdict": "not judged", "reasons": ["no weight moved"]}
+    if state.changed:
+        controls, verdict = controlled_prediction(pairs, config.bootstrap, config.seed)
     sensitivity = collapse_sensitivity(state.steps, retention_threshold=config.retention_threshold)
     repeats = [index for index, edit in enumerate(state.edits) if edit.get("repeats_edit") is not None]
     return {

@@ -6,7 +6,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from kis_lens.editing.lifelong_result import MIN_PREDICTION_EDITS, judged_pairs
+from kis_lens.editing.lifelong_result import MIN_PREDICTION_EDITS, controlled_prediction, judged_pairs
 from kis_lens.editing.study_runs import (
     NOT_JUDGED,
     collapse_step,
@@ -17,14 +17,7 @@ from kis_lens.editing.study_runs import (
     run_name,
     run_summary,
 )
-from kis_lens.editing.verdicts import (
-    PREDICTORS,
-    auroc,
-    clustered_auroc_bootstrap,
-    draws_interval,
-    judge_prediction_with_controls,
-    prediction_controls,
-)
+from kis_lens.editing.verdicts import PREDICTORS, auroc, clustered_auroc_bootstrap, draws_interval
 from kis_lens.errors import KisError
 
 RULE_FORGETTING = (
@@ -232,16 +225,16 @@ def prediction_before_collapse_rows(
         if early is None:
             continue
         pairs = _judged(early)
-        n_judged = len(set(pairs.get("edit_index") or []))
-        row = {**identification(run), "collapse_step": collapse_step(run), "n_edits_judged": n_judged}
-        if n_judged < MIN_PREDICTION_EDITS:
-            reason = f"{n_judged} earlier edits judged before the collapse (< {MIN_PREDICTION_EDITS})"
-            rows.append({**row, "prediction_controls": None, "verdict": NOT_JUDGED, "reasons": [reason]})
-            continue
-        controls = prediction_controls(pairs, "measured_logprob", n_boot, seed)
-        judged = judge_prediction_with_controls(controls)
+        controls, judged = controlled_prediction(pairs, n_boot, seed, "earlier edits judged before the collapse")
         rows.append(
-            {**row, "prediction_controls": controls, "verdict": judged["verdict"], "reasons": judged["reasons"]}
+            {
+                **identification(run),
+                "collapse_step": collapse_step(run),
+                "n_edits_judged": len(set(pairs.get("edit_index") or [])),
+                "prediction_controls": controls,
+                "verdict": judged["verdict"],
+                "reasons": judged["reasons"],
+            }
         )
     return rows
 

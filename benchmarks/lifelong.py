@@ -77,7 +77,6 @@ def committed_results() -> dict[str, dict[str, Any]]:
 
 
 FIGURES = Path("docs") / "figures" / "lifelong"
-STUDY_FIGURES = ("lifelong_study", "lifelong_update_norms")
 
 
 def is_study() -> bool:
@@ -87,10 +86,11 @@ def is_study() -> bool:
 
 def _study_inputs() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Return the committed study's runs, causal traces and compute log."""
+    from kis_lens.docs.lifelong_study import load_traces
     from kis_lens.editing.lifelong_study import load_study
 
     runs = load_study(ROOT / RESULTS)
-    traces = [json.loads(p.read_text()) for p in sorted((ROOT / RESULTS / "trace").glob("causal_trace_*.json"))]
+    traces = load_traces(ROOT / RESULTS / "trace")
     log = ROOT / RESULTS / "compute.jsonl"
     compute = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     return runs, traces, compute
@@ -98,6 +98,8 @@ def _study_inputs() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[di
 
 def _study_figure_links(traces: list[dict[str, Any]]) -> dict[str, str]:
     """Return each figure's PNG link relative to docs/ (the traces' PNGs, then the study's own)."""
+    from kis_lens.docs.lifelong_study import STUDY_FIGURES
+
     names = [f"causal_trace_mlp_w{(t.get('settings') or {}).get('window')}" for t in traces] + list(STUDY_FIGURES)
     return {name: os.path.relpath(FIGURES / f"{name}.png", DOC.parent) for name in names}
 
@@ -136,12 +138,10 @@ def copy_study(source: Path, traces: Path, log: Path | None) -> None:
 
 def write_study_figures() -> None:
     """Write the study's figures as PNG (embedded in the doc) and HTML, into docs/figures/lifelong."""
-    from kis_lens.editing.lifelong_plots import study_figure, update_norm_figure
-    from kis_lens.figure_files import write_figure_files
+    from kis_lens.docs.lifelong_study import write_study_figures as write_figures
 
     runs, _, _ = _study_inputs()
-    for name, figure in zip(STUDY_FIGURES, (study_figure(runs), update_norm_figure(runs))):
-        write_figure_files(figure, ROOT / FIGURES / f"{name}.html")
+    write_figures(runs, ROOT / FIGURES)
 
 
 def render() -> str:

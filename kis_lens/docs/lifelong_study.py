@@ -167,18 +167,37 @@ def _trace_figure(path: Path, folder: Path) -> tuple[str, str] | None:
     return None
 
 
+def trace_files(folder: str | Path | None) -> list[Path]:
+    """Return the `kis trace` results in folder (none where it is not given or not there)."""
+    return sorted(Path(folder).glob("causal_trace_*.json")) if folder and Path(folder).is_dir() else []
+
+
+def load_traces(folder: str | Path | None) -> list[dict[str, Any]]:
+    """Return the `kis trace` results in folder, each as written."""
+    return [load_json_object(path, "rerun `kis trace` or remove the file") for path in trace_files(folder)]
+
+
+STUDY_FIGURES = ("lifelong_study", "lifelong_update_norms")
+
+
+def write_study_figures(runs: Sequence[Mapping[str, Any]], folder: str | Path) -> dict[str, dict[str, str | None]]:
+    """Write the study's figures into folder (HTML, and PNG where Plotly can export it); return each one's files."""
+    figures = (study_figure(runs), update_norm_figure(runs))
+    return {
+        name: write_figure_files(figure, Path(folder) / f"{name}.html") for name, figure in zip(STUDY_FIGURES, figures)
+    }
+
+
 def write_study(folder: str | Path, traces: str | Path | None = None, n_boot: int = 1000) -> dict[str, Any]:
     """Write <folder>/study.md, study.json (every number and verdict) and the study's figures, from every finished
     lifelong run under folder and the causal traces in traces; return {"markdown", "numbers", "figures", "study"}."""
     folder = Path(folder)
     runs = load_study(folder)  # refuses a missing folder, one without finished runs and runs of mixed settings
-    trace_files = sorted(Path(traces).glob("causal_trace_*.json")) if traces and Path(traces).is_dir() else []
-    trace_results = [load_json_object(path, "rerun `kis trace` or remove the file") for path in trace_files]
-    links = dict(filter(None, (_trace_figure(path, folder) for path in trace_files)))
+    trace_results = load_traces(traces)
+    links = dict(filter(None, (_trace_figure(path, folder) for path in trace_files(traces))))
     numbers = study(runs, n_boot=n_boot)  # before anything is written: a bad n_boot leaves no figure behind
     figures = folder / STUDY_FIGURES_FOLDER
-    for name, figure in (("lifelong_study", study_figure(runs)), ("lifelong_update_norms", update_norm_figure(runs))):
-        written = write_figure_files(figure, figures / f"{name}.html")
+    for name, written in write_study_figures(runs, figures).items():
         links[name] = Path(os.path.relpath(written["png"] or written["html"], folder)).as_posix()
     text = render_study_markdown(
         runs,

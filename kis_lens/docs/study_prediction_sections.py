@@ -13,6 +13,7 @@ _SHOWN = {  # the predictors whose Spearman a table shows: every control over wh
     True: ("predicted", "later_count"),
 }
 _SHOWN_AUROC = {False: ("predicted", "later_count", "predicted_shuffled"), True: ("predicted", "later_count")}
+_AUROC_NAMES = {"predicted": "AUROC P", "later_count": "AUROC count", "predicted_shuffled": "AUROC shuffled P"}
 _NAMES = {
     "predicted": "P",
     "later_count": "later-edit count",
@@ -74,7 +75,7 @@ def _forgetting_table(rows: Sequence[Mapping[str, Any]], before_collapse: bool =
     """Return the table of the lost-edit AUROCs of P and the count, per run."""
     shown = _SHOWN_AUROC[before_collapse]
     header = ("editor", "order", "layer", *(("collapse step",) if before_collapse else ()), "lost / kept")
-    header += tuple(f"AUROC {_NAMES[name]}".replace("later-edit count", "count") for name in shown)
+    header += tuple(_AUROC_NAMES[name] for name in shown)
     return table(
         (*header, "P − count", "verdict"),
         [

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/lifelong_runs.py --lane a &   # ROME and its variants
     .venv/bin/python benchmarks/lifelong_runs.py --lane b &   # none, the causal traces, MEMIT, AlphaEdit
     .venv/bin/python benchmarks/lifelong_runs.py --plan       # every job and whether it has finished
+    .venv/bin/python benchmarks/lifelong_runs.py --park       # before a session ends; then commit PARKED
 
     git worktree add results/code <commit>; add --code results/code to each lane to run that commit's kis while
     this tree is edited (PYTHONPATH puts the checkout first).
@@ -12,6 +13,9 @@ finished is skipped (kis lifelong returns the finished run), one that was cut of
 rerunning a lane after a session ends picks up where it stopped. Every job appends a line to
 results/lifelong_runs.jsonl: its command, wall seconds, exit status and how many lanes ran beside it, so the
 closing note can say what each run took (timings of two lanes are concurrent: labelled so).
+
+A session may start on a fresh checkout, without results/: finished jobs are then read from the committed study's
+compute log and traces, and a lane first puts back the checkpoints `--park` committed (benchmarks/lifelong_parking.py).
 """
 
 from __future__ import annotations
@@ -23,12 +27,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
+
+from lifelong_parking import covariance_name, park, unpark
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = Path("results")  # relative to the checkout: commands in the log carry no machine path
 LAYER = 4  # the 20-fact causal trace's peak among the early-to-middle layers (the full trace is job "trace-w10")
 SECOND_LAYER = 8  # the check at a second layer: past the trace's early peak (4–5), where its effect has halved
 SEEDS = (0, 1, 2)
+MODEL = "smollm2-135m"
+RUNS = OUTPUT / MODEL / "lifelong"  # where the frozen code writes runs (model-first, see frozen_trace_path)
+COVARIANCE = OUTPUT / "stats" / MODEL / "wikipedia-offline_stats"  # and the Cs they use
+STUDY = Path("benchmarks/results/lifelong")  # the committed study: finished runs, traces, compute log
+PARKED = Path("benchmarks/results/lifelong_in_progress")  # committed checkpoints of runs that outlast a session
+LOCK_BUSY = "is being written by another kis process"  # kis, when the other lane computes the same C right now
+LOCK_WAIT_SECONDS = 60
 
 
 def _lifelong(editor: str, seed: int, layer: int = LAYER) -> tuple[str, list[str]]:
@@ -53,7 +67,9 @@ def _written(name: str, code: Path | None) -> bool:
     """Return whether a job's result is on disk already (a trace is not resumable: never run it twice)."""
     if name.startswith("trace-w"):
         window = int(name.removeprefix("trace-w"))
-        if (ROOT / frozen_trace_path(window)).is_file():
+        if (ROOT / frozen_trace_path(window)).is_file() or (
+            ROOT / STUDY / "trace" / frozen_trace_path(window).name
+        ).is_file():
             return True
         if code is None:  # this tree's kis writes the job: its own layout says where
             from kis_lens.layout import trace_path
@@ -110,15 +126,46 @@ LOG = OUTPUT / "lifelong_runs.jsonl"
 
 
 def finished_jobs() -> dict[str, dict]:
-    """Return the last successful log line of each job (name → entry)."""
-    path = ROOT / LOG
+    """Return the last successful log line of each job (name → entry), the committed study's log read first."""
     done: dict[str, dict] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            entry = json.loads(line)
-            if entry.get("returncode") == 0:
-                done[entry["job"]] = entry
+    for path in (ROOT / STUDY / "compute.jsonl", ROOT / LOG):
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                if entry.get("returncode") == 0:
+                    done[entry["job"]] = entry
     return done
+
+
+def _run_finished(stem: str, layer_folder: str) -> bool:
+    """Return whether a run's result is written, in results/ or in the committed study."""
+    return any((ROOT / base / layer_folder / f"{stem}.json").is_file() for base in (RUNS, STUDY))
+
+
+def _lane_runs(lane: str) -> Callable[[str, str], bool]:
+    """Return a test of whether a checkpoint (stem, layer folder) belongs to one of the lane's lifelong jobs."""
+    prefixes = {
+        (f"lifelong_{arguments[2]}_seed{arguments[4]}_", f"layer_{arguments[6]}")
+        for _, arguments in LANES[lane]
+        if arguments[0] == "lifelong"
+    }
+    return lambda stem, layer_folder: any(stem.startswith(p) and layer_folder == f for p, f in prefixes)
+
+
+def _kis(arguments: list[str], env: dict[str, str], log: Path) -> int:
+    """Run one kis command with the lane's environment, output appended to log; wait while the other lane holds a
+    lock on a C this command needs (on a fresh checkout both lanes compute C at once)."""
+    while True:
+        start = log.stat().st_size if log.is_file() else 0
+        with open(log, "a") as out:
+            returncode = subprocess.call(
+                [sys.executable, "-m", "kis_lens.cli", *arguments], cwd=ROOT, env=env, stdout=out, stderr=out
+            )
+        with open(log, "rb") as written:
+            written.seek(start)
+            if returncode == 0 or LOCK_BUSY not in written.read().decode(errors="replace"):
+                return returncode
+        time.sleep(LOCK_WAIT_SECONDS)
 
 
 def _other_lanes_running(lane: str) -> int:
@@ -140,6 +187,16 @@ def run_lane(lane: str, code: Path | None = None) -> int:
     marker = ROOT / OUTPUT / f"lane_{lane}.running"
     marker.touch()
     try:
+        restored = unpark(
+            ROOT / RUNS,
+            ROOT / COVARIANCE,
+            ROOT / PARKED,
+            _lane_runs(lane),
+            _run_finished,
+            lambda layer: _compute_covariance(layer, env, lane),
+        )
+        for stem in restored:
+            print(f"lane {lane}: resumes {stem} from its parked checkpoint", flush=True)
         failed = 0
         for name, arguments in LANES[lane]:
             if name in finished_jobs():
@@ -150,10 +207,7 @@ def run_lane(lane: str, code: Path | None = None) -> int:
                 continue
             command = ["kis", *arguments, "--output_dir", str(OUTPUT)]
             started, beside = time.time(), _other_lanes_running(lane)
-            with open(ROOT / OUTPUT / "logs" / f"{name}.log", "a") as log:
-                returncode = subprocess.call(
-                    [sys.executable, "-m", "kis_lens.cli", *command[1:]], cwd=ROOT, env=env, stdout=log, stderr=log
-                )
+            returncode = _kis(command[1:], env, ROOT / OUTPUT / "logs" / f"{name}.log")
             entry = {
                 "job": name,
                 "command": " ".join(command),
@@ -172,13 +226,26 @@ def run_lane(lane: str, code: Path | None = None) -> int:
     return failed
 
 
+def _compute_covariance(layer: int, env: dict[str, str], lane: str) -> None:
+    """Compute one layer's C as `kis lifelong` does (the default corpus, 100,000 tokens), before a resume."""
+    arguments = ["cache-cov", "--start_layer", str(layer), "--end_layer", str(layer), "--max_tokens", "100000"]
+    log = ROOT / OUTPUT / "logs" / f"lane_{lane}_{covariance_name(layer)}.log"
+    if _kis([*arguments, "--output_dir", str(OUTPUT), "--no_progress"], env, log) != 0:
+        raise RuntimeError(f"computing C of layer {layer} failed: see {log}")
+
+
 def main() -> int:
     """Run one lane, or print the plan."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lane", choices=sorted(LANES))
     parser.add_argument("--plan", action="store_true", help="list every job and whether it has finished")
     parser.add_argument("--code", type=Path, help="run kis from this checkout (a git worktree at a commit)")
+    parser.add_argument("--park", action="store_true", help=f"copy the checkpoints in progress into {PARKED}")
     args = parser.parse_args()
+    if args.park:
+        for stem in park(ROOT / RUNS, ROOT / COVARIANCE, ROOT / PARKED, _run_finished):
+            print(f"parked {stem}: commit {PARKED}")
+        return 0
     if args.plan or not args.lane:
         done = finished_jobs()
         for lane, jobs in LANES.items():

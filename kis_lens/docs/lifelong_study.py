@@ -31,6 +31,7 @@ from kis_lens.docs.study_sections import (
 from kis_lens.editing.lifelong_plots import study_figure, update_norm_figure
 from kis_lens.editing.lifelong_study import load_study, study
 from kis_lens.editing.study_prediction import MIN_ORDERS
+from kis_lens.editing.study_runs import covariance_hash_notes
 from kis_lens.errors import KisError
 from kis_lens.figure_files import write_figure_files
 from kis_lens.io import atomic_write, load_json_object, save_json
@@ -98,6 +99,9 @@ def render_study_markdown(
             for row in numbers["runs"]
         ],
     )
+    # Only where runs record other hashes of one C (none do in the committed runs, whose doc stays as it was).
+    for note in covariance_hash_notes(runs):
+        lines += ["", note]
     lines += ["", *trace_section(traces, figures, layers)]
     lines += collapse_section(numbers)
     lines += rho_section(numbers)

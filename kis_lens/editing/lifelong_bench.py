@@ -18,7 +18,7 @@ from kis_lens.corpus import open_corpus
 from kis_lens.editing.counterfact import CounterFactCase, load_cases
 from kis_lens.editing.evaluation import Continuation, prompt_continuations
 from kis_lens.editing.lifelong_config import LifelongConfig
-from kis_lens.editing.runs import content_sha256
+from kis_lens.editing.runs import content_sha256, safetensors_content_sha256
 from kis_lens.editing.templates import memit_context_templates, rome_context_templates
 from kis_lens.errors import KisError
 from kis_lens.facts import Fact, facts_path, load_facts
@@ -30,6 +30,10 @@ from kis_lens.runner import ensure_covariances
 from kis_lens.storage import read_metadata
 from kis_lens.tokens import encode
 from kis_lens.w_out import output_weight
+
+# The keys under which a run's identity holds each C's hash: its content (this kis), or its file bytes (an older kis,
+# whose hashes differ between equal Cs because safetensors writes its header in a random order).
+COVARIANCE_HASHES: tuple[str, ...] = ("content_sha256", "sha256")
 
 
 @dataclass
@@ -161,7 +165,9 @@ def prepare_bench(config: LifelongConfig, model: HookedModel) -> Bench:
             "file": report.layers[each].path.name,
             "tokens": int(report.layers[each].tokens),
             "texts": int(report.layers[each].texts),
-            "sha256": content_sha256(report.layers[each].path),
+            # by content, not file bytes, which change with safetensors' header order; a new key, so an identity
+            # of an older kis (its file hash under "sha256") is told apart from this one
+            "content_sha256": safetensors_content_sha256(report.layers[each].path),
         }
         for each in config.edit_layers
     }

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kis_lens._version import __version__
-from kis_lens.editing.lifelong_bench import Bench
+from kis_lens.editing.lifelong_bench import COVARIANCE_HASHES, Bench
 from kis_lens.editing.lifelong_result import LifelongResult
 from kis_lens.editing.runs import (
     checkpoint_paths,
@@ -69,16 +69,19 @@ def _same_run_under_legacy_keys(bench: Bench, old: dict[str, Any], new: dict[str
                 return False
             for layer, entry in old[name].items():
                 now = new[name][layer]
-                if {k: v for k, v in entry.items() if k != "sha256"} != {k: v for k, v in now.items() if k != "sha256"}:
+                if _without_hashes(entry) != _without_hashes(now):
                     return False
-                if entry["sha256"] != now["sha256"] and bench.covariance_rekeyed_from.get(layer) != (
-                    recorded,
-                    entry["sha256"],
-                ):
+                # The same hash, or the file hash an older kis took before this cache was re-keyed from `recorded`.
+                if entry != now and bench.covariance_rekeyed_from.get(layer) != (recorded, entry.get("sha256")):
                     return False
         elif name != "model_fingerprint" and old[name] != new[name]:
             return False
     return True
+
+
+def _without_hashes(entry: dict[str, Any]) -> dict[str, Any]:
+    """Return a C's identity entry without its hash (file, tokens, texts: the corpus slice it was computed from)."""
+    return {key: value for key, value in entry.items() if key not in COVARIANCE_HASHES}
 
 
 def rekey_legacy_runs(bench: Bench, editor: str, folder: Path, identity: dict[str, Any], stem: str) -> list[str]:

@@ -1,10 +1,10 @@
 """Run identities, per-run file names, per-run locks and pickle-free checkpoints for long editing runs.
 
-A run's results depend on more than its config strings: the facts file, the covariance C, the model and the
-kis_lens version. ``run_identity`` canonicalises all of that, ``run_stem`` names a run's files by it (so runs with
-another seed or facts file never overwrite each other), ``run_lock`` keeps two processes off one run, and the
-checkpoint functions store tensors as safetensors and state as JSON: loading one never executes code, and a
-checkpoint made under another identity is never resumed.
+A run's results depend on more than its config strings: the facts file, the covariance C (hashed by content, which
+safetensors' random header order leaves alone), the model and the kis_lens version. ``run_identity`` canonicalises
+all of that, ``run_stem`` names a run's files by it (so runs with another seed or facts file never overwrite each
+other), ``run_lock`` keeps two processes off one run, and the checkpoint functions store tensors as safetensors and
+state as JSON: loading one never executes code, and a checkpoint made under another identity is never resumed.
 """
 
 from __future__ import annotations
@@ -44,6 +44,40 @@ def content_sha256(path: str | Path) -> str:
         raise KisError(
             f"cannot read {path} to hash it: {error.strerror or error}; check that the file exists"
         ) from None
+
+
+def safetensors_content_sha256(path: str | Path) -> str:
+    """Return the hex SHA-256 of a safetensors file's metadata and tensors (names, dtypes, shapes, bytes), not order."""
+    # safetensors writes its header's keys in a random order (a Rust HashMap): one content written twice gets two file
+    # hashes. Hashed instead, self-delimiting: the metadata as compact sorted-key JSON, then per tensor in name order
+    # the JSON [name, dtype, shape, byte count] and its raw bytes, read in chunks (a C may be gigabytes).
+    try:
+        with open(path, "rb") as handle:
+            header, start = _safetensors_header(handle, Path(path).stat().st_size)
+            digest = hashlib.sha256(_canonical_text(header.pop("__metadata__", None) or {}).encode("utf-8"))
+            for name in sorted(header):
+                begin, end = header[name]["data_offsets"]
+                digest.update(
+                    _canonical_text([name, header[name]["dtype"], header[name]["shape"], end - begin]).encode("utf-8")
+                )
+                handle.seek(start + begin)
+                left = end - begin
+                while left:
+                    chunk = handle.read(min(1 << 22, left))
+                    if not chunk:
+                        raise ValueError(f"the bytes of {name!r} run past the end of the file")
+                    digest.update(chunk)
+                    left -= len(chunk)
+    except OSError as error:
+        raise KisError(
+            f"cannot read {path} to hash it: {error.strerror or error}; check that the file exists"
+        ) from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise KisError(
+            f"{path} is not a readable safetensors file ({error}): delete it and rerun the command that wrote it (a "
+            "covariance cache: `kis cache-cov`, or `kis lifelong`, which computes a missing C)"
+        ) from None
+    return digest.hexdigest()
 
 
 def run_identity(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -211,6 +245,37 @@ def _canonical_text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
 
 
+def _safetensors_header(handle: Any, size: int) -> tuple[dict[str, Any], int]:
+    """Return a safetensors file's header and where its data starts; ValueError on a malformed header."""
+    prefix = handle.read(8)  # the header's length: 8 bytes, little-endian
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if not 0 < length <= size - 8:
+        raise ValueError("its header length is missing or runs past the end of the file")
+    header = json.loads(handle.read(length))
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+        raise ValueError("its header is not a JSON object with an object of metadata")
+    for name, entry in header.items():
+        if name != "__metadata__" and not _tensor_entry(entry):
+            raise ValueError(f"its header entry {name!r} lacks a dtype, shape or valid data_offsets")
+    return header, 8 + length
+
+
+def _tensor_entry(entry: Any) -> bool:
+    """Return whether a safetensors header entry has a dtype, a shape and ordered non-negative data offsets."""
+    if not isinstance(entry, dict):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    return (
+        isinstance(entry.get("dtype"), str)
+        and isinstance(shape, list)
+        and all(isinstance(n, int) and n >= 0 for n in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(n, int) for n in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    )
+
+
 def _safe(text: str) -> str:
     # ".." is refused in stems (it reads as a parent folder), so runs of dots become one.
     return re.sub(r"\.{2,}", ".", _UNSAFE.sub("-", text)).strip("-.")
@@ -283,6 +348,7 @@ def _differing_fields(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> l
 
 __all__ = [
     "content_sha256",
+    "safetensors_content_sha256",
     "run_identity",
     "identity_hash",
     "run_stem",

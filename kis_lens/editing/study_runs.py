@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Mapping, Sequence
 
+from kis_lens.editing.lifelong_bench import COVARIANCE_HASHES
 from kis_lens.editing.registry import EDITOR_NAMES
 from kis_lens.errors import KisError
 
@@ -16,8 +17,9 @@ from kis_lens.errors import KisError
 VARYING_CONFIG_FIELDS: tuple[str, ...] = ("seed", "layer", "n_edits")
 
 # Identity parts that follow the varying settings: the editor itself; the covariance files of the layers the run's
-# editors write (compared layer by layer where two runs share a layer); the context templates, drawn with the seed
-# (compared between runs of the same seed).
+# editors write (compared layer by layer where two runs share a layer, on the corpus slice: file, texts, tokens; their
+# hashes are reported by covariance_hash_notes, not compared); the context templates, drawn with the seed (compared
+# between runs of the same seed).
 FOLLOWING_IDENTITY_PARTS: tuple[str, ...] = ("editor", "covariance", "templates")
 
 NO_EDIT_EDITORS: tuple[str, ...] = ("none",)  # moves no weight: nothing to collapse or forget
@@ -89,9 +91,10 @@ def identification(run: Mapping[str, Any]) -> dict[str, Any]:
     return {"editor": editor, "seed": seed, "layer": layer}
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _shown(texts: Sequence[str], limit: int = 60) -> list[str]:
+    """Return values' JSON texts cut to limit, or whole where the cut would make two of them read alike."""
+    cut = [text if len(text) <= limit else text[: limit - 1] + "…" for text in texts]
+    return cut if len(set(cut)) == len(cut) else list(texts)
 
 
 def _identity_fields(run: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -110,7 +113,12 @@ def _identity_fields(run: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
         else:
             shared[part] = value
     _, seed, _ = run_key(run)
-    optional = {f"covariance.{layer}": entry for layer, entry in (identity.get("covariance") or {}).items()}
+    # Not the C's hash: an older kis hashed the file, whose bytes differ between equal Cs (safetensors writes its
+    # header in a random order), so runs of one corpus slice whose C was recomputed would read as mixed.
+    optional = {
+        f"covariance.{layer}": {k: v for k, v in entry.items() if k not in COVARIANCE_HASHES}
+        for layer, entry in (identity.get("covariance") or {}).items()
+    }
     if "templates" in identity:
         optional[f"templates (seed {seed})"] = identity["templates"]
     return shared, optional
@@ -118,20 +126,62 @@ def _identity_fields(run: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
 
 def _setting_conflicts(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Return one line per identity field on which the runs disagree, naming each value and a run that has it."""
-    seen: dict[str, dict[str, str]] = {}  # field → shown value → first run with it
+    seen: dict[str, dict[str, str]] = {}  # field → value's whole JSON (compared whole, not as shown) → first run
     every: list[tuple[dict[str, Any], dict[str, Any]]] = [_identity_fields(run) for run in runs]
     required = sorted({field for shared, _ in every for field in shared})
     absent = object()
     for run, (shared, optional) in zip(runs, every):
         values = {field: shared.get(field, absent) for field in required} | optional
         for field, value in values.items():
-            shown = "(absent)" if value is absent else _shown(value)
-            seen.setdefault(field, {}).setdefault(shown, run_name(run))
+            text = "(absent)" if value is absent else json.dumps(value, sort_keys=True, default=str)
+            seen.setdefault(field, {}).setdefault(text, run_name(run))
     return [
-        f"{field}: " + ", ".join(f"{value} in {source}" for value, source in values.items())
+        f"{field}: " + ", ".join(f"{value} in {source}" for value, source in zip(_shown(list(values)), values.values()))
         for field, values in sorted(seen.items())
         if len(values) > 1
     ]
+
+
+def _recorded_hash(entry: Mapping[str, Any]) -> tuple[str, str]:
+    """Return a C's recorded hash as (kind, hex): kind "content" (this kis) or "file" (an older kis); ("no", "")."""
+    kind = next((key for key in COVARIANCE_HASHES if key in entry), None)
+    return ("content" if kind == "content_sha256" else "file", str(entry[kind])) if kind else ("no", "")
+
+
+def covariance_hash_notes(runs: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Return a note per C layer whose runs (as check_study accepts them) record other hashes of it; [] where none."""
+    found: dict[int, dict[tuple[str, str], list[str]]] = {}  # C layer → (kind, whole hash) → the runs recording it
+    slices: dict[int, str] = {}  # C layer → the corpus slice it was read from (check_study: the same in every run)
+    for run in sorted(runs, key=_sort_key):
+        editor, seed, layer = run_key(run)
+        for c_layer, entry in ((run_settings(run).get("identity") or {}).get("covariance") or {}).items():
+            found.setdefault(int(c_layer), {}).setdefault(_recorded_hash(entry), []).append(
+                f"{editor} seed {seed} layer {layer}"
+            )
+            described = [f"`{entry.get('file')}`"] + [
+                f"{entry[key]} {key}" for key in ("texts", "tokens") if key in entry
+            ]
+            slices.setdefault(int(c_layer), ", ".join(described))
+    notes = []
+    for c_layer, hashes in sorted(found.items()):
+        if len(hashes) < 2:
+            continue
+        why = (
+            "The safetensors library writes a file's header in a random order, so one C written twice has two file "
+            "hashes and a file hash cannot tell whether two Cs are equal; kis now records a content hash "
+            "(content_sha256) instead."
+            if any(kind == "file" for kind, _ in hashes)
+            else "Their contents (values or metadata) differ: the C was recomputed, e.g. on other hardware."
+        )
+        # grouped by the whole hash; 12 hex digits name it in prose
+        listed = "; ".join(
+            f"{kind} hash {digest[:12] or '(none)'} in {', '.join(names)}" for (kind, digest), names in hashes.items()
+        )
+        notes.append(
+            f"The runs read layer {c_layer}'s C from the same corpus slice ({slices[c_layer]}) but record other hashes "
+            f"of it: {listed}. {why}"
+        )
+    return notes
 
 
 def check_study(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

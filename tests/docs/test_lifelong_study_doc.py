@@ -113,3 +113,28 @@ def test_the_before_collapse_section_prints_each_collapsed_runs_verdicts():
     assert section.count("| ROME (original) (`rome`) | 0 | 4 | 30 |") == 2  # one row in each of its two tables
     steady = [paired_run("alphaedit", seed, None) for seed in range(3)]
     assert "No run collapsed" in render_study_markdown(steady, n_boot=50)
+
+
+def _section(text: str, heading: str) -> str:
+    """Return the text of a level-2 section, from its heading to the next one."""
+    return text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_runs_that_record_other_hashes_of_one_c_get_a_note_under_the_runs_table():
+    """Where runs of one corpus slice record other C hashes, the Runs section says which and why; else nothing."""
+    runs = _study_runs()
+    plain = render_study_markdown(runs, n_boot=50)
+    assert "hash" not in _section(plain, "Runs")
+    rehashed = [dict(run) for run in runs]
+    rehashed[2] = paired_run("rome", 2, 30)
+    rehashed[2]["settings"]["identity"]["covariance"]["4"]["sha256"] = "0f" * 32
+    section = _section(render_study_markdown(rehashed, n_boot=50), "Runs")
+    table_end = section.rindex("|")
+    paragraphs = [p.strip() for p in section[table_end + 1 :].split("\n\n") if p.strip()]
+    assert len(paragraphs) == 1
+    assert paragraphs[0].startswith("The runs read layer 4's C from the same corpus slice (`layer_4_mom2.safetensors`)")
+    assert "file hash cov4 in rome seed 0 layer 4, rome seed 1 layer 4, alphaedit seed 0 layer 4" in paragraphs[0]
+    assert "; file hash 0f0f0f0f0f0f in rome seed 2 layer 4." in paragraphs[0]
+    assert "random order" in paragraphs[0] and "content_sha256" in paragraphs[0]
+    # the rest of the doc is unchanged: the note is the only difference
+    assert render_study_markdown(rehashed, n_boot=50).replace("\n\n" + paragraphs[0], "", 1) == plain

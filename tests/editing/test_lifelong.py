@@ -376,6 +376,21 @@ def _count_searches(monkeypatch) -> list[int]:
 
 
 @pytest.mark.slow
+def test_the_identity_records_each_c_by_its_content(tiny_model, tmp_path):
+    """The bench records C's content hash, under its own key; writing the same C again keeps it (not a file hash)."""
+    from kis_lens.editing.runs import safetensors_content_sha256
+    from kis_lens.storage import rewrite_metadata
+
+    bench = lifelong_bench.prepare_bench(LifelongConfig(**RESUMABLE, output_dir=str(tmp_path)), tiny_model)
+    (cache,) = tmp_path.rglob("layer_0_mom2.safetensors")
+    entry = bench.covariance_identity["0"]
+    assert set(entry) == {"file", "tokens", "texts", "content_sha256"} and entry["file"] == cache.name
+    assert entry["content_sha256"] == safetensors_content_sha256(cache)
+    rewrite_metadata(cache, {})  # the same tensors and metadata, written again (its header in another order)
+    assert safetensors_content_sha256(cache) == entry["content_sha256"]
+
+
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_model, tmp_path, monkeypatch):
     """A run stopped after its second measurement resumes there and ends with the uninterrupted run's numbers."""
     whole = run_lifelong(LifelongConfig(**RESUMABLE, output_dir=str(tmp_path / "a")), model=tiny_model)["p-rome"]
@@ -609,7 +624,9 @@ def _as_written_by_an_older_kis(folder: Path, model, path: Path, partial: bool) 
     identity = saved["identity"] if partial else saved["settings"]["identity"]
     stem = path.name.removesuffix(".partial.json").removesuffix(".json")
     old = {**identity, "model_fingerprint": legacy}
-    old["covariance"] = {"0": {**identity["covariance"]["0"], "sha256": content_sha256(cache)}}
+    # an older kis recorded C's file hash under "sha256" (this one its content hash, under "content_sha256")
+    recorded = {key: value for key, value in identity["covariance"]["0"].items() if key != "content_sha256"}
+    old["covariance"] = {"0": {**recorded, "sha256": content_sha256(cache)}}
     readable = dict(
         zip(
             ("seed", "n", "layer"),

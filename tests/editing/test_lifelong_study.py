@@ -44,7 +44,7 @@ from kis_lens.editing.study_prediction import (
     prediction_rows,
 )
 from kis_lens.editing.study_predictors import collapse_predictors, cumulative_update_norm
-from kis_lens.editing.study_runs import check_study, run_key
+from kis_lens.editing.study_runs import check_study, covariance_hash_notes, run_key
 from kis_lens.editing.verdicts import PREDICTORS, judge_prediction_with_controls, prediction_controls
 from kis_lens.errors import KisError
 
@@ -97,15 +97,65 @@ def test_runs_that_mix_a_setting_are_refused_listing_the_field(tmp_path):
     message = str(error.value)
     assert "config.value_steps: " in message and "25 in layer_4/lifelong_memit" in message and "4 in" in message
 
-    other_covariance = make_run("memit", 1, 4)
-    other_covariance["settings"]["identity"]["covariance"]["4"]["sha256"] = "other"
-    with pytest.raises(KisError, match=r"covariance\.4"):
-        check_study([make_run("rome", 0, 4), other_covariance])
+    other_slice = _with_c(make_run("memit", 1, 4), "a" * 64, tokens=106425)  # another corpus slice, one hash
+    with pytest.raises(KisError, match=r"mix settings.*covariance\.4: .*106424.* in .*106425.* in "):
+        check_study([_with_c(make_run("rome", 0, 4), "a" * 64), other_slice])
 
     newer = make_run("memit", 1, 4)
     newer["settings"]["identity"]["kis_lens_version"] = "0.3.0"
     with pytest.raises(KisError, match="kis_lens_version"):
         check_study([make_run("rome", 0, 4), newer])
+
+
+def _with_c(run: dict[str, Any], digest: str, key: str = "sha256", layer: str = "4", **entry: Any) -> dict[str, Any]:
+    """Return run with layer's C recorded as kis lifelong records it: file, texts, tokens and one hash (key)."""
+    recorded = {"file": f"layer_{layer}_mom2.safetensors", "texts": 962, "tokens": 106424, **entry, key: digest}
+    run["settings"]["identity"]["covariance"][layer] = recorded
+    return run
+
+
+FILE_HASH_A, FILE_HASH_B = "a12c209f18aea9f237b4fd637216349147056713ba4dd186cf48b445d5754c2d", "0f" * 32
+
+
+def test_runs_of_one_corpus_slice_with_other_c_hashes_are_accepted_and_noted():
+    """Another hash of the same C (file, texts, tokens agree) is no conflict; the note names each hash and its runs."""
+    runs = [
+        _with_c(make_run("rome", 0, 4), FILE_HASH_A),
+        _with_c(make_run("memit", 0, 4), FILE_HASH_A),
+        _with_c(make_run("p-rome", 0, 4), FILE_HASH_B),
+    ]
+    accepted = check_study(runs)
+    assert [run_key(run) for run in accepted] == [("rome", 0, 4), ("p-rome", 0, 4), ("memit", 0, 4)]
+    (note,) = covariance_hash_notes(runs)
+    assert note == (
+        "The runs read layer 4's C from the same corpus slice (`layer_4_mom2.safetensors`, 962 texts, 106424 tokens) "
+        "but record other hashes of it: file hash a12c209f18ae in rome seed 0 layer 4, memit seed 0 layer 4; "
+        "file hash 0f0f0f0f0f0f in p-rome seed 0 layer 4. The safetensors library writes a file's header in a random "
+        "order, so one C written twice has two file hashes and a file hash cannot tell whether two Cs are equal; kis "
+        "now records a content hash (content_sha256) instead."
+    )
+    same = [_with_c(make_run("rome", seed, 4), FILE_HASH_A) for seed in range(3)]
+    assert covariance_hash_notes(check_study(same)) == []
+
+
+def test_a_content_hash_beside_file_hashes_and_differing_content_hashes_are_noted_apart():
+    """A run of this kis (content_sha256) beside older runs (sha256) is accepted; only content hashes that differ say
+    the contents differ."""
+    newer = _with_c(make_run("alphaedit", 1, 4), "c0" * 32, key="content_sha256")
+    runs = check_study([_with_c(make_run("rome", 0, 4), FILE_HASH_A), newer])
+    (note,) = covariance_hash_notes(runs)
+    assert "file hash a12c209f18ae in rome seed 0 layer 4; content hash c0c0c0c0c0c0 in alphaedit seed 1" in note
+    assert "random order" in note
+    contents = [_with_c(make_run("rome", seed, 4), f"{seed}e" * 32, key="content_sha256") for seed in (1, 2)]
+    (note,) = covariance_hash_notes(check_study(contents))
+    assert "content hash 1e1e1e1e1e1e in rome seed 1 layer 4; content hash 2e2e2e2e2e2e in rome seed 2" in note
+    assert "Their contents (values or metadata) differ" in note and "random order" not in note
+    alike = [_with_c(make_run("rome", 1, 4), "ab" * 32), _with_c(make_run("rome", 2, 4), "ab" * 31 + "cd")]
+    (note,) = covariance_hash_notes(check_study(alike))  # hashes alike in their first 12 digits are still two
+    assert "file hash abababababab in rome seed 1 layer 4; file hash abababababab in rome seed 2 layer 4" in note
+    other_slice = _with_c(make_run("rome", 3, 4), "c0" * 32, key="content_sha256", texts=961)
+    with pytest.raises(KisError, match=r"covariance\.4: .*962.* in .*961.* in "):
+        check_study([newer, other_slice])
 
 
 def test_the_varying_settings_and_what_follows_them_do_not_count_as_mixed():

@@ -27,6 +27,7 @@ from kis_lens.editing.runs import (
     run_identity,
     run_lock,
     run_stem,
+    safetensors_content_sha256,
     save_checkpoint,
 )
 from kis_lens.errors import KisError
@@ -450,6 +451,92 @@ def test_content_sha256_hashes_the_bytes(tmp_path):
     assert content_sha256(path) != hashlib.sha256(b'[{"subject": "x"}]').hexdigest()
     with pytest.raises(KisError, match="cannot read"):
         content_sha256(tmp_path / "missing.json")
+
+
+# The tensors and metadata of a small C-like file: two dtypes, a 2-D and a 1-D tensor, metadata as kis writes it.
+CONTENT_TENSORS = {
+    "sum": torch.arange(12, dtype=torch.float64).reshape(3, 4) / 7,
+    "count": torch.tensor([3.5, -1.0], dtype=torch.float32),
+}
+CONTENT_METADATA = {"model_name": '"tiny"', "layer": "4", "count": "106424", "texts": "962"}
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32"}
+
+
+def _write_by_hand(path: Path, tensors: dict, metadata: dict) -> None:
+    """Write a safetensors file with its header keys, and its data, in the reverse of sorted order: the format is an
+    8-byte little-endian header length, the header JSON, then the raw little-endian bytes at the given offsets."""
+    header, data = {}, b""
+    for name in sorted(tensors, reverse=True):
+        raw = tensors[name].numpy().tobytes()
+        shape = list(tensors[name].shape)
+        header[name] = {"shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        header[name]["dtype"] = SAFETENSORS_DTYPES[tensors[name].dtype]
+        data += raw
+    header["__metadata__"] = dict(sorted(metadata.items(), reverse=True))
+    text = json.dumps(header).encode("utf-8")
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def _reference_content_hash(tensors: dict, metadata: dict) -> str:
+    """The canonical form written out independently: sorted compact metadata JSON, then per tensor in name order the
+    compact JSON [name, dtype, shape, byte count] and its raw bytes."""
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    for name in sorted(tensors):
+        raw = tensors[name].numpy().tobytes()
+        dtype, shape = SAFETENSORS_DTYPES[tensors[name].dtype], list(tensors[name].shape)
+        digest.update(json.dumps([name, dtype, shape, len(raw)], separators=(",", ":")).encode("utf-8"))
+        digest.update(raw)
+    return digest.hexdigest()
+
+
+def test_the_content_hash_does_not_depend_on_the_header_order(tmp_path):
+    """One content written by safetensors and by hand in another order: two file hashes, one content hash."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    library, by_hand = tmp_path / "library.safetensors", tmp_path / "by_hand.safetensors"
+    save_file(CONTENT_TENSORS, str(library), metadata=CONTENT_METADATA)
+    _write_by_hand(by_hand, CONTENT_TENSORS, CONTENT_METADATA)
+    with safe_open(str(by_hand), framework="pt") as handle:  # the hand-written file is a valid safetensors file
+        assert handle.metadata() == CONTENT_METADATA
+        assert all(torch.equal(handle.get_tensor(name), CONTENT_TENSORS[name]) for name in CONTENT_TENSORS)
+    assert content_sha256(library) != content_sha256(by_hand)
+    expected = _reference_content_hash(CONTENT_TENSORS, CONTENT_METADATA)
+    assert safetensors_content_sha256(library) == safetensors_content_sha256(str(by_hand)) == expected
+
+
+def test_the_content_hash_changes_with_one_element_or_one_metadata_value(tmp_path):
+    path = tmp_path / "c.safetensors"
+    _write_by_hand(path, CONTENT_TENSORS, CONTENT_METADATA)
+    unchanged = safetensors_content_sha256(path)
+    changed = {**CONTENT_TENSORS, "sum": CONTENT_TENSORS["sum"].clone()}
+    changed["sum"][2, 3] = torch.nextafter(changed["sum"][2, 3], torch.tensor(10.0, dtype=torch.float64))
+    _write_by_hand(path, changed, CONTENT_METADATA)
+    assert safetensors_content_sha256(path) == _reference_content_hash(changed, CONTENT_METADATA) != unchanged
+    _write_by_hand(path, CONTENT_TENSORS, {**CONTENT_METADATA, "texts": "963"})
+    other = safetensors_content_sha256(path)
+    assert other == _reference_content_hash(CONTENT_TENSORS, {**CONTENT_METADATA, "texts": "963"}) != unchanged
+    renamed = {"mom2" if name == "sum" else name: tensor for name, tensor in CONTENT_TENSORS.items()}
+    _write_by_hand(path, renamed, CONTENT_METADATA)
+    assert safetensors_content_sha256(path) not in (unchanged, other)
+
+
+def test_an_unreadable_safetensors_file_is_named_with_the_fix(tmp_path):
+    with pytest.raises(KisError, match="cannot read .*missing.safetensors.*check that the file exists"):
+        safetensors_content_sha256(tmp_path / "missing.safetensors")
+    whole = tmp_path / "whole.safetensors"
+    _write_by_hand(whole, CONTENT_TENSORS, CONTENT_METADATA)
+    damaged = {
+        "garbage": b"not a safetensors file at all",
+        "short": b"\x05\x00",
+        "truncated": whole.read_bytes()[:-5],  # the last tensor's bytes run past the end
+        "bad_entry": (11).to_bytes(8, "little") + b'{"a": [1]}\n',
+    }
+    for name, content in damaged.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(KisError, match=f"{name}.safetensors is not a readable safetensors file.*delete it"):
+            safetensors_content_sha256(path)
 
 
 # --- locks --------------------------------------------------------------------------------------------------------

@@ -61,22 +61,23 @@ def render_study_markdown(
     config = (runs[0].get("settings") or {}).get("config") or {}
     model = ((runs[0].get("settings") or {}).get("model") or {}).get("name", config.get("model_name"))
     layers = sorted({int(row["layer"]) for row in numbers["runs"]})
-    orders: dict[str, set[int]] = {}
+    orders: dict[tuple[str, int], set[int]] = {}
     for row in numbers["runs"]:
-        orders.setdefault(row["editor"], set()).add(int(row["seed"]))
-    short = [editor for editor, seeds in orders.items() if editor != "none" and len(seeds) < MIN_ORDERS]
+        orders.setdefault((row["editor"], int(row["layer"])), set()).add(int(row["seed"]))
+    short = [key for key, seeds in orders.items() if key[0] != "none" and len(seeds) < MIN_ORDERS]
     lines = [
-        f"# Lifelong editing on {model}: {len(runs)} runs, {len(orders)} editors",
+        f"# Lifelong editing on {model}: {len(runs)} runs, {len({editor for editor, _ in orders})} editors",
         "",
         f"Generated from `{source}` by {generator}; do not edit by hand.",
         "",
     ]
     if short:
+        where = (lambda layer: f" at layer {layer}") if len(layers) > 1 else (lambda layer: "")
         lines += [
-            f"> **Interim.** Fewer than {MIN_ORDERS} edit orders so far for: "
-            + ", ".join(f"`{e}` ({len(orders[e])})" for e in short)
-            + ". Verdicts across orders are given for what has run"
-            + (f"; the runs still queued are in {queue}." if queue else "."),
+            f"> **Fewer than {MIN_ORDERS} edit orders** for: "
+            + ", ".join(f"`{editor}`{where(layer)} ({len(orders[editor, layer])})" for editor, layer in short)
+            + f". A verdict across orders there counts the orders that ran; 'in every order' needs {MIN_ORDERS}"
+            + (f". The queued runs are in {queue}." if queue else "."),
             "",
         ]
     lines += [

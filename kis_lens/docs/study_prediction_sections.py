@@ -102,12 +102,18 @@ def prediction_sections(numbers: Mapping[str, Any]) -> list[str]:
         "",
     ]
     lines += _prediction_table(numbers["prediction_rows"])
+    several_layers = len({row["layer"] for row in numbers["prediction_rows"]}) > 1
+
+    def where(row: Mapping[str, Any]) -> str:
+        return f" layer {row['layer']}" if several_layers else ""
+
     lines += [
         "",
         "Listed, never judged (algebraic identities or close to them): P's prediction against the measured change of "
         "the layer output at k_u — "
         + "; ".join(
-            f"{row['editor']} order {row['seed']}: {cell((row.get('output_correlation') or {}).get('spearman'))}"
+            f"{row['editor']} order {row['seed']}{where(row)}: "
+            f"{cell((row.get('output_correlation') or {}).get('spearman'))}"
             for row in numbers["prediction_rows"]
             if row.get("output_correlation")
         )

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from kis_lens.editing.study_runs import (
+    MIN_ORDERS,
     NO_EDIT_EDITORS,
     NO_WEIGHT_MOVED,
     NOT_JUDGED,
@@ -22,7 +23,8 @@ from kis_lens.editing.verdicts import auroc, clustered_auroc_bootstrap, draws_in
 
 RULE_COLLAPSE = (
     "per editor and layer, over its edit orders: 'collapses in every order' when every run's summary records a "
-    "collapse step, 'collapses in k of n orders' when some do, 'no collapse within N edits in any order' when none "
+    f"collapse step and there are at least {MIN_ORDERS} orders, 'collapses in k of n orders' when some do (or all of "
+    f"fewer than {MIN_ORDERS}), 'no collapse within N edits in any order' when none "
     "does (N the fewest edits any of its runs made); the `none` editor moves no weight and is not judged. The median "
     "collapse step counts a run without collapse as censored at its edit count: where a censored run decides it, "
     "only a lower bound is given (median_above)"
@@ -127,10 +129,10 @@ def collapse_by_editor(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
             (order["collapse_step"], True) if order["collapse_step"] is not None else (order["edits_made"], False)
             for order in orders
         ]
-        if k == n:
+        if k == n and n >= MIN_ORDERS:
             verdict = "collapses in every order"
         elif k:
-            verdict = f"collapses in {k} of {n} orders"
+            verdict = f"collapses in {k} of {n} order{'s' if n > 1 else ''}"
         else:
             verdict = f"no collapse within {min(order['edits_made'] for order in orders)} edits in any order"
         rows.append(

@@ -100,7 +100,9 @@ def paired_comparison(
 ) -> dict[str, Any]:
     """Return per layer the order-by-order differences A − B of each metric, their collapse steps and the verdict."""
     by_key = {run_key(run): run for run in runs}
-    layers = sorted({layer for editor, _, layer in by_key if editor in (editor_a, editor_b)})
+    layers = sorted(
+        {at for editor, _, at in by_key if editor == editor_a} & {at for editor, _, at in by_key if editor == editor_b}
+    )
     result: dict[str, Any] = {
         "editor_a": editor_a,
         "editor_b": editor_b,

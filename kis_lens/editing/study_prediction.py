@@ -8,6 +8,7 @@ import numpy as np
 
 from kis_lens.editing.lifelong_result import MIN_PREDICTION_EDITS, controlled_prediction, judged_pairs
 from kis_lens.editing.study_runs import (
+    MIN_ORDERS,
     NOT_JUDGED,
     collapse_step,
     editor_rank,
@@ -27,7 +28,6 @@ RULE_FORGETTING = (
     "edit, has its interval above 0; 'not judged' where no edit was lost or none was kept"
 )
 
-MIN_ORDERS = 3  # issue 20: a claim across edit orders rests on at least three (the study doc is interim below)
 
 RULE_ACROSS_ORDERS = (
     "per editor and layer, over its orders whose run was judged: 'in every order' only where the run's verdict holds "

@@ -22,6 +22,8 @@ VARYING_CONFIG_FIELDS: tuple[str, ...] = ("seed", "layer", "n_edits")
 # between runs of the same seed).
 FOLLOWING_IDENTITY_PARTS: tuple[str, ...] = ("editor", "covariance", "templates")
 
+MIN_ORDERS = 3  # issue 20: "in every order" rests on at least three edit orders
+
 NO_EDIT_EDITORS: tuple[str, ...] = ("none",)  # moves no weight: nothing to collapse or forget
 
 NOT_JUDGED = "not judged"

@@ -63,8 +63,9 @@ def test_the_doc_carries_the_study_verdicts_and_rules():
         assert f"**{row['verdict']}**" in text
     for rule in numbers["rules"].values():
         assert rule.split(":")[0] in text
-    assert "Interim" not in text  # three orders each
-    assert "Interim" in render_study_markdown(runs[:2] + runs[3:4], n_boot=50)
+    assert "Fewer than 3 edit orders" not in text  # three orders each
+    short = render_study_markdown(runs[:2] + runs[3:4], n_boot=50)
+    assert "> **Fewer than 3 edit orders** for: `rome` (2), `alphaedit` (1). " in short
     assert "/tmp/" not in text
 
 
@@ -138,3 +139,14 @@ def test_runs_that_record_other_hashes_of_one_c_get_a_note_under_the_runs_table(
     assert "random order" in paragraphs[0] and "content_sha256" in paragraphs[0]
     # the rest of the doc is unchanged: the note is the only difference
     assert render_study_markdown(rehashed, n_boot=50).replace("\n\n" + paragraphs[0], "", 1) == plain
+
+
+def test_a_second_layer_with_one_order_is_named_by_its_layer():
+    """Orders are counted per editor and layer: ROME's three orders at layer 4 do not cover its one at layer 8."""
+    runs = [*_study_runs(), make_run("rome", 0, 8, collapse=40)]
+    text = render_study_markdown(runs, n_boot=50)
+    assert "> **Fewer than 3 edit orders** for: `rome` at layer 8 (1). " in text
+    assert "| ROME (original) (`rome`) | 8 | 1 | 1 | 40 |" in text  # its collapse row: 1 of 1, not "every order"
+    assert "**collapses in 1 of 1 order**" in text
+    assert "rome order 0 layer 8: " in text and "rome order 0 layer 4: " in text  # the listed output correlations
+    assert "Layer 8, " not in text  # no AlphaEdit at layer 8: nothing paired there

@@ -251,8 +251,15 @@ def test_collapse_verdict_flips_with_the_orders_that_collapse():
 def test_collapse_is_judged_per_layer():
     runs = [make_run("rome", 0, 4, collapse=20), make_run("rome", 0, 8), make_run("rome", 1, 8, collapse=15)]
     rows = {row["layer"]: row for row in collapse_by_editor(runs)}
-    assert rows[4]["verdict"] == "collapses in every order" and rows[4]["n_orders"] == 1
+    assert rows[4]["verdict"] == "collapses in 1 of 1 order" and rows[4]["n_orders"] == 1
     assert rows[8]["verdict"] == "collapses in 1 of 2 orders"
+
+
+def test_every_order_needs_three_orders_that_all_collapse():
+    two = [make_run("rome", seed, 4, collapse=20) for seed in range(2)]
+    assert collapse_by_editor(two)[0]["verdict"] == "collapses in 2 of 2 orders"
+    three = two + [make_run("rome", 2, 4, collapse=30)]
+    assert collapse_by_editor(three)[0]["verdict"] == "collapses in every order"
 
 
 def test_rho_alarm_rows_only_for_runs_with_rho():
@@ -610,6 +617,9 @@ def test_paired_comparison_keeps_layers_apart():
         (4, "alphaedit holds longer in every order"),
         (8, "not judged"),
     ]
+    # A layer where only one of the two editors ran has nothing to pair: it is left out, not "not judged".
+    only_rome = [make_run("rome", 0, 12, collapse=30)]
+    assert [item["layer"] for item in paired_comparison(runs + other + only_rome)["layers"]] == [4, 8]
 
 
 def success_pairs(n_edits: int, succeeds: Any) -> dict[str, list[Any]]:

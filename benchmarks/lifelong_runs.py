@@ -1,18 +1,19 @@
-"""The queue of `kis lifelong` runs behind docs/lifelong.md (issue 20), in two lanes of one thread each.
+"""The queue of `kis lifelong` runs behind docs/lifelong.md (issue 20), in lanes of one thread each.
 
-    .venv/bin/python benchmarks/lifelong_runs.py --lane a &   # ROME and its variants
-    .venv/bin/python benchmarks/lifelong_runs.py --lane b &   # none, the causal traces, MEMIT, AlphaEdit
+    .venv/bin/python benchmarks/lifelong_runs.py --lane a &   # ROME, at layer 4 and 8
+    .venv/bin/python benchmarks/lifelong_runs.py --lane b &   # none, the causal traces, MEMIT, AlphaEdit, p-ROME
+    .venv/bin/python benchmarks/lifelong_runs.py --lane c &   # r-ROME
     .venv/bin/python benchmarks/lifelong_runs.py --plan       # every job and whether it has finished
     .venv/bin/python benchmarks/lifelong_runs.py --park       # before a session ends; then commit PARKED
 
     git worktree add results/code <commit>; add --code results/code to each lane to run that commit's kis while
     this tree is edited (PYTHONPATH puts the checkout first).
 
-Two 1-thread lanes are what two cores hold. Each job is one `kis lifelong` (or `kis trace`) process; a job that
-finished is skipped (kis lifelong returns the finished run), one that was cut off resumes from its checkpoint, so
-rerunning a lane after a session ends picks up where it stopped. Every job appends a line to
-results/lifelong_runs.jsonl: its command, wall seconds, exit status and how many lanes ran beside it, so the
-closing note can say what each run took (timings of two lanes are concurrent: labelled so).
+Two 1-thread lanes are what two cores hold; the last three runs share them in three lanes. Each job is one
+`kis lifelong` (or `kis trace`) process; a job that finished is skipped (kis lifelong returns the finished run), one
+that was cut off resumes from its checkpoint, so rerunning a lane after a session ends picks up where it stopped.
+Every job appends a line to results/lifelong_runs.jsonl: its command, wall seconds, exit status and how many lanes ran
+beside it, so the closing note can say what each run took (timings of lanes side by side are labelled concurrent).
 
 A session may start on a fresh checkout, without results/: finished jobs are then read from the committed study's
 compute log and traces, and a lane first puts back the checkpoints `--park` committed (benchmarks/lifelong_parking.py).
@@ -103,9 +104,8 @@ LANES: dict[str, list[tuple[str, list[str]]]] = {
         _lifelong("rome", 0),
         _lifelong("rome", 1),
         _lifelong("rome", 2),
-        # the second layer before r-ROME: a fourth ROME run that collapses lets the collapse predictors be judged
+        # a fourth ROME run that collapses lets the collapse predictors be judged
         _lifelong("rome", 0, SECOND_LAYER),
-        _lifelong("r-rome", 0),
     ],
     "b": [
         _lifelong("none", 0),
@@ -121,6 +121,9 @@ LANES: dict[str, list[tuple[str, list[str]]]] = {
         _lifelong("none", 2),
         _lifelong("p-rome", 0),  # in lane b: ROME-family runs take about 4 h of compute each at one thread
     ],
+    # The last three runs, about 9 h of one-thread compute, in three lanes on two cores: the same work done, but the
+    # last run ends a session sooner than after a lane frees up. Their timings say 2 lanes ran beside them.
+    "c": [_lifelong("r-rome", 0)],
 }
 LOG = OUTPUT / "lifelong_runs.jsonl"
 
@@ -252,6 +255,7 @@ def main() -> int:
             for name, arguments in jobs:
                 entry = done.get(name)
                 state = f"done in {entry['wall_seconds'] / 3600:.2f} h" if entry else "to do"
+                state = "written" if not entry and _written(name, None) else state  # a trace, not in the log
                 print(f"lane {lane}  {name:28s} {state:18s} kis {' '.join(arguments)}")
         return 0
     return min(run_lane(args.lane, args.code), 1)

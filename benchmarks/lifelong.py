@@ -113,17 +113,25 @@ def render_study() -> str:
 
 
 def copy_study(source: Path, traces: Path, log: Path | None) -> None:
-    """Replace the committed set with every finished run under source, the causal traces and the compute log."""
-    from kis_lens.editing.lifelong_study import load_study
-    from kis_lens.io import save_json
-    from kis_lens.layout import lifelong_result_files
+    """Add every finished run under source to the committed set, with the causal traces and the queue log's
+    successful lines.
 
-    runs = load_study(source)  # finished runs only, one per (editor, order, layer), one setting
+    A merge, not a replacement: a session on a fresh checkout has in results/ only the runs it finished itself. A
+    source run replaces the committed run of its editor, seed and layer; the others stay."""
+    from kis_lens.editing.lifelong_study import load_study
+    from kis_lens.editing.study_runs import run_key
+    from kis_lens.io import atomic_write, save_json
+
+    runs = load_study(source)  # finished runs only
     target = ROOT / RESULTS
-    for old in [*lifelong_result_files(target), *target.glob("layer_*/lifelong_*.json"), *target.glob("*.html")]:
+    committed = {run_key(run): run["_source"] for run in load_study(target)} if is_study() else {}
+    for old in target.glob("*.html"):  # figures of the single-run doc this study replaced
         old.unlink()
     for run in runs:
         relative = Path(run.pop("_source"))
+        replaced = committed.get(run_key(run))
+        if replaced is not None and replaced != relative.as_posix():
+            (target / replaced).unlink()
         save_json(target / relative, json.loads((Path(source) / relative).read_text(encoding="utf-8")))
     (target / "trace").mkdir(parents=True, exist_ok=True)
     for path in sorted(Path(traces).glob("causal_trace_*.json")):
@@ -132,8 +140,15 @@ def copy_study(source: Path, traces: Path, log: Path | None) -> None:
             (ROOT / FIGURES).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path.with_suffix(".png"), ROOT / FIGURES / path.with_suffix(".png").name)
     if log is not None and log.is_file():
-        kept = [line for line in log.read_text().splitlines() if json.loads(line).get("returncode") == 0]
-        (target / "compute.jsonl").write_text("\n".join(kept) + "\n", encoding="utf-8")
+        kept = target / "compute.jsonl"
+        lines = kept.read_text(encoding="utf-8").splitlines() if kept.is_file() else []
+        seen = {(entry["job"], entry["started"]) for entry in map(json.loads, lines)}
+        for line in log.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            if entry.get("returncode") == 0 and (entry["job"], entry["started"]) not in seen:
+                seen.add((entry["job"], entry["started"]))
+                lines.append(line)
+        atomic_write(kept, lambda temp: temp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
 
 
 def write_study_figures() -> None:

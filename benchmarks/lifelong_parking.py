@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 import time
@@ -120,7 +121,7 @@ def restore_covariance(parked: Path, c_file: Path) -> bool:
     if file_sha256(c_file) == wanted:
         return True
     header = (parked / "covariance" / (c_file.name + HEADER_SUFFIX)).read_bytes()
-    temp = c_file.with_name(c_file.name + ".tmp")
+    temp = c_file.with_name(f"{c_file.name}.{os.getpid()}.tmp")
     with open(c_file, "rb") as source, open(temp, "wb") as target:
         target.write(header)
         source.seek(len(safetensors_header(c_file)))

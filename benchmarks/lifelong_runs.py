@@ -22,6 +22,7 @@ compute log and traces, and a lane first puts back the checkpoints `--park` comm
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -190,14 +191,18 @@ def run_lane(lane: str, code: Path | None = None) -> int:
     marker = ROOT / OUTPUT / f"lane_{lane}.running"
     marker.touch()
     try:
-        restored = unpark(
-            ROOT / RUNS,
-            ROOT / COVARIANCE,
-            ROOT / PARKED,
-            _lane_runs(lane),
-            _run_finished,
-            lambda layer: _compute_covariance(layer, env, lane),
-        )
+        # On a fresh checkout the lanes start together, and two of them may need one C: one lane at a time
+        # computes and restores it, so none reads a C the other is still writing.
+        with open(ROOT / OUTPUT / "unpark.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            restored = unpark(
+                ROOT / RUNS,
+                ROOT / COVARIANCE,
+                ROOT / PARKED,
+                _lane_runs(lane),
+                _run_finished,
+                lambda layer: _compute_covariance(layer, env, lane),
+            )
         for stem in restored:
             print(f"lane {lane}: resumes {stem} from its parked checkpoint", flush=True)
         failed = 0

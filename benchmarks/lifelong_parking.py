@@ -13,7 +13,6 @@ computed and the run starts afresh, as it should: resuming would mix two Cs in o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ import struct
 import time
 from pathlib import Path
 from typing import Callable
+
+from kis_lens.gguf import file_sha256
 
 CHECKPOINT_SUFFIXES = (".partial.safetensors", ".partial.json")  # kis writes the tensors first, the JSON last
 HEADER_SUFFIX = ".header"
@@ -30,15 +31,6 @@ SHA256_SUFFIX = ".sha256"
 def covariance_name(layer: int | str) -> str:
     """Return the file name of a layer's C in kis's stats folder."""
     return f"layer_{layer}_mom2.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    """Return the hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def safetensors_header(path: Path) -> bytes:

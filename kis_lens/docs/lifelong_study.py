@@ -30,8 +30,7 @@ from kis_lens.docs.study_sections import (
 )
 from kis_lens.editing.lifelong_plots import study_figure, update_norm_figure
 from kis_lens.editing.lifelong_study import load_study, study
-from kis_lens.editing.study_prediction import MIN_ORDERS
-from kis_lens.editing.study_runs import covariance_hash_notes
+from kis_lens.editing.study_runs import MIN_ORDERS, covariance_hash_notes
 from kis_lens.errors import KisError
 from kis_lens.figure_files import write_figure_files
 from kis_lens.io import atomic_write, load_json_object, save_json
@@ -61,12 +60,10 @@ def render_study_markdown(
     config = (runs[0].get("settings") or {}).get("config") or {}
     model = ((runs[0].get("settings") or {}).get("model") or {}).get("name", config.get("model_name"))
     layers = sorted({int(row["layer"]) for row in numbers["runs"]})
-    orders: dict[tuple[str, int], set[int]] = {}
-    for row in numbers["runs"]:
-        orders.setdefault((row["editor"], int(row["layer"])), set()).add(int(row["seed"]))
-    short = [key for key, seeds in orders.items() if key[0] != "none" and len(seeds) < MIN_ORDERS]
+    # the collapse table has a row per editor and layer with its number of orders
+    short = [row for row in numbers["collapse_by_editor"] if row["editor"] != "none" and row["n_orders"] < MIN_ORDERS]
     lines = [
-        f"# Lifelong editing on {model}: {len(runs)} runs, {len({editor for editor, _ in orders})} editors",
+        f"# Lifelong editing on {model}: {len(runs)} runs, {len({row['editor'] for row in numbers['runs']})} editors",
         "",
         f"Generated from `{source}` by {generator}; do not edit by hand.",
         "",
@@ -75,7 +72,7 @@ def render_study_markdown(
         where = (lambda layer: f" at layer {layer}") if len(layers) > 1 else (lambda layer: "")
         lines += [
             f"> **Fewer than {MIN_ORDERS} edit orders** for: "
-            + ", ".join(f"`{editor}`{where(layer)} ({len(orders[editor, layer])})" for editor, layer in short)
+            + ", ".join(f"`{row['editor']}`{where(row['layer'])} ({row['n_orders']})" for row in short)
             + f". A verdict across orders there counts the orders that ran; 'in every order' needs {MIN_ORDERS}"
             + (f". The queued runs are in {queue}." if queue else "."),
             "",

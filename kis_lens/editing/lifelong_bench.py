@@ -31,10 +31,6 @@ from kis_lens.storage import read_metadata
 from kis_lens.tokens import encode
 from kis_lens.w_out import output_weight
 
-# The keys under which a run's identity holds each C's hash: its content (this kis), or its file bytes (an older kis,
-# whose hashes differ between equal Cs because safetensors writes its header in a random order).
-COVARIANCE_HASHES: tuple[str, ...] = ("content_sha256", "sha256")
-
 
 @dataclass
 class Bench:

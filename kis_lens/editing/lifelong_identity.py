@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from kis_lens._version import __version__
-from kis_lens.editing.lifelong_bench import COVARIANCE_HASHES, Bench
+from kis_lens.editing.lifelong_bench import Bench
 from kis_lens.editing.lifelong_result import LifelongResult
 from kis_lens.editing.runs import (
+    COVARIANCE_HASHES,
     checkpoint_paths,
     load_checkpoint,
     remove_checkpoint,

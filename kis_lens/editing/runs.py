@@ -36,6 +36,11 @@ STEM_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
+# The keys under which a run's identity holds each C's hash: its content (this kis), or its file bytes (an older kis,
+# whose hashes differ between equal Cs because safetensors writes its header in a random order).
+COVARIANCE_HASHES: tuple[str, ...] = ("content_sha256", "sha256")
+
+
 def content_sha256(path: str | Path) -> str:
     """Return the hex SHA-256 of a file's bytes (for identities: a changed facts file is another run)."""
     try:
@@ -347,6 +352,7 @@ def _differing_fields(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> l
 
 
 __all__ = [
+    "COVARIANCE_HASHES",
     "content_sha256",
     "safetensors_content_sha256",
     "run_identity",

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Mapping, Sequence
 
-from kis_lens.editing.lifelong_bench import COVARIANCE_HASHES
 from kis_lens.editing.registry import EDITOR_NAMES
+from kis_lens.editing.runs import COVARIANCE_HASHES
 from kis_lens.errors import KisError
 
 # Settings a study varies on purpose; every other part of the runs' identities must agree.

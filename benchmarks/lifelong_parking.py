@@ -102,6 +102,11 @@ def park(runs: Path, covariance: Path, parked: Path, finished: Callable[[str, st
         stem = state.name.removesuffix(CHECKPOINT_SUFFIXES[1])
         if finished(stem, state.parent.name):
             remove_checkpoint(state.parent, stem)
+    for layer_folder in sorted(parked.glob("layer_*")):  # a C header no parked run needs would outlive its runs
+        if not any(layer_folder.glob("*" + CHECKPOINT_SUFFIXES[1])):
+            c_name = covariance_name(layer_folder.name.removeprefix("layer_"))
+            for suffix in (HEADER_SUFFIX, SHA256_SUFFIX):
+                (parked / "covariance" / (c_name + suffix)).unlink(missing_ok=True)
     return stems
 
 

@@ -119,8 +119,22 @@ def test_park_drops_the_checkpoint_of_a_run_that_finished(parking, session):
     runs, stats, parked, *_ = session
     parking.park(runs, stats, parked, never_finished)
     assert (parked / "layer_8" / f"{STEM}.partial.json").is_file()
+    assert (parked / "covariance" / "layer_8_mom2.safetensors.header").is_file()
     assert parking.park(runs, stats, parked, lambda stem, folder: stem == STEM) == []
     assert not list((parked / "layer_8").iterdir())
+    assert not list((parked / "covariance").iterdir()), "the C header of a layer no parked run needs is dropped"
+
+
+def test_park_keeps_the_c_header_a_parked_run_still_needs(parking, session):
+    runs, stats, parked, c_file, _, weights = session
+    other = STEM.replace("rome_", "memit_")
+    save_checkpoint(runs / "layer_8", other, identity(c_file), weights, {"edits": list(range(10))})
+    parking.park(runs, stats, parked, never_finished)
+    assert parking.park(runs, stats, parked, lambda stem, folder: stem == STEM) == [other]
+    assert sorted(path.name for path in (parked / "covariance").iterdir()) == [
+        "layer_8_mom2.safetensors.header",
+        "layer_8_mom2.safetensors.sha256",
+    ]
 
 
 def test_a_checkpoint_caught_mid_save_is_copied_again(parking, session, tmp_path, monkeypatch):

@@ -115,8 +115,10 @@ def render_study_markdown(
         lines += [
             "## Compute",
             "",
-            "Each run as `benchmarks/lifelong_runs.py` ran it: one thread, with the other lane "
-            "running beside it (timings labelled concurrent). Wall hours are those of the job's last start: a run "
+            "Each run as `benchmarks/lifelong_runs.py` ran it: one thread, with other lanes running beside it "
+            "(timings labelled concurrent). 'Lanes beside' is the most other lanes the queue saw running at the "
+            "job's start or its end, so a lane that joined and left while the job ran is not counted. Wall hours "
+            "are those of the job's last start: a run "
             "stopped and resumed from its checkpoint counts only the part after the restart here, while the last "
             "column of the sensitivity table is the run's own compute over all its starts.",
             "",

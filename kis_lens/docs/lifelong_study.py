@@ -118,10 +118,9 @@ def render_study_markdown(
             "Each run as `benchmarks/lifelong_runs.py` ran it: one thread, with other lanes running beside it "
             "(timings labelled concurrent). 'Lanes beside' is the larger of the counts of other lanes the queue saw "
             "running at the job's start and at its end, so it undercounts lanes that overlapped only part of the "
-            "job. Wall hours "
-            "are those of the job's last start: a run "
-            "stopped and resumed from its checkpoint counts only the part after the restart here, while the last "
-            "column of the sensitivity table is the run's own compute over all its starts.",
+            "job. Wall hours are those of the job's last start: a run stopped and resumed from its checkpoint "
+            "counts only the part after the restart here, while the last column of the sensitivity table is the "
+            "run's own compute over all its starts.",
             "",
         ]
         lines += table(
